@@ -1,0 +1,170 @@
+//! The one error type of the transport crate.
+
+use std::io;
+
+/// Errors from the VMM side of the seam are boxed so any VMM can report its own.
+pub type VmmError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Result alias for the transport.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in a migration, on either end.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A configuration value is unusable.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+
+    /// A system call failed.
+    #[error("{op} failed: {source}")]
+    Os {
+        /// The call.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// I/O on the control channel or a data stream failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+
+    /// The peer closed its connection.
+    #[error("the peer closed the {channel} connection{detail}")]
+    PeerClosed {
+        /// Which connection.
+        channel: &'static str,
+        /// Extra context (empty or starting with ": ").
+        detail: String,
+    },
+
+    /// A message from the peer broke the wire protocol.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+
+    /// A message that is well-formed but not valid in the receiver's current state.
+    #[error("unexpected {got} while {state}")]
+    UnexpectedMessage {
+        /// The receiver's state.
+        state: &'static str,
+        /// The command received.
+        got: String,
+    },
+
+    /// The peer speaks a protocol version we do not.
+    #[error("peer speaks protocol version {peer}, this build speaks {ours}")]
+    VersionMismatch {
+        /// The peer's version.
+        peer: u16,
+        /// Ours.
+        ours: u16,
+    },
+
+    /// Authentication with the pre-shared key failed.
+    #[error("authentication failed: {0}")]
+    AuthFailed(String),
+
+    /// A range names a region that does not exist.
+    #[error("region {0} is not in the region table")]
+    UnknownRegion(u32),
+
+    /// A range reaches outside its region.
+    #[error("page range {first_page}+{npages} is outside region {region} ({region_pages} pages)")]
+    RangeOutOfBounds {
+        /// The region.
+        region: u32,
+        /// First page of the range.
+        first_page: u64,
+        /// Pages in the range.
+        npages: u64,
+        /// Pages in the region.
+        region_pages: u64,
+    },
+
+    /// The two ends disagree on the guest memory layout.
+    #[error("region table mismatch: {0}")]
+    RegionMismatch(String),
+
+    /// A VMM operation behind the seam failed.
+    #[error("VMM {op} failed: {source}")]
+    Vmm {
+        /// The operation (pause, resume, dirty log, ...).
+        op: &'static str,
+        /// The VMM's error.
+        #[source]
+        source: VmmError,
+    },
+
+    /// The peer aborted the migration.
+    #[error("the peer aborted the migration: {0}")]
+    PeerAborted(String),
+
+    /// The memory digests of the two ends differ.
+    #[error("memory digest mismatch: source {source_digest:032x}, destination {dest_digest:032x}")]
+    DigestMismatch {
+        /// The source's digest.
+        source_digest: u128,
+        /// The destination's digest.
+        dest_digest: u128,
+    },
+
+    /// Pre-copy did not converge and the policy is to abort.
+    #[error("pre-copy did not converge: {0}")]
+    NotConverged(String),
+
+    /// The switchover was sent but its outcome is unknown (the destination may be running).
+    #[error("switchover outcome unknown, the source VM stays paused: {0}")]
+    SwitchoverUnknown(String),
+
+    /// No usable RDMA device, or the RDMA path was requested but cannot be used.
+    #[error("RDMA unavailable: {0}")]
+    RdmaUnavailable(String),
+
+    /// An RDMA verb or work completion failed.
+    #[error("RDMA error: {0}")]
+    Rdma(String),
+
+    /// Pinning the guest memory needs a higher RLIMIT_MEMLOCK.
+    #[error(
+        "RLIMIT_MEMLOCK is {limit} bytes but registering guest memory pins {needed} bytes; \
+         raise it (ulimit -l unlimited, or LimitMEMLOCK=infinity for a systemd unit, or memlock in /etc/security/limits.conf)"
+    )]
+    Memlock {
+        /// Bytes that must be pinned.
+        needed: u64,
+        /// The current soft limit.
+        limit: u64,
+    },
+
+    /// The operation timed out.
+    #[error("timed out: {0}")]
+    Timeout(String),
+}
+
+impl Error {
+    /// An `Os` error from `errno`.
+    pub fn os(op: &'static str) -> Error {
+        Error::Os { op, source: io::Error::last_os_error() }
+    }
+
+    /// An `Io` error with context, mapping EOF-like errors to [`Error::PeerClosed`].
+    pub fn io(context: impl Into<String>, source: io::Error, channel: &'static str) -> Error {
+        match source.kind() {
+            io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => {
+                Error::PeerClosed { channel, detail: format!(": {}", context.into()) }
+            }
+            _ => Error::Io { context: context.into(), source },
+        }
+    }
+
+    /// A VMM error.
+    pub fn vmm(op: &'static str, source: impl Into<VmmError>) -> Error {
+        Error::Vmm { op, source: source.into() }
+    }
+}

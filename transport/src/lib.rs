@@ -1,0 +1,22 @@
+//! rdmig's transport: moves a running VM's memory to another host.
+//!
+//! A VMM implements the [`vm::SourceVm`] seam on the source and hands a
+//! [`vm::DestinationFactory`] to the destination; [`session::migrate`] and
+//! [`session::accept`] run the two ends of the [`wire`] protocol over a control connection,
+//! moving pages with one-sided RDMA reads ([`rdma`]) or TCP streams ([`tcp`]).
+
+pub mod auth;
+pub mod control;
+pub mod cpu;
+pub mod data;
+pub mod digest;
+mod error;
+pub mod mem;
+pub mod pages;
+pub mod rdma;
+pub mod session;
+pub mod tcp;
+pub mod vm;
+pub mod wire;
+
+pub use error::{Error, Result, VmmError};

@@ -1,0 +1,374 @@
+//! The source end of a migration: handshake, pre-copy rounds, stop-and-copy, switchover.
+//!
+//! States and the messages each accepts:
+//!
+//! | state | accepts |
+//! | --- | --- |
+//! | `AwaitHelloAck` | `HelloAck` |
+//! | `AwaitAuthOk` | `AuthOk` |
+//! | `AwaitSetupAck` | `DataSetupAck` |
+//! | `AwaitReady` | `Ready` |
+//! | `AwaitRoundDone(n)` | `RoundDone{n}` |
+//! | `AwaitComplete` | `Complete` |
+//!
+//! `Abort` is accepted in every state and ends the migration. Anything else is refused with
+//! [`Error::UnexpectedMessage`]. On any failure before `Switchover` is sent the source VM is
+//! resumed (if it was paused) and keeps running with its memory untouched. After `Switchover`
+//! an `Abort` from the destination (digest mismatch, restore failure) also resumes it; a lost
+//! connection leaves it paused, because the destination may already be running the guest.
+
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::config::{ConvergencePolicy, MigrationConfig};
+use super::policy::{Convergence, Decision};
+use super::stats::{mib_s, MigrationReport, RoundStats};
+use crate::auth::random_bytes;
+use crate::control::Control;
+use crate::cpu::{thread_cpu_time, CpuMeter};
+use crate::data::SourceDataPath;
+use crate::digest::PageHashes;
+use crate::error::{Error, Result};
+use crate::mem::GuestMemoryMap;
+use crate::pages::{PageRange, PageSet};
+use crate::rdma::{self, RdmaSourcePath};
+use crate::tcp::{connect_streams, RateLimiter, TcpSourcePath};
+use crate::vm::SourceVm;
+use crate::wire::{caps, Hello, Message, Round, TransportKind, MAX_RANGES_PER_MSG, PROTOCOL_VERSION, ROUND_FINAL, ROUND_LAST_CHUNK};
+
+/// Where the source is in the protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SourceState {
+    AwaitHelloAck,
+    AwaitAuthOk,
+    AwaitSetupAck,
+    AwaitReady,
+    AwaitRoundDone(u32),
+    AwaitComplete,
+    Done,
+}
+
+impl SourceState {
+    fn describe(self) -> &'static str {
+        match self {
+            SourceState::AwaitHelloAck => "awaiting HelloAck",
+            SourceState::AwaitAuthOk => "awaiting AuthOk",
+            SourceState::AwaitSetupAck => "awaiting DataSetupAck",
+            SourceState::AwaitReady => "awaiting Ready",
+            SourceState::AwaitRoundDone(_) => "awaiting RoundDone",
+            SourceState::AwaitComplete => "awaiting Complete",
+            SourceState::Done => "done",
+        }
+    }
+
+    /// Whether `m` is valid in this state.
+    fn accepts(self, m: &Message) -> bool {
+        matches!(
+            (self, m),
+            (SourceState::AwaitHelloAck, Message::HelloAck(_))
+                | (SourceState::AwaitAuthOk, Message::AuthOk)
+                | (SourceState::AwaitSetupAck, Message::DataSetupAck(_))
+                | (SourceState::AwaitReady, Message::Ready)
+                | (SourceState::AwaitComplete, Message::Complete(_))
+        ) || matches!((self, m), (SourceState::AwaitRoundDone(n), Message::RoundDone(d)) if d.round == n)
+    }
+}
+
+struct Source<'a> {
+    vm: &'a mut dyn SourceVm,
+    map: GuestMemoryMap,
+    config: &'a MigrationConfig,
+    ctl: Control,
+    state: SourceState,
+    data: Option<Box<dyn SourceDataPath>>,
+    hashes: PageHashes,
+    cpu: Arc<CpuMeter>,
+    logging: bool,
+    paused: bool,
+    switchover_sent: bool,
+}
+
+/// Migrates `vm` to the destination listening at `dest`. Calls `progress` after each round.
+///
+/// On success the guest is running on the destination and the caller should stop its local
+/// copy. On failure the local VM is running (or, only for [`Error::SwitchoverUnknown`], paused).
+pub fn migrate(vm: &mut dyn SourceVm, dest: SocketAddr, config: &MigrationConfig, progress: &mut dyn FnMut(&RoundStats)) -> Result<MigrationReport> {
+    config.validate()?;
+    let started = Instant::now();
+    let cpu0 = thread_cpu_time();
+    let map = vm.memory().clone();
+    let rdma_probe = match config.transport {
+        TransportKind::Tcp => Err("TCP was requested".to_string()),
+        _ => rdma::probe(&config.rdma),
+    };
+    if config.transport == TransportKind::Rdma {
+        if let Err(why) = &rdma_probe {
+            return Err(Error::RdmaUnavailable(format!("--transport rdma needs a usable RDMA device here: {why}")));
+        }
+    }
+    let stream = TcpStream::connect_timeout(&dest, config.io_timeout.min(Duration::from_secs(10)))
+        .map_err(|e| Error::Io { context: format!("connecting to the destination at {dest}"), source: e })?;
+    let ctl = Control::new(stream, Some(config.io_timeout))?;
+    let mut s = Source {
+        vm,
+        hashes: PageHashes::new(&map),
+        map,
+        config,
+        ctl,
+        state: SourceState::AwaitHelloAck,
+        data: None,
+        cpu: Arc::new(CpuMeter::default()),
+        logging: false,
+        paused: false,
+        switchover_sent: false,
+    };
+    let result = s.run(dest, rdma_probe.is_ok(), started, progress);
+    let result = match result {
+        Ok(mut report) => {
+            s.teardown();
+            s.cpu.add(thread_cpu_time().saturating_sub(cpu0));
+            report.source_cpu_ms = s.cpu.total().as_secs_f64() * 1e3;
+            report.total_ms = started.elapsed().as_secs_f64() * 1e3;
+            Ok(report)
+        }
+        Err(e) => Err(s.fail(e)),
+    };
+    s.ctl.shutdown();
+    result
+}
+
+impl Source<'_> {
+    fn recv(&mut self) -> Result<Message> {
+        let m = self.ctl.recv()?;
+        if !self.state.accepts(&m) {
+            return Err(Error::UnexpectedMessage { state: self.state.describe(), got: m.name() });
+        }
+        Ok(m)
+    }
+
+    fn run(&mut self, dest: SocketAddr, have_rdma: bool, started: Instant, progress: &mut dyn FnMut(&RoundStats)) -> Result<MigrationReport> {
+        // Handshake: versions, capabilities, transport, mutual authentication.
+        let nonce_s = random_bytes()?;
+        let mut my_caps = caps::TCP;
+        if have_rdma {
+            my_caps |= caps::RDMA;
+        }
+        self.ctl.send(&Message::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            transport: self.config.transport,
+            caps: my_caps,
+            streams: self.config.streams,
+            qps: self.config.rdma.qps,
+            max_bandwidth: self.config.max_bandwidth.unwrap_or(0),
+            nonce: nonce_s,
+        }))?;
+        let Message::HelloAck(ack) = self.recv()? else { unreachable!("state checked") };
+        if !self.config.psk.check_dest_proof(&nonce_s, &ack.nonce, &ack.mac) {
+            return Err(Error::AuthFailed("the destination did not prove the pre-shared key (different --psk-file?)".into()));
+        }
+        self.ctl.send(&Message::AuthProof(self.config.psk.source_proof(&nonce_s, &ack.nonce)))?;
+        self.state = SourceState::AwaitAuthOk;
+        self.recv()?;
+        tracing::info!("authenticated; transport {} ({})", ack.transport.name(), ack.reason);
+
+        // Memory layout and data path. Keys and addresses go out only now.
+        self.ctl.send(&Message::RegionTable {
+            page_size: self.map.page_size().bytes() as u32,
+            regions: self.map.regions().iter().map(|r| (r.gpa(), r.len())).collect(),
+        })?;
+        let limiter = self.config.max_bandwidth.map(|b| Arc::new(RateLimiter::new(b)));
+        let mut rdma_path = None;
+        let setup = match ack.transport {
+            TransportKind::Rdma => {
+                let (path, payload) = RdmaSourcePath::new(&self.map, &self.config.rdma)?;
+                rdma_path = Some(path);
+                payload
+            }
+            _ => Vec::new(),
+        };
+        self.ctl.send(&Message::DataSetup(setup))?;
+        self.state = SourceState::AwaitSetupAck;
+        let Message::DataSetupAck(ack_payload) = self.recv()? else { unreachable!("state checked") };
+        self.data = Some(match rdma_path {
+            Some(mut path) => {
+                path.connect(&ack_payload)?;
+                Box::new(path)
+            }
+            None => {
+                let token = self.config.psk.stream_token(&nonce_s, &ack.nonce);
+                let streams = connect_streams(dest, self.config.streams, token, self.config.io_timeout)?;
+                Box::new(TcpSourcePath::new(self.map.clone(), streams, limiter, self.cpu.clone())?)
+            }
+        });
+        self.state = SourceState::AwaitReady;
+        self.recv()?;
+
+        // Pre-copy.
+        self.vm.start_dirty_log().map_err(|e| Error::vmm("start dirty log", e))?;
+        self.logging = true;
+        let page = self.map.page_size().bytes();
+        let mut set = PageSet::full(&self.map);
+        let mut conv = Convergence::new(self.config.downtime_limit, self.config.max_rounds);
+        let mut per_round = Vec::new();
+        let (mut total_bytes, mut round_time) = (0u64, Duration::ZERO);
+        let mut round = 0u32;
+        let mut final_round = false;
+        let mut forced = false;
+        let mut paused_at = None;
+        loop {
+            if final_round {
+                self.vm.pause().map_err(|e| Error::vmm("pause", e))?;
+                self.paused = true;
+                paused_at = Some(Instant::now());
+                self.vm.fetch_and_clear_dirty(&mut set).map_err(|e| Error::vmm("fetch dirty log", e))?;
+            }
+            let t = Instant::now();
+            let pages = self.send_round(round, &set, final_round)?;
+            let elapsed = t.elapsed();
+            let bytes = pages * page;
+            total_bytes += bytes;
+            round_time += elapsed;
+            let mut stats = RoundStats {
+                round,
+                final_round,
+                pages,
+                bytes,
+                ms: elapsed.as_secs_f64() * 1e3,
+                mib_s: mib_s(bytes, elapsed.as_secs_f64()),
+                dirty_rate_mib_s: 0.0,
+                dirty_pages: 0,
+                predicted_downtime_ms: 0.0,
+            };
+            if final_round {
+                progress(&stats);
+                per_round.push(stats);
+                break;
+            }
+            set.clear();
+            self.vm.fetch_and_clear_dirty(&mut set).map_err(|e| Error::vmm("fetch dirty log", e))?;
+            let dirty = set.count();
+            let (decision, predicted) = conv.after_round(round + 1, bytes, elapsed, dirty * page);
+            stats.dirty_pages = dirty;
+            stats.dirty_rate_mib_s = mib_s(dirty * page, t.elapsed().as_secs_f64());
+            stats.predicted_downtime_ms = predicted.as_secs_f64() * 1e3;
+            progress(&stats);
+            per_round.push(stats);
+            match decision {
+                Decision::Continue => {}
+                Decision::Switchover => final_round = true,
+                Decision::NotConverging => match self.config.policy {
+                    ConvergencePolicy::Stop => {
+                        tracing::warn!("pre-copy is not converging after {} rounds; switching over anyway", round + 1);
+                        final_round = true;
+                        forced = true;
+                    }
+                    ConvergencePolicy::Abort => {
+                        return Err(Error::NotConverged(format!(
+                            "after {} rounds the predicted downtime is {:.1} ms, over the {:?} limit",
+                            round + 1,
+                            predicted.as_secs_f64() * 1e3,
+                            self.config.downtime_limit
+                        )))
+                    }
+                },
+            }
+            round += 1;
+        }
+
+        // Switchover: device state, digest, and the destination's resume.
+        let blob = self.vm.save_state().map_err(|e| Error::vmm("save device state", e))?;
+        let state_bytes = blob.len() as u64;
+        self.ctl.send(&Message::DeviceState(blob))?;
+        let digest = self.hashes.digest();
+        self.ctl.send(&Message::Switchover { digest, pages: self.hashes.pages() })?;
+        self.switchover_sent = true;
+        self.state = SourceState::AwaitComplete;
+        let Message::Complete(done) = self.recv()? else { unreachable!("state checked") };
+        let downtime = paused_at.map(|t| t.elapsed()).unwrap_or_default();
+        self.state = SourceState::Done;
+        if let Err(e) = self.ctl.send(&Message::Finish) {
+            tracing::warn!("the destination runs the guest, but Finish was not delivered: {e}");
+        }
+        Ok(MigrationReport {
+            transport: ack.transport.name().to_string(),
+            transport_reason: ack.reason,
+            mem_bytes: self.map.total_bytes(),
+            page_size: page,
+            total_ms: started.elapsed().as_secs_f64() * 1e3,
+            downtime_ms: downtime.as_secs_f64() * 1e3,
+            rounds: round + 1,
+            bytes_transferred: total_bytes,
+            throughput_mib_s: mib_s(total_bytes, round_time.as_secs_f64()),
+            verified: done.digest == digest,
+            digest: format!("{digest:032x}"),
+            source_cpu_ms: 0.0,
+            dest_cpu_ms: done.cpu_micros as f64 / 1e3,
+            forced_switchover: forced,
+            device_state_bytes: state_bytes,
+            per_round,
+        })
+    }
+
+    /// Announces one round in chunks, hands it to the data path, hashes it, and waits for the
+    /// destination to confirm it. Returns the pages moved.
+    fn send_round(&mut self, round: u32, set: &PageSet, final_round: bool) -> Result<u64> {
+        let ranges: Vec<PageRange> = set.ranges(u64::from(u32::MAX)).collect();
+        let chunks: Vec<&[PageRange]> = if ranges.is_empty() { vec![&[]] } else { ranges.chunks(MAX_RANGES_PER_MSG).collect() };
+        let data = self.data.as_mut().expect("data path is set up before rounds");
+        let n = chunks.len();
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let mut flags = if final_round { ROUND_FINAL } else { 0 };
+            if i + 1 == n {
+                flags |= ROUND_LAST_CHUNK;
+            }
+            self.ctl.send(&Message::Round(Round { round, chunk: i as u32, flags, ranges: chunk.to_vec() }))?;
+            data.send_chunk(round, chunk)?;
+            for r in chunk {
+                self.hashes.update(&self.map, r)?;
+            }
+        }
+        data.finish_round(round)?;
+        self.state = SourceState::AwaitRoundDone(round);
+        let Message::RoundDone(done) = self.recv()? else { unreachable!("state checked") };
+        let pages = crate::pages::total_pages(&ranges);
+        if done.pages != pages {
+            return Err(Error::Protocol(format!("round {round}: destination landed {} pages, {pages} were sent", done.pages)));
+        }
+        Ok(pages)
+    }
+
+    fn teardown(&mut self) {
+        if let Some(mut d) = self.data.take() {
+            if let Err(e) = d.close() {
+                tracing::warn!("closing the data path: {e}");
+            }
+        }
+        if self.logging {
+            self.logging = false;
+            if let Err(e) = self.vm.stop_dirty_log() {
+                tracing::warn!("stopping the dirty log: {e}");
+            }
+        }
+    }
+
+    /// Cleans up after an error and returns the error to report.
+    fn fail(&mut self, e: Error) -> Error {
+        let keep_paused = self.switchover_sent && !matches!(e, Error::PeerAborted(_));
+        if !matches!(e, Error::PeerAborted(_)) {
+            self.ctl.send_abort(&e.to_string());
+        }
+        self.teardown();
+        if keep_paused {
+            return Error::SwitchoverUnknown(e.to_string());
+        }
+        if self.paused {
+            if let Err(re) = self.vm.resume() {
+                tracing::error!("could not resume the source VM after a failed migration: {re}");
+            } else {
+                self.paused = false;
+            }
+        }
+        e
+    }
+}

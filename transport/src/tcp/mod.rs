@@ -1,0 +1,18 @@
+//! The TCP data path: page data on N streams separate from the control connection, sent
+//! straight from source guest memory with `writev` and received straight into destination
+//! guest memory with `recv(MSG_WAITALL)`: no staging copy of page data on either side.
+
+mod io;
+mod limiter;
+mod receiver;
+mod sender;
+mod streams;
+
+pub use limiter::RateLimiter;
+pub use receiver::TcpDestPath;
+pub use sender::TcpSourcePath;
+pub use streams::{accept_streams, connect_streams};
+
+/// Largest run of page data sent after one header: big enough to amortise the header and
+/// the system call, small enough to balance rounds across streams.
+pub const MAX_PIECE_BYTES: u64 = 1 << 20;

@@ -1,0 +1,81 @@
+//! The seam a VMM implements to be migrated: its memory regions, a fetch-and-clear of its
+//! dirty log, pause and resume, and its device state as an opaque blob.
+//!
+//! The source side implements [`SourceVm`]; the destination side hands the transport a
+//! [`DestinationFactory`] that builds a [`DestinationVm`] once the source's region table is
+//! known (so the destination allocates exactly the layout it is about to receive).
+//!
+//! Ordering contract for the dirty log: a guest write that completes after
+//! [`SourceVm::fetch_and_clear_dirty`] returns must be reported by a later call. The driver
+//! fetches-and-clears *before* it announces a round, so a write racing a transfer of the same
+//! page is always carried again later.
+
+use crate::error::VmmError;
+use crate::mem::{GuestAddress, GuestMemoryMap, PageSize};
+use crate::pages::PageSet;
+
+/// A running VM that can be migrated away.
+pub trait SourceVm: Send {
+    /// The guest memory, with the page size the dirty log tracks.
+    fn memory(&self) -> &GuestMemoryMap;
+
+    /// Starts dirty logging (before round 0, which sends everything).
+    fn start_dirty_log(&mut self) -> Result<(), VmmError>;
+
+    /// Adds every page written since the last call (or since `start_dirty_log`) to `into`,
+    /// and clears the log.
+    fn fetch_and_clear_dirty(&mut self, into: &mut PageSet) -> Result<(), VmmError>;
+
+    /// Stops dirty logging (after a migration ends either way). Default: nothing.
+    fn stop_dirty_log(&mut self) -> Result<(), VmmError> {
+        Ok(())
+    }
+
+    /// Pauses the guest: on return no vCPU or device writes guest memory.
+    fn pause(&mut self) -> Result<(), VmmError>;
+
+    /// Resumes the guest after a pause (used when a migration fails after switchover began).
+    fn resume(&mut self) -> Result<(), VmmError>;
+
+    /// Saves the device state (vCPUs, devices) of the paused guest as an opaque blob.
+    fn save_state(&mut self) -> Result<Vec<u8>, VmmError>;
+}
+
+/// The VM being built on the destination.
+pub trait DestinationVm: Send {
+    /// The guest memory the transport writes into.
+    fn memory(&self) -> &GuestMemoryMap;
+
+    /// Restores the device state saved by the source.
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), VmmError>;
+
+    /// Starts the guest.
+    fn resume(&mut self) -> Result<(), VmmError>;
+}
+
+/// The memory layout announced by the source.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemoryLayout {
+    /// Page size.
+    pub page_size: PageSize,
+    /// Regions in table order: guest physical address and length.
+    pub regions: Vec<(GuestAddress, u64)>,
+}
+
+impl MemoryLayout {
+    /// The layout of an existing memory map.
+    pub fn of(map: &GuestMemoryMap) -> MemoryLayout {
+        MemoryLayout {
+            page_size: map.page_size(),
+            regions: map.regions().iter().map(|r| (r.gpa(), r.len())).collect(),
+        }
+    }
+
+    /// Total bytes.
+    pub fn total_bytes(&self) -> u64 {
+        self.regions.iter().map(|r| r.1).sum()
+    }
+}
+
+/// Builds the destination VM for a layout; called once the source is authenticated.
+pub type DestinationFactory<'a> = Box<dyn FnOnce(&MemoryLayout) -> Result<Box<dyn DestinationVm>, VmmError> + Send + 'a>;
