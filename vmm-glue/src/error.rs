@@ -1,0 +1,42 @@
+//! The one error type of the VMM glue crate.
+
+/// Result alias for the glue.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Errors of the VM adapters.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A configuration value is unusable.
+    #[error("invalid VM configuration: {0}")]
+    InvalidConfig(String),
+
+    /// Guest memory could not be set up.
+    #[error("guest memory: {0}")]
+    Memory(#[source] rdmig_transport::Error),
+
+    /// A KVM ioctl failed.
+    #[error("KVM {op} failed: {source}")]
+    Kvm {
+        /// The ioctl.
+        op: &'static str,
+        /// The errno.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+
+    /// KVM is not usable on this host.
+    #[error("KVM unavailable: {0}")]
+    KvmUnavailable(String),
+
+    /// The guest did something unexpected (bad exit, bad port I/O, self-check failure).
+    #[error("guest: {0}")]
+    Guest(String),
+
+    /// Device state could not be parsed.
+    #[error("device state: {0}")]
+    State(String),
+
+    /// A VM thread failed or panicked.
+    #[error("VM thread: {0}")]
+    Thread(String),
+}
