@@ -51,6 +51,9 @@ pub trait DestinationVm: Send {
 
     /// Starts the guest.
     fn resume(&mut self) -> Result<(), VmmError>;
+
+    /// The concrete VM, for the VMM that built it (after `session::accept` hands it back).
+    fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send>;
 }
 
 /// The memory layout announced by the source.

@@ -1,0 +1,156 @@
+//! The synthetic guest's writer threads and the state they share with the VMM side:
+//! per-page generations (a seqlock per page), the dirty bitmap, and pause/resume.
+//!
+//! Write protocol for page `p`: mark its generation busy, write the new content, publish the
+//! new generation, then set its dirty bit (release). Because the bit is set after the write,
+//! a fetch-and-clear that misses the bit happened before the write started, and the page is
+//! reported by the next fetch.
+
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use super::content::{fill_page, page_matches};
+use crate::GuestCheck;
+
+/// Generation bit set while a page is being written.
+pub(crate) const BUSY: u64 = 1 << 63;
+
+/// One region as the writers see it.
+pub(crate) struct RegionInfo {
+    pub ptr: *mut u8,
+    pub pages: u64,
+    pub first: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Ctl {
+    pub paused: bool,
+    pub stop: bool,
+    pub parked: usize,
+}
+
+/// State shared by the writers and the VMM side.
+pub(crate) struct Shared {
+    pub regions: Vec<RegionInfo>,
+    pub page: u64,
+    pub gens: Vec<AtomicU64>,
+    pub dirty: Vec<Vec<AtomicU64>>,
+    pub written: AtomicU64,
+    pub pause_req: AtomicBool,
+    pub ctl: Mutex<Ctl>,
+    pub cv: Condvar,
+    pub working_set_pages: u64,
+    /// Pages per second per writer.
+    pub rate: f64,
+}
+
+// SAFETY: the raw region pointers refer to guest memory owned by the SyntheticVm, which joins
+// every writer before unmapping; all accesses through them are raw, tolerant of concurrency.
+unsafe impl Send for Shared {}
+// SAFETY: as above.
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    pub fn lock(&self) -> MutexGuard<'_, Ctl> {
+        self.ctl.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Region index, page within it, and host pointer of global page `p`.
+    pub fn locate(&self, p: u64) -> (usize, u64, *mut u8) {
+        let r = self.regions.partition_point(|r| r.first <= p) - 1;
+        let local = p - self.regions[r].first;
+        // SAFETY: local < pages of region r, so the offset stays inside its mapping.
+        let ptr = unsafe { self.regions[r].ptr.add((local * self.page) as usize) };
+        (r, local, ptr)
+    }
+
+    /// Writes page `p` at its next generation, then marks it dirty.
+    pub fn write_page(&self, p: u64) {
+        let (r, local, ptr) = self.locate(p);
+        let g = (self.gens[p as usize].load(Ordering::Relaxed) & !BUSY) + 1;
+        self.gens[p as usize].store(g | BUSY, Ordering::Relaxed);
+        fence(Ordering::Release);
+        // SAFETY: ptr is page-aligned inside the region (locate), writable for a page.
+        unsafe { fill_page(ptr, self.page as usize, p, g) };
+        self.gens[p as usize].store(g, Ordering::Release);
+        self.dirty[r][(local / 64) as usize].fetch_or(1 << (local % 64), Ordering::Release);
+        self.written.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Checks every page against its generation, skipping pages written during the check.
+    pub fn verify(&self) -> GuestCheck {
+        let mut c = GuestCheck { pages_checked: 0, pages_skipped: 0, pages_bad: 0, first_bad: None };
+        for p in 0..self.gens.len() as u64 {
+            let g1 = self.gens[p as usize].load(Ordering::Acquire);
+            if g1 & BUSY != 0 {
+                c.pages_skipped += 1;
+                continue;
+            }
+            let (_, _, ptr) = self.locate(p);
+            // SAFETY: ptr is a page inside guest memory (locate), readable.
+            let ok = unsafe { page_matches(ptr, self.page as usize, p, g1) };
+            fence(Ordering::Acquire);
+            if self.gens[p as usize].load(Ordering::Relaxed) != g1 {
+                c.pages_skipped += 1;
+            } else if ok {
+                c.pages_checked += 1;
+            } else {
+                c.pages_bad += 1;
+                c.first_bad.get_or_insert(p);
+            }
+        }
+        c
+    }
+
+    /// Parks the calling writer while paused; returns false when it must stop.
+    fn park(&self) -> bool {
+        let mut c = self.lock();
+        c.parked += 1;
+        self.cv.notify_all();
+        while c.paused && !c.stop {
+            c = self.cv.wait(c).unwrap_or_else(|p| p.into_inner());
+        }
+        c.parked -= 1;
+        !c.stop
+    }
+
+    /// Sleeps up to `d`, waking early on a pause request.
+    fn pace(&self, d: Duration) {
+        let c = self.lock();
+        if !self.pause_req.load(Ordering::Acquire) {
+            let _ = self.cv.wait_timeout(c, d);
+        }
+    }
+}
+
+/// A writer thread's loop: random pages of the working set at the shared rate.
+pub(crate) fn writer(shared: &Shared, seed: u64) {
+    let mut x = seed | 1;
+    let mut start = Instant::now();
+    let mut n = 0u64;
+    loop {
+        if shared.pause_req.load(Ordering::Acquire) {
+            if !shared.park() {
+                return;
+            }
+            start = Instant::now();
+            n = 0;
+            continue;
+        }
+        // xorshift64*
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        let p = x.wrapping_mul(0x2545_F491_4F6C_DD1D) % shared.working_set_pages;
+        shared.write_page(p);
+        n += 1;
+        if n % 16 == 0 {
+            let due = start + Duration::from_secs_f64(n as f64 / shared.rate);
+            let now = Instant::now();
+            if due > now {
+                shared.pace(due - now);
+            }
+        }
+    }
+}
