@@ -41,8 +41,18 @@ impl<'a> ThreadCpu<'a> {
     }
 }
 
+impl ThreadCpu<'_> {
+    /// Adds the CPU used since the last flush to the meter now (for long-lived threads whose
+    /// time must be visible before they exit).
+    pub fn flush(&mut self) {
+        let now = thread_cpu_time();
+        self.meter.add(now.saturating_sub(self.start));
+        self.start = now;
+    }
+}
+
 impl Drop for ThreadCpu<'_> {
     fn drop(&mut self) {
-        self.meter.add(thread_cpu_time().saturating_sub(self.start));
+        self.flush();
     }
 }

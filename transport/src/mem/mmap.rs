@@ -61,7 +61,6 @@ impl MmapRegion {
             None => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, -1),
             Some(fd) => (libc::MAP_SHARED, fd.as_raw_fd()),
         };
-        let flags = if populate { flags | libc::MAP_POPULATE } else { flags };
         // SAFETY: a fresh mapping at an address the kernel chooses; the result is checked.
         let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, fd, 0) };
         if ptr == libc::MAP_FAILED {
@@ -71,7 +70,26 @@ impl MmapRegion {
             // SAFETY: advice on the mapping we just created; failure is harmless (no THP).
             unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) };
         }
-        Ok(MmapRegion { ptr: ptr.cast(), len, memfd })
+        let region = MmapRegion { ptr: ptr.cast(), len, memfd };
+        if populate {
+            region.populate();
+        }
+        Ok(region)
+    }
+
+    /// Faults every page in (after the huge-page advice, so THP can back it), so that later
+    /// writes into it do not pay for page faults.
+    fn populate(&self) {
+        const MADV_POPULATE_WRITE: libc::c_int = 23;
+        // SAFETY: advice on our own mapping; on kernels without it (EINVAL) we touch pages.
+        if unsafe { libc::madvise(self.ptr.cast(), self.len, MADV_POPULATE_WRITE) } == 0 {
+            return;
+        }
+        for off in (0..self.len).step_by(4096) {
+            // SAFETY: off < len, inside our writable mapping; writing zero to fresh memory
+            // changes nothing but faults the page in.
+            unsafe { self.ptr.add(off).write_volatile(0) };
+        }
     }
 
     /// Host address of the first byte.

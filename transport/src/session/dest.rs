@@ -18,7 +18,7 @@
 
 use std::net::TcpListener;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::config::MigrationConfig;
 use super::stats::DestReport;
@@ -96,11 +96,10 @@ pub fn accept(listener: &TcpListener, config: &MigrationConfig, factory: Destina
     config.validate()?;
     let (stream, peer) = listener.accept().map_err(|e| Error::Io { context: "accepting the control connection".into(), source: e })?;
     tracing::info!("incoming migration from {peer}");
-    let cpu0 = thread_cpu_time();
     let ctl = Control::new(stream, Some(config.io_timeout))?;
     let mut d = Dest { config, listener, ctl, state: DestState::AwaitHello, data: None, cpu: Arc::new(CpuMeter::default()) };
     let mut vm = None;
-    let result = d.run(factory, &mut vm, cpu0);
+    let result = d.run(factory, &mut vm);
     if let Some(mut data) = d.data.take() {
         if let Err(e) = data.close() {
             tracing::warn!("closing the data path: {e}");
@@ -145,7 +144,7 @@ impl Dest<'_> {
         Ok(m)
     }
 
-    fn run(&mut self, factory: DestinationFactory<'_>, vm_out: &mut Option<Box<dyn DestinationVm>>, cpu0: Duration) -> Result<DestReport> {
+    fn run(&mut self, factory: DestinationFactory<'_>, vm_out: &mut Option<Box<dyn DestinationVm>>) -> Result<DestReport> {
         let Message::Hello(hello) = self.recv()? else { unreachable!("state checked") };
         if hello.version != PROTOCOL_VERSION {
             return Err(Error::VersionMismatch { peer: hello.version, ours: PROTOCOL_VERSION });
@@ -182,6 +181,8 @@ impl Dest<'_> {
             return Err(Error::RegionMismatch("the destination VM's memory does not match the announced layout".into()));
         }
         *vm_out = Some(vm);
+        // Building the VM is the VMM's work, not the migration's.
+        let cpu0 = thread_cpu_time();
         let hashes = Arc::new(PageHashes::new(&map));
 
         self.state = DestState::AwaitDataSetup;
@@ -253,6 +254,7 @@ impl Dest<'_> {
         let Message::Switchover { digest, pages: total } = self.recv()? else { unreachable!("state checked") };
         let t = Instant::now();
         let mine = hashes.digest();
+        tracing::debug!("digest computed in {:?}", t.elapsed());
         if total != hashes.pages() || mine != digest {
             return Err(Error::DigestMismatch { source_digest: digest, dest_digest: mine });
         }
@@ -260,6 +262,7 @@ impl Dest<'_> {
         vm.restore_state(&blob).map_err(|e| Error::vmm("restore device state", e))?;
         vm.resume().map_err(|e| Error::vmm("resume", e))?;
         let resume = t.elapsed();
+        tracing::debug!("restored and resumed in {resume:?}");
         self.cpu.add(thread_cpu_time().saturating_sub(cpu0));
         let cpu = self.cpu.total();
         self.ctl.send(&Message::Complete(Complete {

@@ -222,6 +222,7 @@ impl Source<'_> {
                 self.paused = true;
                 paused_at = Some(Instant::now());
                 self.vm.fetch_and_clear_dirty(&mut set).map_err(|e| Error::vmm("fetch dirty log", e))?;
+                tracing::debug!("paused; final dirty set fetched in {:?}", paused_at.map(|t| t.elapsed()));
             }
             let t = Instant::now();
             let pages = self.send_round(round, &set, final_round)?;
@@ -277,12 +278,16 @@ impl Source<'_> {
         }
 
         // Switchover: device state, digest, and the destination's resume.
+        let t_pause = paused_at.unwrap_or_else(Instant::now);
+        tracing::debug!("final round landed {:?} after pause", t_pause.elapsed());
         let blob = self.vm.save_state().map_err(|e| Error::vmm("save device state", e))?;
+        tracing::debug!("device state saved ({} bytes) {:?} after pause", blob.len(), t_pause.elapsed());
         let state_bytes = blob.len() as u64;
         self.ctl.send(&Message::DeviceState(blob))?;
         let digest = self.hashes.digest();
         self.ctl.send(&Message::Switchover { digest, pages: self.hashes.pages() })?;
         self.switchover_sent = true;
+        tracing::debug!("switchover sent {:?} after pause", t_pause.elapsed());
         self.state = SourceState::AwaitComplete;
         let Message::Complete(done) = self.recv()? else { unreachable!("state checked") };
         let downtime = paused_at.map(|t| t.elapsed()).unwrap_or_default();

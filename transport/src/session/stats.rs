@@ -1,6 +1,6 @@
 //! What a migration reports: per-round figures and the totals.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One pre-copy round as the source saw it.
 #[derive(Clone, Debug, Serialize)]
@@ -63,7 +63,7 @@ pub struct MigrationReport {
 }
 
 /// The outcome on the destination.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DestReport {
     /// Transport used.
     pub transport: String,

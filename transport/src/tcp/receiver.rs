@@ -47,8 +47,12 @@ impl TcpDestPath {
             let h = std::thread::Builder::new()
                 .name(format!("rdmig-recv-{i}"))
                 .spawn(move || {
-                    let _cpu = ThreadCpu::start(&cpu);
-                    if let Err(e) = receive_loop(i, stream, &map, &hashes, |ev| tx.send((i, ev)).is_ok()) {
+                    let mut meter = ThreadCpu::start(&cpu);
+                    let emit = |ev| {
+                        meter.flush();
+                        tx.send((i, ev)).is_ok()
+                    };
+                    if let Err(e) = receive_loop(i, stream, &map, &hashes, emit) {
                         if !stopping.load(Ordering::Relaxed) {
                             let _ = tx.send((i, Event::Failed(e)));
                         }

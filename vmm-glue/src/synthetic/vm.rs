@@ -231,7 +231,17 @@ impl SyntheticVm {
         SyntheticState {
             page_size: self.shared.page,
             pages_written: self.pages_written(),
-            gens: self.shared.gens.iter().map(|g| g.load(Ordering::Acquire)).collect(),
+            pages: self.shared.gens.len() as u64,
+            gens: self
+                .shared
+                .gens
+                .iter()
+                .enumerate()
+                .filter_map(|(p, g)| {
+                    let g = g.load(Ordering::Acquire);
+                    (g != 0).then_some((p as u64, g))
+                })
+                .collect(),
         }
     }
 }
@@ -289,8 +299,11 @@ impl DestinationVm for SyntheticVm {
         if s.page_size != self.shared.page {
             return Err(Error::State(format!("state for {} byte pages, VM has {}", s.page_size, self.shared.page)).into());
         }
-        for (g, v) in self.shared.gens.iter().zip(&s.gens) {
-            g.store(*v, Ordering::Release);
+        for g in &self.shared.gens {
+            g.store(0, Ordering::Relaxed);
+        }
+        for &(p, g) in &s.gens {
+            self.shared.gens[p as usize].store(g, Ordering::Release);
         }
         self.shared.written.store(s.pages_written, Ordering::Relaxed);
         Ok(())

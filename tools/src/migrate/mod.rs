@@ -1,0 +1,279 @@
+//! `rdma-bench migrate`: a live migration, as two processes on this host (`--loopback`) or one
+//! end each on two hosts (`--listen` / `--connect`).
+
+mod loopback;
+mod report;
+mod vms;
+
+use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use rdmig_transport::auth::Psk;
+use rdmig_transport::mem::PageSize;
+use rdmig_transport::rdma::RdmaOptions;
+use rdmig_transport::session::{self, ConvergencePolicy, MigrationConfig};
+use rdmig_transport::wire::TransportKind;
+
+use crate::units::{parse_duration, parse_rate, parse_size};
+pub use report::DestOutcome;
+use vms::{LocalVm, VmKind, VmParams};
+
+/// Transport choice on the command line.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum TransportArg {
+    /// RDMA when both ends have a usable device, else TCP.
+    Auto,
+    /// TCP data streams.
+    Tcp,
+    /// One-sided RDMA reads (fails if no device).
+    Rdma,
+}
+
+/// Non-convergence policy on the command line.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum PolicyArg {
+    /// Switch over anyway.
+    Stop,
+    /// Abort; the source keeps running.
+    Abort,
+}
+
+/// Arguments of `migrate`.
+#[derive(clap::Args, Debug, Clone)]
+#[command(group = clap::ArgGroup::new("mode").required(true).args(["loopback", "listen", "connect"]))]
+pub struct Args {
+    /// Run source and destination as two processes on this host.
+    #[arg(long)]
+    pub loopback: bool,
+    /// Be the destination: listen on ADDR (host:port) for one incoming migration.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Be the source: migrate to the destination listening at ADDR (host:port).
+    #[arg(long, value_name = "ADDR")]
+    pub connect: Option<SocketAddr>,
+    /// Data transport.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub transport: TransportArg,
+    /// VM to migrate [default: kvm where /dev/kvm works, synthetic otherwise].
+    #[arg(long, value_enum)]
+    pub vm: Option<VmKind>,
+    /// Guest memory size.
+    #[arg(long, default_value = "1GiB", value_parser = parse_size)]
+    pub mem: u64,
+    /// Part of guest memory the guest keeps writing.
+    #[arg(long = "working-set", default_value = "64MiB", value_parser = parse_size)]
+    pub working_set: u64,
+    /// How fast the guest dirties its working set (e.g. 128MiB/s; 0 = idle).
+    #[arg(long = "dirty-rate", default_value = "64MiB/s", value_parser = parse_rate)]
+    pub dirty_rate: u64,
+    /// Page size for dirty tracking and transfer.
+    #[arg(long = "page-size", default_value = "4KiB", value_parser = parse_size)]
+    pub page_size: u64,
+    /// Longest acceptable switchover downtime.
+    #[arg(long = "downtime-limit", default_value = "300ms", value_parser = parse_duration)]
+    pub downtime_limit: Duration,
+    /// Most pre-copy rounds (round 0 included) before --policy applies.
+    #[arg(long = "max-rounds", default_value_t = 30)]
+    pub max_rounds: u32,
+    /// What to do when pre-copy does not converge.
+    #[arg(long, value_enum, default_value = "stop")]
+    pub policy: PolicyArg,
+    /// Bandwidth cap (e.g. 500MiB/s).
+    #[arg(long = "max-bandwidth", value_parser = parse_rate)]
+    pub max_bandwidth: Option<u64>,
+    /// TCP data streams.
+    #[arg(long, default_value_t = 4)]
+    pub streams: u16,
+    /// RDMA queue pairs.
+    #[arg(short = 'q', long, default_value_t = 4)]
+    pub qps: u16,
+    /// RDMA device (default: the one whose RoCE v2 GID matches the control address).
+    #[arg(short = 'd', long = "ib-dev")]
+    pub ib_dev: Option<String>,
+    /// RDMA GID index.
+    #[arg(short = 'x', long = "gid-index")]
+    pub gid_index: Option<u8>,
+    /// RDMA port number.
+    #[arg(short = 'i', long = "ib-port")]
+    pub ib_port: Option<u8>,
+    /// File holding the pre-shared key (at least 16 bytes; required with --listen/--connect).
+    #[arg(long = "psk-file")]
+    pub psk_file: Option<PathBuf>,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Address --loopback listens on (use the RDMA interface's address for RDMA).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub bind: IpAddr,
+    /// Memory regions of the synthetic VM.
+    #[arg(long, default_value_t = 1)]
+    pub regions: u32,
+    /// Writer threads of the synthetic VM.
+    #[arg(long, default_value_t = 1)]
+    pub writers: u32,
+    /// Longest wait for any message or round.
+    #[arg(long = "io-timeout", default_value = "120s", value_parser = parse_duration)]
+    pub io_timeout: Duration,
+    /// How long the destination lets the guest run after resume before its self-check.
+    #[arg(long = "run-after", default_value = "200ms", value_parser = parse_duration)]
+    pub run_after: Duration,
+    /// (internal) write the listening port here.
+    #[arg(long = "port-file", hide = true)]
+    pub port_file: Option<PathBuf>,
+    /// (internal) write the destination's outcome here as JSON.
+    #[arg(long = "result-file", hide = true)]
+    pub result_file: Option<PathBuf>,
+}
+
+impl Args {
+    fn params(&self) -> Result<VmParams> {
+        let page = PageSize::new(self.page_size).context("--page-size")?;
+        if self.mem == 0 || self.mem % page.bytes() != 0 {
+            bail!("--mem must be a positive multiple of the page size ({} bytes)", page.bytes());
+        }
+        if self.dirty_rate > 0 && self.working_set < page.bytes() {
+            bail!("--working-set must be at least one page when --dirty-rate is not 0");
+        }
+        if self.working_set > self.mem {
+            bail!("--working-set ({}) is larger than --mem ({})", self.working_set, self.mem);
+        }
+        Ok(VmParams {
+            mem: self.mem,
+            working_set: self.working_set,
+            dirty_rate: self.dirty_rate,
+            page,
+            regions: self.regions.max(1),
+            writers: self.writers.max(1),
+        })
+    }
+
+    fn config(&self, psk: Psk, local: Option<IpAddr>) -> MigrationConfig {
+        MigrationConfig::new(psk)
+            .with_transport(match self.transport {
+                TransportArg::Auto => TransportKind::Auto,
+                TransportArg::Tcp => TransportKind::Tcp,
+                TransportArg::Rdma => TransportKind::Rdma,
+            })
+            .with_streams(self.streams)
+            .with_downtime_limit(self.downtime_limit)
+            .with_max_rounds(self.max_rounds)
+            .with_policy(match self.policy {
+                PolicyArg::Stop => ConvergencePolicy::Stop,
+                PolicyArg::Abort => ConvergencePolicy::Abort,
+            })
+            .with_max_bandwidth(self.max_bandwidth)
+            .with_io_timeout(self.io_timeout)
+            .with_rdma(RdmaOptions {
+                device: self.ib_dev.clone(),
+                gid_index: self.gid_index,
+                port: self.ib_port,
+                qps: self.qps,
+                local_addr: local.filter(|a| !a.is_loopback()),
+            })
+    }
+
+    fn psk(&self) -> Result<Psk> {
+        let Some(path) = &self.psk_file else {
+            bail!("--psk-file is required with --listen/--connect: both ends need the same key of at least 16 bytes (e.g. head -c 32 /dev/urandom > key)");
+        };
+        let bytes = std::fs::read(path).with_context(|| format!("reading --psk-file {}", path.display()))?;
+        let trimmed = bytes.trim_ascii();
+        Psk::new(trimmed.to_vec()).with_context(|| format!("--psk-file {}", path.display()))
+    }
+}
+
+/// Runs `migrate`.
+pub fn run(args: Args) -> Result<ExitCode> {
+    if args.streams == 0 || args.streams > 64 {
+        bail!("--streams must be between 1 and 64");
+    }
+    if args.qps == 0 || args.qps > 64 {
+        bail!("--qps must be between 1 and 64");
+    }
+    let params = args.params()?;
+    if args.loopback {
+        loopback::run(&args, &params)
+    } else if let Some(addr) = args.listen {
+        listen(&args, &params, addr).map(|_| ExitCode::SUCCESS)
+    } else if let Some(addr) = args.connect {
+        connect(&args, &params, addr, None)
+    } else {
+        bail!("one of --loopback, --listen or --connect is required")
+    }
+}
+
+/// The destination end.
+fn listen(args: &Args, params: &VmParams, addr: SocketAddr) -> Result<DestOutcome> {
+    let (kind, why) = VmKind::resolve(args.vm)?;
+    let psk = args.psk()?;
+    let listener = TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
+    let local = listener.local_addr()?;
+    if let Some(f) = &args.port_file {
+        std::fs::write(f, local.port().to_string()).with_context(|| format!("writing {}", f.display()))?;
+    } else {
+        eprintln!("rdma-bench: waiting for a migration on {local} ({} VM: {why})", kind.name());
+    }
+    let config = args.config(psk, Some(local.ip()));
+    let factory = LocalVm::destination_factory(kind, params);
+    let result = session::accept(&listener, &config, factory);
+    let outcome = match result {
+        Ok((vm, dest)) => {
+            let mut vm = LocalVm::from_destination(kind, vm)?;
+            std::thread::sleep(args.run_after);
+            let check = vm.self_check()?;
+            let running = vm.running();
+            DestOutcome { ok: true, error: None, vm: kind.name().into(), dest: Some(dest), guest_check: Some(check.into()), guest_running: running }
+        }
+        Err(e) => DestOutcome { ok: false, error: Some(e.to_string()), vm: kind.name().into(), dest: None, guest_check: None, guest_running: false },
+    };
+    if let Some(f) = &args.result_file {
+        std::fs::write(f, serde_json::to_vec(&outcome)?).with_context(|| format!("writing {}", f.display()))?;
+    } else {
+        report::print_destination(&outcome, args.json);
+    }
+    if let Some(e) = &outcome.error {
+        bail!("incoming migration failed: {e}");
+    }
+    Ok(outcome)
+}
+
+/// The source end; `dest_result` reads the destination's outcome (loopback).
+fn connect(args: &Args, params: &VmParams, addr: SocketAddr, dest_result: Option<&dyn Fn() -> Option<DestOutcome>>) -> Result<ExitCode> {
+    let (kind, why) = VmKind::resolve(args.vm)?;
+    let psk = match (&args.psk_file, args.loopback) {
+        (None, true) => unreachable!("loopback always passes a key"),
+        _ => args.psk()?,
+    };
+    let config = args.config(psk, None);
+    let mut vm = LocalVm::start(kind, params).with_context(|| format!("starting the {} VM", kind.name()))?;
+    let mut progress = report::Progress::new(!args.json);
+    progress.start(kind, &why, params);
+    let result = session::migrate(vm.source(), addr, &config, &mut |r| progress.round(r));
+    progress.finish();
+    match result {
+        Ok(rep) => {
+            drop(vm);
+            let dest = dest_result.and_then(|f| f());
+            report::print_migration(&rep, kind, dest.as_ref(), args.json);
+            let guest_ok = dest.as_ref().and_then(|d| d.guest_check.as_ref()).is_none_or(|c| c.ok());
+            Ok(if rep.verified && guest_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Err(e) => {
+            let before = vm.pages_written();
+            std::thread::sleep(Duration::from_millis(100));
+            let wrote = vm.pages_written() - before;
+            let check = vm.self_check()?;
+            let state = if vm.running() { "running" } else { "paused" };
+            eprintln!(
+                "rdma-bench: migration failed; the source VM is {state} (wrote {wrote} pages in the last 100 ms), its self-check {} ({} pages checked, {} bad)",
+                if check.ok() { "passed" } else { "FAILED" },
+                check.pages_checked,
+                check.pages_bad
+            );
+            Err(anyhow::Error::new(e).context("migration failed"))
+        }
+    }
+}

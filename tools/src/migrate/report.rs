@@ -1,0 +1,213 @@
+//! Progress on a terminal, the summary table, and the JSON object.
+
+use std::io::IsTerminal;
+use std::time::Duration;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use rdmig_transport::session::{DestReport, MigrationReport, RoundStats};
+use rdmig_vmm::GuestCheck;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::vms::{VmKind, VmParams};
+use crate::units::human_bytes;
+
+/// What the destination reports back (written by the child in loopback mode).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DestOutcome {
+    /// The incoming migration completed.
+    pub ok: bool,
+    /// Why not.
+    pub error: Option<String>,
+    /// VM kind.
+    pub vm: String,
+    /// The destination's figures.
+    pub dest: Option<DestReport>,
+    /// The guest's self-check after resume.
+    pub guest_check: Option<GuestCheckJson>,
+    /// The guest was running when checked.
+    pub guest_running: bool,
+}
+
+/// [`GuestCheck`] as it crosses the process boundary.
+pub type GuestCheckJson = GuestCheckWire;
+
+/// Serializable mirror of [`GuestCheck`].
+#[derive(Debug, Serialize, Deserialize, Clone)]
+pub struct GuestCheckWire {
+    /// Pages checked.
+    pub pages_checked: u64,
+    /// Pages skipped (rewritten during the check).
+    pub pages_skipped: u64,
+    /// Bad pages.
+    pub pages_bad: u64,
+    /// First bad page.
+    pub first_bad: Option<u64>,
+}
+
+impl GuestCheckWire {
+    /// True when no page was bad and some were checked.
+    pub fn ok(&self) -> bool {
+        self.pages_bad == 0 && self.pages_checked > 0
+    }
+}
+
+impl From<GuestCheck> for GuestCheckWire {
+    fn from(c: GuestCheck) -> Self {
+        GuestCheckWire { pages_checked: c.pages_checked, pages_skipped: c.pages_skipped, pages_bad: c.pages_bad, first_bad: c.first_bad }
+    }
+}
+
+/// Per-round progress on a terminal (silent otherwise).
+pub struct Progress {
+    bar: Option<ProgressBar>,
+    verbose: bool,
+}
+
+impl Progress {
+    /// A progress display if stderr is a terminal and `enabled`.
+    pub fn new(enabled: bool) -> Progress {
+        let tty = std::io::stderr().is_terminal();
+        let bar = (enabled && tty).then(|| {
+            let b = ProgressBar::new_spinner();
+            b.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}").expect("static template"));
+            b.enable_steady_tick(Duration::from_millis(100));
+            b
+        });
+        Progress { bar, verbose: enabled }
+    }
+
+    /// Announces the migration.
+    pub fn start(&self, kind: VmKind, why: &str, p: &VmParams) {
+        let line = format!(
+            "migrating a {} {} VM ({why}), working set {}, dirty rate {}/s",
+            human_bytes(p.mem),
+            kind.name(),
+            human_bytes(p.working_set),
+            human_bytes(p.dirty_rate)
+        );
+        self.line(&line);
+        if let Some(b) = &self.bar {
+            b.set_message("round 0: sending all memory");
+        }
+    }
+
+    fn line(&self, s: &str) {
+        match &self.bar {
+            Some(b) => b.println(s),
+            None if self.verbose => eprintln!("{s}"),
+            None => {}
+        }
+    }
+
+    /// One round finished.
+    pub fn round(&self, r: &RoundStats) {
+        let line = if r.final_round {
+            format!("  round {:>3} (stop-and-copy): {:>8} pages {:>10} in {:>8.1} ms", r.round, r.pages, human_bytes(r.bytes), r.ms)
+        } else {
+            format!(
+                "  round {:>3}: {:>8} pages {:>10} in {:>8.1} ms ({:>7.0} MiB/s), guest dirtied {:>6.0} MiB/s, predicted downtime {:.1} ms",
+                r.round,
+                r.pages,
+                human_bytes(r.bytes),
+                r.ms,
+                r.mib_s,
+                r.dirty_rate_mib_s,
+                r.predicted_downtime_ms
+            )
+        };
+        self.line(&line);
+        if let Some(b) = &self.bar {
+            b.set_message(format!("round {}: {} dirty pages to send", r.round + 1, r.dirty_pages));
+        }
+    }
+
+    /// Clears the spinner.
+    pub fn finish(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+    }
+}
+
+/// Prints a finished migration as a table or JSON.
+pub fn print_migration(rep: &MigrationReport, kind: VmKind, dest: Option<&DestOutcome>, json: bool) {
+    let check = dest.and_then(|d| d.guest_check.clone());
+    if json {
+        let v = json!({
+            "transport": rep.transport,
+            "transport_reason": rep.transport_reason,
+            "vm": kind.name(),
+            "mem_bytes": rep.mem_bytes,
+            "page_size": rep.page_size,
+            "total_ms": rep.total_ms,
+            "downtime_ms": rep.downtime_ms,
+            "rounds": rep.rounds,
+            "bytes_transferred": rep.bytes_transferred,
+            "throughput_mib_s": rep.throughput_mib_s,
+            "verified": rep.verified,
+            "digest": rep.digest,
+            "guest_verified": check.as_ref().map(|c| c.ok()),
+            "guest_check": check,
+            "source_cpu_ms": rep.source_cpu_ms,
+            "dest_cpu_ms": rep.dest_cpu_ms,
+            "forced_switchover": rep.forced_switchover,
+            "device_state_bytes": rep.device_state_bytes,
+            "per_round": rep.per_round,
+        });
+        println!("{v}");
+        return;
+    }
+    println!("\nrdmig live migration of a {} {} VM over {} ({})", human_bytes(rep.mem_bytes), kind.name(), rep.transport, rep.transport_reason);
+    println!("{:>6} {:>9} {:>11} {:>9} {:>9} {:>12} {:>13}", "round", "pages", "MiB", "ms", "MiB/s", "dirty MiB/s", "predicted ms");
+    for r in &rep.per_round {
+        let name = if r.final_round { format!("{}*", r.round) } else { r.round.to_string() };
+        println!(
+            "{:>6} {:>9} {:>11.1} {:>9.1} {:>9.0} {:>12.0} {:>13.1}",
+            name,
+            r.pages,
+            r.bytes as f64 / (1u64 << 20) as f64,
+            r.ms,
+            r.mib_s,
+            r.dirty_rate_mib_s,
+            r.predicted_downtime_ms
+        );
+    }
+    println!("  (* = stop-and-copy round, source paused)");
+    println!("{:<18} {:.1} ms", "total time", rep.total_ms);
+    println!("{:<18} {:.2} ms{}", "downtime", rep.downtime_ms, if rep.forced_switchover { " (switchover forced: pre-copy did not converge)" } else { "" });
+    println!("{:<18} {} in {} rounds, {:.0} MiB/s", "transferred", human_bytes(rep.bytes_transferred), rep.rounds, rep.throughput_mib_s);
+    println!("{:<18} {} (xxh3-128 {})", "memory digest", if rep.verified { "verified, both ends match" } else { "MISMATCH" }, rep.digest);
+    match &check {
+        Some(c) => println!(
+            "{:<18} {} ({} pages checked, {} rewritten meanwhile, {} bad)",
+            "guest self-check",
+            if c.ok() { "passed on the destination" } else { "FAILED" },
+            c.pages_checked,
+            c.pages_skipped,
+            c.pages_bad
+        ),
+        None => println!("{:<18} not available (destination on another host)", "guest self-check"),
+    }
+    println!("{:<18} source {:.0} ms, destination {:.0} ms", "migration CPU", rep.source_cpu_ms, rep.dest_cpu_ms);
+}
+
+/// Prints the destination's outcome (listen mode on its own host).
+pub fn print_destination(o: &DestOutcome, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string(o).unwrap_or_default());
+        return;
+    }
+    match (&o.dest, &o.guest_check) {
+        (Some(d), Some(c)) => println!(
+            "incoming migration complete: {} in {} rounds over {}, resume took {:.2} ms; guest self-check {} ({} pages)",
+            human_bytes(d.bytes),
+            d.rounds,
+            d.transport,
+            d.resume_ms,
+            if c.ok() { "passed" } else { "FAILED" },
+            c.pages_checked
+        ),
+        _ => println!("incoming migration failed: {}", o.error.as_deref().unwrap_or("unknown")),
+    }
+}
