@@ -74,6 +74,7 @@ pub fn run(args: &Args, params: &VmParams) -> Result<ExitCode> {
         .args(["--dirty-rate", &args.dirty_rate.to_string()])
         .args(["--page-size", &args.page_size.to_string()])
         .args(["--writers", &args.writers.to_string()])
+        .args(["--regions", &args.regions.to_string()])
         .args(["--io-timeout", &format!("{}ms", args.io_timeout.as_millis())])
         .args(["--run-after", &format!("{}ms", args.run_after.as_millis())])
         .args(["--transport", &format!("{:?}", args.transport).to_lowercase()])

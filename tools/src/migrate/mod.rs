@@ -209,6 +209,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
 fn listen(args: &Args, params: &VmParams, addr: SocketAddr) -> Result<DestOutcome> {
     let (kind, why) = VmKind::resolve(args.vm)?;
     let psk = args.psk()?;
+    let factory = LocalVm::destination_factory(kind, params)?;
     let listener = TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
     let local = listener.local_addr()?;
     if let Some(f) = &args.port_file {
@@ -217,7 +218,6 @@ fn listen(args: &Args, params: &VmParams, addr: SocketAddr) -> Result<DestOutcom
         eprintln!("rdma-bench: waiting for a migration on {local} ({} VM: {why})", kind.name());
     }
     let config = args.config(psk, Some(local.ip()));
-    let factory = LocalVm::destination_factory(kind, params);
     let result = session::accept(&listener, &config, factory);
     let outcome = match result {
         Ok((vm, dest)) => {

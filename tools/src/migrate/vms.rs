@@ -96,10 +96,14 @@ impl LocalVm {
         }
     }
 
-    /// A factory for the destination side.
-    pub fn destination_factory(kind: VmKind, p: &VmParams) -> DestinationFactory<'static> {
+    /// A factory for the destination side, with guest memory allocated now (before the
+    /// source connects) for the layout these parameters give.
+    pub fn destination_factory(kind: VmKind, p: &VmParams) -> Result<DestinationFactory<'static>> {
         match kind {
-            VmKind::Synthetic | VmKind::Kvm => synthetic_destination_factory(p.synthetic()),
+            VmKind::Synthetic | VmKind::Kvm => {
+                let prepared = SyntheticVm::prepare_destination(&p.synthetic())?;
+                Ok(synthetic_destination_factory(p.synthetic(), Some(prepared)))
+            }
         }
     }
 

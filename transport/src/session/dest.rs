@@ -175,7 +175,9 @@ impl Dest<'_> {
 
         let Message::RegionTable { page_size, regions } = self.recv()? else { unreachable!("state checked") };
         let layout = check_layout(page_size, &regions)?;
+        let t = Instant::now();
         let vm = factory(&layout).map_err(|e| Error::vmm("create destination VM", e))?;
+        tracing::debug!("destination VM of {} bytes built in {:?}", layout.total_bytes(), t.elapsed());
         let map: GuestMemoryMap = vm.memory().clone();
         if MemoryLayout::of(&map) != layout {
             return Err(Error::RegionMismatch("the destination VM's memory does not match the announced layout".into()));

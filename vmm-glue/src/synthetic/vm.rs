@@ -319,10 +319,26 @@ impl DestinationVm for SyntheticVm {
     }
 }
 
-/// A factory that builds a synthetic destination VM for the announced layout; its writers
-/// (rate and working set from `cfg`) start when the migration resumes it.
-pub fn synthetic_destination_factory(cfg: SyntheticConfig) -> DestinationFactory<'static> {
+impl SyntheticVm {
+    /// Builds an empty destination VM ahead of an incoming migration, as a VMM started for an
+    /// incoming migration allocates guest memory from its own configuration before the source
+    /// connects. Pass it to [`synthetic_destination_factory`].
+    pub fn prepare_destination(cfg: &SyntheticConfig) -> Result<SyntheticVm> {
+        Self::build(cfg, &cfg.layout()?)
+    }
+}
+
+/// A factory that hands over `prepared` if its layout is the announced one, and otherwise
+/// builds a synthetic destination VM for the announced layout; its writers (rate and working
+/// set from `cfg`) start when the migration resumes it.
+pub fn synthetic_destination_factory(cfg: SyntheticConfig, prepared: Option<SyntheticVm>) -> DestinationFactory<'static> {
     Box::new(move |layout: &MemoryLayout| {
+        if let Some(vm) = prepared {
+            if MemoryLayout::of(&vm.map) == *layout {
+                return Ok(Box::new(vm) as Box<dyn DestinationVm>);
+            }
+            tracing::info!("the incoming layout differs from the prepared VM; building a new one");
+        }
         let cfg = SyntheticConfig { mem_bytes: layout.total_bytes(), page_size: layout.page_size, ..cfg };
         let vm = SyntheticVm::build(&cfg, layout)?;
         Ok(Box::new(vm) as Box<dyn DestinationVm>)
