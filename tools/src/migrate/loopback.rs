@@ -70,7 +70,7 @@ pub fn run(args: &Args, params: &VmParams) -> Result<ExitCode> {
         .arg("--psk-file")
         .arg(&key)
         .args(["--mem", &args.mem.to_string()])
-        .args(["--working-set", &args.working_set.to_string()])
+        .args(["--working-set", &params.working_set.to_string()])
         .args(["--dirty-rate", &args.dirty_rate.to_string()])
         .args(["--page-size", &args.page_size.to_string()])
         .args(["--writers", &args.writers.to_string()])

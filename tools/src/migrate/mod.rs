@@ -63,9 +63,9 @@ pub struct Args {
     /// Guest memory size.
     #[arg(long, default_value = "1GiB", value_parser = parse_size)]
     pub mem: u64,
-    /// Part of guest memory the guest keeps writing.
-    #[arg(long = "working-set", default_value = "64MiB", value_parser = parse_size)]
-    pub working_set: u64,
+    /// Part of guest memory the guest keeps writing [default: 64MiB, or all of --mem if less].
+    #[arg(long = "working-set", value_parser = parse_size)]
+    pub working_set: Option<u64>,
     /// How fast the guest dirties its working set (e.g. 128MiB/s; 0 = idle).
     #[arg(long = "dirty-rate", default_value = "64MiB/s", value_parser = parse_rate)]
     pub dirty_rate: u64,
@@ -134,15 +134,16 @@ impl Args {
         if self.mem == 0 || self.mem % page.bytes() != 0 {
             bail!("--mem must be a positive multiple of the page size ({} bytes)", page.bytes());
         }
-        if self.dirty_rate > 0 && self.working_set < page.bytes() {
+        let working_set = self.working_set.unwrap_or(self.mem.min(64 << 20));
+        if self.dirty_rate > 0 && working_set < page.bytes() {
             bail!("--working-set must be at least one page when --dirty-rate is not 0");
         }
-        if self.working_set > self.mem {
-            bail!("--working-set ({}) is larger than --mem ({})", self.working_set, self.mem);
+        if working_set > self.mem {
+            bail!("--working-set ({working_set}) is larger than --mem ({})", self.mem);
         }
         Ok(VmParams {
             mem: self.mem,
-            working_set: self.working_set,
+            working_set,
             dirty_rate: self.dirty_rate,
             page,
             regions: self.regions.max(1),

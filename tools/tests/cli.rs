@@ -1,0 +1,177 @@
+//! The command line as a user meets it: a loopback migration with JSON output, clear one-line
+//! errors for bad arguments, a wrong key, an unreachable peer and a destination killed
+//! mid-round (after which the source VM must still be running and intact).
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn bench() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_rdma-bench"))
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn key_file(dir: &std::path::Path, name: &str, bytes: &[u8]) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::File::create(&p).unwrap().write_all(bytes).unwrap();
+    p
+}
+
+fn scratch(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("rdmig-cli-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn loopback_migration_prints_the_json_fields() {
+    let o = bench()
+        .args(["migrate", "--loopback", "--vm", "synthetic", "--transport", "tcp", "--mem", "64MiB", "--working-set", "8MiB"])
+        .args(["--dirty-rate", "32MiB/s", "--streams", "2", "--json"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object on stdout");
+    for k in ["transport", "mem_bytes", "total_ms", "downtime_ms", "rounds", "bytes_transferred", "throughput_mib_s", "verified", "source_cpu_ms", "per_round", "vm", "guest_verified"] {
+        assert!(v.get(k).is_some(), "missing {k} in {v}");
+    }
+    assert_eq!(v["transport"], "tcp");
+    assert_eq!(v["vm"], "synthetic");
+    assert_eq!(v["mem_bytes"], 64 << 20);
+    assert_eq!(v["verified"], true);
+    assert_eq!(v["guest_verified"], true);
+    assert!(v["per_round"].as_array().unwrap().len() as u64 == v["rounds"].as_u64().unwrap());
+}
+
+#[test]
+fn loopback_prints_a_summary_table() {
+    let o = bench().args(["migrate", "--loopback", "--vm", "synthetic", "--mem", "32MiB", "--working-set", "4MiB", "--dirty-rate", "16MiB/s"]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    for needle in ["downtime", "memory digest      verified", "guest self-check   passed", "round"] {
+        assert!(out.contains(needle), "no '{needle}' in:\n{out}");
+    }
+}
+
+#[test]
+fn bad_arguments_give_one_clear_line() {
+    for (args, needle) in [
+        (vec!["migrate", "--loopback", "--mem", "12 parsecs"], "unknown size unit"),
+        (vec!["migrate", "--loopback", "--dirty-rate", "fast"], "rates look like"),
+        (vec!["migrate", "--loopback", "--mem", "lots"], "not a size"),
+        (vec!["migrate", "--loopback", "--transport", "carrier-pigeon"], "invalid value"),
+        (vec!["migrate"], "required"),
+        (vec!["migrate", "--loopback", "--listen", "127.0.0.1:1"], "cannot be used with"),
+        (vec!["migrate", "--loopback", "--mem", "1MiB", "--working-set", "2MiB"], "larger than --mem"),
+        (vec!["migrate", "--loopback", "--page-size", "3000"], "page size"),
+        (vec!["migrate", "--loopback", "--streams", "0"], "--streams"),
+        (vec!["migrate", "--connect", "127.0.0.1:1", "--vm", "synthetic"], "--psk-file is required"),
+    ] {
+        let o = bench().args(&args).output().unwrap();
+        assert!(!o.status.success(), "{args:?} succeeded");
+        let e = stderr(&o);
+        assert!(e.contains(needle), "{args:?}: no '{needle}' in: {e}");
+        assert!(!e.contains("panicked"), "{args:?} panicked: {e}");
+    }
+}
+
+#[test]
+fn rdma_without_a_device_fails_at_once() {
+    if std::env::var_os("RDMIG_RXE_DEV").is_some() {
+        eprintln!("SKIP: an RDMA device exists here");
+        return;
+    }
+    let t = Instant::now();
+    let o = bench().args(["migrate", "--loopback", "--vm", "synthetic", "--transport", "rdma", "--mem", "8MiB"]).output().unwrap();
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("RDMA unavailable") && e.lines().any(|l| l.starts_with("rdma-bench: error:")), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(10));
+}
+
+#[test]
+fn unreachable_peer_and_wrong_key_are_clear_errors() {
+    let d = scratch("key");
+    let k1 = key_file(&d, "k1", b"first key, thirty-two bytes long");
+    let k2 = key_file(&d, "k2", b"other key, thirty-two bytes long");
+    // Nobody listens on port 1.
+    let o = bench().args(["migrate", "--connect", "127.0.0.1:1", "--vm", "synthetic", "--mem", "8MiB"]).arg("--psk-file").arg(&k1).output().unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("connecting to the destination at 127.0.0.1:1"), "{}", stderr(&o));
+
+    let port_file = d.join("port");
+    let mut dest = bench()
+        .args(["migrate", "--listen", "127.0.0.1:0", "--vm", "synthetic", "--mem", "8MiB", "--port-file"])
+        .arg(&port_file)
+        .arg("--psk-file")
+        .arg(&k1)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let port = wait_port(&port_file);
+    let o = bench()
+        .args(["migrate", "--connect", &format!("127.0.0.1:{port}"), "--vm", "synthetic", "--mem", "8MiB"])
+        .arg("--psk-file")
+        .arg(&k2)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("authentication failed"), "{e}");
+    assert!(e.contains("source VM is running") && e.contains("self-check passed"), "{e}");
+    let status = dest.wait().unwrap();
+    assert!(!status.success(), "the destination must report the failed handshake");
+}
+
+fn wait_port(f: &std::path::Path) -> u16 {
+    let t = Instant::now();
+    loop {
+        if let Some(p) = std::fs::read_to_string(f).ok().and_then(|s| s.trim().parse().ok()) {
+            return p;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "destination never listened");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn destination_killed_mid_round_leaves_the_source_running() {
+    let d = scratch("kill");
+    let k = key_file(&d, "k", b"a shared key of thirty-two bytes");
+    let port_file = d.join("port");
+    let mut dest = bench()
+        .args(["migrate", "--listen", "127.0.0.1:0", "--vm", "synthetic", "--mem", "256MiB", "--port-file"])
+        .arg(&port_file)
+        .arg("--psk-file")
+        .arg(&k)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let port = wait_port(&port_file);
+    // 256 MiB at 64 MiB/s: round 0 takes about 4 s; kill the destination 1.5 s in.
+    let src = bench()
+        .args(["migrate", "--connect", &format!("127.0.0.1:{port}"), "--vm", "synthetic", "--mem", "256MiB"])
+        .args(["--working-set", "16MiB", "--dirty-rate", "32MiB/s", "--max-bandwidth", "64MiB/s"])
+        .arg("--psk-file")
+        .arg(&k)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    dest.kill().unwrap();
+    dest.wait().unwrap();
+    let o = src.wait_with_output().unwrap();
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("migration failed"), "{e}");
+    assert!(e.contains("the source VM is running"), "{e}");
+    assert!(e.contains("self-check passed") && e.contains(" 0 bad"), "{e}");
+    assert!(!e.contains("wrote 0 pages"), "the source guest must keep writing: {e}");
+}
