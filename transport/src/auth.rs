@@ -92,6 +92,14 @@ impl Psk {
     }
 }
 
+impl Psk {
+    /// The token post-copy streams present (distinct from the pre-copy streams' token, so the
+    /// two sets of streams can never be mistaken for each other).
+    pub fn postcopy_token(&self, nonce_s: &[u8; NONCE_LEN], nonce_d: &[u8; NONCE_LEN]) -> [u8; MAC_LEN] {
+        self.mac(&[b"rdmig/1/postcopy-stream", nonce_s, nonce_d])
+    }
+}
+
 /// Constant-time comparison of two tags.
 pub fn tags_equal(a: &[u8; MAC_LEN], b: &[u8; MAC_LEN]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0

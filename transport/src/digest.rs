@@ -53,6 +53,12 @@ impl PageHashes {
         Ok(())
     }
 
+    /// Records the hash of one page computed elsewhere (post-copy hashes the staging buffer it
+    /// installs from, never the guest page).
+    pub fn set(&self, region: RegionId, page: PageIndex, hash: u64) {
+        self.hashes[self.base[region.0 as usize] + page.0 as usize].store(hash, Ordering::Relaxed);
+    }
+
     /// The hash recorded for one page.
     pub fn get(&self, region: RegionId, page: PageIndex) -> u64 {
         self.hashes[self.base[region.0 as usize] + page.0 as usize].load(Ordering::Relaxed)

@@ -142,6 +142,31 @@ pub enum Error {
         limit: u64,
     },
 
+    /// Post-copy was requested but cannot run here (no userfaultfd, a missing feature, or a
+    /// data path that cannot fetch pages on demand).
+    #[error("post-copy unavailable: {0}")]
+    PostcopyUnavailable(String),
+
+    /// A post-copy fault or prefetch thread stopped (the reason says which and why).
+    #[error("post-copy service stopped: {0}")]
+    PostcopyService(String),
+
+    /// The source or the link was lost during post-copy: the destination guest is paused and
+    /// `missing` of its `total` pages exist only on the source.
+    #[error(
+        "post-copy interrupted with {missing} of {total} pages still on the source ({reason}); \
+         the destination guest is paused: restart the source VM from its paused state, or recover \
+         the missing pages before resuming (see docs/postcopy.md)"
+    )]
+    PostcopyInterrupted {
+        /// Pages the destination never received.
+        missing: u64,
+        /// Pages of the guest.
+        total: u64,
+        /// What failed.
+        reason: String,
+    },
+
     /// The operation timed out.
     #[error("timed out: {0}")]
     Timeout(String),

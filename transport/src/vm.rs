@@ -52,6 +52,13 @@ pub trait DestinationVm: Send {
     /// Starts the guest.
     fn resume(&mut self) -> Result<(), VmmError>;
 
+    /// Pauses the guest after it was resumed (post-copy lost its source): on return no vCPU
+    /// makes progress, except threads blocked on a missing page, which stay blocked. Default:
+    /// an error saying the VMM cannot.
+    fn pause(&mut self) -> Result<(), VmmError> {
+        Err("this VMM cannot pause a destination guest".into())
+    }
+
     /// The concrete VM, for the VMM that built it (after `session::accept` hands it back).
     fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send>;
 }

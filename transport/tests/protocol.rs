@@ -18,7 +18,7 @@ use rdmig_transport::{Error, VmmError};
 
 fn all_messages() -> Vec<Message> {
     vec![
-        Message::Hello(Hello { version: 1, transport: TransportKind::Auto, caps: caps::TCP | caps::RDMA, streams: 4, qps: 2, max_bandwidth: 7, nonce: [9; 32] }),
+        Message::Hello(Hello { version: 1, transport: TransportKind::Auto, mode: 2, caps: caps::TCP | caps::RDMA, streams: 4, qps: 2, max_bandwidth: 7, nonce: [9; 32] }),
         Message::HelloAck(HelloAck { version: 1, transport: TransportKind::Tcp, caps: caps::TCP, nonce: [3; 32], mac: [4; 32], reason: "because".into() }),
         Message::AuthProof([5; 32]),
         Message::AuthOk,
@@ -38,6 +38,19 @@ fn all_messages() -> Vec<Message> {
         Message::Complete(Complete { digest: 1, cpu_micros: 2, resume_micros: 3, pages: 4, bytes: 5 }),
         Message::Finish,
         Message::Abort("no space left".into()),
+        Message::PostcopyMissing {
+            chunk: 2,
+            flags: POSTCOPY_LAST_CHUNK,
+            ranges: vec![PageRange { region: RegionId(0), first: PageIndex(9), npages: 7 }],
+        },
+        Message::PostcopyResumed { resume_micros: 812, missing: 4096 },
+        Message::PostcopyComplete(PostcopyComplete {
+            complete: Complete { digest: 9, cpu_micros: 8, resume_micros: 0, pages: 7, bytes: 6 },
+            faults: 5,
+            fault_pages: 4,
+            postcopy_micros: 3,
+            latency_ns: [10, 20, 30, 40, 50],
+        }),
     ]
 }
 
@@ -159,8 +172,17 @@ fn fake_source(port: u16, key: &[u8], streams: u16) -> (Control, [u8; 32], [u8; 
     let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let mut c = Control::new(s, Some(Duration::from_secs(10))).unwrap();
     let nonce_s = [7u8; 32];
-    c.send(&Message::Hello(Hello { version: 1, transport: TransportKind::Tcp, caps: caps::TCP, streams, qps: 1, max_bandwidth: 0, nonce: nonce_s }))
-        .unwrap();
+    c.send(&Message::Hello(Hello {
+        version: 1,
+        transport: TransportKind::Tcp,
+        mode: 0,
+        caps: caps::TCP,
+        streams,
+        qps: 1,
+        max_bandwidth: 0,
+        nonce: nonce_s,
+    }))
+    .unwrap();
     let Message::HelloAck(ack) = c.recv().unwrap() else { panic!("no HelloAck") };
     c.send(&Message::AuthProof(psk.source_proof(&nonce_s, &ack.nonce))).unwrap();
     (c, nonce_s, ack.nonce)

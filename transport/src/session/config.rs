@@ -15,6 +15,61 @@ pub enum ConvergencePolicy {
     Abort,
 }
 
+/// How memory moves: before the switchover, after it, or both.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationMode {
+    /// Pre-copy rounds, then stop-and-copy.
+    #[default]
+    Precopy,
+    /// Switch over at once; every page is fetched on demand or prefetched afterwards.
+    Postcopy,
+    /// Pre-copy rounds; post-copy when they stop converging.
+    Hybrid,
+}
+
+impl MigrationMode {
+    /// The name on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            MigrationMode::Precopy => "precopy",
+            MigrationMode::Postcopy => "postcopy",
+            MigrationMode::Hybrid => "hybrid",
+        }
+    }
+
+    /// The wire encoding (the `mode` byte of `Hello`).
+    pub fn to_u8(self) -> u8 {
+        match self {
+            MigrationMode::Precopy => 0,
+            MigrationMode::Postcopy => 1,
+            MigrationMode::Hybrid => 2,
+        }
+    }
+
+    /// Decodes the `mode` byte of `Hello`.
+    pub fn from_u8(v: u8) -> crate::Result<MigrationMode> {
+        Ok(match v {
+            0 => MigrationMode::Precopy,
+            1 => MigrationMode::Postcopy,
+            2 => MigrationMode::Hybrid,
+            _ => return Err(crate::Error::Protocol(format!("unknown migration mode {v}"))),
+        })
+    }
+}
+
+impl std::str::FromStr for MigrationMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "precopy" | "pre-copy" => Ok(MigrationMode::Precopy),
+            "postcopy" | "post-copy" => Ok(MigrationMode::Postcopy),
+            "hybrid" => Ok(MigrationMode::Hybrid),
+            _ => Err(format!("unknown mode {s:?} (precopy, postcopy or hybrid)")),
+        }
+    }
+}
+
 /// Configuration of one migration (each end uses the fields that concern it).
 #[derive(Clone, Debug)]
 pub struct MigrationConfig {
@@ -36,6 +91,8 @@ pub struct MigrationConfig {
     pub io_timeout: Duration,
     /// RDMA device choice.
     pub rdma: RdmaOptions,
+    /// Pre-copy, post-copy or hybrid (source); the destination follows the source.
+    pub mode: MigrationMode,
 }
 
 impl MigrationConfig {
@@ -51,6 +108,7 @@ impl MigrationConfig {
             max_bandwidth: None,
             io_timeout: Duration::from_secs(120),
             rdma: RdmaOptions { qps: 4, ..RdmaOptions::default() },
+            mode: MigrationMode::Precopy,
         }
     }
 
@@ -93,6 +151,12 @@ impl MigrationConfig {
     /// Sets the I/O timeout.
     pub fn with_io_timeout(mut self, t: Duration) -> Self {
         self.io_timeout = t;
+        self
+    }
+
+    /// Sets the migration mode.
+    pub fn with_mode(mut self, m: MigrationMode) -> Self {
+        self.mode = m;
         self
     }
 

@@ -11,17 +11,27 @@
 //! | `Precopy{round, chunk}` | `Round{round, chunk}` |
 //! | `AwaitDeviceState` | `DeviceState` |
 //! | `AwaitSwitchover` | `Switchover` |
+//! | `AwaitPostcopyMissing{chunk}` | `PostcopyMissing{chunk}` |
+//! | `Postcopy` | `Switchover` |
 //! | `AwaitFinish` | `Finish` |
 //!
+//! In post-copy and hybrid sessions `Precopy{round, 0}` also accepts `DeviceState`: the source
+//! switches over in post-copy. The destination then collects the post-copy set, drops the
+//! stale pages, registers guest memory with userfaultfd, restores and resumes the guest, and
+//! answers `PostcopyResumed`; its fault and prefetch threads fetch the rest while it waits for
+//! the source's digest (`Switchover`) and for the last page, then compares the digests.
+//!
 //! `Abort` ends the migration in any state. Until the guest is resumed any failure discards
-//! the destination VM; the source keeps running.
+//! the destination VM; the source keeps running. A failure after a post-copy resume (source
+//! or link lost) pauses the guest and reports how many pages are still missing
+//! ([`Error::PostcopyInterrupted`]).
 
-use std::net::TcpListener;
+use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::config::MigrationConfig;
-use super::stats::DestReport;
+use super::config::{MigrationConfig, MigrationMode};
+use super::stats::{DestReport, FaultLatency};
 use crate::auth::random_bytes;
 use crate::control::Control;
 use crate::cpu::{thread_cpu_time, CpuMeter};
@@ -29,10 +39,15 @@ use crate::data::DestDataPath;
 use crate::digest::PageHashes;
 use crate::error::{Error, Result};
 use crate::mem::{GuestMemoryMap, PageSize};
+use crate::pages::PageSet;
+use crate::postcopy::{self, Fetchers, PageFetcher, PostcopyService, TcpPageFetcher, Uffd};
 use crate::rdma::{self, RdmaDestPath};
 use crate::tcp::{accept_streams, RateLimiter, TcpDestPath};
 use crate::vm::{DestinationFactory, DestinationVm, MemoryLayout};
-use crate::wire::{caps, Complete, HelloAck, Message, RoundDone, TransportKind, MAX_REGIONS, PROTOCOL_VERSION, ROUND_FINAL, ROUND_LAST_CHUNK};
+use crate::wire::{
+    caps, Complete, HelloAck, Message, PostcopyComplete, RoundDone, TransportKind, MAX_REGIONS, POSTCOPY_LAST_CHUNK, PROTOCOL_VERSION, ROUND_FINAL,
+    ROUND_LAST_CHUNK,
+};
 
 /// Largest guest the destination accepts by default (a malicious table cannot make it map more).
 pub const MAX_GUEST_BYTES: u64 = 1 << 40;
@@ -47,6 +62,8 @@ enum DestState {
     Precopy { round: u32, chunk: u32 },
     AwaitDeviceState,
     AwaitSwitchover,
+    AwaitPostcopyMissing { chunk: u32 },
+    Postcopy,
     AwaitFinish,
 }
 
@@ -60,12 +77,17 @@ impl DestState {
             DestState::Precopy { .. } => "in pre-copy",
             DestState::AwaitDeviceState => "awaiting DeviceState",
             DestState::AwaitSwitchover => "awaiting Switchover",
+            DestState::AwaitPostcopyMissing { .. } => "awaiting PostcopyMissing",
+            DestState::Postcopy => "in post-copy",
             DestState::AwaitFinish => "awaiting Finish",
         }
     }
 
-    fn accepts(self, m: &Message) -> bool {
+    fn accepts(self, m: &Message, postcopy: bool) -> bool {
         match (self, m) {
+            (DestState::Precopy { chunk: 0, .. }, Message::DeviceState(_)) => postcopy,
+            (DestState::AwaitPostcopyMissing { chunk }, Message::PostcopyMissing { chunk: c, .. }) => *c == chunk,
+            (DestState::Postcopy, Message::Switchover { .. }) => true,
             (DestState::AwaitHello, Message::Hello(_))
             | (DestState::AwaitAuthProof, Message::AuthProof(_))
             | (DestState::AwaitRegionTable, Message::RegionTable { .. })
@@ -86,6 +108,9 @@ struct Dest<'a> {
     state: DestState,
     data: Option<Box<dyn DestDataPath>>,
     cpu: Arc<CpuMeter>,
+    mode: MigrationMode,
+    pc_streams: Vec<TcpStream>,
+    postcopy: Option<PostcopyService>,
 }
 
 /// Accepts one incoming migration on `listener` and returns the running guest.
@@ -97,9 +122,26 @@ pub fn accept(listener: &TcpListener, config: &MigrationConfig, factory: Destina
     let (stream, peer) = listener.accept().map_err(|e| Error::Io { context: "accepting the control connection".into(), source: e })?;
     tracing::info!("incoming migration from {peer}");
     let ctl = Control::new(stream, Some(config.io_timeout))?;
-    let mut d = Dest { config, listener, ctl, state: DestState::AwaitHello, data: None, cpu: Arc::new(CpuMeter::default()) };
+    let mut d = Dest {
+        config,
+        listener,
+        ctl,
+        state: DestState::AwaitHello,
+        data: None,
+        cpu: Arc::new(CpuMeter::default()),
+        mode: MigrationMode::Precopy,
+        pc_streams: Vec::new(),
+        postcopy: None,
+    };
     let mut vm = None;
     let result = d.run(factory, &mut vm);
+    let result = match result {
+        Err(e) if d.postcopy.is_some() => Err(d.postcopy_failed(vm.as_mut(), e)),
+        r => r,
+    };
+    // Closing the userfaultfd (after the guest is paused) releases any thread still blocked on
+    // a missing page; it must happen before the VM is dropped, which joins those threads.
+    drop(d.postcopy.take());
     if let Some(mut data) = d.data.take() {
         if let Err(e) = data.close() {
             tracing::warn!("closing the data path: {e}");
@@ -138,7 +180,7 @@ fn check_layout(page_size: u32, regions: &[(crate::mem::GuestAddress, u64)]) -> 
 impl Dest<'_> {
     fn recv(&mut self) -> Result<Message> {
         let m = self.ctl.recv()?;
-        if !self.state.accepts(&m) {
+        if !self.state.accepts(&m, self.mode != MigrationMode::Precopy) {
             return Err(Error::UnexpectedMessage { state: self.state.describe(), got: describe(&m) });
         }
         Ok(m)
@@ -153,9 +195,19 @@ impl Dest<'_> {
             return Err(Error::Protocol(format!("Hello asks for {} data streams (1..=64)", hello.streams)));
         }
         let (transport, reason, mut rdma_opts) = self.choose_transport(&hello)?;
+        self.mode = MigrationMode::from_u8(hello.mode)?;
+        if self.mode != MigrationMode::Precopy {
+            if hello.caps & caps::POSTCOPY == 0 {
+                return Err(Error::Protocol(format!("Hello asks for {} without the post-copy capability", self.mode.name())));
+            }
+            Uffd::probe().map_err(|e| Error::PostcopyUnavailable(format!("the destination cannot run --mode {}: {e}", self.mode.name())))?;
+        }
         let nonce_d = random_bytes()?;
         let psk = &self.config.psk;
-        let my_caps = caps::TCP | if transport == TransportKind::Rdma { caps::RDMA } else { 0 };
+        let mut my_caps = caps::TCP | if transport == TransportKind::Rdma { caps::RDMA } else { 0 };
+        if self.mode != MigrationMode::Precopy {
+            my_caps |= caps::POSTCOPY;
+        }
         self.ctl.send(&Message::HelloAck(HelloAck {
             version: PROTOCOL_VERSION,
             transport,
@@ -182,6 +234,13 @@ impl Dest<'_> {
         if MemoryLayout::of(&map) != layout {
             return Err(Error::RegionMismatch("the destination VM's memory does not match the announced layout".into()));
         }
+        if self.mode == MigrationMode::Postcopy {
+            // Every page comes after the switchover: drop what the VMM populated now, so that
+            // neither this nor the stale-page drop of hybrid mode falls into the downtime.
+            let mut all = PageSet::empty(&map);
+            all.fill();
+            postcopy::drop_pages(&map, &all)?;
+        }
         *vm_out = Some(vm);
         // Building the VM is the VMM's work, not the migration's.
         let cpu0 = thread_cpu_time();
@@ -207,6 +266,10 @@ impl Dest<'_> {
                 self.data = Some(Box::new(TcpDestPath::new(map.clone(), streams, hashes.clone(), self.cpu.clone(), self.config.io_timeout)?));
             }
         }
+        if self.mode != MigrationMode::Precopy {
+            let token = psk.postcopy_token(&hello.nonce, &nonce_d);
+            self.pc_streams = accept_streams(self.listener, postcopy::stream_count(hello.streams), token, self.config.io_timeout)?;
+        }
         self.ctl.send(&Message::Ready)?;
 
         // Pre-copy rounds until the final one.
@@ -215,7 +278,14 @@ impl Dest<'_> {
         let mut round_start = Instant::now();
         let mut final_flag = None;
         loop {
-            let Message::Round(r) = self.recv()? else { unreachable!("state checked") };
+            let r = match self.recv()? {
+                Message::Round(r) => r,
+                Message::DeviceState(blob) => {
+                    let vm = vm_out.as_mut().expect("built above");
+                    return self.run_postcopy(vm.as_mut(), &map, blob, hashes, (rounds, pages, bytes), cpu0, transport);
+                }
+                _ => unreachable!("state checked"),
+            };
             let is_final = r.flags & ROUND_FINAL != 0;
             if *final_flag.get_or_insert(is_final) != is_final {
                 return Err(Error::Protocol(format!("round {}: chunks disagree on the final flag", r.round)));
@@ -288,7 +358,124 @@ impl Dest<'_> {
             digest: format!("{mine:032x}"),
             cpu_ms: cpu.as_secs_f64() * 1e3,
             resume_ms: resume.as_secs_f64() * 1e3,
+            mode: self.mode.name().into(),
+            postcopy_pages: 0,
+            postcopy_faults: 0,
+            postcopy_ms: 0.0,
+            fault_latency_us: FaultLatency::default(),
         })
+    }
+
+    /// Post-copy switchover and service: the set, the resume, then the rest of memory.
+    #[allow(clippy::too_many_arguments)]
+    fn run_postcopy(
+        &mut self,
+        vm: &mut dyn DestinationVm,
+        map: &GuestMemoryMap,
+        blob: Vec<u8>,
+        hashes: Arc<PageHashes>,
+        (rounds, pages, bytes): (u32, u64, u64),
+        cpu0: std::time::Duration,
+        transport: TransportKind,
+    ) -> Result<DestReport> {
+        let mut missing = PageSet::empty(map);
+        self.state = DestState::AwaitPostcopyMissing { chunk: 0 };
+        loop {
+            let Message::PostcopyMissing { chunk, flags, ranges } = self.recv()? else { unreachable!("state checked") };
+            for r in &ranges {
+                map.span(r.region, r.first, r.npages)?;
+                missing.insert_range(r);
+            }
+            if flags & POSTCOPY_LAST_CHUNK != 0 {
+                break;
+            }
+            self.state = DestState::AwaitPostcopyMissing { chunk: chunk + 1 };
+        }
+        let t = Instant::now();
+        let mut streams = std::mem::take(&mut self.pc_streams);
+        if streams.len() < 2 {
+            return Err(Error::PostcopyUnavailable("post-copy streams are not connected".into()));
+        }
+        let clones = streams
+            .iter()
+            .map(|s| s.try_clone().map_err(|e| Error::io("cloning a post-copy stream", e, "post-copy stream")))
+            .collect::<Result<Vec<_>>>()?;
+        let prefetch = streams
+            .split_off(1)
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| TcpPageFetcher::new(s, map.clone(), format!("prefetch {i}")).map(|f| Box::new(f) as Box<dyn PageFetcher>))
+            .collect::<Result<Vec<_>>>()?;
+        let fault = Box::new(TcpPageFetcher::new(streams.remove(0), map.clone(), "fault")?);
+        // Pages received in a round are stale now; in post-copy mode nothing was received and
+        // memory was dropped before the rounds.
+        let fetchers = Fetchers { fault, prefetch, streams: clones };
+        let svc = PostcopyService::start(map, &missing, rounds > 0, fetchers, hashes.clone(), self.cpu.clone())?;
+        let svc = self.postcopy.insert(svc);
+        vm.restore_state(&blob).map_err(|e| Error::vmm("restore device state", e))?;
+        vm.resume().map_err(|e| Error::vmm("resume", e))?;
+        svc.mark_resumed();
+        let resume = t.elapsed();
+        let initial = missing.count();
+        self.ctl.send(&Message::PostcopyResumed { resume_micros: resume.as_micros() as u64, missing: initial })?;
+        tracing::debug!("post-copy: resumed in {resume:?} with {initial} pages missing");
+        self.state = DestState::Postcopy;
+        let Message::Switchover { digest, pages: total } = self.recv()? else { unreachable!("state checked") };
+        let svc = self.postcopy.as_mut().expect("set above");
+        svc.wait(self.config.io_timeout).map_err(Error::PostcopyService)?;
+        let stats = self.postcopy.take().expect("set above").finish()?;
+        let mine = hashes.digest();
+        if total != hashes.pages() || mine != digest {
+            return Err(Error::DigestMismatch { source_digest: digest, dest_digest: mine });
+        }
+        self.cpu.add(thread_cpu_time().saturating_sub(cpu0));
+        let cpu = self.cpu.total();
+        let page = map.page_size().bytes();
+        let (pages, bytes) = (pages + stats.missing, bytes + stats.missing * page);
+        self.ctl.send(&Message::PostcopyComplete(PostcopyComplete {
+            complete: Complete { digest: mine, cpu_micros: cpu.as_micros() as u64, resume_micros: 0, pages, bytes },
+            faults: stats.faults,
+            fault_pages: stats.fault_pages,
+            postcopy_micros: stats.duration.as_micros() as u64,
+            latency_ns: stats.latency_ns,
+        }))?;
+        self.state = DestState::AwaitFinish;
+        if let Err(e) = self.recv() {
+            tracing::warn!("the guest runs here, but the source did not confirm: {e}");
+        }
+        Ok(DestReport {
+            transport: transport.name().into(),
+            mem_bytes: map.total_bytes(),
+            rounds,
+            pages,
+            bytes,
+            digest: format!("{mine:032x}"),
+            cpu_ms: cpu.as_secs_f64() * 1e3,
+            resume_ms: resume.as_secs_f64() * 1e3,
+            mode: self.mode.name().into(),
+            postcopy_pages: stats.missing,
+            postcopy_faults: stats.faults,
+            postcopy_ms: stats.duration.as_secs_f64() * 1e3,
+            fault_latency_us: FaultLatency::from_ns(stats.latency_ns),
+        })
+    }
+
+    /// After a failure once the guest runs here in post-copy: stop fetching, pause the guest,
+    /// keep its memory (missing pages stay registered until the service is dropped) and say
+    /// how much is missing.
+    fn postcopy_failed(&mut self, vm: Option<&mut Box<dyn DestinationVm>>, e: Error) -> Error {
+        let Some(svc) = self.postcopy.as_mut() else {
+            return e;
+        };
+        let missing = svc.interrupt();
+        let total = svc.total();
+        if let Some(vm) = vm {
+            if let Err(pe) = vm.pause() {
+                tracing::error!("could not pause the destination guest after post-copy failed: {pe}");
+            }
+        }
+        tracing::error!("post-copy failed with {missing} of {total} pages missing: {e}");
+        Error::PostcopyInterrupted { missing, total, reason: e.to_string() }
     }
 
     fn choose_transport(&mut self, hello: &crate::wire::Hello) -> Result<(TransportKind, String, crate::rdma::RdmaOptions)> {

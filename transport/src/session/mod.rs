@@ -6,8 +6,8 @@ mod policy;
 mod source;
 mod stats;
 
-pub use config::{ConvergencePolicy, MigrationConfig};
+pub use config::{ConvergencePolicy, MigrationConfig, MigrationMode};
 pub use dest::{accept, MAX_GUEST_BYTES};
 pub use policy::{Convergence, Decision};
 pub use source::migrate;
-pub use stats::{DestReport, MigrationReport, RoundStats};
+pub use stats::{DestReport, FaultLatency, MigrationReport, RoundStats};

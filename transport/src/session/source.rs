@@ -10,6 +10,17 @@
 //! | `AwaitReady` | `Ready` |
 //! | `AwaitRoundDone(n)` | `RoundDone{n}` |
 //! | `AwaitComplete` | `Complete` |
+//! | `AwaitPostcopyResumed` | `PostcopyResumed` |
+//! | `AwaitPostcopyComplete` | `PostcopyComplete` |
+//!
+//! Post-copy (mode `postcopy`, or `hybrid` once the convergence policy reports
+//! [`Decision::NotConverging`]): pause, device state, the post-copy set (every page for
+//! `postcopy`, which runs no round; the dirty set after the final fetch-and-clear for
+//! `hybrid`), then `AwaitPostcopyResumed`: that answer ends the downtime. The page server
+//! ([`crate::postcopy::PageServer`]) answers the destination's page requests from the paused
+//! memory while the source re-hashes the post-copy set, sends its digest and waits for
+//! `PostcopyComplete`; it stops only then. From `PostcopyResumed` on the guest runs on the
+//! destination, so any failure leaves the source paused ([`Error::SwitchoverUnknown`]).
 //!
 //! `Abort` is accepted in every state and ends the migration. Anything else is refused with
 //! [`Error::UnexpectedMessage`]. On any failure before `Switchover` is sent the source VM is
@@ -21,9 +32,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::config::{ConvergencePolicy, MigrationConfig};
+use super::config::{ConvergencePolicy, MigrationConfig, MigrationMode};
 use super::policy::{Convergence, Decision};
-use super::stats::{mib_s, MigrationReport, RoundStats};
+use super::stats::{mib_s, FaultLatency, MigrationReport, RoundStats};
 use crate::auth::random_bytes;
 use crate::control::Control;
 use crate::cpu::{thread_cpu_time, CpuMeter};
@@ -32,10 +43,14 @@ use crate::digest::PageHashes;
 use crate::error::{Error, Result};
 use crate::mem::GuestMemoryMap;
 use crate::pages::{PageRange, PageSet};
+use crate::postcopy::{self, PageServer};
 use crate::rdma::{self, RdmaSourcePath};
 use crate::tcp::{connect_streams, RateLimiter, TcpSourcePath};
 use crate::vm::SourceVm;
-use crate::wire::{caps, Hello, Message, Round, TransportKind, MAX_RANGES_PER_MSG, PROTOCOL_VERSION, ROUND_FINAL, ROUND_LAST_CHUNK};
+use crate::wire::{
+    caps, Hello, Message, PostcopyComplete, Round, TransportKind, MAX_RANGES_PER_MSG, POSTCOPY_LAST_CHUNK, PROTOCOL_VERSION, ROUND_FINAL,
+    ROUND_LAST_CHUNK,
+};
 
 /// Where the source is in the protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,6 +61,8 @@ enum SourceState {
     AwaitReady,
     AwaitRoundDone(u32),
     AwaitComplete,
+    AwaitPostcopyResumed,
+    AwaitPostcopyComplete,
     Done,
 }
 
@@ -58,6 +75,8 @@ impl SourceState {
             SourceState::AwaitReady => "awaiting Ready",
             SourceState::AwaitRoundDone(_) => "awaiting RoundDone",
             SourceState::AwaitComplete => "awaiting Complete",
+            SourceState::AwaitPostcopyResumed => "awaiting PostcopyResumed",
+            SourceState::AwaitPostcopyComplete => "awaiting PostcopyComplete",
             SourceState::Done => "done",
         }
     }
@@ -71,8 +90,18 @@ impl SourceState {
                 | (SourceState::AwaitSetupAck, Message::DataSetupAck(_))
                 | (SourceState::AwaitReady, Message::Ready)
                 | (SourceState::AwaitComplete, Message::Complete(_))
+                | (SourceState::AwaitPostcopyResumed, Message::PostcopyResumed { .. })
+                | (SourceState::AwaitPostcopyComplete, Message::PostcopyComplete(_))
         ) || matches!((self, m), (SourceState::AwaitRoundDone(n), Message::RoundDone(d)) if d.round == n)
     }
+}
+
+/// What the pre-copy rounds before a post-copy switchover moved.
+struct PrecopyTotals {
+    rounds: u32,
+    bytes: u64,
+    round_time: Duration,
+    per_round: Vec<RoundStats>,
 }
 
 struct Source<'a> {
@@ -87,6 +116,9 @@ struct Source<'a> {
     logging: bool,
     paused: bool,
     switchover_sent: bool,
+    server: Option<PageServer>,
+    /// The destination resumed the guest in post-copy: the source must stay paused whatever happens.
+    guest_moved: bool,
 }
 
 /// Migrates `vm` to the destination listening at `dest`. Calls `progress` after each round.
@@ -122,6 +154,8 @@ pub fn migrate(vm: &mut dyn SourceVm, dest: SocketAddr, config: &MigrationConfig
         logging: false,
         paused: false,
         switchover_sent: false,
+        server: None,
+        guest_moved: false,
     };
     let result = s.run(dest, rdma_probe.is_ok(), started, progress);
     let result = match result {
@@ -154,9 +188,14 @@ impl Source<'_> {
         if have_rdma {
             my_caps |= caps::RDMA;
         }
+        let mode = self.config.mode;
+        if mode != MigrationMode::Precopy {
+            my_caps |= caps::POSTCOPY;
+        }
         self.ctl.send(&Message::Hello(Hello {
             version: PROTOCOL_VERSION,
             transport: self.config.transport,
+            mode: mode.to_u8(),
             caps: my_caps,
             streams: self.config.streams,
             qps: self.config.rdma.qps,
@@ -166,6 +205,9 @@ impl Source<'_> {
         let Message::HelloAck(ack) = self.recv()? else { unreachable!("state checked") };
         if !self.config.psk.check_dest_proof(&nonce_s, &ack.nonce, &ack.mac) {
             return Err(Error::AuthFailed("the destination did not prove the pre-shared key (different --psk-file?)".into()));
+        }
+        if mode != MigrationMode::Precopy && ack.caps & caps::POSTCOPY == 0 {
+            return Err(Error::PostcopyUnavailable(format!("the destination does not offer post-copy (needed for --mode {})", mode.name())));
         }
         self.ctl.send(&Message::AuthProof(self.config.psk.source_proof(&nonce_s, &ack.nonce)))?;
         self.state = SourceState::AwaitAuthOk;
@@ -201,12 +243,20 @@ impl Source<'_> {
                 Box::new(TcpSourcePath::new(self.map.clone(), streams, limiter, self.cpu.clone())?)
             }
         });
+        if mode != MigrationMode::Precopy {
+            // The page server idles until the destination asks for pages after the switchover.
+            let token = self.config.psk.postcopy_token(&nonce_s, &ack.nonce);
+            let streams = connect_streams(dest, postcopy::stream_count(self.config.streams), token, self.config.io_timeout)?;
+            self.server = Some(PageServer::start(self.map.clone(), streams, self.cpu.clone())?);
+        }
         self.state = SourceState::AwaitReady;
         self.recv()?;
 
-        // Pre-copy.
-        self.vm.start_dirty_log().map_err(|e| Error::vmm("start dirty log", e))?;
-        self.logging = true;
+        // Pre-copy (post-copy mode runs no round: every page is in the post-copy set).
+        if mode != MigrationMode::Postcopy {
+            self.vm.start_dirty_log().map_err(|e| Error::vmm("start dirty log", e))?;
+            self.logging = true;
+        }
         let page = self.map.page_size().bytes();
         let mut set = PageSet::full(&self.map);
         let mut conv = Convergence::new(self.config.downtime_limit, self.config.max_rounds);
@@ -216,7 +266,8 @@ impl Source<'_> {
         let mut final_round = false;
         let mut forced = false;
         let mut paused_at = None;
-        loop {
+        let mut go_postcopy = mode == MigrationMode::Postcopy;
+        while !go_postcopy {
             if final_round {
                 self.vm.pause().map_err(|e| Error::vmm("pause", e))?;
                 self.paused = true;
@@ -258,6 +309,11 @@ impl Source<'_> {
             match decision {
                 Decision::Continue => {}
                 Decision::Switchover => final_round = true,
+                Decision::NotConverging if mode == MigrationMode::Hybrid => {
+                    tracing::info!("pre-copy is not converging after {} rounds; switching over in post-copy", round + 1);
+                    go_postcopy = true;
+                    continue;
+                }
                 Decision::NotConverging => match self.config.policy {
                     ConvergencePolicy::Stop => {
                         tracing::warn!("pre-copy is not converging after {} rounds; switching over anyway", round + 1);
@@ -275,6 +331,12 @@ impl Source<'_> {
                 },
             }
             round += 1;
+        }
+
+        if go_postcopy {
+            let precopy =
+                PrecopyTotals { rounds: if mode == MigrationMode::Postcopy { 0 } else { round + 1 }, bytes: total_bytes, round_time, per_round };
+            return self.run_postcopy(set, precopy, ack.transport.name(), ack.reason, started);
         }
 
         // Switchover: device state, digest, and the destination's resume.
@@ -312,6 +374,90 @@ impl Source<'_> {
             forced_switchover: forced,
             device_state_bytes: state_bytes,
             per_round,
+            mode: mode.name().into(),
+            postcopy: false,
+            postcopy_pages: 0,
+            postcopy_faults: 0,
+            postcopy_fault_pages: 0,
+            postcopy_ms: 0.0,
+            fault_latency_us: FaultLatency::default(),
+        })
+    }
+
+    /// Post-copy switchover: pause, device state, the post-copy set; the destination's resume
+    /// ends the downtime. Then re-hash the set while the destination runs, send the digest,
+    /// serve pages until the destination holds all of them, and compare its digest.
+    fn run_postcopy(&mut self, mut set: PageSet, pre: PrecopyTotals, transport: &str, reason: String, started: Instant) -> Result<MigrationReport> {
+        self.vm.pause().map_err(|e| Error::vmm("pause", e))?;
+        self.paused = true;
+        let paused_at = Instant::now();
+        if self.logging {
+            self.vm.fetch_and_clear_dirty(&mut set).map_err(|e| Error::vmm("fetch dirty log", e))?;
+        }
+        let blob = self.vm.save_state().map_err(|e| Error::vmm("save device state", e))?;
+        let state_bytes = blob.len() as u64;
+        self.ctl.send(&Message::DeviceState(blob))?;
+        let ranges: Vec<PageRange> = set.ranges(u64::from(u32::MAX)).collect();
+        let chunks: Vec<&[PageRange]> = if ranges.is_empty() { vec![&[]] } else { ranges.chunks(MAX_RANGES_PER_MSG).collect() };
+        let n = chunks.len();
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let flags = if i + 1 == n { POSTCOPY_LAST_CHUNK } else { 0 };
+            self.ctl.send(&Message::PostcopyMissing { chunk: i as u32, flags, ranges: chunk.to_vec() })?;
+        }
+        self.state = SourceState::AwaitPostcopyResumed;
+        let Message::PostcopyResumed { missing, resume_micros } = self.recv()? else { unreachable!("state checked") };
+        let downtime = paused_at.elapsed();
+        // The guest runs on the destination from here: never resume it here.
+        self.switchover_sent = true;
+        self.guest_moved = true;
+        tracing::info!("post-copy: destination resumed in {resume_micros} µs; downtime {downtime:?}; {missing} pages to fetch");
+        if missing != set.count() {
+            return Err(Error::Protocol(format!("destination marked {missing} pages missing, the post-copy set has {}", set.count())));
+        }
+        for r in &ranges {
+            self.hashes.update(&self.map, r)?;
+        }
+        let digest = self.hashes.digest();
+        self.ctl.send(&Message::Switchover { digest, pages: self.hashes.pages() })?;
+        self.state = SourceState::AwaitPostcopyComplete;
+        let Message::PostcopyComplete(done) = self.recv()? else { unreachable!("state checked") };
+        let PostcopyComplete { complete, faults, fault_pages, postcopy_micros, latency_ns } = done;
+        self.state = SourceState::Done;
+        if let Err(e) = self.ctl.send(&Message::Finish) {
+            tracing::warn!("the destination runs the guest, but Finish was not delivered: {e}");
+        }
+        let served = self.server.as_ref().map_or(0, PageServer::pages_served);
+        if let Some(mut server) = self.server.take() {
+            if let Err(e) = server.stop() {
+                tracing::warn!("post-copy page server: {e}");
+            }
+        }
+        let page = self.map.page_size().bytes();
+        let bytes = pre.bytes + served * page;
+        Ok(MigrationReport {
+            transport: transport.to_string(),
+            transport_reason: reason,
+            mem_bytes: self.map.total_bytes(),
+            page_size: page,
+            total_ms: started.elapsed().as_secs_f64() * 1e3,
+            downtime_ms: downtime.as_secs_f64() * 1e3,
+            rounds: pre.rounds,
+            bytes_transferred: bytes,
+            throughput_mib_s: mib_s(pre.bytes, pre.round_time.as_secs_f64()),
+            verified: complete.digest == digest,
+            digest: format!("{digest:032x}"),
+            source_cpu_ms: 0.0,
+            dest_cpu_ms: complete.cpu_micros as f64 / 1e3,
+            forced_switchover: false,
+            device_state_bytes: state_bytes,
+            per_round: pre.per_round,
+            mode: self.config.mode.name().into(),
+            postcopy: true,
+            postcopy_pages: missing,
+            postcopy_faults: faults,
+            postcopy_fault_pages: fault_pages,
+            postcopy_ms: postcopy_micros as f64 / 1e3,
+            fault_latency_us: FaultLatency::from_ns(latency_ns),
         })
     }
 
@@ -344,6 +490,11 @@ impl Source<'_> {
     }
 
     fn teardown(&mut self) {
+        if let Some(mut server) = self.server.take() {
+            if let Err(e) = server.stop() {
+                tracing::debug!("post-copy page server: {e}");
+            }
+        }
         if let Some(mut d) = self.data.take() {
             if let Err(e) = d.close() {
                 tracing::warn!("closing the data path: {e}");
@@ -359,7 +510,7 @@ impl Source<'_> {
 
     /// Cleans up after an error and returns the error to report.
     fn fail(&mut self, e: Error) -> Error {
-        let keep_paused = self.switchover_sent && !matches!(e, Error::PeerAborted(_));
+        let keep_paused = self.guest_moved || (self.switchover_sent && !matches!(e, Error::PeerAborted(_)));
         if !matches!(e, Error::PeerAborted(_)) {
             self.ctl.send_abort(&e.to_string());
         }

@@ -60,6 +60,44 @@ pub struct MigrationReport {
     pub device_state_bytes: u64,
     /// Per round.
     pub per_round: Vec<RoundStats>,
+    /// `precopy`, `postcopy` or `hybrid` (what was asked for).
+    pub mode: String,
+    /// True when the guest switched over in post-copy (always in post-copy mode; in hybrid
+    /// mode when pre-copy did not converge).
+    pub postcopy: bool,
+    /// Pages the destination did not hold at switchover (fetched in post-copy).
+    pub postcopy_pages: u64,
+    /// Guest faults on missing pages the destination served.
+    pub postcopy_faults: u64,
+    /// Missing pages installed by the fault service (the rest were prefetched).
+    pub postcopy_fault_pages: u64,
+    /// From the destination's resume to its last page installed, ms.
+    pub postcopy_ms: f64,
+    /// Fault latency on the destination, from fault read to `UFFDIO_COPY` done.
+    pub fault_latency_us: FaultLatency,
+}
+
+/// Fault latency percentiles, µs.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct FaultLatency {
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// 99.9th percentile.
+    pub p999: f64,
+    /// Maximum.
+    pub max: f64,
+}
+
+impl FaultLatency {
+    /// From p50, p90, p99, p99.9 and max in ns.
+    pub fn from_ns(ns: [u64; 5]) -> FaultLatency {
+        let us = |v: u64| v as f64 / 1e3;
+        FaultLatency { p50: us(ns[0]), p90: us(ns[1]), p99: us(ns[2]), p999: us(ns[3]), max: us(ns[4]) }
+    }
 }
 
 /// The outcome on the destination.
@@ -79,8 +117,18 @@ pub struct DestReport {
     pub digest: String,
     /// CPU time of the migration threads, ms.
     pub cpu_ms: f64,
-    /// From `Switchover` received to the VM resumed, ms.
+    /// From `Switchover` received (post-copy: the post-copy set received) to the VM resumed, ms.
     pub resume_ms: f64,
+    /// `precopy`, `postcopy` or `hybrid`.
+    pub mode: String,
+    /// Pages that were missing at resume (0 without post-copy).
+    pub postcopy_pages: u64,
+    /// Guest faults served.
+    pub postcopy_faults: u64,
+    /// From resume to the last page installed, ms.
+    pub postcopy_ms: f64,
+    /// Fault latency, µs.
+    pub fault_latency_us: FaultLatency,
 }
 
 pub(crate) fn mib_s(bytes: u64, secs: f64) -> f64 {

@@ -8,6 +8,7 @@ mod receiver;
 mod sender;
 mod streams;
 
+pub(crate) use io::{recv_exact, writev_all};
 pub use limiter::RateLimiter;
 pub use receiver::TcpDestPath;
 pub use sender::TcpSourcePath;

@@ -105,6 +105,13 @@ pub enum Command {
     Finish = 14,
     /// Either way: the migration is aborted, with a reason.
     Abort = 15,
+    /// Source → destination: a chunk of the post-copy set (pages the destination does not
+    /// hold validly and must fetch on demand).
+    PostcopyMissing = 16,
+    /// Destination → source: the guest runs here; post-copy has begun.
+    PostcopyResumed = 17,
+    /// Destination → source: every page is here; digest and post-copy figures.
+    PostcopyComplete = 18,
 }
 
 impl Command {
@@ -127,6 +134,9 @@ impl Command {
             13 => Complete,
             14 => Finish,
             15 => Abort,
+            16 => PostcopyMissing,
+            17 => PostcopyResumed,
+            18 => PostcopyComplete,
             _ => return Err(Error::Protocol(format!("unknown command {v}"))),
         })
     }
@@ -148,6 +158,9 @@ impl Command {
             Switchover => size_of::<SwitchoverWire>(),
             Complete => size_of::<CompleteWire>(),
             Abort => MAX_TEXT,
+            PostcopyMissing => size_of::<RoundWire>() + MAX_RANGES_PER_MSG * size_of::<RangeWire>(),
+            PostcopyResumed => size_of::<PostcopyResumedWire>(),
+            PostcopyComplete => size_of::<PostcopyCompleteWire>(),
         }
     }
 }
@@ -176,8 +189,8 @@ pub struct HelloWire {
     pub version: Le16,
     /// A [`TransportKind`] request.
     pub transport: u8,
-    /// Zero.
-    pub reserved0: u8,
+    /// Migration mode: 0 pre-copy (what a zeroed byte means), 1 post-copy, 2 hybrid.
+    pub mode: u8,
     /// [`caps`] bits.
     pub caps: Le32,
     /// TCP data streams the source will open.
@@ -303,7 +316,44 @@ pub struct CompleteWire {
     pub bytes: Le64,
 }
 
+/// `PostcopyMissing` flag: the last chunk of the set.
+pub const POSTCOPY_LAST_CHUNK: u32 = 1;
+
+/// `PostcopyResumed` payload.
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+#[repr(C)]
+pub struct PostcopyResumedWire {
+    /// Destination time from the last `PostcopyMissing` chunk to the guest resumed, µs.
+    pub resume_micros: Le64,
+    /// Pages the destination marked missing.
+    pub missing: Le64,
+}
+
+/// `PostcopyComplete` payload.
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+#[repr(C)]
+pub struct PostcopyCompleteWire {
+    /// The destination's memory digest.
+    pub digest: Le128,
+    /// CPU time of the destination's migration threads, µs.
+    pub cpu_micros: Le64,
+    /// Pages received in all (pre-copy rounds and post-copy).
+    pub pages: Le64,
+    /// Bytes received in all.
+    pub bytes: Le64,
+    /// Fault events served.
+    pub faults: Le64,
+    /// Pages installed by the fault service (the rest were prefetched).
+    pub fault_pages: Le64,
+    /// From resume to the last page installed, µs.
+    pub postcopy_micros: Le64,
+    /// Fault latency percentiles (fault read to `UFFDIO_COPY` done), ns: p50, p90, p99, p99.9, max.
+    pub latency_ns: [Le64; 5],
+}
+
 const _: () = {
+    assert!(size_of::<PostcopyResumedWire>() == 16);
+    assert!(size_of::<PostcopyCompleteWire>() == 104);
     assert!(size_of::<Header>() == 16);
     assert!(size_of::<HelloWire>() == 52);
     assert!(size_of::<HelloAckWire>() == 72);
@@ -323,6 +373,8 @@ pub struct Hello {
     pub version: u16,
     /// Transport request.
     pub transport: TransportKind,
+    /// Migration mode byte (see [`HelloWire::mode`]).
+    pub mode: u8,
     /// Capabilities.
     pub caps: u32,
     /// TCP streams.
@@ -393,6 +445,22 @@ pub struct Complete {
     pub bytes: u64,
 }
 
+/// `PostcopyComplete`, decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PostcopyComplete {
+    /// Digest, CPU, pages and bytes as in a pre-copy `Complete` (`resume_micros` is 0: it
+    /// came in `PostcopyResumed`).
+    pub complete: Complete,
+    /// Fault events served.
+    pub faults: u64,
+    /// Pages installed by the fault service.
+    pub fault_pages: u64,
+    /// From resume to the last page installed, µs.
+    pub postcopy_micros: u64,
+    /// Fault latency p50, p90, p99, p99.9, max, ns.
+    pub latency_ns: [u64; 5],
+}
+
 /// Every control message.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
@@ -436,6 +504,43 @@ pub enum Message {
     Finish,
     /// See [`Command::Abort`].
     Abort(String),
+    /// See [`Command::PostcopyMissing`].
+    PostcopyMissing {
+        /// Chunk number.
+        chunk: u32,
+        /// `POSTCOPY_*` flags.
+        flags: u32,
+        /// Missing page ranges (checked against the region table by the receiver).
+        ranges: Vec<PageRange>,
+    },
+    /// See [`Command::PostcopyResumed`].
+    PostcopyResumed {
+        /// Destination µs from the set received to resumed.
+        resume_micros: u64,
+        /// Pages marked missing.
+        missing: u64,
+    },
+    /// See [`Command::PostcopyComplete`].
+    PostcopyComplete(PostcopyComplete),
+}
+
+/// Encodes a `RoundWire` and its ranges (a `Round` or a `PostcopyMissing` chunk).
+fn encode_ranges(out: &mut Vec<u8>, round: u32, chunk: u32, flags: u32, ranges: &[PageRange]) -> Result<()> {
+    if ranges.len() > MAX_RANGES_PER_MSG {
+        return Err(Error::InvalidConfig(format!("{} ranges in one message", ranges.len())));
+    }
+    out.reserve(size_of::<RoundWire>() + ranges.len() * size_of::<RangeWire>());
+    out.extend_from_slice(bytemuck::bytes_of(&RoundWire {
+        round: round.into(),
+        chunk: chunk.into(),
+        flags: flags.into(),
+        count: (ranges.len() as u32).into(),
+    }));
+    for g in ranges {
+        let npages = u32::try_from(g.npages).map_err(|_| Error::InvalidConfig(format!("range of {} pages is too long", g.npages)))?;
+        out.extend_from_slice(bytemuck::bytes_of(&RangeWire { region: g.region.0.into(), npages: npages.into(), first: g.first.0.into() }));
+    }
+    Ok(())
 }
 
 fn text(s: &str) -> &[u8] {
@@ -466,6 +571,9 @@ impl Message {
             Message::Complete(_) => Command::Complete,
             Message::Finish => Command::Finish,
             Message::Abort(_) => Command::Abort,
+            Message::PostcopyMissing { .. } => Command::PostcopyMissing,
+            Message::PostcopyResumed { .. } => Command::PostcopyResumed,
+            Message::PostcopyComplete(_) => Command::PostcopyComplete,
         }
     }
 
@@ -478,7 +586,7 @@ impl Message {
             Message::Hello(h) => out.extend_from_slice(bytemuck::bytes_of(&HelloWire {
                 version: h.version.into(),
                 transport: h.transport as u8,
-                reserved0: 0,
+                mode: h.mode,
                 caps: h.caps.into(),
                 streams: h.streams.into(),
                 qps: h.qps.into(),
@@ -521,27 +629,22 @@ impl Message {
                 }
                 out.extend_from_slice(b);
             }
-            Message::Round(r) => {
-                if r.ranges.len() > MAX_RANGES_PER_MSG {
-                    return Err(Error::InvalidConfig(format!("{} ranges in one message", r.ranges.len())));
-                }
-                out.reserve(size_of::<RoundWire>() + r.ranges.len() * size_of::<RangeWire>());
-                out.extend_from_slice(bytemuck::bytes_of(&RoundWire {
-                    round: r.round.into(),
-                    chunk: r.chunk.into(),
-                    flags: r.flags.into(),
-                    count: (r.ranges.len() as u32).into(),
-                }));
-                for g in &r.ranges {
-                    let npages = u32::try_from(g.npages)
-                        .map_err(|_| Error::InvalidConfig(format!("range of {} pages is too long", g.npages)))?;
-                    out.extend_from_slice(bytemuck::bytes_of(&RangeWire {
-                        region: g.region.0.into(),
-                        npages: npages.into(),
-                        first: g.first.0.into(),
-                    }));
-                }
-            }
+            Message::Round(r) => encode_ranges(out, r.round, r.chunk, r.flags, &r.ranges)?,
+            Message::PostcopyMissing { chunk, flags, ranges } => encode_ranges(out, 0, *chunk, *flags, ranges)?,
+            Message::PostcopyResumed { resume_micros, missing } => out.extend_from_slice(bytemuck::bytes_of(&PostcopyResumedWire {
+                resume_micros: (*resume_micros).into(),
+                missing: (*missing).into(),
+            })),
+            Message::PostcopyComplete(p) => out.extend_from_slice(bytemuck::bytes_of(&PostcopyCompleteWire {
+                digest: p.complete.digest.into(),
+                cpu_micros: p.complete.cpu_micros.into(),
+                pages: p.complete.pages.into(),
+                bytes: p.complete.bytes.into(),
+                faults: p.faults.into(),
+                fault_pages: p.fault_pages.into(),
+                postcopy_micros: p.postcopy_micros.into(),
+                latency_ns: p.latency_ns.map(Le64::new),
+            })),
             Message::RoundDone(d) => out.extend_from_slice(bytemuck::bytes_of(&RoundDoneWire {
                 round: d.round.into(),
                 reserved: 0.into(),
@@ -643,6 +746,7 @@ impl Message {
                 Message::Hello(Hello {
                     version: w.version.get(),
                     transport: TransportKind::from_u8(w.transport)?,
+                    mode: w.mode,
                     caps: w.caps.get(),
                     streams: w.streams.get(),
                     qps: w.qps.get(),
@@ -680,13 +784,13 @@ impl Message {
             Command::DataSetup => Message::DataSetup(p.to_vec()),
             Command::DataSetupAck => Message::DataSetupAck(p.to_vec()),
             Command::DeviceState => Message::DeviceState(p.to_vec()),
-            Command::Round => {
+            Command::Round | Command::PostcopyMissing => {
                 let (w, rest): (RoundWire, _) = prefix(cmd, p)?;
                 let ranges: Vec<RangeWire> = array(cmd, rest, w.count.get() as usize, MAX_RANGES_PER_MSG)?;
                 let mut out = Vec::with_capacity(ranges.len());
                 for r in ranges {
                     if r.npages.get() == 0 {
-                        return Err(Error::Protocol("Round carries an empty range".into()));
+                        return Err(Error::Protocol(format!("{cmd:?} carries an empty range")));
                     }
                     out.push(PageRange {
                         region: RegionId(r.region.get()),
@@ -694,7 +798,31 @@ impl Message {
                         npages: u64::from(r.npages.get()),
                     });
                 }
-                Message::Round(Round { round: w.round.get(), chunk: w.chunk.get(), flags: w.flags.get(), ranges: out })
+                if cmd == Command::PostcopyMissing {
+                    Message::PostcopyMissing { chunk: w.chunk.get(), flags: w.flags.get(), ranges: out }
+                } else {
+                    Message::Round(Round { round: w.round.get(), chunk: w.chunk.get(), flags: w.flags.get(), ranges: out })
+                }
+            }
+            Command::PostcopyResumed => {
+                let w: PostcopyResumedWire = fixed(cmd, p)?;
+                Message::PostcopyResumed { resume_micros: w.resume_micros.get(), missing: w.missing.get() }
+            }
+            Command::PostcopyComplete => {
+                let w: PostcopyCompleteWire = fixed(cmd, p)?;
+                Message::PostcopyComplete(PostcopyComplete {
+                    complete: Complete {
+                        digest: w.digest.get(),
+                        cpu_micros: w.cpu_micros.get(),
+                        resume_micros: 0,
+                        pages: w.pages.get(),
+                        bytes: w.bytes.get(),
+                    },
+                    faults: w.faults.get(),
+                    fault_pages: w.fault_pages.get(),
+                    postcopy_micros: w.postcopy_micros.get(),
+                    latency_ns: w.latency_ns.map(Le64::get),
+                })
             }
             Command::RoundDone => {
                 let w: RoundDoneWire = fixed(cmd, p)?;

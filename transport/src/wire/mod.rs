@@ -20,6 +20,16 @@
 //!    │ ◄──────────── Complete{digest_d, destination stats} │
 //!    │ Finish ───────────────────────────────────────────► │
 //!    │ Abort{reason} ◄────────── either way, at any time ─► │
+//!
+//!   post-copy / hybrid (mode in Hello; caps::POSTCOPY from both ends; 1 + P post-copy streams
+//!   connect after the data setup, each StreamHello carrying the post-copy token):
+//!    │   … zero (post-copy) or more (hybrid) rounds; pause …
+//!    │ DeviceState{blob} ────────────────────────────────► │
+//!    │ PostcopyMissing{chunk, last, ranges} … ───────────► │   missing marked, guest resumed
+//!    │ ◄──────────────── PostcopyResumed{µs, missing pages} │   faults: PageRequest on stream 0,
+//!    │ Switchover{digest_s} (after re-hashing the set) ──► │   prefetch: PageRequest on 1..=P
+//!    │ ◄── PostcopyComplete{digest_d, faults, latencies} ── │   every page is here
+//!    │ Finish ───────────────────────────────────────────► │
 //! ```
 //!
 //! Framing: a 16-byte [`Header`] (magic `RDMG`, version, command, payload length), then the
@@ -39,4 +49,7 @@ mod stream;
 
 pub use le::{Le128, Le16, Le32, Le64};
 pub use message::*;
-pub use stream::{DataHeader, StreamHello, DATA_END_OF_ROUND, DATA_PAGES, STREAM_MAGIC};
+pub use stream::{
+    DataHeader, PageRequest, StreamHello, DATA_END_OF_ROUND, DATA_PAGES, DATA_POSTCOPY,
+    MAX_REQUEST_PAGES, REQ_END, REQ_PAGES, STREAM_MAGIC,
+};

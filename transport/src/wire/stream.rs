@@ -4,6 +4,10 @@
 //! authenticated handshake (so only the authenticated source can attach streams), then
 //! carries [`DataHeader`]s: `DATA_PAGES` followed by exactly the bytes of its page range,
 //! or `DATA_END_OF_ROUND` with the count of pages this stream carried for the round.
+//!
+//! Post-copy streams (a fault stream and prefetch streams, opened beside the pre-copy ones
+//! with their own token) carry [`PageRequest`]s from the destination, each answered by a
+//! `DATA_POSTCOPY` header and the pages.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -14,6 +18,33 @@ use super::message::MAC_LEN;
 pub const DATA_PAGES: u32 = 1;
 /// This stream has sent all its pages of the round (`npages` = how many in all).
 pub const DATA_END_OF_ROUND: u32 = 2;
+
+/// Post-copy pages follow the header (an answer to a [`PageRequest`]).
+pub const DATA_POSTCOPY: u32 = 3;
+
+/// [`PageRequest`] kind: send these pages.
+pub const REQ_PAGES: u32 = 1;
+/// [`PageRequest`] kind: no more requests on this stream.
+pub const REQ_END: u32 = 2;
+/// Most pages one [`PageRequest`] may ask for.
+pub const MAX_REQUEST_PAGES: u32 = 1024;
+
+/// Destination → source on a post-copy stream: a request for a run of pages, answered by a
+/// [`DataHeader`] of kind [`DATA_POSTCOPY`] and the pages.
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+#[repr(C)]
+pub struct PageRequest {
+    /// `REQ_*`.
+    pub kind: Le32,
+    /// Region index.
+    pub region: Le32,
+    /// Pages requested (1..=[`MAX_REQUEST_PAGES`]).
+    pub npages: Le32,
+    /// Zero.
+    pub reserved: Le32,
+    /// First page relative to the region.
+    pub first: Le64,
+}
 
 /// First message on a data stream.
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
@@ -51,6 +82,7 @@ pub struct DataHeader {
 const _: () = {
     assert!(size_of::<StreamHello>() == 40);
     assert!(size_of::<DataHeader>() == 24);
+    assert!(size_of::<PageRequest>() == 24);
 };
 
 impl DataHeader {

@@ -1,0 +1,310 @@
+//! The destination's post-copy page state: which pages are still missing, which the
+//! prefetcher has asked for, where the guest last faulted, and the installer shared by the
+//! fault service and the prefetcher (`UFFDIO_COPY` from a staging buffer, EEXIST handled by a
+//! wake, the installed page hashed into the digest table from the buffer, never from guest
+//! memory).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::uffd::{CopyOutcome, Uffd};
+use crate::digest::PageHashes;
+use crate::error::{Error, Result};
+use crate::mem::{GuestMemoryMap, PageIndex, RegionId};
+use crate::pages::{PageRange, PageSet};
+
+/// A page numbered across all regions (region 0's pages first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct GlobalPage(pub u64);
+
+struct Picker {
+    requested: Vec<u64>,
+    cursor: u64,
+    seen_fault: u64,
+}
+
+/// Post-copy state of the destination's memory.
+pub struct MissingPages {
+    map: GuestMemoryMap,
+    base: Vec<u64>,
+    total: u64,
+    missing: Vec<AtomicU64>,
+    picker: Mutex<Picker>,
+    last_fault: AtomicU64,
+    remaining: AtomicU64,
+    initial: u64,
+    fault_pages: AtomicU64,
+    stop: AtomicBool,
+    state: Mutex<Option<String>>,
+    cv: Condvar,
+}
+
+impl std::fmt::Debug for MissingPages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MissingPages").field("initial", &self.initial).field("remaining", &self.remaining()).finish()
+    }
+}
+
+impl MissingPages {
+    /// State for `map` with the pages of `set` missing.
+    pub fn new(map: &GuestMemoryMap, set: &PageSet) -> MissingPages {
+        let mut base = Vec::new();
+        let mut total = 0u64;
+        for r in map.regions() {
+            base.push(total);
+            total += r.pages(map.page_size());
+        }
+        let words = total.div_ceil(64) as usize;
+        let missing: Vec<AtomicU64> = (0..words).map(|_| AtomicU64::new(0)).collect();
+        let mut initial = 0;
+        for range in set.ranges(u64::MAX) {
+            let g = base[range.region.0 as usize] + range.first.0;
+            for p in g..g + range.npages {
+                missing[(p / 64) as usize].fetch_or(1 << (p % 64), Ordering::Relaxed);
+            }
+            initial += range.npages;
+        }
+        MissingPages {
+            map: map.clone(),
+            base,
+            total,
+            missing,
+            picker: Mutex::new(Picker { requested: vec![0; words], cursor: 0, seen_fault: u64::MAX }),
+            last_fault: AtomicU64::new(u64::MAX),
+            remaining: AtomicU64::new(initial),
+            initial,
+            fault_pages: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            state: Mutex::new(None),
+            cv: Condvar::new(),
+        }
+    }
+
+    /// Pages still missing.
+    pub fn remaining(&self) -> u64 {
+        self.remaining.load(Ordering::Acquire)
+    }
+
+    /// Pages missing at the start.
+    pub fn initial(&self) -> u64 {
+        self.initial
+    }
+
+    /// Pages of the guest.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// Missing pages the fault service installed.
+    pub fn fault_pages(&self) -> u64 {
+        self.fault_pages.load(Ordering::Relaxed)
+    }
+
+    /// True once the service threads should stop.
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// Asks the service threads to stop.
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        self.cv.notify_all();
+    }
+
+    /// Records the first failure of a service thread and wakes the waiter.
+    pub fn fail(&self, why: String) {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.get_or_insert(why);
+        self.cv.notify_all();
+    }
+
+    /// Waits until every page is installed (Ok) or a service thread failed (the reason).
+    pub fn wait(&self, timeout: Duration) -> std::result::Result<(), String> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(why) = s.as_ref() {
+                return Err(why.clone());
+            }
+            if self.remaining() == 0 {
+                return Ok(());
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return Err(format!("no progress for {timeout:?}"));
+            }
+            s = self.cv.wait_timeout(s, (deadline - now).min(Duration::from_millis(50))).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+
+    /// Bytes per page.
+    pub fn page_bytes(&self) -> usize {
+        self.map.page_size().bytes() as usize
+    }
+
+    /// Host pointer and length of a range (checked against the region table).
+    pub fn span(&self, r: &PageRange) -> Result<(*mut u8, usize)> {
+        self.map.span(r.region, r.first, r.npages)
+    }
+
+    /// The global page and its region and page of a faulting host address.
+    pub fn locate(&self, addr: u64) -> Option<(RegionId, PageIndex)> {
+        let shift = self.map.page_size().shift();
+        self.map.regions().iter().enumerate().find_map(|(i, r)| {
+            let start = r.host_ptr() as u64;
+            (addr >= start && addr < start + r.len()).then(|| (RegionId(i as u32), PageIndex((addr - start) >> shift)))
+        })
+    }
+
+    fn global(&self, region: RegionId, page: PageIndex) -> u64 {
+        self.base[region.0 as usize] + page.0
+    }
+
+    fn is_missing(&self, g: u64) -> bool {
+        self.missing[(g / 64) as usize].load(Ordering::Acquire) & (1 << (g % 64)) != 0
+    }
+
+    /// True if the page is still missing.
+    pub fn page_missing(&self, region: RegionId, page: PageIndex) -> bool {
+        self.is_missing(self.global(region, page))
+    }
+
+    /// Notes a guest fault on a page, steering the prefetcher next to it.
+    pub fn note_fault(&self, region: RegionId, page: PageIndex) {
+        self.last_fault.store(self.global(region, page), Ordering::Relaxed);
+    }
+
+    /// The next run of at most `max` missing pages nobody asked for yet, from the page after
+    /// the latest fault onwards (wrapping round), marked as requested. `None` when every
+    /// missing page has been asked for.
+    pub fn pick(&self, max: u64) -> Option<PageRange> {
+        let mut p = self.picker.lock().unwrap_or_else(|p| p.into_inner());
+        let fault = self.last_fault.load(Ordering::Relaxed);
+        if fault != p.seen_fault && fault != u64::MAX {
+            p.seen_fault = fault;
+            p.cursor = fault;
+        }
+        self.pick_locked(p, max)
+    }
+
+    fn pick_locked(&self, mut p: std::sync::MutexGuard<'_, Picker>, max: u64) -> Option<PageRange> {
+        let words = self.missing.len() as u64;
+        let start_word = p.cursor / 64;
+        for step in 0..=words {
+            let w = (start_word + step) % words;
+            let mut cand = self.missing[w as usize].load(Ordering::Acquire) & !p.requested[w as usize];
+            if step == 0 {
+                cand &= !0u64 << (p.cursor % 64);
+            }
+            if cand == 0 {
+                continue;
+            }
+            let first = w * 64 + u64::from(cand.trailing_zeros());
+            let region = self.base.partition_point(|&b| b <= first) - 1;
+            let region_end = self.base.get(region + 1).copied().unwrap_or(self.total);
+            let mut end = first;
+            while end < region_end && end - first < max && self.is_missing(end) && p.requested[(end / 64) as usize] & (1 << (end % 64)) == 0 {
+                p.requested[(end / 64) as usize] |= 1 << (end % 64);
+                end += 1;
+            }
+            if end == first {
+                // Installed by a fault since the bitmap was read: nothing to ask for here.
+                p.requested[(first / 64) as usize] |= 1 << (first % 64);
+                return self.pick_locked(p, max);
+            }
+            p.cursor = end;
+            return Some(PageRange { region: RegionId(region as u32), first: PageIndex(first - self.base[region]), npages: end - first });
+        }
+        None
+    }
+
+    /// Installs the pages of `range` from `buf` (their bytes, in order) with `UFFDIO_COPY`,
+    /// waking instead where a page is already present, and hashes each page it installed.
+    /// Returns the pages this call installed that were missing.
+    pub fn install(&self, uffd: &Uffd, hashes: &PageHashes, range: PageRange, buf: &[u8], by_fault: bool) -> Result<u64> {
+        let (dst, len) = self.map.span(range.region, range.first, range.npages)?;
+        let page = self.map.page_size().bytes() as usize;
+        if buf.len() < len {
+            return Err(Error::InvalidConfig(format!("staging buffer of {} bytes for {len} bytes of pages", buf.len())));
+        }
+        let mut installed = 0;
+        let mut off = 0usize;
+        while off < len {
+            // SAFETY: dst+off..dst+len lies in the span checked above, which is registered with
+            // `uffd` for the whole post-copy; buf holds at least len bytes.
+            let outcome = unsafe { uffd.copy(dst.add(off), buf.as_ptr().add(off), len - off) }?;
+            let (done, skip) = match outcome {
+                CopyOutcome::Done => (len - off, 0),
+                CopyOutcome::Partial(n) => (n.min(len - off) / page * page, 0),
+                CopyOutcome::Exists => (0, page),
+            };
+            for i in (off / page)..((off + done) / page) {
+                installed += self.mark_installed(hashes, range.region, PageIndex(range.first.0 + i as u64), &buf[i * page..(i + 1) * page]);
+            }
+            if skip > 0 {
+                // SAFETY: as above; the page lies inside the checked span.
+                uffd.wake(unsafe { dst.add(off) }, page)?;
+            }
+            off += done + skip;
+            if done == 0 && skip == 0 {
+                // A partial copy of less than a page: retry the rest from this page on.
+                continue;
+            }
+        }
+        if by_fault {
+            self.fault_pages.fetch_add(installed, Ordering::Relaxed);
+        }
+        if installed > 0 && self.remaining() == 0 {
+            let _g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            self.cv.notify_all();
+        }
+        Ok(installed)
+    }
+
+    fn mark_installed(&self, hashes: &PageHashes, region: RegionId, page: PageIndex, bytes: &[u8]) -> u64 {
+        hashes.set(region, page, xxh3_64(bytes));
+        let g = self.global(region, page);
+        let bit = 1u64 << (g % 64);
+        if self.missing[(g / 64) as usize].fetch_and(!bit, Ordering::AcqRel) & bit != 0 {
+            self.remaining.fetch_sub(1, Ordering::AcqRel);
+            1
+        } else {
+            0
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mem::{GuestAddress, GuestRegion, PageSize};
+
+    #[test]
+    fn pick_starts_after_the_latest_fault_and_covers_everything_once() {
+        let mut mem = vec![0u8; 4096 * 300];
+        // SAFETY: the vector outlives the map in this test.
+        let regions = unsafe {
+            vec![
+                GuestRegion::new(GuestAddress(0), mem.as_mut_ptr(), 4096 * 100),
+                GuestRegion::new(GuestAddress(1 << 30), mem.as_mut_ptr().add(4096 * 100), 4096 * 200),
+            ]
+        };
+        let map = GuestMemoryMap::new(regions, PageSize::KIB4).unwrap();
+        let mut set = PageSet::empty(&map);
+        set.fill();
+        let m = MissingPages::new(&map, &set);
+        assert_eq!(m.initial(), 300);
+        m.note_fault(RegionId(1), PageIndex(50));
+        let r = m.pick(16).unwrap();
+        assert_eq!(r, PageRange { region: RegionId(1), first: PageIndex(50), npages: 16 });
+        let mut n = r.npages;
+        while let Some(r) = m.pick(64) {
+            assert!(r.npages <= 64);
+            n += r.npages;
+        }
+        assert_eq!(n, 300, "every page picked exactly once, never across a region end");
+    }
+}

@@ -1,0 +1,44 @@
+//! Post-copy: the guest runs on the destination before all of its memory has arrived.
+//!
+//! At switchover the source pauses and sends its device state and the post-copy set (pages
+//! the destination does not hold validly). The destination drops the stale ones
+//! (`MADV_DONTNEED`), registers guest memory with userfaultfd ([`uffd`]) in MISSING mode and
+//! resumes the guest at once, so the downtime does not depend on how much memory is left.
+//!
+//! - [`fault`]: a thread reads fault events in batches, coalesces faults on one page, fetches
+//!   the pages through a [`PageFetcher`] of its own (TCP: a dedicated page-request stream, so
+//!   a fault never waits behind bulk data) and installs them with `UFFDIO_COPY`.
+//! - [`prefetch`]: threads pull every remaining page over the bulk post-copy streams, nearest
+//!   to the latest fault first, so the migration ends in bounded time.
+//! - [`missing`]: the shared page state and the installer (EEXIST is a wake: someone else
+//!   installed the page first). Installed pages are hashed from the staging buffer into the
+//!   digest table, compared with the source's at the end as in pre-copy.
+//! - [`serve`]: the source's page server, answering requests from paused guest memory.
+//! - [`service`]: the destination's service as one object with an ordered teardown.
+//!
+//! [`PageFetcher`] is the seam for other transports: an RDMA fetcher implements it with one
+//! READ per fault into a staging page (then `UFFDIO_COPY`), or zero-copy into a second memfd
+//! mapping followed by `UFFDIO_CONTINUE`.
+
+pub mod fault;
+pub mod fetch;
+pub mod missing;
+pub mod prefetch;
+pub mod serve;
+pub mod service;
+pub mod uffd;
+
+pub use fetch::{PageFetcher, TcpPageFetcher};
+pub use missing::MissingPages;
+pub use serve::PageServer;
+pub use service::{drop_pages, Fetchers, PostcopyService, PostcopyStats};
+pub use uffd::Uffd;
+
+/// Most prefetch streams (beyond the fault stream).
+pub const MAX_PREFETCH_STREAMS: u16 = 4;
+
+/// Post-copy streams both ends open for a session with `streams` pre-copy streams: the fault
+/// stream plus one prefetch stream per data stream, at most [`MAX_PREFETCH_STREAMS`].
+pub fn stream_count(streams: u16) -> u16 {
+    1 + streams.clamp(1, MAX_PREFETCH_STREAMS)
+}

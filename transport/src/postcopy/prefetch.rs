@@ -1,0 +1,50 @@
+//! The destination's prefetcher: pulls every page still missing over a bulk post-copy
+//! fetcher, in chunks picked from the latest fault onwards (so the pages next to what the
+//! guest touches arrive first), several chunks in flight, each installed with `UFFDIO_COPY`
+//! (EEXIST means a fault got there first: its waiters are woken and it is skipped).
+
+use std::collections::VecDeque;
+
+use super::fetch::PageFetcher;
+use super::missing::MissingPages;
+use super::uffd::Uffd;
+use crate::digest::PageHashes;
+use crate::error::Result;
+
+/// Chunks in flight per prefetch stream.
+pub const DEPTH: usize = 3;
+
+/// Pages per prefetch chunk for a page size: 256 KiB worth, at least one page.
+pub fn chunk_pages(page_bytes: u64) -> u64 {
+    ((256u64 << 10) / page_bytes).max(1)
+}
+
+/// Prefetches until no missing page is left unrequested (or `pages` says stop). Returns the
+/// pages this prefetcher installed.
+pub fn prefetch_loop(uffd: &Uffd, pages: &MissingPages, hashes: &PageHashes, fetcher: &mut dyn PageFetcher) -> Result<u64> {
+    let page = pages.page_bytes();
+    let chunk = chunk_pages(page as u64);
+    let slot = chunk as usize * page;
+    let mut buf = vec![0u8; slot * DEPTH];
+    let base = buf.as_mut_ptr();
+    let mut free: VecDeque<usize> = (0..DEPTH).collect();
+    let mut inflight: VecDeque<usize> = VecDeque::new();
+    let mut installed = 0;
+    loop {
+        while !pages.stopping() && !free.is_empty() {
+            let Some(r) = pages.pick(chunk) else { break };
+            let s = free.pop_front().expect("checked non-empty");
+            // SAFETY: slot s of `buf` is free (not in flight) and stays ours until completed.
+            unsafe { fetcher.start(r, base.add(s * slot))? };
+            inflight.push_back(s);
+        }
+        let Some(s) = inflight.pop_front() else { break };
+        let r = fetcher.complete()?;
+        // SAFETY: slot s was filled by the completed fetch; no fetch writes it until it is
+        // handed out again below.
+        let bytes = unsafe { std::slice::from_raw_parts(base.add(s * slot), slot) };
+        installed += pages.install(uffd, hashes, r, bytes, false)?;
+        free.push_back(s);
+    }
+    Ok(installed)
+}

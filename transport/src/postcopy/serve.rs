@@ -1,0 +1,119 @@
+//! The source's post-copy page server: one thread per post-copy stream reads
+//! [`PageRequest`]s and answers each with a header and the pages, written straight from the
+//! (paused, so stable) source guest memory with `writev`.
+
+use std::io::Read;
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crate::cpu::{CpuMeter, ThreadCpu};
+use crate::error::{Error, Result};
+use crate::mem::{GuestMemoryMap, PageIndex, RegionId};
+use crate::tcp::writev_all;
+use crate::wire::{DataHeader, PageRequest, DATA_POSTCOPY, MAX_REQUEST_PAGES, REQ_END, REQ_PAGES};
+
+/// Serves page requests until the destination ends every stream.
+pub struct PageServer {
+    streams: Vec<TcpStream>,
+    handles: Vec<JoinHandle<()>>,
+    failure: Arc<Mutex<Option<Error>>>,
+    pages: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for PageServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PageServer").field("streams", &self.streams.len()).field("pages", &self.pages_served()).finish()
+    }
+}
+
+impl PageServer {
+    /// Starts one server thread per stream (stream 0 is the fault stream).
+    pub fn start(map: GuestMemoryMap, streams: Vec<TcpStream>, cpu: Arc<CpuMeter>) -> Result<PageServer> {
+        let failure = Arc::new(Mutex::new(None));
+        let pages = Arc::new(AtomicU64::new(0));
+        let mut handles = Vec::new();
+        let mut kept = Vec::new();
+        for (i, s) in streams.into_iter().enumerate() {
+            s.set_nodelay(true).map_err(|e| Error::io("TCP_NODELAY on a post-copy stream", e, "post-copy stream"))?;
+            kept.push(s.try_clone().map_err(|e| Error::io("cloning a post-copy stream", e, "post-copy stream"))?);
+            let (map, failure, pages, cpu) = (map.clone(), failure.clone(), pages.clone(), cpu.clone());
+            let h = std::thread::Builder::new()
+                .name(format!("rdmig-pcserve-{i}"))
+                .spawn(move || {
+                    let _cpu = ThreadCpu::start(&cpu);
+                    if let Err(e) = serve(i, s, &map, &pages) {
+                        failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                    }
+                })
+                .map_err(|e| Error::io("spawning a page server thread", e, "post-copy stream"))?;
+            handles.push(h);
+        }
+        Ok(PageServer { streams: kept, handles, failure, pages })
+    }
+
+    /// Pages sent so far.
+    pub fn pages_served(&self) -> u64 {
+        self.pages.load(Ordering::Relaxed)
+    }
+
+    /// Stops serving: closes the streams and joins the threads; returns the first failure.
+    pub fn stop(&mut self) -> Result<()> {
+        for s in &self.streams {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        for h in self.handles.drain(..) {
+            if h.join().is_err() {
+                tracing::warn!("a post-copy page server thread panicked");
+            }
+        }
+        match self.failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for PageServer {
+    fn drop(&mut self) {
+        if let Err(e) = self.stop() {
+            tracing::debug!("post-copy page server: {e}");
+        }
+    }
+}
+
+fn serve(i: usize, mut s: TcpStream, map: &GuestMemoryMap, served: &AtomicU64) -> Result<()> {
+    loop {
+        let mut b = [0u8; size_of::<PageRequest>()];
+        match s.read_exact(&mut b) {
+            Ok(()) => {}
+            // The destination closing the stream ends the service, as REQ_END does.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(Error::io(format!("reading a page request on post-copy stream {i}"), e, "post-copy stream")),
+        }
+        let req: PageRequest = bytemuck::pod_read_unaligned(&b);
+        match req.kind.get() {
+            REQ_END => return Ok(()),
+            REQ_PAGES => {}
+            k => return Err(Error::Protocol(format!("post-copy stream {i}: unknown request kind {k}"))),
+        }
+        let npages = req.npages.get();
+        if npages == 0 || npages > MAX_REQUEST_PAGES {
+            return Err(Error::Protocol(format!("post-copy stream {i}: a request for {npages} pages (1..={MAX_REQUEST_PAGES})")));
+        }
+        let (region, first) = (RegionId(req.region.get()), PageIndex(req.first.get()));
+        let (ptr, len) = map.span(region, first, u64::from(npages))?;
+        let h = DataHeader { kind: DATA_POSTCOPY.into(), round: 0.into(), region: region.0.into(), npages: npages.into(), first: first.0.into() };
+        let mut iov = [
+            libc::iovec { iov_base: (&h as *const DataHeader).cast_mut().cast(), iov_len: size_of::<DataHeader>() },
+            libc::iovec { iov_base: ptr.cast(), iov_len: len },
+        ];
+        // SAFETY: the header lives on our stack for the call; ptr..ptr+len was checked against
+        // the region table by `span` and stays mapped for the session.
+        unsafe { writev_all(s.as_raw_fd(), &mut iov) }
+            .map_err(|e| Error::io(format!("answering a page request on post-copy stream {i}"), e, "post-copy stream"))?;
+        served.fetch_add(u64::from(npages), Ordering::Relaxed);
+    }
+}

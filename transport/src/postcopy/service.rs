@@ -1,0 +1,241 @@
+//! The destination's post-copy service as one object: marks the post-copy set missing,
+//! registers guest memory with userfaultfd, runs the fault thread and the prefetchers, waits
+//! for the last page, and tears down in order (threads stopped, memory unregistered, the
+//! descriptor closed last, which releases any thread still blocked on a missing page).
+
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::fault::{fault_loop, FaultStats};
+use super::fetch::PageFetcher;
+use super::missing::MissingPages;
+use super::prefetch::prefetch_loop;
+use super::uffd::Uffd;
+use crate::cpu::{CpuMeter, ThreadCpu};
+use crate::digest::PageHashes;
+use crate::error::{Error, Result};
+use crate::mem::GuestMemoryMap;
+use crate::pages::PageSet;
+
+/// What post-copy measured on the destination.
+#[derive(Clone, Debug, Default)]
+pub struct PostcopyStats {
+    /// Pages that were missing at resume.
+    pub missing: u64,
+    /// Fault events served.
+    pub faults: u64,
+    /// Missing pages installed by the fault service.
+    pub fault_pages: u64,
+    /// Missing pages installed by the prefetchers.
+    pub prefetched_pages: u64,
+    /// From resume to the last page installed.
+    pub duration: Duration,
+    /// Fault latency p50, p90, p99, p99.9, max, ns.
+    pub latency_ns: [u64; 5],
+}
+
+/// Drops every page of `set` from `map` (`MADV_DONTNEED`) so that the next access faults.
+pub fn drop_pages(map: &GuestMemoryMap, set: &PageSet) -> Result<()> {
+    for r in set.ranges(u64::MAX) {
+        let (ptr, len) = map.span(r.region, r.first, r.npages)?;
+        // SAFETY: the span lies in guest memory (checked); dropping private anonymous pages
+        // only makes them read back as missing (userfaultfd) or zero, which is the intent.
+        if unsafe { libc::madvise(ptr.cast(), len, libc::MADV_DONTNEED) } != 0 {
+            return Err(Error::os("madvise(MADV_DONTNEED) of stale guest pages"));
+        }
+    }
+    Ok(())
+}
+
+/// Where the service fetches pages from.
+pub struct Fetchers {
+    /// The fault service's fetcher (its own stream on TCP).
+    pub fault: Box<dyn PageFetcher>,
+    /// One per prefetch thread.
+    pub prefetch: Vec<Box<dyn PageFetcher>>,
+    /// Shut down to unblock the threads when stopping after a failure.
+    pub streams: Vec<TcpStream>,
+}
+
+/// The running post-copy service.
+pub struct PostcopyService {
+    uffd: Arc<Uffd>,
+    pages: Arc<MissingPages>,
+    map: GuestMemoryMap,
+    registered: bool,
+    streams: Vec<TcpStream>,
+    fault: Option<JoinHandle<FaultStats>>,
+    prefetch: Vec<JoinHandle<u64>>,
+    started: Instant,
+    finished: Option<Duration>,
+}
+
+impl std::fmt::Debug for PostcopyService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostcopyService").field("pages", &self.pages).finish()
+    }
+}
+
+impl PostcopyService {
+    /// Marks `missing` missing (dropping those pages first when `drop_stale`, i.e. when they
+    /// were received in earlier rounds), registers every region with userfaultfd and starts
+    /// the fault thread and one prefetcher per prefetch fetcher. Call before the guest resumes.
+    pub fn start(
+        map: &GuestMemoryMap,
+        missing: &PageSet,
+        drop_stale: bool,
+        fetchers: Fetchers,
+        hashes: Arc<PageHashes>,
+        cpu: Arc<CpuMeter>,
+    ) -> Result<PostcopyService> {
+        let Fetchers { mut fault, prefetch, streams } = fetchers;
+        let page = map.page_size().bytes();
+        if let Some(r) = map.regions().iter().find(|r| r.len() % page != 0 || r.host_ptr() as u64 % 4096 != 0) {
+            return Err(Error::PostcopyUnavailable(format!("region at {:#x} is not page-aligned for userfaultfd", r.gpa().0)));
+        }
+        if drop_stale {
+            drop_pages(map, missing)?;
+        }
+        let uffd = Arc::new(Uffd::open()?);
+        let pages = Arc::new(MissingPages::new(map, missing));
+        let mut svc = PostcopyService {
+            uffd: uffd.clone(),
+            pages: pages.clone(),
+            map: map.clone(),
+            registered: false,
+            streams,
+            fault: None,
+            prefetch: Vec::new(),
+            started: Instant::now(),
+            finished: None,
+        };
+        for r in map.regions() {
+            // SAFETY: the region is guest memory the VMM vouched for (mapped while the session
+            // runs); the service unregisters it before the session ends.
+            unsafe { uffd.register(r.host_ptr(), r.len() as usize)? };
+            svc.registered = true;
+        }
+        let (u, p, h, c) = (uffd.clone(), pages.clone(), hashes.clone(), cpu.clone());
+        svc.fault = Some(
+            std::thread::Builder::new()
+                .name("rdmig-pcfault".into())
+                .spawn(move || {
+                    let _cpu = ThreadCpu::start(&c);
+                    let mut stats = FaultStats::new();
+                    if let Err(e) = fault_loop(&u, &p, &h, fault.as_mut(), &mut stats) {
+                        p.fail(format!("fault service: {e}"));
+                    }
+                    fault.close();
+                    stats
+                })
+                .map_err(|e| Error::io("spawning the fault thread", e, "post-copy stream"))?,
+        );
+        for (i, mut f) in prefetch.into_iter().enumerate() {
+            let (u, p, h, c) = (uffd.clone(), pages.clone(), hashes.clone(), cpu.clone());
+            svc.prefetch.push(
+                std::thread::Builder::new()
+                    .name(format!("rdmig-prefetch-{i}"))
+                    .spawn(move || {
+                        let _cpu = ThreadCpu::start(&c);
+                        let n = prefetch_loop(&u, &p, &h, f.as_mut()).unwrap_or_else(|e| {
+                            p.fail(format!("prefetcher {i}: {e}"));
+                            0
+                        });
+                        f.close();
+                        n
+                    })
+                    .map_err(|e| Error::io("spawning a prefetch thread", e, "post-copy stream"))?,
+            );
+        }
+        svc.started = Instant::now();
+        Ok(svc)
+    }
+
+    /// Restarts the post-copy clock (call at resume).
+    pub fn mark_resumed(&mut self) {
+        self.started = Instant::now();
+    }
+
+    /// Pages still missing.
+    pub fn remaining(&self) -> u64 {
+        self.pages.remaining()
+    }
+
+    /// Pages of the guest.
+    pub fn total(&self) -> u64 {
+        self.pages.total()
+    }
+
+    /// Waits for the last page, or fails with why the service stopped.
+    pub fn wait(&mut self, stall_timeout: Duration) -> std::result::Result<(), String> {
+        self.pages.wait(stall_timeout)?;
+        self.finished.get_or_insert_with(|| self.started.elapsed());
+        Ok(())
+    }
+
+    fn stop_threads(&mut self) -> (FaultStats, u64) {
+        self.pages.request_stop();
+        let mut prefetched = 0;
+        for h in self.prefetch.drain(..) {
+            match h.join() {
+                Ok(n) => prefetched += n,
+                Err(_) => tracing::warn!("a prefetch thread panicked"),
+            }
+        }
+        let stats = self.fault.take().map(|h| {
+            h.join().unwrap_or_else(|_| {
+                tracing::warn!("the fault thread panicked");
+                FaultStats::new()
+            })
+        });
+        (stats.unwrap_or_default(), prefetched)
+    }
+
+    /// Stops the threads after the last page arrived, unregisters memory and returns the figures.
+    pub fn finish(mut self) -> Result<PostcopyStats> {
+        let (stats, prefetched) = self.stop_threads();
+        self.unregister()?;
+        Ok(PostcopyStats {
+            missing: self.pages.initial(),
+            faults: stats.faults,
+            fault_pages: self.pages.fault_pages(),
+            prefetched_pages: prefetched,
+            duration: self.finished.unwrap_or_else(|| self.started.elapsed()),
+            latency_ns: stats.percentiles_ns(),
+        })
+    }
+
+    /// Stops the threads after a failure (the streams are shut down to unblock them) and
+    /// keeps memory registered, so missing pages stay missing until the service is dropped.
+    /// Returns the pages still missing.
+    pub fn interrupt(&mut self) -> u64 {
+        for s in &self.streams {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        self.stop_threads();
+        self.pages.remaining()
+    }
+
+    fn unregister(&mut self) -> Result<()> {
+        if !std::mem::take(&mut self.registered) {
+            return Ok(());
+        }
+        for r in self.map.regions() {
+            self.uffd.unregister(r.host_ptr(), r.len() as usize)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PostcopyService {
+    fn drop(&mut self) {
+        if self.fault.is_some() || !self.prefetch.is_empty() {
+            self.interrupt();
+        }
+        if let Err(e) = self.unregister() {
+            tracing::warn!("unregistering guest memory from userfaultfd: {e}");
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! A userfaultfd in MISSING mode over raw ioctls: open (syscall, or `/dev/userfaultfd`),
+//! the API handshake with a check of what the kernel supports, register/unregister, batched
+//! event reads, `UFFDIO_COPY` with typed partial progress, and `UFFDIO_WAKE`.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+const UFFD_API: u64 = 0xAA;
+const UFFDIO_API: libc::c_ulong = 0xC018_AA3F;
+const UFFDIO_REGISTER: libc::c_ulong = 0xC020_AA00;
+const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_AA01;
+const UFFDIO_WAKE: libc::c_ulong = 0x8010_AA02;
+const UFFDIO_COPY: libc::c_ulong = 0xC028_AA03;
+const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xAA00;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+/// Ioctl bits (`1 << _UFFDIO_*`) a registered range must support.
+const NEED_RANGE_IOCTLS: [(u64, &str); 2] = [(1 << 2, "UFFDIO_WAKE"), (1 << 3, "UFFDIO_COPY")];
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioRange {
+    start: u64,
+    len: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioRegister {
+    range: UffdioRange,
+    mode: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+/// One `struct uffd_msg` (32 bytes) as read from the descriptor.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct UffdMsg {
+    event: u8,
+    reserved1: u8,
+    reserved2: u16,
+    reserved3: u32,
+    flags: u64,
+    address: u64,
+    feat: u64,
+}
+
+const _: () = {
+    assert!(size_of::<UffdioApi>() == 24);
+    assert!(size_of::<UffdioRegister>() == 32);
+    assert!(size_of::<UffdioCopy>() == 40);
+    assert!(size_of::<UffdMsg>() == 32);
+};
+
+/// Outcome of one `UFFDIO_COPY`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopyOutcome {
+    /// Every byte was installed.
+    Done,
+    /// The first `n` bytes were installed; the page after them needs another look.
+    Partial(usize),
+    /// The first page is already present (another thread installed it): wake its waiters.
+    Exists,
+}
+
+/// A userfaultfd descriptor.
+#[derive(Debug)]
+pub struct Uffd {
+    fd: OwnedFd,
+    features: u64,
+}
+
+fn open_fd() -> Result<OwnedFd> {
+    // SAFETY: the userfaultfd syscall takes flags only; the result is checked.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    if fd >= 0 {
+        // SAFETY: a fresh descriptor owned by nobody else.
+        return Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
+    }
+    let sys_err = std::io::Error::last_os_error();
+    let dev = std::fs::OpenOptions::new().read(true).write(true).open("/dev/userfaultfd").map_err(|e| {
+        Error::PostcopyUnavailable(format!(
+            "userfaultfd(2) failed ({sys_err}) and /dev/userfaultfd cannot be opened ({e}); \
+             run as root, or set vm.unprivileged_userfaultfd=1, or give access to /dev/userfaultfd"
+        ))
+    })?;
+    // SAFETY: USERFAULTFD_IOC_NEW takes the flags as its argument; the result is checked.
+    let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    if fd < 0 {
+        return Err(Error::PostcopyUnavailable(format!("USERFAULTFD_IOC_NEW on /dev/userfaultfd: {}", std::io::Error::last_os_error())));
+    }
+    // SAFETY: a fresh descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+impl Uffd {
+    /// Opens a userfaultfd and completes the API handshake, failing with what is missing.
+    pub fn open() -> Result<Uffd> {
+        let fd = open_fd()?;
+        let mut api = UffdioApi { api: UFFD_API, features: 0, ioctls: 0 };
+        // SAFETY: UFFDIO_API reads and writes a uffdio_api we own.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api) } != 0 {
+            return Err(Error::PostcopyUnavailable(format!("UFFDIO_API handshake: {}", std::io::Error::last_os_error())));
+        }
+        let need = (1u64 << 0x3F) | (1 << 0) | (1 << 1); // UFFDIO_API, REGISTER, UNREGISTER
+        if api.ioctls & need != need {
+            return Err(Error::PostcopyUnavailable(format!("the kernel's userfaultfd lacks register/unregister (ioctls {:#x})", api.ioctls)));
+        }
+        Ok(Uffd { fd, features: api.features })
+    }
+
+    /// Checks that userfaultfd is usable here (open + handshake + a test registration).
+    pub fn probe() -> Result<()> {
+        let u = Uffd::open()?;
+        let page = 4096usize;
+        // SAFETY: a fresh private anonymous mapping, unmapped below.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), page, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+        if p == libc::MAP_FAILED {
+            return Err(Error::os("mmap(userfaultfd probe)"));
+        }
+        // SAFETY: the range is our own mapping of one page.
+        let r = unsafe { u.register(p.cast(), page) };
+        // SAFETY: unmapping the page mapped above; nothing else refers to it.
+        unsafe { libc::munmap(p, page) };
+        r
+    }
+
+    /// Features the kernel reported in the handshake.
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    /// Registers `len` bytes at `start` in MISSING mode, checking COPY and WAKE are supported.
+    ///
+    /// # Safety
+    /// `start..start+len` must be a page-aligned range of this process's anonymous private
+    /// mappings that stays mapped while registered; accesses to its missing pages block until
+    /// this descriptor resolves them (or is closed).
+    pub unsafe fn register(&self, start: *mut u8, len: usize) -> Result<()> {
+        let mut reg = UffdioRegister { range: UffdioRange { start: start as u64, len: len as u64 }, mode: UFFDIO_REGISTER_MODE_MISSING, ioctls: 0 };
+        // SAFETY: UFFDIO_REGISTER reads and writes a uffdio_register we own; the caller vouches
+        // for the range.
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) } != 0 {
+            return Err(Error::PostcopyUnavailable(format!(
+                "UFFDIO_REGISTER (missing mode) of {len} bytes at {start:p}: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        let missing: Vec<&str> = NEED_RANGE_IOCTLS.iter().filter(|(b, _)| reg.ioctls & b == 0).map(|(_, n)| *n).collect();
+        if !missing.is_empty() {
+            return Err(Error::PostcopyUnavailable(format!("registered range does not support {}", missing.join(", "))));
+        }
+        Ok(())
+    }
+
+    /// Unregisters a range registered before.
+    pub fn unregister(&self, start: *mut u8, len: usize) -> Result<()> {
+        let mut r = UffdioRange { start: start as u64, len: len as u64 };
+        // SAFETY: UFFDIO_UNREGISTER reads a uffdio_range we own; unregistering only makes the
+        // range fault normally again.
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_UNREGISTER, &mut r) } != 0 {
+            return Err(Error::os("UFFDIO_UNREGISTER"));
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for fault events and appends the faulting addresses (at most
+    /// `max`) to `out`. Returns how many were read.
+    pub fn read_faults(&self, out: &mut Vec<u64>, max: usize, timeout: Duration) -> Result<usize> {
+        let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        // SAFETY: polling one pollfd we own.
+        let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis().min(i32::MAX as u128) as libc::c_int) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                return Ok(0);
+            }
+            return Err(Error::Os { op: "poll(userfaultfd)", source: e });
+        }
+        if n == 0 {
+            return Ok(0);
+        }
+        let mut msgs = [UffdMsg::default(); 64];
+        let want = max.clamp(1, msgs.len());
+        // SAFETY: reading whole uffd_msg records into our own buffer of `want` records.
+        let got = unsafe { libc::read(self.fd.as_raw_fd(), msgs.as_mut_ptr().cast(), want * size_of::<UffdMsg>()) };
+        if got < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::Interrupted {
+                return Ok(0);
+            }
+            return Err(Error::Os { op: "read(userfaultfd)", source: e });
+        }
+        let mut count = 0;
+        for m in &msgs[..got as usize / size_of::<UffdMsg>()] {
+            if m.event == UFFD_EVENT_PAGEFAULT {
+                out.push(m.address);
+                count += 1;
+            }
+        }
+        Ok(count)
+    }
+
+    /// Installs `len` bytes from `src` at `dst` (page-aligned) and wakes the waiters.
+    ///
+    /// # Safety
+    /// `dst..dst+len` must lie in a range registered with this descriptor; `src` must be
+    /// readable for `len` bytes.
+    pub unsafe fn copy(&self, dst: *mut u8, src: *const u8, len: usize) -> Result<CopyOutcome> {
+        loop {
+            let mut c = UffdioCopy { dst: dst as u64, src: src as u64, len: len as u64, mode: 0, copy: 0 };
+            // SAFETY: UFFDIO_COPY reads `src` and fills `dst`, both vouched for by the caller.
+            if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY, &mut c) } == 0 {
+                return Ok(CopyOutcome::Done);
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                _ if c.copy > 0 => return Ok(CopyOutcome::Partial(c.copy as usize)),
+                Some(libc::EEXIST) => return Ok(CopyOutcome::Exists),
+                Some(libc::EAGAIN) | Some(libc::EINTR) => continue,
+                _ => return Err(Error::Os { op: "UFFDIO_COPY", source: e }),
+            }
+        }
+    }
+
+    /// Wakes threads waiting on `len` bytes at `start`.
+    pub fn wake(&self, start: *mut u8, len: usize) -> Result<()> {
+        let mut r = UffdioRange { start: start as u64, len: len as u64 };
+        // SAFETY: UFFDIO_WAKE reads a uffdio_range we own; waking has no memory effect.
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WAKE, &mut r) } != 0 {
+            return Err(Error::os("UFFDIO_WAKE"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_installs_and_exists_is_reported() {
+        if let Err(e) = Uffd::probe() {
+            eprintln!("SKIP: userfaultfd unavailable: {e}");
+            return;
+        }
+        let u = Uffd::open().unwrap();
+        let len = 4 * 4096;
+        // SAFETY: a fresh private anonymous mapping, unmapped at the end of the test.
+        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) }
+            .cast::<u8>();
+        // SAFETY: our own mapping.
+        unsafe { u.register(p, len) }.unwrap();
+        let src = vec![7u8; 2 * 4096];
+        // SAFETY: pages 1..3 of the registered range; src is two pages.
+        assert_eq!(unsafe { u.copy(p.add(4096), src.as_ptr(), 2 * 4096) }.unwrap(), CopyOutcome::Done);
+        // SAFETY: as above; page 1 is now present.
+        assert_eq!(unsafe { u.copy(p.add(4096), src.as_ptr(), 4096) }.unwrap(), CopyOutcome::Exists);
+        // SAFETY: page 0 is missing, page 1 present: a partial copy of one page.
+        assert_eq!(unsafe { u.copy(p, src.as_ptr(), 2 * 4096) }.unwrap(), CopyOutcome::Partial(4096));
+        // SAFETY: page 1 was installed above; reading it does not fault.
+        assert_eq!(unsafe { p.add(4096).read_volatile() }, 7);
+        u.wake(p, len).unwrap();
+        u.unregister(p, len).unwrap();
+        // SAFETY: unmapping the mapping created above.
+        unsafe { libc::munmap(p.cast(), len) };
+    }
+}
