@@ -205,6 +205,25 @@ impl SyntheticVm {
         }
     }
 
+    /// Pauses the writers, waiting at most `timeout` for them to park; returns how many did
+    /// not (blocked on a missing post-copy page: they stay blocked until it is resolved or
+    /// the userfaultfd is closed, and park right after).
+    fn pause_writers_within(&mut self, timeout: std::time::Duration) -> usize {
+        self.shared.pause_req.store(true, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + timeout;
+        let mut c = self.shared.lock();
+        c.paused = true;
+        self.shared.cv.notify_all();
+        while c.parked < self.threads.len() {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return self.threads.len() - c.parked;
+            }
+            c = self.shared.cv.wait_timeout(c, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        0
+    }
+
     fn resume_writers(&mut self) {
         let mut c = self.shared.lock();
         c.paused = false;
@@ -311,6 +330,14 @@ impl DestinationVm for SyntheticVm {
 
     fn resume(&mut self) -> Result<(), VmmError> {
         self.start_writers()?;
+        Ok(())
+    }
+
+    fn pause(&mut self) -> Result<(), VmmError> {
+        let stuck = self.pause_writers_within(std::time::Duration::from_millis(500));
+        if stuck > 0 {
+            tracing::warn!("{stuck} synthetic writers are blocked on missing pages; they stay stopped");
+        }
         Ok(())
     }
 

@@ -1,0 +1,231 @@
+//! Post-copy and hybrid migrations of the synthetic VM over TCP loopback with real
+//! userfaultfd: writers run on the destination while pages are still on the source (their
+//! writes, and `verify()`, fault through userfaultfd), the digest and the guest's own check
+//! must pass, a hybrid run on a workload pre-copy cannot converge on must finish in
+//! post-copy, and a link cut during post-copy must leave the destination paused with an error
+//! that counts the missing pages. Skipped, with the reason, where userfaultfd is unavailable.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdmig_transport::auth::Psk;
+use rdmig_transport::digest::full_digest;
+use rdmig_transport::postcopy::Uffd;
+use rdmig_transport::session::{accept, migrate, DestReport, MigrationConfig, MigrationMode, MigrationReport};
+use rdmig_transport::wire::TransportKind;
+use rdmig_transport::Error;
+use rdmig_vmm::synthetic::{synthetic_destination_factory, SyntheticConfig, SyntheticVm};
+
+const MIB: u64 = 1 << 20;
+
+fn uffd_ok() -> bool {
+    match Uffd::probe() {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("SKIP: userfaultfd unavailable: {e}");
+            false
+        }
+    }
+}
+
+fn config(psk: &Psk, mode: MigrationMode) -> MigrationConfig {
+    MigrationConfig::new(psk.clone())
+        .with_transport(TransportKind::Tcp)
+        .with_streams(2)
+        .with_mode(mode)
+        .with_downtime_limit(Duration::from_millis(50))
+        .with_io_timeout(Duration::from_secs(30))
+}
+
+type DestOutcome = Result<(SyntheticVm, DestReport), Error>;
+
+fn run_via(
+    source: &mut SyntheticVm,
+    dest_cfg: SyntheticConfig,
+    cfg: MigrationConfig,
+    relay: Option<&Relay>,
+) -> (Result<MigrationReport, Error>, DestOutcome) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut addr = listener.local_addr().unwrap();
+    if let Some(r) = relay {
+        r.target(addr);
+        addr = r.addr;
+    }
+    let dcfg = cfg.clone();
+    let dest = std::thread::spawn(move || {
+        accept(&listener, &dcfg, synthetic_destination_factory(dest_cfg, None))
+            .map(|(vm, rep)| (*vm.into_any().downcast::<SyntheticVm>().expect("a synthetic VM"), rep))
+    });
+    let r = migrate(source, addr, &cfg, &mut |_| {});
+    (r, dest.join().unwrap())
+}
+
+fn run(source: &mut SyntheticVm, dest_cfg: SyntheticConfig, cfg: MigrationConfig) -> (Result<MigrationReport, Error>, DestOutcome) {
+    run_via(source, dest_cfg, cfg, None)
+}
+
+#[test]
+fn postcopy_with_writers_on_the_destination() {
+    if !uffd_ok() {
+        return;
+    }
+    let cfg = SyntheticConfig::new(64 * MIB).with_dirtying(16 * MIB, 256 * MIB);
+    let psk = Psk::random().unwrap();
+    let mut source = SyntheticVm::start(&cfg).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let (r, d) = run(&mut source, cfg.clone(), config(&psk, MigrationMode::Postcopy));
+    let rep = r.unwrap();
+    let (dest, drep) = d.unwrap();
+    let pages = cfg.mem_bytes / 4096;
+    assert!(rep.verified && rep.postcopy, "{rep:?}");
+    assert_eq!((rep.mode.as_str(), rep.rounds, rep.postcopy_pages), ("postcopy", 0, pages));
+    assert!(rep.postcopy_faults > 0, "the destination writers must have faulted on remote pages");
+    assert!(rep.fault_latency_us.p50 > 0.0 && rep.fault_latency_us.max >= rep.fault_latency_us.p99);
+    assert_eq!(drep.postcopy_pages, pages);
+    assert!(!source.running());
+    let c = dest.verify();
+    assert!(c.ok() && c.pages_checked + c.pages_skipped == pages, "{c:?}");
+    assert!(dest.pages_written() > source.pages_written(), "the guest runs on the destination");
+    eprintln!(
+        "postcopy 64 MiB: downtime {:.3} ms, {} faults, p50 {:.1} µs, post-copy {:.1} ms",
+        rep.downtime_ms, rep.postcopy_faults, rep.fault_latency_us.p50, rep.postcopy_ms
+    );
+}
+
+#[test]
+fn postcopy_of_an_idle_vm_copies_memory_exactly() {
+    if !uffd_ok() {
+        return;
+    }
+    let cfg = SyntheticConfig::new(32 * MIB).with_regions(3);
+    let psk = Psk::random().unwrap();
+    let mut source = SyntheticVm::start(&cfg).unwrap();
+    let (r, d) = run(&mut source, cfg.clone(), config(&psk, MigrationMode::Postcopy));
+    let rep = r.unwrap();
+    let (dest, _) = d.unwrap();
+    assert!(rep.verified && rep.postcopy);
+    assert_eq!(full_digest(source.memory_map()), full_digest(dest.memory_map()));
+    assert!(dest.verify().ok());
+}
+
+#[test]
+fn hybrid_finishes_in_postcopy_when_precopy_cannot_converge() {
+    if !uffd_ok() {
+        return;
+    }
+    // 64 MiB written at 2 GiB/s cannot fit a 1 ms downtime.
+    let cfg = SyntheticConfig::new(128 * MIB).with_dirtying(64 * MIB, 2048 * MIB);
+    let psk = Psk::random().unwrap();
+    let mut source = SyntheticVm::start(&cfg).unwrap();
+    let mcfg = config(&psk, MigrationMode::Hybrid).with_downtime_limit(Duration::from_millis(1)).with_max_rounds(3);
+    let (r, d) = run(&mut source, cfg.clone(), mcfg);
+    let rep = r.unwrap();
+    let (dest, _) = d.unwrap();
+    assert!(rep.verified && rep.postcopy && rep.mode == "hybrid", "{rep:?}");
+    assert!(rep.rounds >= 1 && rep.rounds <= 3, "{} rounds", rep.rounds);
+    assert!(rep.postcopy_pages > 0 && rep.postcopy_pages < cfg.mem_bytes / 4096, "{} pages", rep.postcopy_pages);
+    let c = dest.verify();
+    assert!(c.ok(), "{c:?}");
+    eprintln!("hybrid: {} rounds, downtime {:.3} ms, {} pages in post-copy", rep.rounds, rep.downtime_ms, rep.postcopy_pages);
+}
+
+#[test]
+fn hybrid_that_converges_stays_precopy() {
+    if !uffd_ok() {
+        return;
+    }
+    let cfg = SyntheticConfig::new(32 * MIB);
+    let psk = Psk::random().unwrap();
+    let mut source = SyntheticVm::start(&cfg).unwrap();
+    let (r, d) = run(&mut source, cfg.clone(), config(&psk, MigrationMode::Hybrid));
+    let rep = r.unwrap();
+    assert!(rep.verified && !rep.postcopy && rep.mode == "hybrid");
+    assert!(d.unwrap().0.verify().ok());
+}
+
+/// A TCP relay that can throttle every connection and cut them all at once.
+struct Relay {
+    addr: SocketAddr,
+    target: Arc<Mutex<Option<SocketAddr>>>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Relay {
+    fn new(bytes_per_sec: u64) -> Relay {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let target: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
+        let (c2, t2) = (conns.clone(), target.clone());
+        std::thread::spawn(move || {
+            for inbound in l.incoming() {
+                let Ok(a) = inbound else { return };
+                let Some(t) = *t2.lock().unwrap() else { return };
+                let Ok(b) = TcpStream::connect(t) else { return };
+                let _ = (a.set_nodelay(true), b.set_nodelay(true));
+                c2.lock().unwrap().extend([a.try_clone().unwrap(), b.try_clone().unwrap()]);
+                for (mut from, mut to) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)] {
+                    std::thread::spawn(move || {
+                        let mut buf = vec![0u8; 1 << 16];
+                        let start = Instant::now();
+                        let mut total = 0u64;
+                        while let Ok(n) = from.read(&mut buf) {
+                            if n == 0 || to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                            total += n as u64;
+                            let due = Duration::from_secs_f64(total as f64 / bytes_per_sec as f64);
+                            if let Some(wait) = due.checked_sub(start.elapsed()) {
+                                std::thread::sleep(wait);
+                            }
+                        }
+                        let _ = to.shutdown(Shutdown::Both);
+                    });
+                }
+            }
+        });
+        Relay { addr, target, conns }
+    }
+
+    fn target(&self, t: SocketAddr) {
+        *self.target.lock().unwrap() = Some(t);
+    }
+
+    fn cut(&self) {
+        for c in self.conns.lock().unwrap().iter() {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+#[test]
+fn link_cut_during_postcopy_pauses_the_destination_and_counts_missing_pages() {
+    if !uffd_ok() {
+        return;
+    }
+    let cfg = SyntheticConfig::new(128 * MIB).with_dirtying(32 * MIB, 128 * MIB);
+    let psk = Psk::random().unwrap();
+    let mut source = SyntheticVm::start(&cfg).unwrap();
+    // 8 MiB/s per connection: post-copy of 128 MiB takes seconds, so the cut lands inside it.
+    let relay = Arc::new(Relay::new(8 * MIB));
+    let cutter = {
+        let relay = relay.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(1500));
+            relay.cut();
+        })
+    };
+    let (r, d) = run_via(&mut source, cfg.clone(), config(&psk, MigrationMode::Postcopy), Some(&relay));
+    cutter.join().unwrap();
+    let e = r.expect_err("the source cannot complete over a cut link");
+    assert!(matches!(e, Error::SwitchoverUnknown(_)), "the guest moved: the source must stay paused: {e}");
+    assert!(!source.running(), "the source must not resume a guest that runs on the destination");
+    let Err(de) = d else { panic!("the destination cannot complete over a cut link") };
+    let Error::PostcopyInterrupted { missing, total, .. } = de else { panic!("{de}") };
+    assert_eq!(total, cfg.mem_bytes / 4096);
+    assert!(missing > 0 && missing < total, "{missing} of {total} missing");
+    assert!(de.to_string().contains("pages still on the source"), "{de}");
+    eprintln!("cut during post-copy: {de}");
+}
