@@ -1,6 +1,7 @@
 //! `rdma-bench`: rdmig's command line — live migrations (`migrate`), and the RDMA read
 //! bandwidth, read latency and fault latency tests in perftest's manner.
 
+mod fault_lat;
 mod migrate;
 mod units;
 
@@ -20,6 +21,8 @@ struct Cli {
 enum Cmd {
     /// Live-migrate a VM: --loopback (two processes here), or --listen / --connect on two hosts.
     Migrate(Box<migrate::Args>),
+    /// Remote page-fault latency (fault to resumed access) over TCP loopback, as percentiles.
+    FaultLat(fault_lat::Args),
 }
 
 fn main() -> ExitCode {
@@ -33,6 +36,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Migrate(a) => migrate::run(*a),
+        Cmd::FaultLat(a) => fault_lat::run(a).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -175,3 +175,57 @@ fn destination_killed_mid_round_leaves_the_source_running() {
     assert!(e.contains("self-check passed") && e.contains(" 0 bad"), "{e}");
     assert!(!e.contains("wrote 0 pages"), "the source guest must keep writing: {e}");
 }
+
+fn uffd_skip() -> bool {
+    match rdmig_transport::postcopy::Uffd::probe() {
+        Ok(()) => false,
+        Err(e) => {
+            eprintln!("SKIP: userfaultfd unavailable: {e}");
+            true
+        }
+    }
+}
+
+#[test]
+fn loopback_postcopy_and_hybrid_print_the_postcopy_fields() {
+    if uffd_skip() {
+        return;
+    }
+    for (mode, rate, extra) in [("postcopy", "256MiB/s", &[][..]), ("hybrid", "1GiB/s", &["--downtime-limit", "1ms", "--max-rounds", "2"][..])] {
+        let o = bench()
+            .args(["migrate", "--loopback", "--vm", "synthetic", "--transport", "tcp", "--mem", "64MiB", "--working-set", "32MiB"])
+            .args(["--dirty-rate", rate, "--streams", "2", "--json", "--mode", mode])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{mode}: {}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object on stdout");
+        for k in ["mode", "postcopy", "postcopy_faults", "postcopy_ms", "postcopy_pages", "fault_latency_us"] {
+            assert!(v.get(k).is_some(), "missing {k} in {v}");
+        }
+        for k in ["p50", "p90", "p99", "p999", "max"] {
+            assert!(v["fault_latency_us"].get(k).is_some(), "missing fault_latency_us.{k} in {v}");
+        }
+        assert_eq!(v["mode"], mode);
+        assert_eq!(v["postcopy"], true, "{mode}: {v}");
+        assert_eq!(v["verified"], true);
+        assert_eq!(v["guest_verified"], true);
+    }
+}
+
+#[test]
+fn fault_lat_prints_percentiles_and_rdma_is_not_yet() {
+    if uffd_skip() {
+        return;
+    }
+    let o = bench().args(["fault-lat", "-n", "500", "-s", "8MiB", "--json"]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object on stdout");
+    for k in ["min_us", "p50_us", "p90_us", "p99_us", "p999_us", "max_us"] {
+        assert!(v[k].as_f64().is_some_and(|x| x > 0.0), "missing {k} in {v}");
+    }
+    assert_eq!(v["iters"], 500);
+    let o = bench().args(["fault-lat", "--transport", "rdma"]).output().unwrap();
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("not yet"), "{}", stderr(&o));
+}

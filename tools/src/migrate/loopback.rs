@@ -78,6 +78,7 @@ pub fn run(args: &Args, params: &VmParams) -> Result<ExitCode> {
         .args(["--io-timeout", &format!("{}ms", args.io_timeout.as_millis())])
         .args(["--run-after", &format!("{}ms", args.run_after.as_millis())])
         .args(["--transport", &format!("{:?}", args.transport).to_lowercase()])
+        .args(["--mode", args.migration_mode.mode().name()])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());

@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use rdmig_transport::auth::Psk;
 use rdmig_transport::mem::PageSize;
 use rdmig_transport::rdma::RdmaOptions;
-use rdmig_transport::session::{self, ConvergencePolicy, MigrationConfig};
+use rdmig_transport::session::{self, ConvergencePolicy, MigrationConfig, MigrationMode};
 use rdmig_transport::wire::TransportKind;
 
 use crate::units::{parse_duration, parse_rate, parse_size};
@@ -30,6 +30,28 @@ pub enum TransportArg {
     Tcp,
     /// One-sided RDMA reads (fails if no device).
     Rdma,
+}
+
+/// Migration mode on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModeArg {
+    /// Pre-copy rounds, then stop-and-copy.
+    Precopy,
+    /// Switch over at once; pages are fetched on demand (userfaultfd) and prefetched.
+    Postcopy,
+    /// Pre-copy rounds; post-copy when they stop converging.
+    Hybrid,
+}
+
+impl ModeArg {
+    /// The transport's mode.
+    pub fn mode(self) -> MigrationMode {
+        match self {
+            ModeArg::Precopy => MigrationMode::Precopy,
+            ModeArg::Postcopy => MigrationMode::Postcopy,
+            ModeArg::Hybrid => MigrationMode::Hybrid,
+        }
+    }
 }
 
 /// Non-convergence policy on the command line.
@@ -57,6 +79,10 @@ pub struct Args {
     /// Data transport.
     #[arg(long, value_enum, default_value = "auto")]
     pub transport: TransportArg,
+    /// Pre-copy, post-copy (switch over at once, fetch pages on demand) or hybrid (post-copy
+    /// when pre-copy stops converging). Post-copy needs userfaultfd on the destination.
+    #[arg(long = "mode", value_enum, default_value = "precopy")]
+    pub migration_mode: ModeArg,
     /// VM to migrate [default: kvm where /dev/kvm works, synthetic otherwise].
     #[arg(long, value_enum)]
     pub vm: Option<VmKind>,
@@ -159,6 +185,7 @@ impl Args {
                 TransportArg::Rdma => TransportKind::Rdma,
             })
             .with_streams(self.streams)
+            .with_mode(self.migration_mode.mode())
             .with_downtime_limit(self.downtime_limit)
             .with_max_rounds(self.max_rounds)
             .with_policy(match self.policy {

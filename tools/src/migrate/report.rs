@@ -154,6 +154,13 @@ pub fn print_migration(rep: &MigrationReport, kind: VmKind, dest: Option<&DestOu
             "forced_switchover": rep.forced_switchover,
             "device_state_bytes": rep.device_state_bytes,
             "per_round": rep.per_round,
+            "mode": rep.mode,
+            "postcopy": rep.postcopy,
+            "postcopy_pages": rep.postcopy_pages,
+            "postcopy_faults": rep.postcopy_faults,
+            "postcopy_fault_pages": rep.postcopy_fault_pages,
+            "postcopy_ms": rep.postcopy_ms,
+            "fault_latency_us": rep.fault_latency_us,
         });
         println!("{v}");
         return;
@@ -175,6 +182,15 @@ pub fn print_migration(rep: &MigrationReport, kind: VmKind, dest: Option<&DestOu
     }
     println!("  (* = stop-and-copy round, source paused)");
     println!("{:<18} {:.1} ms", "total time", rep.total_ms);
+    println!("{:<18} {}{}", "mode", rep.mode, if rep.postcopy { ", switched over in post-copy" } else { "" });
+    if rep.postcopy {
+        let l = &rep.fault_latency_us;
+        println!(
+            "{:<18} {} pages fetched after resume in {:.1} ms; {} faults ({} pages), the rest prefetched",
+            "post-copy", rep.postcopy_pages, rep.postcopy_ms, rep.postcopy_faults, rep.postcopy_fault_pages
+        );
+        println!("{:<18} p50 {:.1} µs, p90 {:.1}, p99 {:.1}, p99.9 {:.1}, max {:.1}", "fault latency", l.p50, l.p90, l.p99, l.p999, l.max);
+    }
     println!("{:<18} {:.2} ms{}", "downtime", rep.downtime_ms, if rep.forced_switchover { " (switchover forced: pre-copy did not converge)" } else { "" });
     println!("{:<18} {} in {} rounds, {:.0} MiB/s", "transferred", human_bytes(rep.bytes_transferred), rep.rounds, rep.throughput_mib_s);
     println!("{:<18} {} (xxh3-128 {})", "memory digest", if rep.verified { "verified, both ends match" } else { "MISMATCH" }, rep.digest);

@@ -1,0 +1,178 @@
+//! `rdma-bench fault-lat`: remote page-fault latency, from the faulting access to the access
+//! resumed, as an hdrhistogram (min, p50, p90, p99, p99.9, max).
+//!
+//! Source and destination run in this process over loopback: the source's page server
+//! answers from a filled mapping, the destination registers an empty mapping with
+//! userfaultfd and runs the same fault service as a post-copy migration; a thread then reads
+//! one word of each of `--iters` pages in a scattered order and times each read.
+
+use std::net::{TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use hdrhistogram::Histogram;
+use rdmig_transport::cpu::CpuMeter;
+use rdmig_transport::digest::PageHashes;
+use rdmig_transport::mem::{GuestAddress, GuestMemoryMap, MmapBacking, MmapRegion, PageSize};
+use rdmig_transport::pages::PageSet;
+use rdmig_transport::postcopy::fault::{fault_loop, FaultStats};
+use rdmig_transport::postcopy::{MissingPages, PageFetcher, PageServer, TcpPageFetcher, Uffd};
+use serde_json::json;
+
+use crate::units::parse_size;
+
+/// Transport of the page fetches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FetchTransport {
+    /// A page request on a dedicated TCP stream (loopback).
+    Tcp,
+    /// One RDMA READ per fault (not yet: the RDMA fetcher is being built).
+    Rdma,
+}
+
+/// Arguments of `fault-lat`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// How faults are served.
+    #[arg(long, value_enum, default_value = "tcp")]
+    pub transport: FetchTransport,
+    /// Faults to measure (each on a different page).
+    #[arg(short = 'n', long = "iters", default_value_t = 10000)]
+    pub iters: u64,
+    /// Size of the remote memory (at least iters pages).
+    #[arg(short = 's', long = "size", default_value = "64MiB", value_parser = parse_size)]
+    pub size: u64,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn region(len: u64) -> Result<(MmapRegion, GuestMemoryMap)> {
+    let m = MmapRegion::new(len, MmapBacking::Anonymous, false)?;
+    // SAFETY: `m` is returned with the map and the caller keeps it alive as long as the map.
+    let r = unsafe { m.guest_region(GuestAddress(0)) };
+    let map = GuestMemoryMap::new(vec![r], PageSize::KIB4)?;
+    Ok((m, map))
+}
+
+/// The word the source holds at the start of page `p`.
+fn pattern(p: u64) -> u64 {
+    p.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1
+}
+
+/// Runs `fault-lat`.
+pub fn run(args: Args) -> Result<()> {
+    if args.transport == FetchTransport::Rdma {
+        bail!("--transport rdma: not yet (the RDMA page fetcher, one READ per fault, is not in this build); use --transport tcp");
+    }
+    const PAGE: u64 = 4096;
+    let pages = args.size / PAGE;
+    if args.iters == 0 || args.iters > pages {
+        bail!("--iters must be between 1 and the {pages} pages of --size {}", args.size);
+    }
+    Uffd::probe().context("fault-lat needs userfaultfd")?;
+
+    let (src_mem, src_map) = region(args.size)?;
+    for p in 0..pages {
+        // SAFETY: page p lies inside the source mapping, which nothing else uses yet.
+        unsafe { src_mem.as_ptr().add((p * PAGE) as usize).cast::<u64>().write(pattern(p)) };
+    }
+    let (dst_mem, dst_map) = region(args.size)?;
+
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let client = TcpStream::connect(listener.local_addr()?)?;
+    let (served, _) = listener.accept()?;
+    let cpu = Arc::new(CpuMeter::default());
+    let mut server = PageServer::start(src_map.clone(), vec![served], cpu)?;
+
+    let mut all = PageSet::empty(&dst_map);
+    all.fill();
+    let missing = Arc::new(MissingPages::new(&dst_map, &all));
+    let uffd = Arc::new(Uffd::open()?);
+    // SAFETY: the destination mapping stays alive until after the fault thread is joined and
+    // the range unregistered below.
+    unsafe { uffd.register(dst_mem.as_ptr(), dst_mem.len())? };
+    let hashes = Arc::new(PageHashes::new(&dst_map));
+    let mut fetcher = TcpPageFetcher::new(client, dst_map.clone(), "fault")?;
+    let (u, m, h) = (uffd.clone(), missing.clone(), hashes.clone());
+    let service = std::thread::Builder::new().name("fault-lat-service".into()).spawn(move || {
+        let mut stats = FaultStats::new();
+        let r = fault_loop(&u, &m, &h, &mut fetcher, &mut stats);
+        fetcher.close();
+        r.map(|()| stats)
+    })?;
+
+    // Scattered order: a stride coprime with the page count.
+    let mut stride = (pages / 2 + 1) | 1;
+    while gcd(stride, pages) != 1 {
+        stride += 2;
+    }
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+    let base = dst_mem.as_ptr();
+    let mut bad = 0u64;
+    for i in 0..args.iters {
+        let p = (i * stride) % pages;
+        let t = Instant::now();
+        // SAFETY: page p lies inside the registered destination mapping; the read faults and
+        // returns once the fault service installed the page.
+        let v = unsafe { base.add((p * PAGE) as usize).cast::<u64>().read_volatile() };
+        hist.saturating_record(t.elapsed().as_nanos() as u64);
+        bad += u64::from(v != pattern(p));
+    }
+    missing.request_stop();
+    let stats = service.join().map_err(|_| anyhow::anyhow!("the fault service panicked"))??;
+    uffd.unregister(dst_mem.as_ptr(), dst_mem.len())?;
+    if let Err(e) = server.stop() {
+        tracing::debug!("page server: {e}");
+    }
+    if bad > 0 {
+        bail!("{bad} pages arrived with the wrong content");
+    }
+
+    let us = |ns: u64| ns as f64 / 1e3;
+    let q = |f: f64| us(hist.value_at_quantile(f));
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "transport": "tcp",
+                "size": args.size,
+                "page_size": PAGE,
+                "iters": args.iters,
+                "faults_served": stats.faults,
+                "min_us": us(hist.min()),
+                "p50_us": q(0.5),
+                "p90_us": q(0.9),
+                "p99_us": q(0.99),
+                "p999_us": q(0.999),
+                "max_us": us(hist.max()),
+                "service_p50_us": us(stats.percentiles_ns()[0]),
+            })
+        );
+    } else {
+        println!("remote fault latency over tcp (loopback), fault to resumed access, {PAGE} byte pages");
+        println!("{:>8} {:>11} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}", "#bytes", "#iterations", "t_min", "t_p50", "t_p90", "t_p99", "t_p99.9", "t_max");
+        println!(
+            "{:>8} {:>11} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2}   [usec]",
+            PAGE,
+            args.iters,
+            us(hist.min()),
+            q(0.5),
+            q(0.9),
+            q(0.99),
+            q(0.999),
+            us(hist.max())
+        );
+        println!("fault service alone (fault read to UFFDIO_COPY done): p50 {:.2} usec", us(stats.percentiles_ns()[0]));
+    }
+    Ok(())
+}
+
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
