@@ -61,9 +61,13 @@ impl MissingPages {
         let missing: Vec<AtomicU64> = (0..words).map(|_| AtomicU64::new(0)).collect();
         let mut initial = 0;
         for range in set.ranges(u64::MAX) {
-            let g = base[range.region.0 as usize] + range.first.0;
-            for p in g..g + range.npages {
-                missing[(p / 64) as usize].fetch_or(1 << (p % 64), Ordering::Relaxed);
+            let (mut p, end) = (base[range.region.0 as usize] + range.first.0, base[range.region.0 as usize] + range.end());
+            while p < end {
+                // Whole words at once where the run covers them.
+                let n = (64 - p % 64).min(end - p);
+                let bits = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << (p % 64) };
+                missing[(p / 64) as usize].fetch_or(bits, Ordering::Relaxed);
+                p += n;
             }
             initial += range.npages;
         }

@@ -68,6 +68,7 @@ pub struct PostcopyService {
     streams: Vec<TcpStream>,
     fault: Option<JoinHandle<FaultStats>>,
     prefetch: Vec<JoinHandle<u64>>,
+    pending_prefetch: Vec<Box<dyn PageFetcher>>,
     started: Instant,
     finished: Option<Duration>,
 }
@@ -81,7 +82,8 @@ impl std::fmt::Debug for PostcopyService {
 impl PostcopyService {
     /// Marks `missing` missing (dropping those pages first when `drop_stale`, i.e. when they
     /// were received in earlier rounds), registers every region with userfaultfd and starts
-    /// the fault thread and one prefetcher per prefetch fetcher. Call before the guest resumes.
+    /// the fault thread; [`PostcopyService::start_prefetch`] starts one prefetcher per prefetch
+    /// fetcher. Call before the guest resumes.
     pub fn start(
         map: &GuestMemoryMap,
         missing: &PageSet,
@@ -95,11 +97,14 @@ impl PostcopyService {
         if let Some(r) = map.regions().iter().find(|r| r.len() % page != 0 || r.host_ptr() as u64 % 4096 != 0) {
             return Err(Error::PostcopyUnavailable(format!("region at {:#x} is not page-aligned for userfaultfd", r.gpa().0)));
         }
+        let t = Instant::now();
         if drop_stale {
             drop_pages(map, missing)?;
         }
+        tracing::debug!("post-copy: {} stale pages dropped in {:?}", if drop_stale { missing.count() } else { 0 }, t.elapsed());
         let uffd = Arc::new(Uffd::open()?);
         let pages = Arc::new(MissingPages::new(map, missing));
+        tracing::debug!("post-copy: userfaultfd opened, missing pages marked {:?} after the drop", t.elapsed());
         let mut svc = PostcopyService {
             uffd: uffd.clone(),
             pages: pages.clone(),
@@ -108,6 +113,7 @@ impl PostcopyService {
             streams,
             fault: None,
             prefetch: Vec::new(),
+            pending_prefetch: Vec::new(),
             started: Instant::now(),
             finished: None,
         };
@@ -117,6 +123,7 @@ impl PostcopyService {
             unsafe { uffd.register(r.host_ptr(), r.len() as usize)? };
             svc.registered = true;
         }
+        tracing::debug!("post-copy: memory registered {:?} after the drop", t.elapsed());
         let (u, p, h, c) = (uffd.clone(), pages.clone(), hashes.clone(), cpu.clone());
         svc.fault = Some(
             std::thread::Builder::new()
@@ -132,9 +139,23 @@ impl PostcopyService {
                 })
                 .map_err(|e| Error::io("spawning the fault thread", e, "post-copy stream"))?,
         );
-        for (i, mut f) in prefetch.into_iter().enumerate() {
-            let (u, p, h, c) = (uffd.clone(), pages.clone(), hashes.clone(), cpu.clone());
-            svc.prefetch.push(
+        svc.pending_prefetch = prefetch;
+        svc.started = Instant::now();
+        tracing::debug!("post-copy: service started {:?} after the drop", t.elapsed());
+        Ok(svc)
+    }
+
+    /// Restarts the post-copy clock (call at resume).
+    pub fn mark_resumed(&mut self) {
+        self.started = Instant::now();
+    }
+
+    /// Starts the prefetchers (after the resume is acknowledged, so that their bulk traffic
+    /// does not compete with the switchover messages for the CPUs).
+    pub fn start_prefetch(&mut self, hashes: Arc<PageHashes>, cpu: Arc<CpuMeter>) -> Result<()> {
+        for (i, mut f) in std::mem::take(&mut self.pending_prefetch).into_iter().enumerate() {
+            let (u, p, h, c) = (self.uffd.clone(), self.pages.clone(), hashes.clone(), cpu.clone());
+            self.prefetch.push(
                 std::thread::Builder::new()
                     .name(format!("rdmig-prefetch-{i}"))
                     .spawn(move || {
@@ -149,13 +170,7 @@ impl PostcopyService {
                     .map_err(|e| Error::io("spawning a prefetch thread", e, "post-copy stream"))?,
             );
         }
-        svc.started = Instant::now();
-        Ok(svc)
-    }
-
-    /// Restarts the post-copy clock (call at resume).
-    pub fn mark_resumed(&mut self) {
-        self.started = Instant::now();
+        Ok(())
     }
 
     /// Pages still missing.

@@ -419,6 +419,7 @@ impl Dest<'_> {
         let initial = missing.count();
         self.ctl.send(&Message::PostcopyResumed { resume_micros: resume.as_micros() as u64, missing: initial })?;
         tracing::debug!("post-copy: resumed in {resume:?} with {initial} pages missing");
+        self.postcopy.as_mut().expect("set above").start_prefetch(hashes.clone(), self.cpu.clone())?;
         self.state = DestState::Postcopy;
         let Message::Switchover { digest, pages: total } = self.recv()? else { unreachable!("state checked") };
         let svc = self.postcopy.as_mut().expect("set above");

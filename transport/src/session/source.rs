@@ -394,9 +394,11 @@ impl Source<'_> {
         if self.logging {
             self.vm.fetch_and_clear_dirty(&mut set).map_err(|e| Error::vmm("fetch dirty log", e))?;
         }
+        tracing::debug!("post-copy: paused, dirty set fetched in {:?}", paused_at.elapsed());
         let blob = self.vm.save_state().map_err(|e| Error::vmm("save device state", e))?;
         let state_bytes = blob.len() as u64;
         self.ctl.send(&Message::DeviceState(blob))?;
+        tracing::debug!("post-copy: device state ({state_bytes} bytes) sent {:?} after pause", paused_at.elapsed());
         let ranges: Vec<PageRange> = set.ranges(u64::from(u32::MAX)).collect();
         let chunks: Vec<&[PageRange]> = if ranges.is_empty() { vec![&[]] } else { ranges.chunks(MAX_RANGES_PER_MSG).collect() };
         let n = chunks.len();
@@ -404,6 +406,7 @@ impl Source<'_> {
             let flags = if i + 1 == n { POSTCOPY_LAST_CHUNK } else { 0 };
             self.ctl.send(&Message::PostcopyMissing { chunk: i as u32, flags, ranges: chunk.to_vec() })?;
         }
+        tracing::debug!("post-copy: set of {} pages in {} ranges sent {:?} after pause", set.count(), ranges.len(), paused_at.elapsed());
         self.state = SourceState::AwaitPostcopyResumed;
         let Message::PostcopyResumed { missing, resume_micros } = self.recv()? else { unreachable!("state checked") };
         let downtime = paused_at.elapsed();
