@@ -60,6 +60,9 @@ pub trait PageFetcher: Send {
     }
 }
 
+/// How long a fetcher polls for an answer before it blocks.
+const SPIN: std::time::Duration = std::time::Duration::from_micros(100);
+
 /// Fetches pages over one TCP post-copy stream: requests are pipelined, answers come back in
 /// order and are received straight into the staging buffer.
 #[derive(Debug)]
@@ -79,6 +82,21 @@ impl TcpPageFetcher {
     pub fn new(stream: TcpStream, map: GuestMemoryMap, label: impl Into<String>) -> Result<TcpPageFetcher> {
         stream.set_nodelay(true).map_err(|e| Error::io("TCP_NODELAY on a post-copy stream", e, "post-copy stream"))?;
         Ok(TcpPageFetcher { stream, map, pending: VecDeque::new(), label: label.into() })
+    }
+
+    /// Polls the socket without sleeping for a short while: an answer on loopback or a fast
+    /// link arrives within tens of microseconds, sooner than a sleep and a wake-up.
+    fn spin_until_readable(&self) {
+        let t = std::time::Instant::now();
+        let mut byte = 0u8;
+        while t.elapsed() < SPIN {
+            // SAFETY: peeking at most one byte into a local without blocking.
+            let n = unsafe { libc::recv(self.stream.as_raw_fd(), (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+            if n != -1 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::WouldBlock {
+                return;
+            }
+            std::hint::spin_loop();
+        }
     }
 
     /// Tells the source no more requests follow on this stream (best effort).
@@ -117,6 +135,7 @@ impl PageFetcher for TcpPageFetcher {
         let Some((range, dst)) = self.pending.pop_front() else {
             return Err(Error::InvalidConfig("complete() with no fetch in flight".into()));
         };
+        self.spin_until_readable();
         let mut b = [0u8; size_of::<DataHeader>()];
         self.stream
             .read_exact(&mut b)

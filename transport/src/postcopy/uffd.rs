@@ -185,7 +185,7 @@ impl Uffd {
     }
 
     /// Waits up to `timeout` for fault events and appends the faulting addresses (at most
-    /// `max`) to `out`. Returns how many were read.
+    /// `max`) to `out`. Returns how many were read (0 on timeout).
     pub fn read_faults(&self, out: &mut Vec<u64>, max: usize, timeout: Duration) -> Result<usize> {
         let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
         // SAFETY: polling one pollfd we own.
@@ -200,6 +200,11 @@ impl Uffd {
         if n == 0 {
             return Ok(0);
         }
+        self.try_read_faults(out, max)
+    }
+
+    /// Appends pending fault addresses (at most `max`) to `out` without waiting.
+    pub fn try_read_faults(&self, out: &mut Vec<u64>, max: usize) -> Result<usize> {
         let mut msgs = [UffdMsg::default(); 64];
         let want = max.clamp(1, msgs.len());
         // SAFETY: reading whole uffd_msg records into our own buffer of `want` records.
