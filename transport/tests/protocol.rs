@@ -44,6 +44,7 @@ fn all_messages() -> Vec<Message> {
             ranges: vec![PageRange { region: RegionId(0), first: PageIndex(9), npages: 7 }],
         },
         Message::PostcopyResumed { resume_micros: 812, missing: 4096 },
+        Message::PostcopyDropped { micros: 77, pages: 12 },
         Message::PostcopyComplete(PostcopyComplete {
             complete: Complete { digest: 9, cpu_micros: 8, resume_micros: 0, pages: 7, bytes: 6 },
             faults: 5,

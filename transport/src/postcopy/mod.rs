@@ -31,7 +31,7 @@ pub mod uffd;
 pub use fetch::{PageFetcher, TcpPageFetcher};
 pub use missing::MissingPages;
 pub use serve::PageServer;
-pub use service::{drop_pages, Fetchers, PostcopyService, PostcopyStats};
+pub use service::{difference, drop_pages, Fetchers, PostcopyService, PostcopyStats};
 pub use uffd::Uffd;
 
 /// Most prefetch streams (beyond the fault stream).

@@ -16,7 +16,7 @@ use super::uffd::Uffd;
 use crate::cpu::{CpuMeter, ThreadCpu};
 use crate::digest::PageHashes;
 use crate::error::{Error, Result};
-use crate::mem::GuestMemoryMap;
+use crate::mem::{GuestMemoryMap, RegionId};
 use crate::pages::PageSet;
 
 /// What post-copy measured on the destination.
@@ -59,6 +59,18 @@ pub struct Fetchers {
     pub streams: Vec<TcpStream>,
 }
 
+/// The pages of `a` that are not in `b`.
+pub fn difference(map: &GuestMemoryMap, a: &PageSet, b: &PageSet) -> PageSet {
+    let mut out = PageSet::empty(map);
+    let mut words = Vec::new();
+    for r in 0..a.regions() {
+        words.clear();
+        words.extend(a.words(r).iter().zip(b.words(r)).map(|(x, y)| x & !y));
+        out.or_words(RegionId(r as u32), &words);
+    }
+    out
+}
+
 /// The running post-copy service.
 pub struct PostcopyService {
     uffd: Arc<Uffd>,
@@ -80,14 +92,14 @@ impl std::fmt::Debug for PostcopyService {
 }
 
 impl PostcopyService {
-    /// Marks `missing` missing (dropping those pages first when `drop_stale`, i.e. when they
-    /// were received in earlier rounds), registers every region with userfaultfd and starts
+    /// Marks `missing` missing (dropping the pages of `stale` first: those received in earlier
+    /// rounds and not dropped yet), registers every region with userfaultfd and starts
     /// the fault thread; [`PostcopyService::start_prefetch`] starts one prefetcher per prefetch
     /// fetcher. Call before the guest resumes.
     pub fn start(
         map: &GuestMemoryMap,
         missing: &PageSet,
-        drop_stale: bool,
+        stale: Option<&PageSet>,
         fetchers: Fetchers,
         hashes: Arc<PageHashes>,
         cpu: Arc<CpuMeter>,
@@ -98,10 +110,10 @@ impl PostcopyService {
             return Err(Error::PostcopyUnavailable(format!("region at {:#x} is not page-aligned for userfaultfd", r.gpa().0)));
         }
         let t = Instant::now();
-        if drop_stale {
-            drop_pages(map, missing)?;
+        if let Some(stale) = stale {
+            drop_pages(map, stale)?;
         }
-        tracing::debug!("post-copy: {} stale pages dropped in {:?}", if drop_stale { missing.count() } else { 0 }, t.elapsed());
+        tracing::debug!("post-copy: {} stale pages dropped in {:?}", stale.map_or(0, PageSet::count), t.elapsed());
         let uffd = Arc::new(Uffd::open()?);
         let pages = Arc::new(MissingPages::new(map, missing));
         tracing::debug!("post-copy: userfaultfd opened, missing pages marked {:?} after the drop", t.elapsed());

@@ -11,12 +11,15 @@
 //! | `Precopy{round, chunk}` | `Round{round, chunk}` |
 //! | `AwaitDeviceState` | `DeviceState` |
 //! | `AwaitSwitchover` | `Switchover` |
-//! | `AwaitPostcopyMissing{chunk}` | `PostcopyMissing{chunk}` |
+//! | `EarlyDrop{chunk}` | `PostcopyMissing{chunk, early}` |
+//! | `AwaitPostcopyMissing{chunk}` | `PostcopyMissing{chunk}` (not early) |
 //! | `Postcopy` | `Switchover` |
 //! | `AwaitFinish` | `Finish` |
 //!
 //! In post-copy and hybrid sessions `Precopy{round, 0}` also accepts `DeviceState`: the source
-//! switches over in post-copy. The destination then collects the post-copy set, drops the
+//! switches over in post-copy; and (hybrid) an early `PostcopyMissing`: stale pages to drop
+//! while the source still runs, answered by `PostcopyDropped` (`EarlyDrop{0}` then accepts
+//! another early batch or `DeviceState`). The destination then collects the post-copy set, drops the
 //! stale pages, registers guest memory with userfaultfd, restores and resumes the guest, and
 //! answers `PostcopyResumed`; its fault and prefetch threads fetch the rest while it waits for
 //! the source's digest (`Switchover`) and for the last page, then compares the digests.
@@ -45,7 +48,7 @@ use crate::rdma::{self, RdmaDestPath};
 use crate::tcp::{accept_streams, RateLimiter, TcpDestPath};
 use crate::vm::{DestinationFactory, DestinationVm, MemoryLayout};
 use crate::wire::{
-    caps, Complete, HelloAck, Message, PostcopyComplete, RoundDone, TransportKind, MAX_REGIONS, POSTCOPY_LAST_CHUNK, PROTOCOL_VERSION, ROUND_FINAL,
+    caps, Complete, HelloAck, Message, PostcopyComplete, RoundDone, TransportKind, MAX_REGIONS, POSTCOPY_EARLY, POSTCOPY_LAST_CHUNK, PROTOCOL_VERSION, ROUND_FINAL,
     ROUND_LAST_CHUNK,
 };
 
@@ -62,6 +65,7 @@ enum DestState {
     Precopy { round: u32, chunk: u32 },
     AwaitDeviceState,
     AwaitSwitchover,
+    EarlyDrop { chunk: u32 },
     AwaitPostcopyMissing { chunk: u32 },
     Postcopy,
     AwaitFinish,
@@ -77,6 +81,7 @@ impl DestState {
             DestState::Precopy { .. } => "in pre-copy",
             DestState::AwaitDeviceState => "awaiting DeviceState",
             DestState::AwaitSwitchover => "awaiting Switchover",
+            DestState::EarlyDrop { .. } => "dropping stale pages early",
             DestState::AwaitPostcopyMissing { .. } => "awaiting PostcopyMissing",
             DestState::Postcopy => "in post-copy",
             DestState::AwaitFinish => "awaiting Finish",
@@ -86,7 +91,10 @@ impl DestState {
     fn accepts(self, m: &Message, postcopy: bool) -> bool {
         match (self, m) {
             (DestState::Precopy { chunk: 0, .. }, Message::DeviceState(_)) => postcopy,
-            (DestState::AwaitPostcopyMissing { chunk }, Message::PostcopyMissing { chunk: c, .. }) => *c == chunk,
+            (DestState::Precopy { chunk: 0, .. }, Message::PostcopyMissing { chunk: 0, flags, .. }) => postcopy && flags & POSTCOPY_EARLY != 0,
+            (DestState::EarlyDrop { chunk: 0 }, Message::DeviceState(_)) => true,
+            (DestState::EarlyDrop { chunk }, Message::PostcopyMissing { chunk: c, flags, .. }) => *c == chunk && flags & POSTCOPY_EARLY != 0,
+            (DestState::AwaitPostcopyMissing { chunk }, Message::PostcopyMissing { chunk: c, flags, .. }) => *c == chunk && flags & POSTCOPY_EARLY == 0,
             (DestState::Postcopy, Message::Switchover { .. }) => true,
             (DestState::AwaitHello, Message::Hello(_))
             | (DestState::AwaitAuthProof, Message::AuthProof(_))
@@ -277,12 +285,36 @@ impl Dest<'_> {
         self.state = DestState::Precopy { round: 0, chunk: 0 };
         let mut round_start = Instant::now();
         let mut final_flag = None;
+        let mut early: Option<PageSet> = None;
+        let (mut early_pages, mut early_micros) = (0u64, 0u64);
         loop {
             let r = match self.recv()? {
                 Message::Round(r) => r,
                 Message::DeviceState(blob) => {
                     let vm = vm_out.as_mut().expect("built above");
-                    return self.run_postcopy(vm.as_mut(), &map, blob, hashes, (rounds, pages, bytes), cpu0, transport);
+                    return self.run_postcopy(vm.as_mut(), &map, blob, hashes, early, (rounds, pages, bytes), cpu0, transport);
+                }
+                Message::PostcopyMissing { chunk, flags, ranges } => {
+                    let t = Instant::now();
+                    let set = early.get_or_insert_with(|| PageSet::empty(&map));
+                    let mut chunk_set = PageSet::empty(&map);
+                    for r in &ranges {
+                        map.span(r.region, r.first, r.npages)?;
+                        chunk_set.insert_range(r);
+                    }
+                    postcopy::drop_pages(&map, &chunk_set)?;
+                    set.union_with(&chunk_set);
+                    early_pages += chunk_set.count();
+                    early_micros += t.elapsed().as_micros() as u64;
+                    if flags & POSTCOPY_LAST_CHUNK != 0 {
+                        let (micros, pages) = (std::mem::take(&mut early_micros), std::mem::take(&mut early_pages));
+                        self.ctl.send(&Message::PostcopyDropped { micros, pages })?;
+                        // Another early batch, or the device state.
+                        self.state = DestState::EarlyDrop { chunk: 0 };
+                    } else {
+                        self.state = DestState::EarlyDrop { chunk: chunk + 1 };
+                    }
+                    continue;
                 }
                 _ => unreachable!("state checked"),
             };
@@ -374,6 +406,7 @@ impl Dest<'_> {
         map: &GuestMemoryMap,
         blob: Vec<u8>,
         hashes: Arc<PageHashes>,
+        early: Option<PageSet>,
         (rounds, pages, bytes): (u32, u64, u64),
         cpu0: std::time::Duration,
         transport: TransportKind,
@@ -392,6 +425,15 @@ impl Dest<'_> {
             self.state = DestState::AwaitPostcopyMissing { chunk: chunk + 1 };
         }
         let t = Instant::now();
+        // Pages received in a round are stale now, except those dropped early; in post-copy
+        // mode nothing was received and memory was dropped before the rounds.
+        let stale = match &early {
+            Some(e) => postcopy::difference(map, &missing, e),
+            None => missing.clone(),
+        };
+        if let Some(e) = &early {
+            missing.union_with(e);
+        }
         let mut streams = std::mem::take(&mut self.pc_streams);
         if streams.len() < 2 {
             return Err(Error::PostcopyUnavailable("post-copy streams are not connected".into()));
@@ -407,10 +449,8 @@ impl Dest<'_> {
             .map(|(i, s)| TcpPageFetcher::new(s, map.clone(), format!("prefetch {i}")).map(|f| Box::new(f) as Box<dyn PageFetcher>))
             .collect::<Result<Vec<_>>>()?;
         let fault = Box::new(TcpPageFetcher::new(streams.remove(0), map.clone(), "fault")?);
-        // Pages received in a round are stale now; in post-copy mode nothing was received and
-        // memory was dropped before the rounds.
         let fetchers = Fetchers { fault, prefetch, streams: clones };
-        let svc = PostcopyService::start(map, &missing, rounds > 0, fetchers, hashes.clone(), self.cpu.clone())?;
+        let svc = PostcopyService::start(map, &missing, (rounds > 0).then_some(&stale), fetchers, hashes.clone(), self.cpu.clone())?;
         let svc = self.postcopy.insert(svc);
         vm.restore_state(&blob).map_err(|e| Error::vmm("restore device state", e))?;
         vm.resume().map_err(|e| Error::vmm("resume", e))?;

@@ -10,13 +10,17 @@
 //! | `AwaitReady` | `Ready` |
 //! | `AwaitRoundDone(n)` | `RoundDone{n}` |
 //! | `AwaitComplete` | `Complete` |
+//! | `AwaitPostcopyDropped` | `PostcopyDropped` |
 //! | `AwaitPostcopyResumed` | `PostcopyResumed` |
 //! | `AwaitPostcopyComplete` | `PostcopyComplete` |
 //!
 //! Post-copy (mode `postcopy`, or `hybrid` once the convergence policy reports
 //! [`Decision::NotConverging`]): pause, device state, the post-copy set (every page for
 //! `postcopy`, which runs no round; the dirty set after the final fetch-and-clear for
-//! `hybrid`), then `AwaitPostcopyResumed`: that answer ends the downtime. The page server
+//! `hybrid`), then `AwaitPostcopyResumed`: that answer ends the downtime. In hybrid mode the
+//! pages dirtied during the last round go first, while the guest still runs here
+//! (`PostcopyMissing` with `POSTCOPY_EARLY`, answered by `PostcopyDropped`), so that the
+//! destination's dropping of stale pages stays out of the downtime. The page server
 //! ([`crate::postcopy::PageServer`]) answers the destination's page requests from the paused
 //! memory while the source re-hashes the post-copy set, sends its digest and waits for
 //! `PostcopyComplete`; it stops only then. From `PostcopyResumed` on the guest runs on the
@@ -48,7 +52,7 @@ use crate::rdma::{self, RdmaSourcePath};
 use crate::tcp::{connect_streams, RateLimiter, TcpSourcePath};
 use crate::vm::SourceVm;
 use crate::wire::{
-    caps, Hello, Message, PostcopyComplete, Round, TransportKind, MAX_RANGES_PER_MSG, POSTCOPY_LAST_CHUNK, PROTOCOL_VERSION, ROUND_FINAL,
+    caps, Hello, Message, PostcopyComplete, Round, TransportKind, MAX_RANGES_PER_MSG, POSTCOPY_EARLY, POSTCOPY_LAST_CHUNK, PROTOCOL_VERSION, ROUND_FINAL,
     ROUND_LAST_CHUNK,
 };
 
@@ -61,6 +65,7 @@ enum SourceState {
     AwaitReady,
     AwaitRoundDone(u32),
     AwaitComplete,
+    AwaitPostcopyDropped,
     AwaitPostcopyResumed,
     AwaitPostcopyComplete,
     Done,
@@ -75,6 +80,7 @@ impl SourceState {
             SourceState::AwaitReady => "awaiting Ready",
             SourceState::AwaitRoundDone(_) => "awaiting RoundDone",
             SourceState::AwaitComplete => "awaiting Complete",
+            SourceState::AwaitPostcopyDropped => "awaiting PostcopyDropped",
             SourceState::AwaitPostcopyResumed => "awaiting PostcopyResumed",
             SourceState::AwaitPostcopyComplete => "awaiting PostcopyComplete",
             SourceState::Done => "done",
@@ -90,11 +96,17 @@ impl SourceState {
                 | (SourceState::AwaitSetupAck, Message::DataSetupAck(_))
                 | (SourceState::AwaitReady, Message::Ready)
                 | (SourceState::AwaitComplete, Message::Complete(_))
+                | (SourceState::AwaitPostcopyDropped, Message::PostcopyDropped { .. })
                 | (SourceState::AwaitPostcopyResumed, Message::PostcopyResumed { .. })
                 | (SourceState::AwaitPostcopyComplete, Message::PostcopyComplete(_))
         ) || matches!((self, m), (SourceState::AwaitRoundDone(n), Message::RoundDone(d)) if d.round == n)
     }
 }
+
+/// Most batches of stale pages a hybrid switchover has the destination drop before the pause.
+const MAX_EARLY_BATCHES: u32 = 6;
+/// Few enough newly stale pages to drop during the downtime (a few milliseconds' worth).
+const EARLY_ENOUGH_PAGES: u64 = 2048;
 
 /// What the pre-copy rounds before a post-copy switchover moved.
 struct PrecopyTotals {
@@ -388,6 +400,30 @@ impl Source<'_> {
     /// ends the downtime. Then re-hash the set while the destination runs, send the digest,
     /// serve pages until the destination holds all of them, and compare its digest.
     fn run_postcopy(&mut self, mut set: PageSet, pre: PrecopyTotals, transport: &str, reason: String, started: Instant) -> Result<MigrationReport> {
+        // Hybrid: the pages dirtied during the last round are stale on the destination; have
+        // it drop them while the guest still runs here, so that only the pages dirtied since
+        // are dropped during the downtime.
+        // Pages re-dirtied after being dropped stay missing and need nothing more, so each
+        // batch carries only newly stale pages and the batches shrink quickly.
+        let mut early: Option<PageSet> = None;
+        for batch in 0..MAX_EARLY_BATCHES {
+            if !self.logging || set.count() <= EARLY_ENOUGH_PAGES {
+                break;
+            }
+            let t = Instant::now();
+            self.send_missing(&set, POSTCOPY_EARLY)?;
+            self.state = SourceState::AwaitPostcopyDropped;
+            let Message::PostcopyDropped { micros, pages } = self.recv()? else { unreachable!("state checked") };
+            if pages != set.count() {
+                return Err(Error::Protocol(format!("destination dropped {pages} pages, {} were sent", set.count())));
+            }
+            tracing::debug!("post-copy: early batch {batch}: {pages} stale pages dropped in {micros} µs ({:?} round trip)", t.elapsed());
+            let dropped = early.get_or_insert_with(|| PageSet::empty(&self.map));
+            dropped.union_with(&set);
+            let mut dirty = PageSet::empty(&self.map);
+            self.vm.fetch_and_clear_dirty(&mut dirty).map_err(|e| Error::vmm("fetch dirty log", e))?;
+            set = postcopy::difference(&self.map, &dirty, dropped);
+        }
         self.vm.pause().map_err(|e| Error::vmm("pause", e))?;
         self.paused = true;
         let paused_at = Instant::now();
@@ -399,14 +435,12 @@ impl Source<'_> {
         let state_bytes = blob.len() as u64;
         self.ctl.send(&Message::DeviceState(blob))?;
         tracing::debug!("post-copy: device state ({state_bytes} bytes) sent {:?} after pause", paused_at.elapsed());
-        let ranges: Vec<PageRange> = set.ranges(u64::from(u32::MAX)).collect();
-        let chunks: Vec<&[PageRange]> = if ranges.is_empty() { vec![&[]] } else { ranges.chunks(MAX_RANGES_PER_MSG).collect() };
-        let n = chunks.len();
-        for (i, chunk) in chunks.into_iter().enumerate() {
-            let flags = if i + 1 == n { POSTCOPY_LAST_CHUNK } else { 0 };
-            self.ctl.send(&Message::PostcopyMissing { chunk: i as u32, flags, ranges: chunk.to_vec() })?;
+        self.send_missing(&set, 0)?;
+        tracing::debug!("post-copy: final set of {} pages sent {:?} after pause", set.count(), paused_at.elapsed());
+        if let Some(early) = &early {
+            set.union_with(early);
         }
-        tracing::debug!("post-copy: set of {} pages in {} ranges sent {:?} after pause", set.count(), ranges.len(), paused_at.elapsed());
+        let ranges: Vec<PageRange> = set.ranges(u64::from(u32::MAX)).collect();
         self.state = SourceState::AwaitPostcopyResumed;
         let Message::PostcopyResumed { missing, resume_micros } = self.recv()? else { unreachable!("state checked") };
         let downtime = paused_at.elapsed();
@@ -462,6 +496,19 @@ impl Source<'_> {
             postcopy_ms: postcopy_micros as f64 / 1e3,
             fault_latency_us: FaultLatency::from_ns(latency_ns),
         })
+    }
+
+    /// Sends a post-copy set in chunks (`flags` added to each; the last also carries
+    /// `POSTCOPY_LAST_CHUNK`).
+    fn send_missing(&mut self, set: &PageSet, flags: u32) -> Result<()> {
+        let ranges: Vec<PageRange> = set.ranges(u64::from(u32::MAX)).collect();
+        let chunks: Vec<&[PageRange]> = if ranges.is_empty() { vec![&[]] } else { ranges.chunks(MAX_RANGES_PER_MSG).collect() };
+        let n = chunks.len();
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let last = if i + 1 == n { POSTCOPY_LAST_CHUNK } else { 0 };
+            self.ctl.send(&Message::PostcopyMissing { chunk: i as u32, flags: flags | last, ranges: chunk.to_vec() })?;
+        }
+        Ok(())
     }
 
     /// Announces one round in chunks, hands it to the data path, hashes it, and waits for the

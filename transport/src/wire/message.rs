@@ -112,6 +112,8 @@ pub enum Command {
     PostcopyResumed = 17,
     /// Destination → source: every page is here; digest and post-copy figures.
     PostcopyComplete = 18,
+    /// Destination → source: the early part of the post-copy set is dropped.
+    PostcopyDropped = 19,
 }
 
 impl Command {
@@ -137,6 +139,7 @@ impl Command {
             16 => PostcopyMissing,
             17 => PostcopyResumed,
             18 => PostcopyComplete,
+            19 => PostcopyDropped,
             _ => return Err(Error::Protocol(format!("unknown command {v}"))),
         })
     }
@@ -159,7 +162,7 @@ impl Command {
             Complete => size_of::<CompleteWire>(),
             Abort => MAX_TEXT,
             PostcopyMissing => size_of::<RoundWire>() + MAX_RANGES_PER_MSG * size_of::<RangeWire>(),
-            PostcopyResumed => size_of::<PostcopyResumedWire>(),
+            PostcopyResumed | PostcopyDropped => size_of::<PostcopyResumedWire>(),
             PostcopyComplete => size_of::<PostcopyCompleteWire>(),
         }
     }
@@ -318,8 +321,11 @@ pub struct CompleteWire {
 
 /// `PostcopyMissing` flag: the last chunk of the set.
 pub const POSTCOPY_LAST_CHUNK: u32 = 1;
+/// `PostcopyMissing` flag: sent while the source still runs (hybrid): drop these pages now,
+/// answer `PostcopyDropped`; the rest of the set follows the device state.
+pub const POSTCOPY_EARLY: u32 = 2;
 
-/// `PostcopyResumed` payload.
+/// `PostcopyResumed` payload (also `PostcopyDropped`: µs to drop, pages dropped).
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
 #[repr(C)]
 pub struct PostcopyResumedWire {
@@ -522,6 +528,13 @@ pub enum Message {
     },
     /// See [`Command::PostcopyComplete`].
     PostcopyComplete(PostcopyComplete),
+    /// See [`Command::PostcopyDropped`].
+    PostcopyDropped {
+        /// Destination µs to drop the pages.
+        micros: u64,
+        /// Pages dropped.
+        pages: u64,
+    },
 }
 
 /// Encodes a `RoundWire` and its ranges (a `Round` or a `PostcopyMissing` chunk).
@@ -574,6 +587,7 @@ impl Message {
             Message::PostcopyMissing { .. } => Command::PostcopyMissing,
             Message::PostcopyResumed { .. } => Command::PostcopyResumed,
             Message::PostcopyComplete(_) => Command::PostcopyComplete,
+            Message::PostcopyDropped { .. } => Command::PostcopyDropped,
         }
     }
 
@@ -635,6 +649,9 @@ impl Message {
                 resume_micros: (*resume_micros).into(),
                 missing: (*missing).into(),
             })),
+            Message::PostcopyDropped { micros, pages } => {
+                out.extend_from_slice(bytemuck::bytes_of(&PostcopyResumedWire { resume_micros: (*micros).into(), missing: (*pages).into() }))
+            }
             Message::PostcopyComplete(p) => out.extend_from_slice(bytemuck::bytes_of(&PostcopyCompleteWire {
                 digest: p.complete.digest.into(),
                 cpu_micros: p.complete.cpu_micros.into(),
@@ -807,6 +824,10 @@ impl Message {
             Command::PostcopyResumed => {
                 let w: PostcopyResumedWire = fixed(cmd, p)?;
                 Message::PostcopyResumed { resume_micros: w.resume_micros.get(), missing: w.missing.get() }
+            }
+            Command::PostcopyDropped => {
+                let w: PostcopyResumedWire = fixed(cmd, p)?;
+                Message::PostcopyDropped { micros: w.resume_micros.get(), pages: w.missing.get() }
             }
             Command::PostcopyComplete => {
                 let w: PostcopyCompleteWire = fixed(cmd, p)?;

@@ -23,7 +23,10 @@
 //!
 //!   post-copy / hybrid (mode in Hello; caps::POSTCOPY from both ends; 1 + P post-copy streams
 //!   connect after the data setup, each StreamHello carrying the post-copy token):
-//!    │   … zero (post-copy) or more (hybrid) rounds; pause …
+//!    │   … zero (post-copy) or more (hybrid) rounds …
+//!    │ PostcopyMissing{early, ranges} … (hybrid only) ───► │   stale pages dropped, source runs
+//!    │ ◄──────────────────────── PostcopyDropped{µs, pages} │
+//!    │   … pause …
 //!    │ DeviceState{blob} ────────────────────────────────► │
 //!    │ PostcopyMissing{chunk, last, ranges} … ───────────► │   missing marked, guest resumed
 //!    │ ◄──────────────── PostcopyResumed{µs, missing pages} │   faults: PageRequest on stream 0,
