@@ -165,6 +165,8 @@ pub enum Error {
         total: u64,
         /// What failed.
         reason: String,
+        /// The paused guest with what arrived ([`crate::postcopy::PausedGuest::take`]).
+        guest: crate::postcopy::PausedGuest,
     },
 
     /// The operation timed out.

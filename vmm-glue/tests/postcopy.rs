@@ -41,6 +41,8 @@ fn config(psk: &Psk, mode: MigrationMode) -> MigrationConfig {
 
 type DestOutcome = Result<(SyntheticVm, DestReport), Error>;
 
+use rdmig_transport::vm::DestinationVm as _;
+
 fn run_via(
     source: &mut SyntheticVm,
     dest_cfg: SyntheticConfig,
@@ -223,9 +225,16 @@ fn link_cut_during_postcopy_pauses_the_destination_and_counts_missing_pages() {
     assert!(matches!(e, Error::SwitchoverUnknown(_)), "the guest moved: the source must stay paused: {e}");
     assert!(!source.running(), "the source must not resume a guest that runs on the destination");
     let Err(de) = d else { panic!("the destination cannot complete over a cut link") };
-    let Error::PostcopyInterrupted { missing, total, .. } = de else { panic!("{de}") };
+    eprintln!("cut during post-copy: {de}");
+    assert!(de.to_string().contains("pages still on the source"), "{de}");
+    let Error::PostcopyInterrupted { missing, total, guest, .. } = de else { panic!("not PostcopyInterrupted") };
     assert_eq!(total, cfg.mem_bytes / 4096);
     assert!(missing > 0 && missing < total, "{missing} of {total} missing");
-    assert!(de.to_string().contains("pages still on the source"), "{de}");
-    eprintln!("cut during post-copy: {de}");
+    // The destination kept the paused guest and what arrived.
+    let remnant = guest.take().expect("the paused guest is handed back");
+    assert!(guest.take().is_none(), "taken once");
+    assert_eq!(remnant.missing(), missing);
+    assert_eq!(remnant.vm().memory().total_bytes(), cfg.mem_bytes);
+    let vm = *remnant.release().into_any().downcast::<SyntheticVm>().expect("a synthetic VM");
+    assert!(!vm.running(), "the destination guest is paused");
 }

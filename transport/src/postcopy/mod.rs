@@ -24,12 +24,14 @@ pub mod fault;
 pub mod fetch;
 pub mod missing;
 pub mod prefetch;
+pub mod remnant;
 pub mod serve;
 pub mod service;
 pub mod uffd;
 
 pub use fetch::{PageFetcher, TcpPageFetcher};
 pub use missing::MissingPages;
+pub use remnant::{PausedGuest, PostcopyRemnant};
 pub use serve::PageServer;
 pub use service::{difference, drop_pages, Fetchers, PostcopyService, PostcopyStats};
 pub use uffd::Uffd;

@@ -43,7 +43,7 @@ use crate::digest::PageHashes;
 use crate::error::{Error, Result};
 use crate::mem::{GuestMemoryMap, PageSize};
 use crate::pages::PageSet;
-use crate::postcopy::{self, Fetchers, PageFetcher, PostcopyService, TcpPageFetcher, Uffd};
+use crate::postcopy::{self, Fetchers, PageFetcher, PausedGuest, PostcopyRemnant, PostcopyService, TcpPageFetcher, Uffd};
 use crate::rdma::{self, RdmaDestPath};
 use crate::tcp::{accept_streams, RateLimiter, TcpDestPath};
 use crate::vm::{DestinationFactory, DestinationVm, MemoryLayout};
@@ -144,11 +144,12 @@ pub fn accept(listener: &TcpListener, config: &MigrationConfig, factory: Destina
     let mut vm = None;
     let result = d.run(factory, &mut vm);
     let result = match result {
-        Err(e) if d.postcopy.is_some() => Err(d.postcopy_failed(vm.as_mut(), e)),
+        Err(e) if d.postcopy.is_some() => Err(d.postcopy_failed(vm.take(), e)),
         r => r,
     };
-    // Closing the userfaultfd (after the guest is paused) releases any thread still blocked on
-    // a missing page; it must happen before the VM is dropped, which joins those threads.
+    // Any service left (none after a post-copy failure: the remnant holds it) goes before the
+    // VM: closing the userfaultfd releases threads blocked on missing pages, which the VM's
+    // teardown joins.
     drop(d.postcopy.take());
     if let Some(mut data) = d.data.take() {
         if let Err(e) = data.close() {
@@ -502,21 +503,25 @@ impl Dest<'_> {
     }
 
     /// After a failure once the guest runs here in post-copy: stop fetching, pause the guest,
-    /// keep its memory (missing pages stay registered until the service is dropped) and say
-    /// how much is missing.
-    fn postcopy_failed(&mut self, vm: Option<&mut Box<dyn DestinationVm>>, e: Error) -> Error {
-        let Some(svc) = self.postcopy.as_mut() else {
+    /// and hand it back with its memory (missing pages stay registered) and the count of
+    /// missing pages.
+    fn postcopy_failed(&mut self, vm: Option<Box<dyn DestinationVm>>, e: Error) -> Error {
+        let Some(mut svc) = self.postcopy.take() else {
             return e;
         };
         let missing = svc.interrupt();
         let total = svc.total();
-        if let Some(vm) = vm {
-            if let Err(pe) = vm.pause() {
-                tracing::error!("could not pause the destination guest after post-copy failed: {pe}");
-            }
-        }
         tracing::error!("post-copy failed with {missing} of {total} pages missing: {e}");
-        Error::PostcopyInterrupted { missing, total, reason: e.to_string() }
+        let guest = match vm {
+            Some(mut vm) => {
+                if let Err(pe) = vm.pause() {
+                    tracing::error!("could not pause the destination guest after post-copy failed: {pe}");
+                }
+                PausedGuest::new(PostcopyRemnant::new(svc, vm))
+            }
+            None => PausedGuest::default(),
+        };
+        Error::PostcopyInterrupted { missing, total, reason: e.to_string(), guest }
     }
 
     fn choose_transport(&mut self, hello: &crate::wire::Hello) -> Result<(TransportKind, String, crate::rdma::RdmaOptions)> {
