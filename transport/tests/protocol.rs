@@ -298,3 +298,32 @@ fn data_streams_with_a_wrong_token_are_refused() {
     assert!(matches!(&e, Error::Timeout(s) if s.contains("0 of 1 data streams")), "{e}");
     assert!(c.recv().is_err());
 }
+
+#[test]
+fn postcopy_messages_are_refused_in_a_precopy_session() {
+    // Hello said pre-copy: neither a device state in the middle of the rounds nor a post-copy
+    // set is valid.
+    for m in [
+        Message::DeviceState(vec![1, 2, 3]),
+        Message::PostcopyMissing { chunk: 0, flags: POSTCOPY_EARLY | POSTCOPY_LAST_CHUNK, ranges: vec![] },
+        Message::PostcopyResumed { resume_micros: 1, missing: 1 },
+    ] {
+        let (port, _, h) = destination();
+        let (mut c, _streams) = up_to_rounds(port);
+        c.send(&m).unwrap();
+        assert!(matches!(c.recv(), Err(Error::PeerAborted(r)) if r.contains("unexpected")));
+        let e = h.join().unwrap().unwrap_err();
+        assert!(matches!(e, Error::UnexpectedMessage { state: "in pre-copy", .. }), "{m:?}: {e}");
+    }
+}
+
+#[test]
+fn a_postcopy_hello_without_the_capability_is_refused() {
+    let (port, _, h) = destination();
+    let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut c = Control::new(s, Some(Duration::from_secs(10))).unwrap();
+    let hello = Hello { version: 1, transport: TransportKind::Tcp, mode: 1, caps: caps::TCP, streams: 1, qps: 1, max_bandwidth: 0, nonce: [7; 32] };
+    c.send(&Message::Hello(hello)).unwrap();
+    assert!(matches!(c.recv(), Err(Error::PeerAborted(r)) if r.contains("post-copy capability")));
+    assert!(matches!(h.join().unwrap().unwrap_err(), Error::Protocol(_)));
+}

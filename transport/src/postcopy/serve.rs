@@ -44,7 +44,10 @@ impl PageServer {
                 .name(format!("rdmig-pcserve-{i}"))
                 .spawn(move || {
                     let _cpu = ThreadCpu::start(&cpu);
-                    if let Err(e) = serve(i, s, &map, &pages) {
+                    let mut s = s;
+                    if let Err(e) = serve(i, &mut s, &map, &pages) {
+                        // Close the stream so the destination sees the failure at once.
+                        let _ = s.shutdown(std::net::Shutdown::Both);
                         failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
                     }
                 })
@@ -84,7 +87,7 @@ impl Drop for PageServer {
     }
 }
 
-fn serve(i: usize, mut s: TcpStream, map: &GuestMemoryMap, served: &AtomicU64) -> Result<()> {
+fn serve(i: usize, s: &mut TcpStream, map: &GuestMemoryMap, served: &AtomicU64) -> Result<()> {
     loop {
         let mut b = [0u8; size_of::<PageRequest>()];
         match s.read_exact(&mut b) {
@@ -115,5 +118,64 @@ fn serve(i: usize, mut s: TcpStream, map: &GuestMemoryMap, served: &AtomicU64) -
         unsafe { writev_all(s.as_raw_fd(), &mut iov) }
             .map_err(|e| Error::io(format!("answering a page request on post-copy stream {i}"), e, "post-copy stream"))?;
         served.fetch_add(u64::from(npages), Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{TcpListener, TcpStream};
+
+    use super::*;
+    use crate::mem::{GuestAddress, MmapBacking, MmapRegion, PageSize};
+    use crate::pages::PageRange;
+    use crate::postcopy::fetch::{PageFetcher, TcpPageFetcher};
+
+    fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        (c, l.accept().unwrap().0)
+    }
+
+    #[test]
+    fn pipelined_requests_are_answered_in_order_and_out_of_range_ones_are_refused_before_sending() {
+        let mem = MmapRegion::new(16 * 4096, MmapBacking::Anonymous, true).unwrap();
+        for p in 0..16 {
+            // SAFETY: page p of our own mapping.
+            unsafe { mem.as_ptr().add(p * 4096).write_bytes(p as u8 + 1, 4096) };
+        }
+        // SAFETY: `mem` outlives the map and the server (dropped at the end of the test).
+        let map = GuestMemoryMap::new(vec![unsafe { mem.guest_region(GuestAddress(0)) }], PageSize::KIB4).unwrap();
+        let (client, served) = pair();
+        let mut server = PageServer::start(map.clone(), vec![served], Arc::new(CpuMeter::default())).unwrap();
+        let mut f = TcpPageFetcher::new(client, map.clone(), "test").unwrap();
+        let ranges =
+            [PageRange { region: RegionId(0), first: PageIndex(3), npages: 2 }, PageRange { region: RegionId(0), first: PageIndex(15), npages: 1 }];
+        let mut buf = vec![0u8; 3 * 4096];
+        f.fetch(&ranges, 4096, &mut buf).unwrap();
+        assert!(buf[..4096].iter().all(|&b| b == 4) && buf[4096..8192].iter().all(|&b| b == 5) && buf[8192..].iter().all(|&b| b == 16));
+        // Out of range: refused by the fetcher before sending.
+        let mut one = vec![0u8; 4096];
+        // SAFETY: `one` is a page of ours.
+        assert!(unsafe { f.start(PageRange { region: RegionId(0), first: PageIndex(16), npages: 1 }, one.as_mut_ptr()) }.is_err());
+        assert_eq!(f.in_flight(), 0);
+        f.close();
+        server.stop().unwrap();
+        assert_eq!(server.pages_served(), 3);
+    }
+
+    #[test]
+    fn the_server_refuses_out_of_range_requests() {
+        let mem = MmapRegion::new(4 * 4096, MmapBacking::Anonymous, true).unwrap();
+        // SAFETY: `mem` outlives the map and the server.
+        let map = GuestMemoryMap::new(vec![unsafe { mem.guest_region(GuestAddress(0)) }], PageSize::KIB4).unwrap();
+        let (mut client, served) = pair();
+        let mut server = PageServer::start(map, vec![served], Arc::new(CpuMeter::default())).unwrap();
+        let req = PageRequest { kind: REQ_PAGES.into(), region: 0.into(), npages: 2.into(), reserved: 0.into(), first: 3.into() };
+        std::io::Write::write_all(&mut client, bytemuck::bytes_of(&req)).unwrap();
+        let mut b = [0u8; 1];
+        client.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        // The server closes the stream instead of answering.
+        assert_eq!(std::io::Read::read(&mut client, &mut b).unwrap(), 0);
+        assert!(matches!(server.stop(), Err(Error::RangeOutOfBounds { .. })));
     }
 }
