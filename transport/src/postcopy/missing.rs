@@ -125,20 +125,28 @@ impl MissingPages {
         self.cv.notify_all();
     }
 
-    /// Waits until every page is installed (Ok) or a service thread failed (the reason).
+    /// Waits until every page is installed (Ok), a service thread failed, or no page arrived
+    /// for `timeout` (the reason).
     pub fn wait(&self, timeout: Duration) -> std::result::Result<(), String> {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let deadline = std::time::Instant::now() + timeout;
+        let mut deadline = std::time::Instant::now() + timeout;
+        let mut last = self.remaining();
         loop {
             if let Some(why) = s.as_ref() {
                 return Err(why.clone());
             }
-            if self.remaining() == 0 {
+            let remaining = self.remaining();
+            if remaining == 0 {
                 return Ok(());
             }
             let now = std::time::Instant::now();
+            if remaining != last {
+                // Progress: the timeout bounds a stall, not the whole post-copy.
+                last = remaining;
+                deadline = now + timeout;
+            }
             if now >= deadline {
-                return Err(format!("no progress for {timeout:?}"));
+                return Err(format!("no page arrived for {timeout:?} ({remaining} missing)"));
             }
             s = self.cv.wait_timeout(s, (deadline - now).min(Duration::from_millis(50))).unwrap_or_else(|p| p.into_inner()).0;
         }

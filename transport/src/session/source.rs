@@ -457,7 +457,22 @@ impl Source<'_> {
         let digest = self.hashes.digest();
         self.ctl.send(&Message::Switchover { digest, pages: self.hashes.pages() })?;
         self.state = SourceState::AwaitPostcopyComplete;
-        let Message::PostcopyComplete(done) = self.recv()? else { unreachable!("state checked") };
+        // Post-copy may take longer than one I/O timeout: keep waiting while pages are served.
+        let mut served = self.server.as_ref().map_or(0, PageServer::pages_served);
+        let done = loop {
+            match self.recv() {
+                Ok(Message::PostcopyComplete(done)) => break done,
+                Ok(_) => unreachable!("state checked"),
+                Err(Error::Timeout(why)) => {
+                    let now = self.server.as_ref().map_or(0, PageServer::pages_served);
+                    if now == served {
+                        return Err(Error::Timeout(format!("{why}; no page requested meanwhile")));
+                    }
+                    served = now;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let PostcopyComplete { complete, faults, fault_pages, postcopy_micros, latency_ns } = done;
         self.state = SourceState::Done;
         if let Err(e) = self.ctl.send(&Message::Finish) {
