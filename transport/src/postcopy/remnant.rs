@@ -12,13 +12,14 @@ use crate::vm::DestinationVm;
 pub struct PostcopyRemnant {
     // Field order is drop order: the registration goes first, which releases any thread still
     // blocked on a missing page, before the VM (whose teardown joins those threads).
-    service: PostcopyService,
+    service: Option<PostcopyService>,
     vm: Box<dyn DestinationVm>,
 }
 
 impl PostcopyRemnant {
-    /// Keeps `vm` (already paused) and the still-registered `service`.
-    pub(crate) fn new(service: PostcopyService, vm: Box<dyn DestinationVm>) -> PostcopyRemnant {
+    /// Keeps `vm` (already paused) and the still-registered `service` (none when every page
+    /// had arrived).
+    pub(crate) fn new(service: Option<PostcopyService>, vm: Box<dyn DestinationVm>) -> PostcopyRemnant {
         PostcopyRemnant { service, vm }
     }
 
@@ -30,7 +31,7 @@ impl PostcopyRemnant {
 
     /// Pages still missing.
     pub fn missing(&self) -> u64 {
-        self.service.remaining()
+        self.service.as_ref().map_or(0, PostcopyService::remaining)
     }
 
     /// Releases the userfaultfd registration and returns the VM. Missing pages read as zeroes

@@ -119,6 +119,8 @@ struct Dest<'a> {
     mode: MigrationMode,
     pc_streams: Vec<TcpStream>,
     postcopy: Option<PostcopyService>,
+    /// The guest was resumed here in post-copy: a failure now must not discard it.
+    resumed_in_postcopy: bool,
 }
 
 /// Accepts one incoming migration on `listener` and returns the running guest.
@@ -140,16 +142,17 @@ pub fn accept(listener: &TcpListener, config: &MigrationConfig, factory: Destina
         mode: MigrationMode::Precopy,
         pc_streams: Vec::new(),
         postcopy: None,
+        resumed_in_postcopy: false,
     };
     let mut vm = None;
     let result = d.run(factory, &mut vm);
     let result = match result {
-        Err(e) if d.postcopy.is_some() => Err(d.postcopy_failed(vm.take(), e)),
+        Err(e) if d.resumed_in_postcopy => Err(d.postcopy_failed(vm.take(), e)),
         r => r,
     };
     // Any service left (none after a post-copy failure: the remnant holds it) goes before the
     // VM: closing the userfaultfd releases threads blocked on missing pages, which the VM's
-    // teardown joins.
+    // teardown joins. (A failure before the resume discards both: the source resumes.)
     drop(d.postcopy.take());
     if let Some(mut data) = d.data.take() {
         if let Err(e) = data.close() {
@@ -455,6 +458,7 @@ impl Dest<'_> {
         let svc = self.postcopy.insert(svc);
         vm.restore_state(&blob).map_err(|e| Error::vmm("restore device state", e))?;
         vm.resume().map_err(|e| Error::vmm("resume", e))?;
+        self.resumed_in_postcopy = true;
         svc.mark_resumed();
         let resume = t.elapsed();
         let initial = missing.count();
@@ -506,11 +510,10 @@ impl Dest<'_> {
     /// and hand it back with its memory (missing pages stay registered) and the count of
     /// missing pages.
     fn postcopy_failed(&mut self, vm: Option<Box<dyn DestinationVm>>, e: Error) -> Error {
-        let Some(mut svc) = self.postcopy.take() else {
-            return e;
-        };
-        let missing = svc.interrupt();
-        let total = svc.total();
+        let mut svc = self.postcopy.take();
+        // After the last page (a digest mismatch) nothing is missing.
+        let missing = svc.as_mut().map_or(0, PostcopyService::interrupt);
+        let total = vm.as_ref().map_or(0, |vm| vm.memory().total_pages());
         tracing::error!("post-copy failed with {missing} of {total} pages missing: {e}");
         let guest = match vm {
             Some(mut vm) => {
