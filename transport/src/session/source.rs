@@ -402,9 +402,9 @@ impl Source<'_> {
     fn run_postcopy(&mut self, mut set: PageSet, pre: PrecopyTotals, transport: &str, reason: String, started: Instant) -> Result<MigrationReport> {
         // Hybrid: the pages dirtied during the last round are stale on the destination; have
         // it drop them while the guest still runs here, so that only the pages dirtied since
-        // are dropped during the downtime.
-        // Pages re-dirtied after being dropped stay missing and need nothing more, so each
-        // batch carries only newly stale pages and the batches shrink quickly.
+        // are dropped during the downtime. Pages re-dirtied after being dropped stay missing
+        // and need nothing more, so each batch carries only newly stale pages and the batches
+        // shrink quickly.
         let mut early: Option<PageSet> = None;
         for batch in 0..MAX_EARLY_BATCHES {
             if !self.logging || set.count() <= EARLY_ENOUGH_PAGES {
@@ -436,6 +436,9 @@ impl Source<'_> {
         self.ctl.send(&Message::DeviceState(blob))?;
         tracing::debug!("post-copy: device state ({state_bytes} bytes) sent {:?} after pause", paused_at.elapsed());
         self.send_missing(&set, 0)?;
+        // From here the destination may resume the guest at any moment: if the answer is lost
+        // the outcome is unknown and the source stays paused; an Abort still resumes it.
+        self.switchover_sent = true;
         tracing::debug!("post-copy: final set of {} pages sent {:?} after pause", set.count(), paused_at.elapsed());
         if let Some(early) = &early {
             set.union_with(early);
@@ -445,7 +448,6 @@ impl Source<'_> {
         let Message::PostcopyResumed { missing, resume_micros } = self.recv()? else { unreachable!("state checked") };
         let downtime = paused_at.elapsed();
         // The guest runs on the destination from here: never resume it here.
-        self.switchover_sent = true;
         self.guest_moved = true;
         tracing::info!("post-copy: destination resumed in {resume_micros} µs; downtime {downtime:?}; {missing} pages to fetch");
         if missing != set.count() {
