@@ -238,3 +238,24 @@ fn link_cut_during_postcopy_pauses_the_destination_and_counts_missing_pages() {
     let vm = *remnant.release().into_any().downcast::<SyntheticVm>().expect("a synthetic VM");
     assert!(!vm.running(), "the destination guest is paused");
 }
+
+#[test]
+fn postcopy_with_64k_pages_and_regions() {
+    if !uffd_ok() {
+        return;
+    }
+    let page = rdmig_transport::mem::PageSize::new(65536).unwrap();
+    let cfg = SyntheticConfig::new(48 * MIB).with_dirtying(8 * MIB, 256 * MIB).with_page_size(page).with_regions(3);
+    let psk = Psk::random().unwrap();
+    for mode in [MigrationMode::Postcopy, MigrationMode::Hybrid] {
+        let mut source = SyntheticVm::start(&cfg).unwrap();
+        std::thread::sleep(Duration::from_millis(30));
+        let mcfg = config(&psk, mode).with_downtime_limit(Duration::from_micros(200)).with_max_rounds(2);
+        let (r, d) = run(&mut source, cfg.clone(), mcfg);
+        let rep = r.unwrap();
+        let (dest, _) = d.unwrap();
+        assert!(rep.verified && rep.postcopy, "{mode:?}: {rep:?}");
+        let c = dest.verify();
+        assert!(c.ok() && c.pages_checked + c.pages_skipped == cfg.mem_bytes / 65536, "{mode:?}: {c:?}");
+    }
+}
