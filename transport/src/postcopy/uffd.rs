@@ -16,6 +16,7 @@ const UFFDIO_COPY: libc::c_ulong = 0xC028_AA03;
 const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xAA00;
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+const UFFD_FEATURE_MISSING_SHMEM: u64 = 1 << 5;
 /// Ioctl bits (`1 << _UFFDIO_*`) a registered range must support.
 const NEED_RANGE_IOCTLS: [(u64, &str); 2] = [(1 << 2, "UFFDIO_WAKE"), (1 << 3, "UFFDIO_COPY")];
 
@@ -161,8 +162,14 @@ impl Uffd {
         // SAFETY: UFFDIO_REGISTER reads and writes a uffdio_register we own; the caller vouches
         // for the range.
         if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) } != 0 {
+            let shmem = if self.features & UFFD_FEATURE_MISSING_SHMEM != 0 {
+                "supported by this kernel but not requested"
+            } else {
+                "not supported by this kernel"
+            };
             return Err(Error::PostcopyUnavailable(format!(
-                "UFFDIO_REGISTER (missing mode) of {len} bytes at {start:p}: {}",
+                "UFFDIO_REGISTER (missing mode) of {len} bytes at {start:p}: {} (post-copy is tested with private anonymous guest memory; \
+                 shared or memfd memory needs UFFD_FEATURE_MISSING_SHMEM, {shmem})",
                 std::io::Error::last_os_error()
             )));
         }
