@@ -44,6 +44,10 @@ impl PageServer {
                 .name(format!("rdmig-pcserve-{i}"))
                 .spawn(move || {
                     let _cpu = ThreadCpu::start(&cpu);
+                    if i > 0 {
+                        // Prefetch streams: leave the CPU to the fault stream first.
+                        super::service::lower_priority();
+                    }
                     let mut s = s;
                     if let Err(e) = serve(i, &mut s, &map, &pages) {
                         // Close the stream so the destination sees the failure at once.

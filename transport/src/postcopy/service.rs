@@ -59,6 +59,17 @@ pub struct Fetchers {
     pub streams: Vec<TcpStream>,
 }
 
+/// Lowers the calling thread's priority (nice 10), so that bulk prefetching yields the CPU to
+/// the fault path and the guest. Best effort.
+pub fn lower_priority() {
+    // SAFETY: gettid has no preconditions.
+    let tid = unsafe { libc::gettid() };
+    // SAFETY: setpriority on our own thread id; failure only leaves the priority as it was.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10) } != 0 {
+        tracing::debug!("could not lower a prefetch thread's priority: {}", std::io::Error::last_os_error());
+    }
+}
+
 /// The pages of `a` that are not in `b`.
 pub fn difference(map: &GuestMemoryMap, a: &PageSet, b: &PageSet) -> PageSet {
     let mut out = PageSet::empty(map);
@@ -172,6 +183,7 @@ impl PostcopyService {
                     .name(format!("rdmig-prefetch-{i}"))
                     .spawn(move || {
                         let _cpu = ThreadCpu::start(&c);
+                        lower_priority();
                         let n = prefetch_loop(&u, &p, &h, f.as_mut()).unwrap_or_else(|e| {
                             p.fail(format!("prefetcher {i}: {e}"));
                             0
