@@ -166,7 +166,11 @@ pub fn print_migration(rep: &MigrationReport, kind: VmKind, dest: Option<&DestOu
         return;
     }
     println!("\nrdmig live migration of a {} {} VM over {} ({})", human_bytes(rep.mem_bytes), kind.name(), rep.transport, rep.transport_reason);
-    println!("{:>6} {:>9} {:>11} {:>9} {:>9} {:>12} {:>13}", "round", "pages", "MiB", "ms", "MiB/s", "dirty MiB/s", "predicted ms");
+    if rep.per_round.is_empty() {
+        println!("  (no pre-copy round: every page moved after the switchover)");
+    } else {
+        println!("{:>6} {:>9} {:>11} {:>9} {:>9} {:>12} {:>13}", "round", "pages", "MiB", "ms", "MiB/s", "dirty MiB/s", "predicted ms");
+    }
     for r in &rep.per_round {
         let name = if r.final_round { format!("{}*", r.round) } else { r.round.to_string() };
         println!(
@@ -180,7 +184,9 @@ pub fn print_migration(rep: &MigrationReport, kind: VmKind, dest: Option<&DestOu
             r.predicted_downtime_ms
         );
     }
-    println!("  (* = stop-and-copy round, source paused)");
+    if rep.per_round.iter().any(|r| r.final_round) {
+        println!("  (* = stop-and-copy round, source paused)");
+    }
     println!("{:<18} {:.1} ms", "total time", rep.total_ms);
     println!("{:<18} {}{}", "mode", rep.mode, if rep.postcopy { ", switched over in post-copy" } else { "" });
     if rep.postcopy {
@@ -215,15 +221,25 @@ pub fn print_destination(o: &DestOutcome, json: bool) {
         return;
     }
     match (&o.dest, &o.guest_check) {
-        (Some(d), Some(c)) => println!(
-            "incoming migration complete: {} in {} rounds over {}, resume took {:.2} ms; guest self-check {} ({} pages)",
-            human_bytes(d.bytes),
-            d.rounds,
-            d.transport,
-            d.resume_ms,
-            if c.ok() { "passed" } else { "FAILED" },
-            c.pages_checked
-        ),
+        (Some(d), Some(c)) => {
+            println!(
+                "incoming migration complete ({}): {} in {} rounds over {}, resume took {:.2} ms; guest self-check {} ({} pages)",
+                d.mode,
+                human_bytes(d.bytes),
+                d.rounds,
+                d.transport,
+                d.resume_ms,
+                if c.ok() { "passed" } else { "FAILED" },
+                c.pages_checked
+            );
+            if d.postcopy_pages > 0 {
+                let l = &d.fault_latency_us;
+                println!(
+                    "post-copy: {} pages after resume in {:.1} ms, {} faults, fault latency p50 {:.1} µs, p99 {:.1}, max {:.1}",
+                    d.postcopy_pages, d.postcopy_ms, d.postcopy_faults, l.p50, l.p99, l.max
+                );
+            }
+        }
         _ => println!("incoming migration failed: {}", o.error.as_deref().unwrap_or("unknown")),
     }
 }
