@@ -84,7 +84,7 @@ pub fn run(args: Args) -> Result<()> {
     let client = TcpStream::connect(listener.local_addr()?)?;
     let (served, _) = listener.accept()?;
     let cpu = Arc::new(CpuMeter::default());
-    let mut server = PageServer::start(src_map.clone(), vec![served], cpu)?;
+    let mut server = PageServer::start(src_map.clone(), vec![served], None, cpu)?;
 
     let mut all = PageSet::empty(&dst_map);
     all.fill();

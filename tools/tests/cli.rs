@@ -229,3 +229,41 @@ fn fault_lat_prints_percentiles_and_rdma_is_not_yet() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("not yet"), "{}", stderr(&o));
 }
+
+#[test]
+fn source_killed_during_postcopy_leaves_the_destination_paused_with_the_missing_count() {
+    if uffd_skip() {
+        return;
+    }
+    let d = scratch("pckill");
+    let k = key_file(&d, "k", b"a shared key of thirty-two bytes");
+    let port_file = d.join("port");
+    let dest = bench()
+        .args(["migrate", "--listen", "127.0.0.1:0", "--vm", "synthetic", "--mem", "128MiB", "--port-file"])
+        .arg(&port_file)
+        .arg("--psk-file")
+        .arg(&k)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let port = wait_port(&port_file);
+    // Post-copy prefetch capped at 16 MiB/s: 128 MiB take about 8 s; kill the source 1.5 s in.
+    let mut src = bench()
+        .args(["migrate", "--connect", &format!("127.0.0.1:{port}"), "--vm", "synthetic", "--mem", "128MiB", "--mode", "postcopy"])
+        .args(["--working-set", "16MiB", "--dirty-rate", "64MiB/s", "--max-bandwidth", "16MiB/s"])
+        .arg("--psk-file")
+        .arg(&k)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    src.kill().unwrap();
+    src.wait().unwrap();
+    let o = dest.wait_with_output().unwrap();
+    assert!(!o.status.success());
+    let e = stderr(&o) + &String::from_utf8_lossy(&o.stdout);
+    assert!(e.contains("post-copy interrupted with") && e.contains("of 32768 pages still on the source"), "{e}");
+    assert!(e.contains("the destination guest is paused"), "{e}");
+}

@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use crate::cpu::{CpuMeter, ThreadCpu};
 use crate::error::{Error, Result};
 use crate::mem::{GuestMemoryMap, PageIndex, RegionId};
-use crate::tcp::writev_all;
+use crate::tcp::{writev_all, RateLimiter};
 use crate::wire::{DataHeader, PageRequest, DATA_POSTCOPY, MAX_REQUEST_PAGES, REQ_END, REQ_PAGES};
 
 /// Serves page requests until the destination ends every stream.
@@ -30,8 +30,9 @@ impl std::fmt::Debug for PageServer {
 }
 
 impl PageServer {
-    /// Starts one server thread per stream (stream 0 is the fault stream).
-    pub fn start(map: GuestMemoryMap, streams: Vec<TcpStream>, cpu: Arc<CpuMeter>) -> Result<PageServer> {
+    /// Starts one server thread per stream (stream 0 is the fault stream). The bandwidth cap,
+    /// if any, paces the prefetch streams only: faults are never held back.
+    pub fn start(map: GuestMemoryMap, streams: Vec<TcpStream>, limiter: Option<Arc<RateLimiter>>, cpu: Arc<CpuMeter>) -> Result<PageServer> {
         let failure = Arc::new(Mutex::new(None));
         let pages = Arc::new(AtomicU64::new(0));
         let mut handles = Vec::new();
@@ -40,6 +41,7 @@ impl PageServer {
             s.set_nodelay(true).map_err(|e| Error::io("TCP_NODELAY on a post-copy stream", e, "post-copy stream"))?;
             kept.push(s.try_clone().map_err(|e| Error::io("cloning a post-copy stream", e, "post-copy stream"))?);
             let (map, failure, pages, cpu) = (map.clone(), failure.clone(), pages.clone(), cpu.clone());
+            let limiter = if i > 0 { limiter.clone() } else { None };
             let h = std::thread::Builder::new()
                 .name(format!("rdmig-pcserve-{i}"))
                 .spawn(move || {
@@ -49,7 +51,7 @@ impl PageServer {
                         super::service::lower_priority();
                     }
                     let mut s = s;
-                    if let Err(e) = serve(i, &mut s, &map, &pages) {
+                    if let Err(e) = serve(i, &mut s, &map, &pages, limiter.as_deref()) {
                         // Close the stream so the destination sees the failure at once.
                         let _ = s.shutdown(std::net::Shutdown::Both);
                         failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
@@ -91,7 +93,7 @@ impl Drop for PageServer {
     }
 }
 
-fn serve(i: usize, s: &mut TcpStream, map: &GuestMemoryMap, served: &AtomicU64) -> Result<()> {
+fn serve(i: usize, s: &mut TcpStream, map: &GuestMemoryMap, served: &AtomicU64, limiter: Option<&RateLimiter>) -> Result<()> {
     loop {
         let mut b = [0u8; size_of::<PageRequest>()];
         match s.read_exact(&mut b) {
@@ -112,6 +114,9 @@ fn serve(i: usize, s: &mut TcpStream, map: &GuestMemoryMap, served: &AtomicU64) 
         }
         let (region, first) = (RegionId(req.region.get()), PageIndex(req.first.get()));
         let (ptr, len) = map.span(region, first, u64::from(npages))?;
+        if let Some(l) = limiter {
+            l.acquire(len as u64);
+        }
         let h = DataHeader { kind: DATA_POSTCOPY.into(), round: 0.into(), region: region.0.into(), npages: npages.into(), first: first.0.into() };
         let mut iov = [
             libc::iovec { iov_base: (&h as *const DataHeader).cast_mut().cast(), iov_len: size_of::<DataHeader>() },
@@ -150,7 +155,7 @@ mod tests {
         // SAFETY: `mem` outlives the map and the server (dropped at the end of the test).
         let map = GuestMemoryMap::new(vec![unsafe { mem.guest_region(GuestAddress(0)) }], PageSize::KIB4).unwrap();
         let (client, served) = pair();
-        let mut server = PageServer::start(map.clone(), vec![served], Arc::new(CpuMeter::default())).unwrap();
+        let mut server = PageServer::start(map.clone(), vec![served], None, Arc::new(CpuMeter::default())).unwrap();
         let mut f = TcpPageFetcher::new(client, map.clone(), "test").unwrap();
         let ranges =
             [PageRange { region: RegionId(0), first: PageIndex(3), npages: 2 }, PageRange { region: RegionId(0), first: PageIndex(15), npages: 1 }];
@@ -173,7 +178,7 @@ mod tests {
         // SAFETY: `mem` outlives the map and the server.
         let map = GuestMemoryMap::new(vec![unsafe { mem.guest_region(GuestAddress(0)) }], PageSize::KIB4).unwrap();
         let (mut client, served) = pair();
-        let mut server = PageServer::start(map, vec![served], Arc::new(CpuMeter::default())).unwrap();
+        let mut server = PageServer::start(map, vec![served], None, Arc::new(CpuMeter::default())).unwrap();
         let req = PageRequest { kind: REQ_PAGES.into(), region: 0.into(), npages: 2.into(), reserved: 0.into(), first: 3.into() };
         std::io::Write::write_all(&mut client, bytemuck::bytes_of(&req)).unwrap();
         let mut b = [0u8; 1];

@@ -252,14 +252,14 @@ impl Source<'_> {
             None => {
                 let token = self.config.psk.stream_token(&nonce_s, &ack.nonce);
                 let streams = connect_streams(dest, self.config.streams, token, self.config.io_timeout)?;
-                Box::new(TcpSourcePath::new(self.map.clone(), streams, limiter, self.cpu.clone())?)
+                Box::new(TcpSourcePath::new(self.map.clone(), streams, limiter.clone(), self.cpu.clone())?)
             }
         });
         if mode != MigrationMode::Precopy {
             // The page server idles until the destination asks for pages after the switchover.
             let token = self.config.psk.postcopy_token(&nonce_s, &ack.nonce);
             let streams = connect_streams(dest, postcopy::stream_count(self.config.streams), token, self.config.io_timeout)?;
-            self.server = Some(PageServer::start(self.map.clone(), streams, self.cpu.clone())?);
+            self.server = Some(PageServer::start(self.map.clone(), streams, limiter, self.cpu.clone())?);
         }
         self.state = SourceState::AwaitReady;
         self.recv()?;
