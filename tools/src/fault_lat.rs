@@ -69,14 +69,23 @@ pub fn run(args: Args) -> Result<()> {
     const PAGE: u64 = 4096;
     let pages = args.size / PAGE;
     if args.iters == 0 || args.iters > pages {
-        bail!("--iters must be between 1 and the {pages} pages of --size {}", args.size);
+        bail!(
+            "--iters must be between 1 and the {pages} pages of --size {}",
+            args.size
+        );
     }
     Uffd::probe().context("fault-lat needs userfaultfd")?;
 
     let (src_mem, src_map) = region(args.size)?;
     for p in 0..pages {
         // SAFETY: page p lies inside the source mapping, which nothing else uses yet.
-        unsafe { src_mem.as_ptr().add((p * PAGE) as usize).cast::<u64>().write(pattern(p)) };
+        unsafe {
+            src_mem
+                .as_ptr()
+                .add((p * PAGE) as usize)
+                .cast::<u64>()
+                .write(pattern(p))
+        };
     }
     let (dst_mem, dst_map) = region(args.size)?;
 
@@ -96,12 +105,14 @@ pub fn run(args: Args) -> Result<()> {
     let hashes = Arc::new(PageHashes::new(&dst_map));
     let mut fetcher = TcpPageFetcher::new(client, dst_map.clone(), "fault")?;
     let (u, m, h) = (uffd.clone(), missing.clone(), hashes.clone());
-    let service = std::thread::Builder::new().name("fault-lat-service".into()).spawn(move || {
-        let mut stats = FaultStats::new();
-        let r = fault_loop(&u, &m, &h, &mut fetcher, &mut stats);
-        fetcher.close();
-        r.map(|()| stats)
-    })?;
+    let service = std::thread::Builder::new()
+        .name("fault-lat-service".into())
+        .spawn(move || {
+            let mut stats = FaultStats::new();
+            let r = fault_loop(&u, &m, &h, &mut fetcher, &mut stats);
+            fetcher.close();
+            r.map(|()| stats)
+        })?;
 
     // Scattered order: a stride coprime with the page count.
     let mut stride = (pages / 2 + 1) | 1;
@@ -121,7 +132,9 @@ pub fn run(args: Args) -> Result<()> {
         bad += u64::from(v != pattern(p));
     }
     missing.request_stop();
-    let stats = service.join().map_err(|_| anyhow::anyhow!("the fault service panicked"))??;
+    let stats = service
+        .join()
+        .map_err(|_| anyhow::anyhow!("the fault service panicked"))??;
     uffd.unregister(dst_mem.as_ptr(), dst_mem.len())?;
     if let Err(e) = server.stop() {
         tracing::debug!("page server: {e}");
@@ -151,8 +164,13 @@ pub fn run(args: Args) -> Result<()> {
             })
         );
     } else {
-        println!("remote fault latency over tcp (loopback), fault to resumed access, {PAGE} byte pages");
-        println!("{:>8} {:>11} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}", "#bytes", "#iterations", "t_min", "t_p50", "t_p90", "t_p99", "t_p99.9", "t_max");
+        println!(
+            "remote fault latency over tcp (loopback), fault to resumed access, {PAGE} byte pages"
+        );
+        println!(
+            "{:>8} {:>11} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            "#bytes", "#iterations", "t_min", "t_p50", "t_p90", "t_p99", "t_p99.9", "t_max"
+        );
         println!(
             "{:>8} {:>11} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2}   [usec]",
             PAGE,
@@ -164,7 +182,10 @@ pub fn run(args: Args) -> Result<()> {
             q(0.999),
             us(hist.max())
         );
-        println!("fault service alone (fault read to UFFDIO_COPY done): p50 {:.2} usec", us(stats.percentiles_ns()[0]));
+        println!(
+            "fault service alone (fault read to UFFDIO_COPY done): p50 {:.2} usec",
+            us(stats.percentiles_ns()[0])
+        );
     }
     Ok(())
 }

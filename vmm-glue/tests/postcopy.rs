@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use rdmig_transport::auth::Psk;
 use rdmig_transport::digest::full_digest;
 use rdmig_transport::postcopy::Uffd;
-use rdmig_transport::session::{accept, migrate, DestReport, MigrationConfig, MigrationMode, MigrationReport};
+use rdmig_transport::session::{
+    accept, migrate, DestReport, MigrationConfig, MigrationMode, MigrationReport,
+};
 use rdmig_transport::wire::TransportKind;
 use rdmig_transport::Error;
 use rdmig_vmm::synthetic::{synthetic_destination_factory, SyntheticConfig, SyntheticVm};
@@ -57,14 +59,29 @@ fn run_via(
     }
     let dcfg = cfg.clone();
     let dest = std::thread::spawn(move || {
-        accept(&listener, &dcfg, synthetic_destination_factory(dest_cfg, None))
-            .map(|(vm, rep)| (*vm.into_any().downcast::<SyntheticVm>().expect("a synthetic VM"), rep))
+        accept(
+            &listener,
+            &dcfg,
+            synthetic_destination_factory(dest_cfg, None),
+        )
+        .map(|(vm, rep)| {
+            (
+                *vm.into_any()
+                    .downcast::<SyntheticVm>()
+                    .expect("a synthetic VM"),
+                rep,
+            )
+        })
     });
     let r = migrate(source, addr, &cfg, &mut |_| {});
     (r, dest.join().unwrap())
 }
 
-fn run(source: &mut SyntheticVm, dest_cfg: SyntheticConfig, cfg: MigrationConfig) -> (Result<MigrationReport, Error>, DestOutcome) {
+fn run(
+    source: &mut SyntheticVm,
+    dest_cfg: SyntheticConfig,
+    cfg: MigrationConfig,
+) -> (Result<MigrationReport, Error>, DestOutcome) {
     run_via(source, dest_cfg, cfg, None)
 }
 
@@ -77,19 +94,35 @@ fn postcopy_with_writers_on_the_destination() {
     let psk = Psk::random().unwrap();
     let mut source = SyntheticVm::start(&cfg).unwrap();
     std::thread::sleep(Duration::from_millis(50));
-    let (r, d) = run(&mut source, cfg.clone(), config(&psk, MigrationMode::Postcopy));
+    let (r, d) = run(
+        &mut source,
+        cfg.clone(),
+        config(&psk, MigrationMode::Postcopy),
+    );
     let rep = r.unwrap();
     let (dest, drep) = d.unwrap();
     let pages = cfg.mem_bytes / 4096;
     assert!(rep.verified && rep.postcopy, "{rep:?}");
-    assert_eq!((rep.mode.as_str(), rep.rounds, rep.postcopy_pages), ("postcopy", 0, pages));
-    assert!(rep.postcopy_faults > 0, "the destination writers must have faulted on remote pages");
+    assert_eq!(
+        (rep.mode.as_str(), rep.rounds, rep.postcopy_pages),
+        ("postcopy", 0, pages)
+    );
+    assert!(
+        rep.postcopy_faults > 0,
+        "the destination writers must have faulted on remote pages"
+    );
     assert!(rep.fault_latency_us.p50 > 0.0 && rep.fault_latency_us.max >= rep.fault_latency_us.p99);
     assert_eq!(drep.postcopy_pages, pages);
     assert!(!source.running());
     let c = dest.verify();
-    assert!(c.ok() && c.pages_checked + c.pages_skipped == pages, "{c:?}");
-    assert!(dest.pages_written() > source.pages_written(), "the guest runs on the destination");
+    assert!(
+        c.ok() && c.pages_checked + c.pages_skipped == pages,
+        "{c:?}"
+    );
+    assert!(
+        dest.pages_written() > source.pages_written(),
+        "the guest runs on the destination"
+    );
     eprintln!(
         "postcopy 64 MiB: downtime {:.3} ms, {} faults, p50 {:.1} µs, post-copy {:.1} ms",
         rep.downtime_ms, rep.postcopy_faults, rep.fault_latency_us.p50, rep.postcopy_ms
@@ -104,11 +137,18 @@ fn postcopy_of_an_idle_vm_copies_memory_exactly() {
     let cfg = SyntheticConfig::new(32 * MIB).with_regions(3);
     let psk = Psk::random().unwrap();
     let mut source = SyntheticVm::start(&cfg).unwrap();
-    let (r, d) = run(&mut source, cfg.clone(), config(&psk, MigrationMode::Postcopy));
+    let (r, d) = run(
+        &mut source,
+        cfg.clone(),
+        config(&psk, MigrationMode::Postcopy),
+    );
     let rep = r.unwrap();
     let (dest, _) = d.unwrap();
     assert!(rep.verified && rep.postcopy);
-    assert_eq!(full_digest(source.memory_map()), full_digest(dest.memory_map()));
+    assert_eq!(
+        full_digest(source.memory_map()),
+        full_digest(dest.memory_map())
+    );
     assert!(dest.verify().ok());
 }
 
@@ -121,16 +161,28 @@ fn hybrid_finishes_in_postcopy_when_precopy_cannot_converge() {
     let cfg = SyntheticConfig::new(128 * MIB).with_dirtying(64 * MIB, 2048 * MIB);
     let psk = Psk::random().unwrap();
     let mut source = SyntheticVm::start(&cfg).unwrap();
-    let mcfg = config(&psk, MigrationMode::Hybrid).with_downtime_limit(Duration::from_millis(1)).with_max_rounds(3);
+    let mcfg = config(&psk, MigrationMode::Hybrid)
+        .with_downtime_limit(Duration::from_millis(1))
+        .with_max_rounds(3);
     let (r, d) = run(&mut source, cfg.clone(), mcfg);
     let rep = r.unwrap();
     let (dest, _) = d.unwrap();
-    assert!(rep.verified && rep.postcopy && rep.mode == "hybrid", "{rep:?}");
+    assert!(
+        rep.verified && rep.postcopy && rep.mode == "hybrid",
+        "{rep:?}"
+    );
     assert!(rep.rounds >= 1 && rep.rounds <= 3, "{} rounds", rep.rounds);
-    assert!(rep.postcopy_pages > 0 && rep.postcopy_pages < cfg.mem_bytes / 4096, "{} pages", rep.postcopy_pages);
+    assert!(
+        rep.postcopy_pages > 0 && rep.postcopy_pages < cfg.mem_bytes / 4096,
+        "{} pages",
+        rep.postcopy_pages
+    );
     let c = dest.verify();
     assert!(c.ok(), "{c:?}");
-    eprintln!("hybrid: {} rounds, downtime {:.3} ms, {} pages in post-copy", rep.rounds, rep.downtime_ms, rep.postcopy_pages);
+    eprintln!(
+        "hybrid: {} rounds, downtime {:.3} ms, {} pages in post-copy",
+        rep.rounds, rep.downtime_ms, rep.postcopy_pages
+    );
 }
 
 #[test]
@@ -141,7 +193,11 @@ fn hybrid_that_converges_stays_precopy() {
     let cfg = SyntheticConfig::new(32 * MIB);
     let psk = Psk::random().unwrap();
     let mut source = SyntheticVm::start(&cfg).unwrap();
-    let (r, d) = run(&mut source, cfg.clone(), config(&psk, MigrationMode::Hybrid));
+    let (r, d) = run(
+        &mut source,
+        cfg.clone(),
+        config(&psk, MigrationMode::Hybrid),
+    );
     let rep = r.unwrap();
     assert!(rep.verified && !rep.postcopy && rep.mode == "hybrid");
     assert!(d.unwrap().0.verify().ok());
@@ -167,8 +223,11 @@ impl Relay {
                 let Some(t) = *t2.lock().unwrap() else { return };
                 let Ok(b) = TcpStream::connect(t) else { return };
                 let _ = (a.set_nodelay(true), b.set_nodelay(true));
-                c2.lock().unwrap().extend([a.try_clone().unwrap(), b.try_clone().unwrap()]);
-                for (mut from, mut to) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)] {
+                c2.lock()
+                    .unwrap()
+                    .extend([a.try_clone().unwrap(), b.try_clone().unwrap()]);
+                for (mut from, mut to) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)]
+                {
                     std::thread::spawn(move || {
                         let mut buf = vec![0u8; 1 << 16];
                         let start = Instant::now();
@@ -188,7 +247,11 @@ impl Relay {
                 }
             }
         });
-        Relay { addr, target, conns }
+        Relay {
+            addr,
+            target,
+            conns,
+        }
     }
 
     fn target(&self, t: SocketAddr) {
@@ -219,23 +282,51 @@ fn link_cut_during_postcopy_pauses_the_destination_and_counts_missing_pages() {
             relay.cut();
         })
     };
-    let (r, d) = run_via(&mut source, cfg.clone(), config(&psk, MigrationMode::Postcopy), Some(&relay));
+    let (r, d) = run_via(
+        &mut source,
+        cfg.clone(),
+        config(&psk, MigrationMode::Postcopy),
+        Some(&relay),
+    );
     cutter.join().unwrap();
     let e = r.expect_err("the source cannot complete over a cut link");
-    assert!(matches!(e, Error::SwitchoverUnknown(_)), "the guest moved: the source must stay paused: {e}");
-    assert!(!source.running(), "the source must not resume a guest that runs on the destination");
-    let Err(de) = d else { panic!("the destination cannot complete over a cut link") };
+    assert!(
+        matches!(e, Error::SwitchoverUnknown(_)),
+        "the guest moved: the source must stay paused: {e}"
+    );
+    assert!(
+        !source.running(),
+        "the source must not resume a guest that runs on the destination"
+    );
+    let Err(de) = d else {
+        panic!("the destination cannot complete over a cut link")
+    };
     eprintln!("cut during post-copy: {de}");
     assert!(de.to_string().contains("pages still on the source"), "{de}");
-    let Error::PostcopyInterrupted { missing, total, guest, .. } = de else { panic!("not PostcopyInterrupted") };
+    let Error::PostcopyInterrupted {
+        missing,
+        total,
+        guest,
+        ..
+    } = de
+    else {
+        panic!("not PostcopyInterrupted")
+    };
     assert_eq!(total, cfg.mem_bytes / 4096);
-    assert!(missing > 0 && missing < total, "{missing} of {total} missing");
+    assert!(
+        missing > 0 && missing < total,
+        "{missing} of {total} missing"
+    );
     // The destination kept the paused guest and what arrived.
     let remnant = guest.take().expect("the paused guest is handed back");
     assert!(guest.take().is_none(), "taken once");
     assert_eq!(remnant.missing(), missing);
     assert_eq!(remnant.vm().memory().total_bytes(), cfg.mem_bytes);
-    let vm = *remnant.release().into_any().downcast::<SyntheticVm>().expect("a synthetic VM");
+    let vm = *remnant
+        .release()
+        .into_any()
+        .downcast::<SyntheticVm>()
+        .expect("a synthetic VM");
     assert!(!vm.running(), "the destination guest is paused");
 }
 
@@ -245,17 +336,25 @@ fn postcopy_with_64k_pages_and_regions() {
         return;
     }
     let page = rdmig_transport::mem::PageSize::new(65536).unwrap();
-    let cfg = SyntheticConfig::new(48 * MIB).with_dirtying(8 * MIB, 256 * MIB).with_page_size(page).with_regions(3);
+    let cfg = SyntheticConfig::new(48 * MIB)
+        .with_dirtying(8 * MIB, 256 * MIB)
+        .with_page_size(page)
+        .with_regions(3);
     let psk = Psk::random().unwrap();
     for mode in [MigrationMode::Postcopy, MigrationMode::Hybrid] {
         let mut source = SyntheticVm::start(&cfg).unwrap();
         std::thread::sleep(Duration::from_millis(30));
-        let mcfg = config(&psk, mode).with_downtime_limit(Duration::from_micros(200)).with_max_rounds(2);
+        let mcfg = config(&psk, mode)
+            .with_downtime_limit(Duration::from_micros(200))
+            .with_max_rounds(2);
         let (r, d) = run(&mut source, cfg.clone(), mcfg);
         let rep = r.unwrap();
         let (dest, _) = d.unwrap();
         assert!(rep.verified && rep.postcopy, "{mode:?}: {rep:?}");
         let c = dest.verify();
-        assert!(c.ok() && c.pages_checked + c.pages_skipped == cfg.mem_bytes / 65536, "{mode:?}: {c:?}");
+        assert!(
+            c.ok() && c.pages_checked + c.pages_skipped == cfg.mem_bytes / 65536,
+            "{mode:?}: {c:?}"
+        );
     }
 }

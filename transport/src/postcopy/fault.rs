@@ -33,7 +33,11 @@ pub struct FaultStats {
 impl FaultStats {
     /// Empty statistics.
     pub fn new() -> FaultStats {
-        FaultStats { faults: 0, latency: Histogram::new_with_bounds(1, 600_000_000_000, 3).expect("static histogram bounds are valid") }
+        FaultStats {
+            faults: 0,
+            latency: Histogram::new_with_bounds(1, 600_000_000_000, 3)
+                .expect("static histogram bounds are valid"),
+        }
     }
 
     /// p50, p90, p99, p99.9 and max, ns (all 0 without faults).
@@ -42,7 +46,13 @@ impl FaultStats {
             return [0; 5];
         }
         let h = &self.latency;
-        [h.value_at_quantile(0.5), h.value_at_quantile(0.9), h.value_at_quantile(0.99), h.value_at_quantile(0.999), h.max()]
+        [
+            h.value_at_quantile(0.5),
+            h.value_at_quantile(0.9),
+            h.value_at_quantile(0.99),
+            h.value_at_quantile(0.999),
+            h.max(),
+        ]
     }
 }
 
@@ -53,7 +63,13 @@ impl Default for FaultStats {
 }
 
 /// Serves faults until `pages` says stop. Returns on the first fetch or install error.
-pub fn fault_loop(uffd: &Uffd, pages: &MissingPages, hashes: &PageHashes, fetcher: &mut dyn PageFetcher, stats: &mut FaultStats) -> Result<()> {
+pub fn fault_loop(
+    uffd: &Uffd,
+    pages: &MissingPages,
+    hashes: &PageHashes,
+    fetcher: &mut dyn PageFetcher,
+    stats: &mut FaultStats,
+) -> Result<()> {
     let page = pages.page_bytes();
     let mut addrs = Vec::with_capacity(BATCH);
     let mut keys = Vec::with_capacity(BATCH);
@@ -83,7 +99,14 @@ pub fn fault_loop(uffd: &Uffd, pages: &MissingPages, hashes: &PageHashes, fetche
         for k in &keys {
             match fetch.last_mut() {
                 Some((r, n)) if r.region == k.0 && r.first == k.1 => *n += 1,
-                _ => fetch.push((PageRange { region: k.0, first: k.1, npages: 1 }, 1)),
+                _ => fetch.push((
+                    PageRange {
+                        region: k.0,
+                        first: k.1,
+                        npages: 1,
+                    },
+                    1,
+                )),
             }
         }
         if let Some((r, _)) = fetch.last() {
@@ -100,7 +123,9 @@ pub fn fault_loop(uffd: &Uffd, pages: &MissingPages, hashes: &PageHashes, fetche
                 }
             }
             for _ in 0..*n {
-                stats.latency.saturating_record(t0.elapsed().as_nanos() as u64);
+                stats
+                    .latency
+                    .saturating_record(t0.elapsed().as_nanos() as u64);
             }
             false
         });

@@ -45,7 +45,10 @@ pub trait PageFetcher: Send {
     fn fetch(&mut self, ranges: &[PageRange], page_bytes: usize, buf: &mut [u8]) -> Result<()> {
         let need: usize = ranges.iter().map(|r| r.npages as usize * page_bytes).sum();
         if buf.len() < need {
-            return Err(Error::InvalidConfig(format!("fetch buffer of {} bytes for {need}", buf.len())));
+            return Err(Error::InvalidConfig(format!(
+                "fetch buffer of {} bytes for {need}",
+                buf.len()
+            )));
         }
         let mut off = 0;
         for r in ranges {
@@ -79,9 +82,20 @@ unsafe impl Send for TcpPageFetcher {}
 
 impl TcpPageFetcher {
     /// A fetcher on `stream` for memory laid out as `map` (used to size and check ranges).
-    pub fn new(stream: TcpStream, map: GuestMemoryMap, label: impl Into<String>) -> Result<TcpPageFetcher> {
-        stream.set_nodelay(true).map_err(|e| Error::io("TCP_NODELAY on a post-copy stream", e, "post-copy stream"))?;
-        Ok(TcpPageFetcher { stream, map, pending: VecDeque::new(), label: label.into() })
+    pub fn new(
+        stream: TcpStream,
+        map: GuestMemoryMap,
+        label: impl Into<String>,
+    ) -> Result<TcpPageFetcher> {
+        stream
+            .set_nodelay(true)
+            .map_err(|e| Error::io("TCP_NODELAY on a post-copy stream", e, "post-copy stream"))?;
+        Ok(TcpPageFetcher {
+            stream,
+            map,
+            pending: VecDeque::new(),
+            label: label.into(),
+        })
     }
 
     /// Polls the socket without sleeping for a short while: an answer on loopback or a fast
@@ -91,7 +105,14 @@ impl TcpPageFetcher {
         let mut byte = 0u8;
         while t.elapsed() < SPIN {
             // SAFETY: peeking at most one byte into a local without blocking.
-            let n = unsafe { libc::recv(self.stream.as_raw_fd(), (&mut byte as *mut u8).cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+            let n = unsafe {
+                libc::recv(
+                    self.stream.as_raw_fd(),
+                    (&mut byte as *mut u8).cast(),
+                    1,
+                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                )
+            };
             if n != -1 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::WouldBlock {
                 return;
             }
@@ -101,7 +122,13 @@ impl TcpPageFetcher {
 
     /// Tells the source no more requests follow on this stream (best effort).
     pub fn end(&mut self) {
-        let req = PageRequest { kind: REQ_END.into(), region: 0.into(), npages: 0.into(), reserved: 0.into(), first: 0.into() };
+        let req = PageRequest {
+            kind: REQ_END.into(),
+            region: 0.into(),
+            npages: 0.into(),
+            reserved: 0.into(),
+            first: 0.into(),
+        };
         let _ = self.stream.write_all(bytemuck::bytes_of(&req));
     }
 }
@@ -112,9 +139,14 @@ impl PageFetcher for TcpPageFetcher {
     }
 
     unsafe fn start(&mut self, range: PageRange, dst: *mut u8) -> Result<()> {
-        let npages = u32::try_from(range.npages).ok().filter(|&n| n > 0 && n <= MAX_REQUEST_PAGES);
+        let npages = u32::try_from(range.npages)
+            .ok()
+            .filter(|&n| n > 0 && n <= MAX_REQUEST_PAGES);
         let Some(npages) = npages else {
-            return Err(Error::InvalidConfig(format!("a page request of {} pages (1..={MAX_REQUEST_PAGES})", range.npages)));
+            return Err(Error::InvalidConfig(format!(
+                "a page request of {} pages (1..={MAX_REQUEST_PAGES})",
+                range.npages
+            )));
         };
         self.map.span(range.region, range.first, range.npages)?;
         let req = PageRequest {
@@ -126,29 +158,54 @@ impl PageFetcher for TcpPageFetcher {
         };
         self.stream
             .write_all(bytemuck::bytes_of(&req))
-            .map_err(|e| Error::io(format!("requesting pages on the {} stream", self.label), e, "post-copy stream"))?;
+            .map_err(|e| {
+                Error::io(
+                    format!("requesting pages on the {} stream", self.label),
+                    e,
+                    "post-copy stream",
+                )
+            })?;
         self.pending.push_back((range, dst));
         Ok(())
     }
 
     fn complete(&mut self) -> Result<PageRange> {
         let Some((range, dst)) = self.pending.pop_front() else {
-            return Err(Error::InvalidConfig("complete() with no fetch in flight".into()));
+            return Err(Error::InvalidConfig(
+                "complete() with no fetch in flight".into(),
+            ));
         };
         self.spin_until_readable();
         let mut b = [0u8; size_of::<DataHeader>()];
-        self.stream
-            .read_exact(&mut b)
-            .map_err(|e| Error::io(format!("reading a page answer on the {} stream", self.label), e, "post-copy stream"))?;
+        self.stream.read_exact(&mut b).map_err(|e| {
+            Error::io(
+                format!("reading a page answer on the {} stream", self.label),
+                e,
+                "post-copy stream",
+            )
+        })?;
         let h: DataHeader = bytemuck::pod_read_unaligned(&b);
-        let got = PageRange { region: RegionId(h.region.get()), first: PageIndex(h.first.get()), npages: u64::from(h.npages.get()) };
+        let got = PageRange {
+            region: RegionId(h.region.get()),
+            first: PageIndex(h.first.get()),
+            npages: u64::from(h.npages.get()),
+        };
         if h.kind.get() != DATA_POSTCOPY || got != range {
-            return Err(Error::Protocol(format!("the {} stream answered {got:?} (kind {}) to a request for {range:?}", self.label, h.kind.get())));
+            return Err(Error::Protocol(format!(
+                "the {} stream answered {got:?} (kind {}) to a request for {range:?}",
+                self.label,
+                h.kind.get()
+            )));
         }
         let len = (range.npages << self.map.page_size().shift()) as usize;
         // SAFETY: `start`'s contract: dst is writable for the range's bytes and ours until now.
-        unsafe { recv_exact(self.stream.as_raw_fd(), dst, len) }
-            .map_err(|e| Error::io(format!("receiving pages on the {} stream", self.label), e, "post-copy stream"))?;
+        unsafe { recv_exact(self.stream.as_raw_fd(), dst, len) }.map_err(|e| {
+            Error::io(
+                format!("receiving pages on the {} stream", self.label),
+                e,
+                "post-copy stream",
+            )
+        })?;
         Ok(range)
     }
 

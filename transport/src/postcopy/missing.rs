@@ -44,7 +44,10 @@ pub struct MissingPages {
 
 impl std::fmt::Debug for MissingPages {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MissingPages").field("initial", &self.initial).field("remaining", &self.remaining()).finish()
+        f.debug_struct("MissingPages")
+            .field("initial", &self.initial)
+            .field("remaining", &self.remaining())
+            .finish()
     }
 }
 
@@ -61,11 +64,18 @@ impl MissingPages {
         let missing: Vec<AtomicU64> = (0..words).map(|_| AtomicU64::new(0)).collect();
         let mut initial = 0;
         for range in set.ranges(u64::MAX) {
-            let (mut p, end) = (base[range.region.0 as usize] + range.first.0, base[range.region.0 as usize] + range.end());
+            let (mut p, end) = (
+                base[range.region.0 as usize] + range.first.0,
+                base[range.region.0 as usize] + range.end(),
+            );
             while p < end {
                 // Whole words at once where the run covers them.
                 let n = (64 - p % 64).min(end - p);
-                let bits = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << (p % 64) };
+                let bits = if n == 64 {
+                    u64::MAX
+                } else {
+                    ((1u64 << n) - 1) << (p % 64)
+                };
                 missing[(p / 64) as usize].fetch_or(bits, Ordering::Relaxed);
                 p += n;
             }
@@ -76,7 +86,11 @@ impl MissingPages {
             base,
             total,
             missing,
-            picker: Mutex::new(Picker { requested: vec![0; words], cursor: 0, seen_fault: u64::MAX }),
+            picker: Mutex::new(Picker {
+                requested: vec![0; words],
+                cursor: 0,
+                seen_fault: u64::MAX,
+            }),
             last_fault: AtomicU64::new(u64::MAX),
             remaining: AtomicU64::new(initial),
             initial,
@@ -146,9 +160,15 @@ impl MissingPages {
                 deadline = now + timeout;
             }
             if now >= deadline {
-                return Err(format!("no page arrived for {timeout:?} ({remaining} missing)"));
+                return Err(format!(
+                    "no page arrived for {timeout:?} ({remaining} missing)"
+                ));
             }
-            s = self.cv.wait_timeout(s, (deadline - now).min(Duration::from_millis(50))).unwrap_or_else(|p| p.into_inner()).0;
+            s = self
+                .cv
+                .wait_timeout(s, (deadline - now).min(Duration::from_millis(50)))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
         }
     }
 
@@ -167,7 +187,8 @@ impl MissingPages {
         let shift = self.map.page_size().shift();
         self.map.regions().iter().enumerate().find_map(|(i, r)| {
             let start = r.host_ptr() as u64;
-            (addr >= start && addr < start + r.len()).then(|| (RegionId(i as u32), PageIndex((addr - start) >> shift)))
+            (addr >= start && addr < start + r.len())
+                .then(|| (RegionId(i as u32), PageIndex((addr - start) >> shift)))
         })
     }
 
@@ -186,7 +207,8 @@ impl MissingPages {
 
     /// Notes a guest fault on a page, steering the prefetcher next to it.
     pub fn note_fault(&self, region: RegionId, page: PageIndex) {
-        self.last_fault.store(self.global(region, page), Ordering::Relaxed);
+        self.last_fault
+            .store(self.global(region, page), Ordering::Relaxed);
     }
 
     /// The next run of at most `max` missing pages nobody asked for yet, from the page after
@@ -207,7 +229,8 @@ impl MissingPages {
         let start_word = p.cursor / 64;
         for step in 0..=words {
             let w = (start_word + step) % words;
-            let mut cand = self.missing[w as usize].load(Ordering::Acquire) & !p.requested[w as usize];
+            let mut cand =
+                self.missing[w as usize].load(Ordering::Acquire) & !p.requested[w as usize];
             if step == 0 {
                 cand &= !0u64 << (p.cursor % 64);
             }
@@ -218,7 +241,11 @@ impl MissingPages {
             let region = self.base.partition_point(|&b| b <= first) - 1;
             let region_end = self.base.get(region + 1).copied().unwrap_or(self.total);
             let mut end = first;
-            while end < region_end && end - first < max && self.is_missing(end) && p.requested[(end / 64) as usize] & (1 << (end % 64)) == 0 {
+            while end < region_end
+                && end - first < max
+                && self.is_missing(end)
+                && p.requested[(end / 64) as usize] & (1 << (end % 64)) == 0
+            {
                 p.requested[(end / 64) as usize] |= 1 << (end % 64);
                 end += 1;
             }
@@ -228,7 +255,11 @@ impl MissingPages {
                 return self.pick_locked(p, max);
             }
             p.cursor = end;
-            return Some(PageRange { region: RegionId(region as u32), first: PageIndex(first - self.base[region]), npages: end - first });
+            return Some(PageRange {
+                region: RegionId(region as u32),
+                first: PageIndex(first - self.base[region]),
+                npages: end - first,
+            });
         }
         None
     }
@@ -236,11 +267,21 @@ impl MissingPages {
     /// Installs the pages of `range` from `buf` (their bytes, in order) with `UFFDIO_COPY`,
     /// waking instead where a page is already present, and hashes each page it installed.
     /// Returns the pages this call installed that were missing.
-    pub fn install(&self, uffd: &Uffd, hashes: &PageHashes, range: PageRange, buf: &[u8], by_fault: bool) -> Result<u64> {
+    pub fn install(
+        &self,
+        uffd: &Uffd,
+        hashes: &PageHashes,
+        range: PageRange,
+        buf: &[u8],
+        by_fault: bool,
+    ) -> Result<u64> {
         let (dst, len) = self.map.span(range.region, range.first, range.npages)?;
         let page = self.map.page_size().bytes() as usize;
         if buf.len() < len {
-            return Err(Error::InvalidConfig(format!("staging buffer of {} bytes for {len} bytes of pages", buf.len())));
+            return Err(Error::InvalidConfig(format!(
+                "staging buffer of {} bytes for {len} bytes of pages",
+                buf.len()
+            )));
         }
         let mut installed = 0;
         let mut off = 0usize;
@@ -254,7 +295,12 @@ impl MissingPages {
                 CopyOutcome::Exists => (0, page),
             };
             for i in (off / page)..((off + done) / page) {
-                installed += self.mark_installed(hashes, range.region, PageIndex(range.first.0 + i as u64), &buf[i * page..(i + 1) * page]);
+                installed += self.mark_installed(
+                    hashes,
+                    range.region,
+                    PageIndex(range.first.0 + i as u64),
+                    &buf[i * page..(i + 1) * page],
+                );
             }
             if skip > 0 {
                 // SAFETY: as above; the page lies inside the checked span.
@@ -276,7 +322,13 @@ impl MissingPages {
         Ok(installed)
     }
 
-    fn mark_installed(&self, hashes: &PageHashes, region: RegionId, page: PageIndex, bytes: &[u8]) -> u64 {
+    fn mark_installed(
+        &self,
+        hashes: &PageHashes,
+        region: RegionId,
+        page: PageIndex,
+        bytes: &[u8],
+    ) -> u64 {
         hashes.set(region, page, xxh3_64(bytes));
         let g = self.global(region, page);
         let bit = 1u64 << (g % 64);
@@ -301,7 +353,11 @@ mod tests {
         let regions = unsafe {
             vec![
                 GuestRegion::new(GuestAddress(0), mem.as_mut_ptr(), 4096 * 100),
-                GuestRegion::new(GuestAddress(1 << 30), mem.as_mut_ptr().add(4096 * 100), 4096 * 200),
+                GuestRegion::new(
+                    GuestAddress(1 << 30),
+                    mem.as_mut_ptr().add(4096 * 100),
+                    4096 * 200,
+                ),
             ]
         };
         let map = GuestMemoryMap::new(regions, PageSize::KIB4).unwrap();
@@ -311,12 +367,22 @@ mod tests {
         assert_eq!(m.initial(), 300);
         m.note_fault(RegionId(1), PageIndex(50));
         let r = m.pick(16).unwrap();
-        assert_eq!(r, PageRange { region: RegionId(1), first: PageIndex(50), npages: 16 });
+        assert_eq!(
+            r,
+            PageRange {
+                region: RegionId(1),
+                first: PageIndex(50),
+                npages: 16
+            }
+        );
         let mut n = r.npages;
         while let Some(r) = m.pick(64) {
             assert!(r.npages <= 64);
             n += r.npages;
         }
-        assert_eq!(n, 300, "every page picked exactly once, never across a region end");
+        assert_eq!(
+            n, 300,
+            "every page picked exactly once, never across a region end"
+        );
     }
 }

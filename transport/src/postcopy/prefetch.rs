@@ -21,7 +21,12 @@ pub fn chunk_pages(page_bytes: u64) -> u64 {
 
 /// Prefetches until no missing page is left unrequested (or `pages` says stop). Returns the
 /// pages this prefetcher installed.
-pub fn prefetch_loop(uffd: &Uffd, pages: &MissingPages, hashes: &PageHashes, fetcher: &mut dyn PageFetcher) -> Result<u64> {
+pub fn prefetch_loop(
+    uffd: &Uffd,
+    pages: &MissingPages,
+    hashes: &PageHashes,
+    fetcher: &mut dyn PageFetcher,
+) -> Result<u64> {
     let page = pages.page_bytes();
     let chunk = chunk_pages(page as u64);
     let slot = chunk as usize * page;

@@ -19,7 +19,10 @@ pub struct PostcopyRemnant {
 impl PostcopyRemnant {
     /// Keeps `vm` (already paused) and the still-registered `service` (none when every page
     /// had arrived).
-    pub(crate) fn new(service: Option<PostcopyService>, vm: Box<dyn DestinationVm>) -> PostcopyRemnant {
+    pub(crate) fn new(
+        service: Option<PostcopyService>,
+        vm: Box<dyn DestinationVm>,
+    ) -> PostcopyRemnant {
         PostcopyRemnant { service, vm }
     }
 

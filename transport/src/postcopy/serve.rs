@@ -25,22 +25,36 @@ pub struct PageServer {
 
 impl std::fmt::Debug for PageServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PageServer").field("streams", &self.streams.len()).field("pages", &self.pages_served()).finish()
+        f.debug_struct("PageServer")
+            .field("streams", &self.streams.len())
+            .field("pages", &self.pages_served())
+            .finish()
     }
 }
 
 impl PageServer {
     /// Starts one server thread per stream (stream 0 is the fault stream). The bandwidth cap,
     /// if any, paces the prefetch streams only: faults are never held back.
-    pub fn start(map: GuestMemoryMap, streams: Vec<TcpStream>, limiter: Option<Arc<RateLimiter>>, cpu: Arc<CpuMeter>) -> Result<PageServer> {
+    pub fn start(
+        map: GuestMemoryMap,
+        streams: Vec<TcpStream>,
+        limiter: Option<Arc<RateLimiter>>,
+        cpu: Arc<CpuMeter>,
+    ) -> Result<PageServer> {
         let failure = Arc::new(Mutex::new(None));
         let pages = Arc::new(AtomicU64::new(0));
         let mut handles = Vec::new();
         let mut kept = Vec::new();
         for (i, s) in streams.into_iter().enumerate() {
-            s.set_nodelay(true).map_err(|e| Error::io("TCP_NODELAY on a post-copy stream", e, "post-copy stream"))?;
-            kept.push(s.try_clone().map_err(|e| Error::io("cloning a post-copy stream", e, "post-copy stream"))?);
-            let (map, failure, pages, cpu) = (map.clone(), failure.clone(), pages.clone(), cpu.clone());
+            s.set_nodelay(true).map_err(|e| {
+                Error::io("TCP_NODELAY on a post-copy stream", e, "post-copy stream")
+            })?;
+            kept.push(
+                s.try_clone()
+                    .map_err(|e| Error::io("cloning a post-copy stream", e, "post-copy stream"))?,
+            );
+            let (map, failure, pages, cpu) =
+                (map.clone(), failure.clone(), pages.clone(), cpu.clone());
             let limiter = if i > 0 { limiter.clone() } else { None };
             let h = std::thread::Builder::new()
                 .name(format!("rdmig-pcserve-{i}"))
@@ -54,13 +68,21 @@ impl PageServer {
                     if let Err(e) = serve(i, &mut s, &map, &pages, limiter.as_deref()) {
                         // Close the stream so the destination sees the failure at once.
                         let _ = s.shutdown(std::net::Shutdown::Both);
-                        failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                        failure
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(e);
                     }
                 })
                 .map_err(|e| Error::io("spawning a page server thread", e, "post-copy stream"))?;
             handles.push(h);
         }
-        Ok(PageServer { streams: kept, handles, failure, pages })
+        Ok(PageServer {
+            streams: kept,
+            handles,
+            failure,
+            pages,
+        })
     }
 
     /// Pages sent so far.
@@ -78,7 +100,12 @@ impl PageServer {
                 tracing::warn!("a post-copy page server thread panicked");
             }
         }
-        match self.failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        match self
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
             Some(e) => Err(e),
             None => Ok(()),
         }
@@ -93,39 +120,74 @@ impl Drop for PageServer {
     }
 }
 
-fn serve(i: usize, s: &mut TcpStream, map: &GuestMemoryMap, served: &AtomicU64, limiter: Option<&RateLimiter>) -> Result<()> {
+fn serve(
+    i: usize,
+    s: &mut TcpStream,
+    map: &GuestMemoryMap,
+    served: &AtomicU64,
+    limiter: Option<&RateLimiter>,
+) -> Result<()> {
     loop {
         let mut b = [0u8; size_of::<PageRequest>()];
         match s.read_exact(&mut b) {
             Ok(()) => {}
             // The destination closing the stream ends the service, as REQ_END does.
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(Error::io(format!("reading a page request on post-copy stream {i}"), e, "post-copy stream")),
+            Err(e) => {
+                return Err(Error::io(
+                    format!("reading a page request on post-copy stream {i}"),
+                    e,
+                    "post-copy stream",
+                ))
+            }
         }
         let req: PageRequest = bytemuck::pod_read_unaligned(&b);
         match req.kind.get() {
             REQ_END => return Ok(()),
             REQ_PAGES => {}
-            k => return Err(Error::Protocol(format!("post-copy stream {i}: unknown request kind {k}"))),
+            k => {
+                return Err(Error::Protocol(format!(
+                    "post-copy stream {i}: unknown request kind {k}"
+                )))
+            }
         }
         let npages = req.npages.get();
         if npages == 0 || npages > MAX_REQUEST_PAGES {
-            return Err(Error::Protocol(format!("post-copy stream {i}: a request for {npages} pages (1..={MAX_REQUEST_PAGES})")));
+            return Err(Error::Protocol(format!(
+                "post-copy stream {i}: a request for {npages} pages (1..={MAX_REQUEST_PAGES})"
+            )));
         }
         let (region, first) = (RegionId(req.region.get()), PageIndex(req.first.get()));
         let (ptr, len) = map.span(region, first, u64::from(npages))?;
         if let Some(l) = limiter {
             l.acquire(len as u64);
         }
-        let h = DataHeader { kind: DATA_POSTCOPY.into(), round: 0.into(), region: region.0.into(), npages: npages.into(), first: first.0.into() };
+        let h = DataHeader {
+            kind: DATA_POSTCOPY.into(),
+            round: 0.into(),
+            region: region.0.into(),
+            npages: npages.into(),
+            first: first.0.into(),
+        };
         let mut iov = [
-            libc::iovec { iov_base: (&h as *const DataHeader).cast_mut().cast(), iov_len: size_of::<DataHeader>() },
-            libc::iovec { iov_base: ptr.cast(), iov_len: len },
+            libc::iovec {
+                iov_base: (&h as *const DataHeader).cast_mut().cast(),
+                iov_len: size_of::<DataHeader>(),
+            },
+            libc::iovec {
+                iov_base: ptr.cast(),
+                iov_len: len,
+            },
         ];
         // SAFETY: the header lives on our stack for the call; ptr..ptr+len was checked against
         // the region table by `span` and stays mapped for the session.
-        unsafe { writev_all(s.as_raw_fd(), &mut iov) }
-            .map_err(|e| Error::io(format!("answering a page request on post-copy stream {i}"), e, "post-copy stream"))?;
+        unsafe { writev_all(s.as_raw_fd(), &mut iov) }.map_err(|e| {
+            Error::io(
+                format!("answering a page request on post-copy stream {i}"),
+                e,
+                "post-copy stream",
+            )
+        })?;
         served.fetch_add(u64::from(npages), Ordering::Relaxed);
     }
 }
@@ -153,19 +215,53 @@ mod tests {
             unsafe { mem.as_ptr().add(p * 4096).write_bytes(p as u8 + 1, 4096) };
         }
         // SAFETY: `mem` outlives the map and the server (dropped at the end of the test).
-        let map = GuestMemoryMap::new(vec![unsafe { mem.guest_region(GuestAddress(0)) }], PageSize::KIB4).unwrap();
+        let map = GuestMemoryMap::new(
+            vec![unsafe { mem.guest_region(GuestAddress(0)) }],
+            PageSize::KIB4,
+        )
+        .unwrap();
         let (client, served) = pair();
-        let mut server = PageServer::start(map.clone(), vec![served], None, Arc::new(CpuMeter::default())).unwrap();
+        let mut server = PageServer::start(
+            map.clone(),
+            vec![served],
+            None,
+            Arc::new(CpuMeter::default()),
+        )
+        .unwrap();
         let mut f = TcpPageFetcher::new(client, map.clone(), "test").unwrap();
-        let ranges =
-            [PageRange { region: RegionId(0), first: PageIndex(3), npages: 2 }, PageRange { region: RegionId(0), first: PageIndex(15), npages: 1 }];
+        let ranges = [
+            PageRange {
+                region: RegionId(0),
+                first: PageIndex(3),
+                npages: 2,
+            },
+            PageRange {
+                region: RegionId(0),
+                first: PageIndex(15),
+                npages: 1,
+            },
+        ];
         let mut buf = vec![0u8; 3 * 4096];
         f.fetch(&ranges, 4096, &mut buf).unwrap();
-        assert!(buf[..4096].iter().all(|&b| b == 4) && buf[4096..8192].iter().all(|&b| b == 5) && buf[8192..].iter().all(|&b| b == 16));
+        assert!(
+            buf[..4096].iter().all(|&b| b == 4)
+                && buf[4096..8192].iter().all(|&b| b == 5)
+                && buf[8192..].iter().all(|&b| b == 16)
+        );
         // Out of range: refused by the fetcher before sending.
         let mut one = vec![0u8; 4096];
         // SAFETY: `one` is a page of ours.
-        assert!(unsafe { f.start(PageRange { region: RegionId(0), first: PageIndex(16), npages: 1 }, one.as_mut_ptr()) }.is_err());
+        assert!(unsafe {
+            f.start(
+                PageRange {
+                    region: RegionId(0),
+                    first: PageIndex(16),
+                    npages: 1,
+                },
+                one.as_mut_ptr(),
+            )
+        }
+        .is_err());
         assert_eq!(f.in_flight(), 0);
         f.close();
         server.stop().unwrap();
@@ -176,13 +272,26 @@ mod tests {
     fn the_server_refuses_out_of_range_requests() {
         let mem = MmapRegion::new(4 * 4096, MmapBacking::Anonymous, true).unwrap();
         // SAFETY: `mem` outlives the map and the server.
-        let map = GuestMemoryMap::new(vec![unsafe { mem.guest_region(GuestAddress(0)) }], PageSize::KIB4).unwrap();
+        let map = GuestMemoryMap::new(
+            vec![unsafe { mem.guest_region(GuestAddress(0)) }],
+            PageSize::KIB4,
+        )
+        .unwrap();
         let (mut client, served) = pair();
-        let mut server = PageServer::start(map, vec![served], None, Arc::new(CpuMeter::default())).unwrap();
-        let req = PageRequest { kind: REQ_PAGES.into(), region: 0.into(), npages: 2.into(), reserved: 0.into(), first: 3.into() };
+        let mut server =
+            PageServer::start(map, vec![served], None, Arc::new(CpuMeter::default())).unwrap();
+        let req = PageRequest {
+            kind: REQ_PAGES.into(),
+            region: 0.into(),
+            npages: 2.into(),
+            reserved: 0.into(),
+            first: 3.into(),
+        };
         std::io::Write::write_all(&mut client, bytemuck::bytes_of(&req)).unwrap();
         let mut b = [0u8; 1];
-        client.set_read_timeout(Some(std::time::Duration::from_secs(10))).unwrap();
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
         // The server closes the stream instead of answering.
         assert_eq!(std::io::Read::read(&mut client, &mut b).unwrap(), 0);
         assert!(matches!(server.stop(), Err(Error::RangeOutOfBounds { .. })));

@@ -66,7 +66,10 @@ pub fn lower_priority() {
     let tid = unsafe { libc::gettid() };
     // SAFETY: setpriority on our own thread id; failure only leaves the priority as it was.
     if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10) } != 0 {
-        tracing::debug!("could not lower a prefetch thread's priority: {}", std::io::Error::last_os_error());
+        tracing::debug!(
+            "could not lower a prefetch thread's priority: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
@@ -98,7 +101,9 @@ pub struct PostcopyService {
 
 impl std::fmt::Debug for PostcopyService {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PostcopyService").field("pages", &self.pages).finish()
+        f.debug_struct("PostcopyService")
+            .field("pages", &self.pages)
+            .finish()
     }
 }
 
@@ -115,19 +120,37 @@ impl PostcopyService {
         hashes: Arc<PageHashes>,
         cpu: Arc<CpuMeter>,
     ) -> Result<PostcopyService> {
-        let Fetchers { mut fault, prefetch, streams } = fetchers;
+        let Fetchers {
+            mut fault,
+            prefetch,
+            streams,
+        } = fetchers;
         let page = map.page_size().bytes();
-        if let Some(r) = map.regions().iter().find(|r| r.len() % page != 0 || r.host_ptr() as u64 % 4096 != 0) {
-            return Err(Error::PostcopyUnavailable(format!("region at {:#x} is not page-aligned for userfaultfd", r.gpa().0)));
+        if let Some(r) = map
+            .regions()
+            .iter()
+            .find(|r| r.len() % page != 0 || r.host_ptr() as u64 % 4096 != 0)
+        {
+            return Err(Error::PostcopyUnavailable(format!(
+                "region at {:#x} is not page-aligned for userfaultfd",
+                r.gpa().0
+            )));
         }
         let t = Instant::now();
         if let Some(stale) = stale {
             drop_pages(map, stale)?;
         }
-        tracing::debug!("post-copy: {} stale pages dropped in {:?}", stale.map_or(0, PageSet::count), t.elapsed());
+        tracing::debug!(
+            "post-copy: {} stale pages dropped in {:?}",
+            stale.map_or(0, PageSet::count),
+            t.elapsed()
+        );
         let uffd = Arc::new(Uffd::open()?);
         let pages = Arc::new(MissingPages::new(map, missing));
-        tracing::debug!("post-copy: userfaultfd opened, missing pages marked {:?} after the drop", t.elapsed());
+        tracing::debug!(
+            "post-copy: userfaultfd opened, missing pages marked {:?} after the drop",
+            t.elapsed()
+        );
         let mut svc = PostcopyService {
             uffd: uffd.clone(),
             pages: pages.clone(),
@@ -146,7 +169,10 @@ impl PostcopyService {
             unsafe { uffd.register(r.host_ptr(), r.len() as usize)? };
             svc.registered = true;
         }
-        tracing::debug!("post-copy: memory registered {:?} after the drop", t.elapsed());
+        tracing::debug!(
+            "post-copy: memory registered {:?} after the drop",
+            t.elapsed()
+        );
         let (u, p, h, c) = (uffd.clone(), pages.clone(), hashes.clone(), cpu.clone());
         svc.fault = Some(
             std::thread::Builder::new()
@@ -164,7 +190,10 @@ impl PostcopyService {
         );
         svc.pending_prefetch = prefetch;
         svc.started = Instant::now();
-        tracing::debug!("post-copy: service started {:?} after the drop", t.elapsed());
+        tracing::debug!(
+            "post-copy: service started {:?} after the drop",
+            t.elapsed()
+        );
         Ok(svc)
     }
 
@@ -176,8 +205,16 @@ impl PostcopyService {
     /// Starts the prefetchers (after the resume is acknowledged, so that their bulk traffic
     /// does not compete with the switchover messages for the CPUs).
     pub fn start_prefetch(&mut self, hashes: Arc<PageHashes>, cpu: Arc<CpuMeter>) -> Result<()> {
-        for (i, mut f) in std::mem::take(&mut self.pending_prefetch).into_iter().enumerate() {
-            let (u, p, h, c) = (self.uffd.clone(), self.pages.clone(), hashes.clone(), cpu.clone());
+        for (i, mut f) in std::mem::take(&mut self.pending_prefetch)
+            .into_iter()
+            .enumerate()
+        {
+            let (u, p, h, c) = (
+                self.uffd.clone(),
+                self.pages.clone(),
+                hashes.clone(),
+                cpu.clone(),
+            );
             self.prefetch.push(
                 std::thread::Builder::new()
                     .name(format!("rdmig-prefetch-{i}"))

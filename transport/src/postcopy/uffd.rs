@@ -99,16 +99,29 @@ fn open_fd() -> Result<OwnedFd> {
         return Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
     }
     let sys_err = std::io::Error::last_os_error();
-    let dev = std::fs::OpenOptions::new().read(true).write(true).open("/dev/userfaultfd").map_err(|e| {
-        Error::PostcopyUnavailable(format!(
-            "userfaultfd(2) failed ({sys_err}) and /dev/userfaultfd cannot be opened ({e}); \
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/userfaultfd")
+        .map_err(|e| {
+            Error::PostcopyUnavailable(format!(
+                "userfaultfd(2) failed ({sys_err}) and /dev/userfaultfd cannot be opened ({e}); \
              run as root, or set vm.unprivileged_userfaultfd=1, or give access to /dev/userfaultfd"
-        ))
-    })?;
+            ))
+        })?;
     // SAFETY: USERFAULTFD_IOC_NEW takes the flags as its argument; the result is checked.
-    let fd = unsafe { libc::ioctl(dev.as_raw_fd(), USERFAULTFD_IOC_NEW, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    let fd = unsafe {
+        libc::ioctl(
+            dev.as_raw_fd(),
+            USERFAULTFD_IOC_NEW,
+            libc::O_CLOEXEC | libc::O_NONBLOCK,
+        )
+    };
     if fd < 0 {
-        return Err(Error::PostcopyUnavailable(format!("USERFAULTFD_IOC_NEW on /dev/userfaultfd: {}", std::io::Error::last_os_error())));
+        return Err(Error::PostcopyUnavailable(format!(
+            "USERFAULTFD_IOC_NEW on /dev/userfaultfd: {}",
+            std::io::Error::last_os_error()
+        )));
     }
     // SAFETY: a fresh descriptor owned by nobody else.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
@@ -118,16 +131,29 @@ impl Uffd {
     /// Opens a userfaultfd and completes the API handshake, failing with what is missing.
     pub fn open() -> Result<Uffd> {
         let fd = open_fd()?;
-        let mut api = UffdioApi { api: UFFD_API, features: 0, ioctls: 0 };
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features: 0,
+            ioctls: 0,
+        };
         // SAFETY: UFFDIO_API reads and writes a uffdio_api we own.
         if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api) } != 0 {
-            return Err(Error::PostcopyUnavailable(format!("UFFDIO_API handshake: {}", std::io::Error::last_os_error())));
+            return Err(Error::PostcopyUnavailable(format!(
+                "UFFDIO_API handshake: {}",
+                std::io::Error::last_os_error()
+            )));
         }
         let need = (1u64 << 0x3F) | (1 << 0) | (1 << 1); // UFFDIO_API, REGISTER, UNREGISTER
         if api.ioctls & need != need {
-            return Err(Error::PostcopyUnavailable(format!("the kernel's userfaultfd lacks register/unregister (ioctls {:#x})", api.ioctls)));
+            return Err(Error::PostcopyUnavailable(format!(
+                "the kernel's userfaultfd lacks register/unregister (ioctls {:#x})",
+                api.ioctls
+            )));
         }
-        Ok(Uffd { fd, features: api.features })
+        Ok(Uffd {
+            fd,
+            features: api.features,
+        })
     }
 
     /// Checks that userfaultfd is usable here (open + handshake + a test registration).
@@ -135,7 +161,16 @@ impl Uffd {
         let u = Uffd::open()?;
         let page = 4096usize;
         // SAFETY: a fresh private anonymous mapping, unmapped below.
-        let p = unsafe { libc::mmap(std::ptr::null_mut(), page, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) };
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                page,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
         if p == libc::MAP_FAILED {
             return Err(Error::os("mmap(userfaultfd probe)"));
         }
@@ -158,7 +193,14 @@ impl Uffd {
     /// mappings that stays mapped while registered; accesses to its missing pages block until
     /// this descriptor resolves them (or is closed).
     pub unsafe fn register(&self, start: *mut u8, len: usize) -> Result<()> {
-        let mut reg = UffdioRegister { range: UffdioRange { start: start as u64, len: len as u64 }, mode: UFFDIO_REGISTER_MODE_MISSING, ioctls: 0 };
+        let mut reg = UffdioRegister {
+            range: UffdioRange {
+                start: start as u64,
+                len: len as u64,
+            },
+            mode: UFFDIO_REGISTER_MODE_MISSING,
+            ioctls: 0,
+        };
         // SAFETY: UFFDIO_REGISTER reads and writes a uffdio_register we own; the caller vouches
         // for the range.
         if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) } != 0 {
@@ -173,16 +215,26 @@ impl Uffd {
                 std::io::Error::last_os_error()
             )));
         }
-        let missing: Vec<&str> = NEED_RANGE_IOCTLS.iter().filter(|(b, _)| reg.ioctls & b == 0).map(|(_, n)| *n).collect();
+        let missing: Vec<&str> = NEED_RANGE_IOCTLS
+            .iter()
+            .filter(|(b, _)| reg.ioctls & b == 0)
+            .map(|(_, n)| *n)
+            .collect();
         if !missing.is_empty() {
-            return Err(Error::PostcopyUnavailable(format!("registered range does not support {}", missing.join(", "))));
+            return Err(Error::PostcopyUnavailable(format!(
+                "registered range does not support {}",
+                missing.join(", ")
+            )));
         }
         Ok(())
     }
 
     /// Unregisters a range registered before.
     pub fn unregister(&self, start: *mut u8, len: usize) -> Result<()> {
-        let mut r = UffdioRange { start: start as u64, len: len as u64 };
+        let mut r = UffdioRange {
+            start: start as u64,
+            len: len as u64,
+        };
         // SAFETY: UFFDIO_UNREGISTER reads a uffdio_range we own; unregistering only makes the
         // range fault normally again.
         if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_UNREGISTER, &mut r) } != 0 {
@@ -194,15 +246,28 @@ impl Uffd {
     /// Waits up to `timeout` for fault events and appends the faulting addresses (at most
     /// `max`) to `out`. Returns how many were read (0 on timeout).
     pub fn read_faults(&self, out: &mut Vec<u64>, max: usize, timeout: Duration) -> Result<usize> {
-        let mut pfd = libc::pollfd { fd: self.fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: polling one pollfd we own.
-        let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis().min(i32::MAX as u128) as libc::c_int) };
+        let n = unsafe {
+            libc::poll(
+                &mut pfd,
+                1,
+                timeout.as_millis().min(i32::MAX as u128) as libc::c_int,
+            )
+        };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
                 return Ok(0);
             }
-            return Err(Error::Os { op: "poll(userfaultfd)", source: e });
+            return Err(Error::Os {
+                op: "poll(userfaultfd)",
+                source: e,
+            });
         }
         if n == 0 {
             return Ok(0);
@@ -215,13 +280,24 @@ impl Uffd {
         let mut msgs = [UffdMsg::default(); 64];
         let want = max.clamp(1, msgs.len());
         // SAFETY: reading whole uffd_msg records into our own buffer of `want` records.
-        let got = unsafe { libc::read(self.fd.as_raw_fd(), msgs.as_mut_ptr().cast(), want * size_of::<UffdMsg>()) };
+        let got = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                msgs.as_mut_ptr().cast(),
+                want * size_of::<UffdMsg>(),
+            )
+        };
         if got < 0 {
             let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::Interrupted {
+            if e.kind() == std::io::ErrorKind::WouldBlock
+                || e.kind() == std::io::ErrorKind::Interrupted
+            {
                 return Ok(0);
             }
-            return Err(Error::Os { op: "read(userfaultfd)", source: e });
+            return Err(Error::Os {
+                op: "read(userfaultfd)",
+                source: e,
+            });
         }
         let mut count = 0;
         for m in &msgs[..got as usize / size_of::<UffdMsg>()] {
@@ -240,7 +316,13 @@ impl Uffd {
     /// readable for `len` bytes.
     pub unsafe fn copy(&self, dst: *mut u8, src: *const u8, len: usize) -> Result<CopyOutcome> {
         loop {
-            let mut c = UffdioCopy { dst: dst as u64, src: src as u64, len: len as u64, mode: 0, copy: 0 };
+            let mut c = UffdioCopy {
+                dst: dst as u64,
+                src: src as u64,
+                len: len as u64,
+                mode: 0,
+                copy: 0,
+            };
             // SAFETY: UFFDIO_COPY reads `src` and fills `dst`, both vouched for by the caller.
             if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_COPY, &mut c) } == 0 {
                 return Ok(CopyOutcome::Done);
@@ -250,14 +332,22 @@ impl Uffd {
                 _ if c.copy > 0 => return Ok(CopyOutcome::Partial(c.copy as usize)),
                 Some(libc::EEXIST) => return Ok(CopyOutcome::Exists),
                 Some(libc::EAGAIN) | Some(libc::EINTR) => continue,
-                _ => return Err(Error::Os { op: "UFFDIO_COPY", source: e }),
+                _ => {
+                    return Err(Error::Os {
+                        op: "UFFDIO_COPY",
+                        source: e,
+                    })
+                }
             }
         }
     }
 
     /// Wakes threads waiting on `len` bytes at `start`.
     pub fn wake(&self, start: *mut u8, len: usize) -> Result<()> {
-        let mut r = UffdioRange { start: start as u64, len: len as u64 };
+        let mut r = UffdioRange {
+            start: start as u64,
+            len: len as u64,
+        };
         // SAFETY: UFFDIO_WAKE reads a uffdio_range we own; waking has no memory effect.
         if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_WAKE, &mut r) } != 0 {
             return Err(Error::os("UFFDIO_WAKE"));
@@ -279,17 +369,35 @@ mod tests {
         let u = Uffd::open().unwrap();
         let len = 4 * 4096;
         // SAFETY: a fresh private anonymous mapping, unmapped at the end of the test.
-        let p = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0) }
-            .cast::<u8>();
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        }
+        .cast::<u8>();
         // SAFETY: our own mapping.
         unsafe { u.register(p, len) }.unwrap();
         let src = vec![7u8; 2 * 4096];
         // SAFETY: pages 1..3 of the registered range; src is two pages.
-        assert_eq!(unsafe { u.copy(p.add(4096), src.as_ptr(), 2 * 4096) }.unwrap(), CopyOutcome::Done);
+        assert_eq!(
+            unsafe { u.copy(p.add(4096), src.as_ptr(), 2 * 4096) }.unwrap(),
+            CopyOutcome::Done
+        );
         // SAFETY: as above; page 1 is now present.
-        assert_eq!(unsafe { u.copy(p.add(4096), src.as_ptr(), 4096) }.unwrap(), CopyOutcome::Exists);
+        assert_eq!(
+            unsafe { u.copy(p.add(4096), src.as_ptr(), 4096) }.unwrap(),
+            CopyOutcome::Exists
+        );
         // SAFETY: page 0 is missing, page 1 present: a partial copy of one page.
-        assert_eq!(unsafe { u.copy(p, src.as_ptr(), 2 * 4096) }.unwrap(), CopyOutcome::Partial(4096));
+        assert_eq!(
+            unsafe { u.copy(p, src.as_ptr(), 2 * 4096) }.unwrap(),
+            CopyOutcome::Partial(4096)
+        );
         // SAFETY: page 1 was installed above; reading it does not fault.
         assert_eq!(unsafe { p.add(4096).read_volatile() }, 7);
         u.wake(p, len).unwrap();

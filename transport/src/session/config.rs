@@ -53,7 +53,11 @@ impl MigrationMode {
             0 => MigrationMode::Precopy,
             1 => MigrationMode::Postcopy,
             2 => MigrationMode::Hybrid,
-            _ => return Err(crate::Error::Protocol(format!("unknown migration mode {v}"))),
+            _ => {
+                return Err(crate::Error::Protocol(format!(
+                    "unknown migration mode {v}"
+                )))
+            }
         })
     }
 }
@@ -107,7 +111,10 @@ impl MigrationConfig {
             policy: ConvergencePolicy::Stop,
             max_bandwidth: None,
             io_timeout: Duration::from_secs(120),
-            rdma: RdmaOptions { qps: 4, ..RdmaOptions::default() },
+            rdma: RdmaOptions {
+                qps: 4,
+                ..RdmaOptions::default()
+            },
             mode: MigrationMode::Precopy,
         }
     }
@@ -168,13 +175,20 @@ impl MigrationConfig {
 
     pub(crate) fn validate(&self) -> crate::Result<()> {
         if self.streams == 0 || self.streams > 64 {
-            return Err(crate::Error::InvalidConfig(format!("streams must be 1..=64, not {}", self.streams)));
+            return Err(crate::Error::InvalidConfig(format!(
+                "streams must be 1..=64, not {}",
+                self.streams
+            )));
         }
         if self.max_rounds == 0 {
-            return Err(crate::Error::InvalidConfig("max rounds must be at least 1".into()));
+            return Err(crate::Error::InvalidConfig(
+                "max rounds must be at least 1".into(),
+            ));
         }
         if self.max_bandwidth == Some(0) {
-            return Err(crate::Error::InvalidConfig("a bandwidth cap of 0 would never finish".into()));
+            return Err(crate::Error::InvalidConfig(
+                "a bandwidth cap of 0 would never finish".into(),
+            ));
         }
         Ok(())
     }

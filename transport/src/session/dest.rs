@@ -43,13 +43,16 @@ use crate::digest::PageHashes;
 use crate::error::{Error, Result};
 use crate::mem::{GuestMemoryMap, PageSize};
 use crate::pages::PageSet;
-use crate::postcopy::{self, Fetchers, PageFetcher, PausedGuest, PostcopyRemnant, PostcopyService, TcpPageFetcher, Uffd};
+use crate::postcopy::{
+    self, Fetchers, PageFetcher, PausedGuest, PostcopyRemnant, PostcopyService, TcpPageFetcher,
+    Uffd,
+};
 use crate::rdma::{self, RdmaDestPath};
 use crate::tcp::{accept_streams, RateLimiter, TcpDestPath};
 use crate::vm::{DestinationFactory, DestinationVm, MemoryLayout};
 use crate::wire::{
-    caps, Complete, HelloAck, Message, PostcopyComplete, RoundDone, TransportKind, MAX_REGIONS, POSTCOPY_EARLY, POSTCOPY_LAST_CHUNK, PROTOCOL_VERSION, ROUND_FINAL,
-    ROUND_LAST_CHUNK,
+    caps, Complete, HelloAck, Message, PostcopyComplete, RoundDone, TransportKind, MAX_REGIONS,
+    POSTCOPY_EARLY, POSTCOPY_LAST_CHUNK, PROTOCOL_VERSION, ROUND_FINAL, ROUND_LAST_CHUNK,
 };
 
 /// Largest guest the destination accepts by default (a malicious table cannot make it map more).
@@ -91,10 +94,25 @@ impl DestState {
     fn accepts(self, m: &Message, postcopy: bool) -> bool {
         match (self, m) {
             (DestState::Precopy { chunk: 0, .. }, Message::DeviceState(_)) => postcopy,
-            (DestState::Precopy { chunk: 0, .. }, Message::PostcopyMissing { chunk: 0, flags, .. }) => postcopy && flags & POSTCOPY_EARLY != 0,
+            (
+                DestState::Precopy { chunk: 0, .. },
+                Message::PostcopyMissing {
+                    chunk: 0, flags, ..
+                },
+            ) => postcopy && flags & POSTCOPY_EARLY != 0,
             (DestState::EarlyDrop { chunk: 0 }, Message::DeviceState(_)) => true,
-            (DestState::EarlyDrop { chunk }, Message::PostcopyMissing { chunk: c, flags, .. }) => *c == chunk && flags & POSTCOPY_EARLY != 0,
-            (DestState::AwaitPostcopyMissing { chunk }, Message::PostcopyMissing { chunk: c, flags, .. }) => *c == chunk && flags & POSTCOPY_EARLY == 0,
+            (
+                DestState::EarlyDrop { chunk },
+                Message::PostcopyMissing {
+                    chunk: c, flags, ..
+                },
+            ) => *c == chunk && flags & POSTCOPY_EARLY != 0,
+            (
+                DestState::AwaitPostcopyMissing { chunk },
+                Message::PostcopyMissing {
+                    chunk: c, flags, ..
+                },
+            ) => *c == chunk && flags & POSTCOPY_EARLY == 0,
             (DestState::Postcopy, Message::Switchover { .. }) => true,
             (DestState::AwaitHello, Message::Hello(_))
             | (DestState::AwaitAuthProof, Message::AuthProof(_))
@@ -103,7 +121,9 @@ impl DestState {
             | (DestState::AwaitDeviceState, Message::DeviceState(_))
             | (DestState::AwaitSwitchover, Message::Switchover { .. })
             | (DestState::AwaitFinish, Message::Finish) => true,
-            (DestState::Precopy { round, chunk }, Message::Round(r)) => r.round == round && r.chunk == chunk,
+            (DestState::Precopy { round, chunk }, Message::Round(r)) => {
+                r.round == round && r.chunk == chunk
+            }
             _ => false,
         }
     }
@@ -127,9 +147,16 @@ struct Dest<'a> {
 ///
 /// `factory` builds the destination VM once the source has authenticated and announced its
 /// memory layout. On failure nothing of the guest is kept.
-pub fn accept(listener: &TcpListener, config: &MigrationConfig, factory: DestinationFactory<'_>) -> Result<(Box<dyn DestinationVm>, DestReport)> {
+pub fn accept(
+    listener: &TcpListener,
+    config: &MigrationConfig,
+    factory: DestinationFactory<'_>,
+) -> Result<(Box<dyn DestinationVm>, DestReport)> {
     config.validate()?;
-    let (stream, peer) = listener.accept().map_err(|e| Error::Io { context: "accepting the control connection".into(), source: e })?;
+    let (stream, peer) = listener.accept().map_err(|e| Error::Io {
+        context: "accepting the control connection".into(),
+        source: e,
+    })?;
     tracing::info!("incoming migration from {peer}");
     let ctl = Control::new(stream, Some(config.io_timeout))?;
     let mut d = Dest {
@@ -171,52 +198,95 @@ pub fn accept(listener: &TcpListener, config: &MigrationConfig, factory: Destina
     }
 }
 
-fn check_layout(page_size: u32, regions: &[(crate::mem::GuestAddress, u64)]) -> Result<MemoryLayout> {
-    let page = PageSize::new(u64::from(page_size)).map_err(|e| Error::Protocol(format!("region table: {e}")))?;
+fn check_layout(
+    page_size: u32,
+    regions: &[(crate::mem::GuestAddress, u64)],
+) -> Result<MemoryLayout> {
+    let page = PageSize::new(u64::from(page_size))
+        .map_err(|e| Error::Protocol(format!("region table: {e}")))?;
     if regions.is_empty() || regions.len() > MAX_REGIONS {
-        return Err(Error::Protocol(format!("region table has {} regions", regions.len())));
+        return Err(Error::Protocol(format!(
+            "region table has {} regions",
+            regions.len()
+        )));
     }
     let mut total = 0u64;
     for &(gpa, len) in regions {
         if len == 0 || gpa.0 % page.bytes() != 0 || gpa.checked_add(len).is_none() {
-            return Err(Error::Protocol(format!("region table: bad region at {:#x} of {len} bytes", gpa.0)));
+            return Err(Error::Protocol(format!(
+                "region table: bad region at {:#x} of {len} bytes",
+                gpa.0
+            )));
         }
         total = total.saturating_add(len);
     }
     if total > MAX_GUEST_BYTES {
-        return Err(Error::Protocol(format!("region table announces {total} bytes, more than {MAX_GUEST_BYTES}")));
+        return Err(Error::Protocol(format!(
+            "region table announces {total} bytes, more than {MAX_GUEST_BYTES}"
+        )));
     }
-    Ok(MemoryLayout { page_size: page, regions: regions.to_vec() })
+    Ok(MemoryLayout {
+        page_size: page,
+        regions: regions.to_vec(),
+    })
 }
 
 impl Dest<'_> {
     fn recv(&mut self) -> Result<Message> {
         let m = self.ctl.recv()?;
         if !self.state.accepts(&m, self.mode != MigrationMode::Precopy) {
-            return Err(Error::UnexpectedMessage { state: self.state.describe(), got: describe(&m) });
+            return Err(Error::UnexpectedMessage {
+                state: self.state.describe(),
+                got: describe(&m),
+            });
         }
         Ok(m)
     }
 
-    fn run(&mut self, factory: DestinationFactory<'_>, vm_out: &mut Option<Box<dyn DestinationVm>>) -> Result<DestReport> {
-        let Message::Hello(hello) = self.recv()? else { unreachable!("state checked") };
+    fn run(
+        &mut self,
+        factory: DestinationFactory<'_>,
+        vm_out: &mut Option<Box<dyn DestinationVm>>,
+    ) -> Result<DestReport> {
+        let Message::Hello(hello) = self.recv()? else {
+            unreachable!("state checked")
+        };
         if hello.version != PROTOCOL_VERSION {
-            return Err(Error::VersionMismatch { peer: hello.version, ours: PROTOCOL_VERSION });
+            return Err(Error::VersionMismatch {
+                peer: hello.version,
+                ours: PROTOCOL_VERSION,
+            });
         }
         if hello.streams == 0 || hello.streams > 64 {
-            return Err(Error::Protocol(format!("Hello asks for {} data streams (1..=64)", hello.streams)));
+            return Err(Error::Protocol(format!(
+                "Hello asks for {} data streams (1..=64)",
+                hello.streams
+            )));
         }
         let (transport, reason, mut rdma_opts) = self.choose_transport(&hello)?;
         self.mode = MigrationMode::from_u8(hello.mode)?;
         if self.mode != MigrationMode::Precopy {
             if hello.caps & caps::POSTCOPY == 0 {
-                return Err(Error::Protocol(format!("Hello asks for {} without the post-copy capability", self.mode.name())));
+                return Err(Error::Protocol(format!(
+                    "Hello asks for {} without the post-copy capability",
+                    self.mode.name()
+                )));
             }
-            Uffd::probe().map_err(|e| Error::PostcopyUnavailable(format!("the destination cannot run --mode {}: {e}", self.mode.name())))?;
+            Uffd::probe().map_err(|e| {
+                Error::PostcopyUnavailable(format!(
+                    "the destination cannot run --mode {}: {e}",
+                    self.mode.name()
+                ))
+            })?;
         }
         let nonce_d = random_bytes()?;
         let psk = &self.config.psk;
-        let mut my_caps = caps::TCP | if transport == TransportKind::Rdma { caps::RDMA } else { 0 };
+        let mut my_caps = caps::TCP
+            | if transport == TransportKind::Rdma {
+                caps::RDMA
+            } else {
+                0
+            };
         if self.mode != MigrationMode::Precopy {
             my_caps |= caps::POSTCOPY;
         }
@@ -229,22 +299,37 @@ impl Dest<'_> {
             reason: reason.clone(),
         }))?;
         self.state = DestState::AwaitAuthProof;
-        let Message::AuthProof(mac) = self.recv()? else { unreachable!("state checked") };
+        let Message::AuthProof(mac) = self.recv()? else {
+            unreachable!("state checked")
+        };
         if !psk.check_source_proof(&hello.nonce, &nonce_d, &mac) {
-            return Err(Error::AuthFailed("the source did not prove the pre-shared key (different --psk-file?)".into()));
+            return Err(Error::AuthFailed(
+                "the source did not prove the pre-shared key (different --psk-file?)".into(),
+            ));
         }
         self.ctl.send(&Message::AuthOk)?;
         self.state = DestState::AwaitRegionTable;
-        tracing::info!("source authenticated; transport {} ({reason})", transport.name());
+        tracing::info!(
+            "source authenticated; transport {} ({reason})",
+            transport.name()
+        );
 
-        let Message::RegionTable { page_size, regions } = self.recv()? else { unreachable!("state checked") };
+        let Message::RegionTable { page_size, regions } = self.recv()? else {
+            unreachable!("state checked")
+        };
         let layout = check_layout(page_size, &regions)?;
         let t = Instant::now();
         let vm = factory(&layout).map_err(|e| Error::vmm("create destination VM", e))?;
-        tracing::debug!("destination VM of {} bytes built in {:?}", layout.total_bytes(), t.elapsed());
+        tracing::debug!(
+            "destination VM of {} bytes built in {:?}",
+            layout.total_bytes(),
+            t.elapsed()
+        );
         let map: GuestMemoryMap = vm.memory().clone();
         if MemoryLayout::of(&map) != layout {
-            return Err(Error::RegionMismatch("the destination VM's memory does not match the announced layout".into()));
+            return Err(Error::RegionMismatch(
+                "the destination VM's memory does not match the announced layout".into(),
+            ));
         }
         if self.mode == MigrationMode::Postcopy {
             // Every page comes after the switchover: drop what the VMM populated now, so that
@@ -259,12 +344,22 @@ impl Dest<'_> {
         let hashes = Arc::new(PageHashes::new(&map));
 
         self.state = DestState::AwaitDataSetup;
-        let Message::DataSetup(setup) = self.recv()? else { unreachable!("state checked") };
-        let limiter = (hello.max_bandwidth > 0).then(|| Arc::new(RateLimiter::new(hello.max_bandwidth)));
+        let Message::DataSetup(setup) = self.recv()? else {
+            unreachable!("state checked")
+        };
+        let limiter =
+            (hello.max_bandwidth > 0).then(|| Arc::new(RateLimiter::new(hello.max_bandwidth)));
         match transport {
             TransportKind::Rdma => {
                 rdma_opts.qps = hello.qps.max(1);
-                let (path, ack) = RdmaDestPath::new(&map, &rdma_opts, &setup, hashes.clone(), self.cpu.clone(), limiter)?;
+                let (path, ack) = RdmaDestPath::new(
+                    &map,
+                    &rdma_opts,
+                    &setup,
+                    hashes.clone(),
+                    self.cpu.clone(),
+                    limiter,
+                )?;
                 self.data = Some(Box::new(path));
                 self.ctl.send(&Message::DataSetupAck(ack))?;
             }
@@ -274,13 +369,25 @@ impl Dest<'_> {
                 }
                 self.ctl.send(&Message::DataSetupAck(Vec::new()))?;
                 let token = psk.stream_token(&hello.nonce, &nonce_d);
-                let streams = accept_streams(self.listener, hello.streams, token, self.config.io_timeout)?;
-                self.data = Some(Box::new(TcpDestPath::new(map.clone(), streams, hashes.clone(), self.cpu.clone(), self.config.io_timeout)?));
+                let streams =
+                    accept_streams(self.listener, hello.streams, token, self.config.io_timeout)?;
+                self.data = Some(Box::new(TcpDestPath::new(
+                    map.clone(),
+                    streams,
+                    hashes.clone(),
+                    self.cpu.clone(),
+                    self.config.io_timeout,
+                )?));
             }
         }
         if self.mode != MigrationMode::Precopy {
             let token = psk.postcopy_token(&hello.nonce, &nonce_d);
-            self.pc_streams = accept_streams(self.listener, postcopy::stream_count(hello.streams), token, self.config.io_timeout)?;
+            self.pc_streams = accept_streams(
+                self.listener,
+                postcopy::stream_count(hello.streams),
+                token,
+                self.config.io_timeout,
+            )?;
         }
         self.ctl.send(&Message::Ready)?;
 
@@ -296,9 +403,22 @@ impl Dest<'_> {
                 Message::Round(r) => r,
                 Message::DeviceState(blob) => {
                     let vm = vm_out.as_mut().expect("built above");
-                    return self.run_postcopy(vm.as_mut(), &map, blob, hashes, early, (rounds, pages, bytes), cpu0, transport);
+                    return self.run_postcopy(
+                        vm.as_mut(),
+                        &map,
+                        blob,
+                        hashes,
+                        early,
+                        (rounds, pages, bytes),
+                        cpu0,
+                        transport,
+                    );
                 }
-                Message::PostcopyMissing { chunk, flags, ranges } => {
+                Message::PostcopyMissing {
+                    chunk,
+                    flags,
+                    ranges,
+                } => {
                     let t = Instant::now();
                     let set = early.get_or_insert_with(|| PageSet::empty(&map));
                     let mut chunk_set = PageSet::empty(&map);
@@ -311,7 +431,10 @@ impl Dest<'_> {
                     early_pages += chunk_set.count();
                     early_micros += t.elapsed().as_micros() as u64;
                     if flags & POSTCOPY_LAST_CHUNK != 0 {
-                        let (micros, pages) = (std::mem::take(&mut early_micros), std::mem::take(&mut early_pages));
+                        let (micros, pages) = (
+                            std::mem::take(&mut early_micros),
+                            std::mem::take(&mut early_pages),
+                        );
                         self.ctl.send(&Message::PostcopyDropped { micros, pages })?;
                         // Another early batch, or the device state.
                         self.state = DestState::EarlyDrop { chunk: 0 };
@@ -324,7 +447,10 @@ impl Dest<'_> {
             };
             let is_final = r.flags & ROUND_FINAL != 0;
             if *final_flag.get_or_insert(is_final) != is_final {
-                return Err(Error::Protocol(format!("round {}: chunks disagree on the final flag", r.round)));
+                return Err(Error::Protocol(format!(
+                    "round {}: chunks disagree on the final flag",
+                    r.round
+                )));
             }
             if r.chunk == 0 {
                 round_start = Instant::now();
@@ -335,7 +461,10 @@ impl Dest<'_> {
             let data = self.data.as_mut().expect("set up above");
             data.receive_chunk(r.round, &r.ranges)?;
             if r.flags & ROUND_LAST_CHUNK == 0 {
-                self.state = DestState::Precopy { round: r.round, chunk: r.chunk + 1 };
+                self.state = DestState::Precopy {
+                    round: r.round,
+                    chunk: r.chunk + 1,
+                };
                 continue;
             }
             let landed = data.finish_round(r.round)?;
@@ -352,22 +481,37 @@ impl Dest<'_> {
             if is_final {
                 break;
             }
-            self.state = DestState::Precopy { round: r.round + 1, chunk: 0 };
+            self.state = DestState::Precopy {
+                round: r.round + 1,
+                chunk: 0,
+            };
         }
 
         // Switchover.
         self.state = DestState::AwaitDeviceState;
-        let Message::DeviceState(blob) = self.recv()? else { unreachable!("state checked") };
+        let Message::DeviceState(blob) = self.recv()? else {
+            unreachable!("state checked")
+        };
         self.state = DestState::AwaitSwitchover;
-        let Message::Switchover { digest, pages: total } = self.recv()? else { unreachable!("state checked") };
+        let Message::Switchover {
+            digest,
+            pages: total,
+        } = self.recv()?
+        else {
+            unreachable!("state checked")
+        };
         let t = Instant::now();
         let mine = hashes.digest();
         tracing::debug!("digest computed in {:?}", t.elapsed());
         if total != hashes.pages() || mine != digest {
-            return Err(Error::DigestMismatch { source_digest: digest, dest_digest: mine });
+            return Err(Error::DigestMismatch {
+                source_digest: digest,
+                dest_digest: mine,
+            });
         }
         let vm = vm_out.as_mut().expect("built above");
-        vm.restore_state(&blob).map_err(|e| Error::vmm("restore device state", e))?;
+        vm.restore_state(&blob)
+            .map_err(|e| Error::vmm("restore device state", e))?;
         vm.resume().map_err(|e| Error::vmm("resume", e))?;
         let resume = t.elapsed();
         tracing::debug!("restored and resumed in {resume:?}");
@@ -418,7 +562,14 @@ impl Dest<'_> {
         let mut missing = PageSet::empty(map);
         self.state = DestState::AwaitPostcopyMissing { chunk: 0 };
         loop {
-            let Message::PostcopyMissing { chunk, flags, ranges } = self.recv()? else { unreachable!("state checked") };
+            let Message::PostcopyMissing {
+                chunk,
+                flags,
+                ranges,
+            } = self.recv()?
+            else {
+                unreachable!("state checked")
+            };
             for r in &ranges {
                 map.span(r.region, r.first, r.npages)?;
                 missing.insert_range(r);
@@ -440,46 +591,92 @@ impl Dest<'_> {
         }
         let mut streams = std::mem::take(&mut self.pc_streams);
         if streams.len() < 2 {
-            return Err(Error::PostcopyUnavailable("post-copy streams are not connected".into()));
+            return Err(Error::PostcopyUnavailable(
+                "post-copy streams are not connected".into(),
+            ));
         }
         let clones = streams
             .iter()
-            .map(|s| s.try_clone().map_err(|e| Error::io("cloning a post-copy stream", e, "post-copy stream")))
+            .map(|s| {
+                s.try_clone()
+                    .map_err(|e| Error::io("cloning a post-copy stream", e, "post-copy stream"))
+            })
             .collect::<Result<Vec<_>>>()?;
         let prefetch = streams
             .split_off(1)
             .into_iter()
             .enumerate()
-            .map(|(i, s)| TcpPageFetcher::new(s, map.clone(), format!("prefetch {i}")).map(|f| Box::new(f) as Box<dyn PageFetcher>))
+            .map(|(i, s)| {
+                TcpPageFetcher::new(s, map.clone(), format!("prefetch {i}"))
+                    .map(|f| Box::new(f) as Box<dyn PageFetcher>)
+            })
             .collect::<Result<Vec<_>>>()?;
-        let fault = Box::new(TcpPageFetcher::new(streams.remove(0), map.clone(), "fault")?);
-        let fetchers = Fetchers { fault, prefetch, streams: clones };
-        let svc = PostcopyService::start(map, &missing, (rounds > 0).then_some(&stale), fetchers, hashes.clone(), self.cpu.clone())?;
+        let fault = Box::new(TcpPageFetcher::new(
+            streams.remove(0),
+            map.clone(),
+            "fault",
+        )?);
+        let fetchers = Fetchers {
+            fault,
+            prefetch,
+            streams: clones,
+        };
+        let svc = PostcopyService::start(
+            map,
+            &missing,
+            (rounds > 0).then_some(&stale),
+            fetchers,
+            hashes.clone(),
+            self.cpu.clone(),
+        )?;
         let svc = self.postcopy.insert(svc);
-        vm.restore_state(&blob).map_err(|e| Error::vmm("restore device state", e))?;
+        vm.restore_state(&blob)
+            .map_err(|e| Error::vmm("restore device state", e))?;
         vm.resume().map_err(|e| Error::vmm("resume", e))?;
         self.resumed_in_postcopy = true;
         svc.mark_resumed();
         let resume = t.elapsed();
         let initial = missing.count();
-        self.ctl.send(&Message::PostcopyResumed { resume_micros: resume.as_micros() as u64, missing: initial })?;
+        self.ctl.send(&Message::PostcopyResumed {
+            resume_micros: resume.as_micros() as u64,
+            missing: initial,
+        })?;
         tracing::debug!("post-copy: resumed in {resume:?} with {initial} pages missing");
-        self.postcopy.as_mut().expect("set above").start_prefetch(hashes.clone(), self.cpu.clone())?;
+        self.postcopy
+            .as_mut()
+            .expect("set above")
+            .start_prefetch(hashes.clone(), self.cpu.clone())?;
         self.state = DestState::Postcopy;
-        let Message::Switchover { digest, pages: total } = self.recv()? else { unreachable!("state checked") };
+        let Message::Switchover {
+            digest,
+            pages: total,
+        } = self.recv()?
+        else {
+            unreachable!("state checked")
+        };
         let svc = self.postcopy.as_mut().expect("set above");
-        svc.wait(self.config.io_timeout).map_err(Error::PostcopyService)?;
+        svc.wait(self.config.io_timeout)
+            .map_err(Error::PostcopyService)?;
         let stats = self.postcopy.take().expect("set above").finish()?;
         let mine = hashes.digest();
         if total != hashes.pages() || mine != digest {
-            return Err(Error::DigestMismatch { source_digest: digest, dest_digest: mine });
+            return Err(Error::DigestMismatch {
+                source_digest: digest,
+                dest_digest: mine,
+            });
         }
         self.cpu.add(thread_cpu_time().saturating_sub(cpu0));
         let cpu = self.cpu.total();
         let page = map.page_size().bytes();
         let (pages, bytes) = (pages + stats.missing, bytes + stats.missing * page);
         self.ctl.send(&Message::PostcopyComplete(PostcopyComplete {
-            complete: Complete { digest: mine, cpu_micros: cpu.as_micros() as u64, resume_micros: 0, pages, bytes },
+            complete: Complete {
+                digest: mine,
+                cpu_micros: cpu.as_micros() as u64,
+                resume_micros: 0,
+                pages,
+                bytes,
+            },
             faults: stats.faults,
             fault_pages: stats.fault_pages,
             postcopy_micros: stats.duration.as_micros() as u64,
@@ -518,16 +715,26 @@ impl Dest<'_> {
         let guest = match vm {
             Some(mut vm) => {
                 if let Err(pe) = vm.pause() {
-                    tracing::error!("could not pause the destination guest after post-copy failed: {pe}");
+                    tracing::error!(
+                        "could not pause the destination guest after post-copy failed: {pe}"
+                    );
                 }
                 PausedGuest::new(PostcopyRemnant::new(svc, vm))
             }
             None => PausedGuest::default(),
         };
-        Error::PostcopyInterrupted { missing, total, reason: e.to_string(), guest }
+        Error::PostcopyInterrupted {
+            missing,
+            total,
+            reason: e.to_string(),
+            guest,
+        }
     }
 
-    fn choose_transport(&mut self, hello: &crate::wire::Hello) -> Result<(TransportKind, String, crate::rdma::RdmaOptions)> {
+    fn choose_transport(
+        &mut self,
+        hello: &crate::wire::Hello,
+    ) -> Result<(TransportKind, String, crate::rdma::RdmaOptions)> {
         let opts = self.config.rdma.clone();
         let local = match self.config.transport {
             TransportKind::Tcp => Err("the destination is configured for TCP only".to_string()),
@@ -537,13 +744,36 @@ impl Dest<'_> {
         Ok(match hello.transport {
             TransportKind::Tcp => (TransportKind::Tcp, "the source requested TCP".into(), opts),
             TransportKind::Rdma => match local {
-                Ok(dev) => (TransportKind::Rdma, format!("RDMA requested; destination device {}", dev.name), opts),
-                Err(why) => return Err(Error::RdmaUnavailable(format!("the source requested RDMA but the destination cannot: {why}"))),
+                Ok(dev) => (
+                    TransportKind::Rdma,
+                    format!("RDMA requested; destination device {}", dev.name),
+                    opts,
+                ),
+                Err(why) => {
+                    return Err(Error::RdmaUnavailable(format!(
+                        "the source requested RDMA but the destination cannot: {why}"
+                    )))
+                }
             },
             TransportKind::Auto => match (source_rdma, local) {
-                (true, Ok(dev)) => (TransportKind::Rdma, format!("both ends have a usable RDMA device (destination: {} port {})", dev.name, dev.port), opts),
-                (false, _) => (TransportKind::Tcp, "the source has no usable RDMA device".into(), opts),
-                (true, Err(why)) => (TransportKind::Tcp, format!("the destination has no usable RDMA device: {why}"), opts),
+                (true, Ok(dev)) => (
+                    TransportKind::Rdma,
+                    format!(
+                        "both ends have a usable RDMA device (destination: {} port {})",
+                        dev.name, dev.port
+                    ),
+                    opts,
+                ),
+                (false, _) => (
+                    TransportKind::Tcp,
+                    "the source has no usable RDMA device".into(),
+                    opts,
+                ),
+                (true, Err(why)) => (
+                    TransportKind::Tcp,
+                    format!("the destination has no usable RDMA device: {why}"),
+                    opts,
+                ),
             },
         })
     }

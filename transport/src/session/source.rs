@@ -52,8 +52,8 @@ use crate::rdma::{self, RdmaSourcePath};
 use crate::tcp::{connect_streams, RateLimiter, TcpSourcePath};
 use crate::vm::SourceVm;
 use crate::wire::{
-    caps, Hello, Message, PostcopyComplete, Round, TransportKind, MAX_RANGES_PER_MSG, POSTCOPY_EARLY, POSTCOPY_LAST_CHUNK, PROTOCOL_VERSION, ROUND_FINAL,
-    ROUND_LAST_CHUNK,
+    caps, Hello, Message, PostcopyComplete, Round, TransportKind, MAX_RANGES_PER_MSG,
+    POSTCOPY_EARLY, POSTCOPY_LAST_CHUNK, PROTOCOL_VERSION, ROUND_FINAL, ROUND_LAST_CHUNK,
 };
 
 /// Where the source is in the protocol.
@@ -96,9 +96,18 @@ impl SourceState {
                 | (SourceState::AwaitSetupAck, Message::DataSetupAck(_))
                 | (SourceState::AwaitReady, Message::Ready)
                 | (SourceState::AwaitComplete, Message::Complete(_))
-                | (SourceState::AwaitPostcopyDropped, Message::PostcopyDropped { .. })
-                | (SourceState::AwaitPostcopyResumed, Message::PostcopyResumed { .. })
-                | (SourceState::AwaitPostcopyComplete, Message::PostcopyComplete(_))
+                | (
+                    SourceState::AwaitPostcopyDropped,
+                    Message::PostcopyDropped { .. }
+                )
+                | (
+                    SourceState::AwaitPostcopyResumed,
+                    Message::PostcopyResumed { .. }
+                )
+                | (
+                    SourceState::AwaitPostcopyComplete,
+                    Message::PostcopyComplete(_)
+                )
         ) || matches!((self, m), (SourceState::AwaitRoundDone(n), Message::RoundDone(d)) if d.round == n)
     }
 }
@@ -137,7 +146,12 @@ struct Source<'a> {
 ///
 /// On success the guest is running on the destination and the caller should stop its local
 /// copy. On failure the local VM is running (or, only for [`Error::SwitchoverUnknown`], paused).
-pub fn migrate(vm: &mut dyn SourceVm, dest: SocketAddr, config: &MigrationConfig, progress: &mut dyn FnMut(&RoundStats)) -> Result<MigrationReport> {
+pub fn migrate(
+    vm: &mut dyn SourceVm,
+    dest: SocketAddr,
+    config: &MigrationConfig,
+    progress: &mut dyn FnMut(&RoundStats),
+) -> Result<MigrationReport> {
     config.validate()?;
     let started = Instant::now();
     let cpu0 = thread_cpu_time();
@@ -148,11 +162,16 @@ pub fn migrate(vm: &mut dyn SourceVm, dest: SocketAddr, config: &MigrationConfig
     };
     if config.transport == TransportKind::Rdma {
         if let Err(why) = &rdma_probe {
-            return Err(Error::RdmaUnavailable(format!("--transport rdma needs a usable RDMA device here: {why}")));
+            return Err(Error::RdmaUnavailable(format!(
+                "--transport rdma needs a usable RDMA device here: {why}"
+            )));
         }
     }
     let stream = TcpStream::connect_timeout(&dest, config.io_timeout.min(Duration::from_secs(10)))
-        .map_err(|e| Error::Io { context: format!("connecting to the destination at {dest}"), source: e })?;
+        .map_err(|e| Error::Io {
+            context: format!("connecting to the destination at {dest}"),
+            source: e,
+        })?;
     let ctl = Control::new(stream, Some(config.io_timeout))?;
     let mut s = Source {
         vm,
@@ -188,12 +207,21 @@ impl Source<'_> {
     fn recv(&mut self) -> Result<Message> {
         let m = self.ctl.recv()?;
         if !self.state.accepts(&m) {
-            return Err(Error::UnexpectedMessage { state: self.state.describe(), got: m.name() });
+            return Err(Error::UnexpectedMessage {
+                state: self.state.describe(),
+                got: m.name(),
+            });
         }
         Ok(m)
     }
 
-    fn run(&mut self, dest: SocketAddr, have_rdma: bool, started: Instant, progress: &mut dyn FnMut(&RoundStats)) -> Result<MigrationReport> {
+    fn run(
+        &mut self,
+        dest: SocketAddr,
+        have_rdma: bool,
+        started: Instant,
+        progress: &mut dyn FnMut(&RoundStats),
+    ) -> Result<MigrationReport> {
         // Handshake: versions, capabilities, transport, mutual authentication.
         let nonce_s = random_bytes()?;
         let mut my_caps = caps::TCP;
@@ -214,24 +242,49 @@ impl Source<'_> {
             max_bandwidth: self.config.max_bandwidth.unwrap_or(0),
             nonce: nonce_s,
         }))?;
-        let Message::HelloAck(ack) = self.recv()? else { unreachable!("state checked") };
-        if !self.config.psk.check_dest_proof(&nonce_s, &ack.nonce, &ack.mac) {
-            return Err(Error::AuthFailed("the destination did not prove the pre-shared key (different --psk-file?)".into()));
+        let Message::HelloAck(ack) = self.recv()? else {
+            unreachable!("state checked")
+        };
+        if !self
+            .config
+            .psk
+            .check_dest_proof(&nonce_s, &ack.nonce, &ack.mac)
+        {
+            return Err(Error::AuthFailed(
+                "the destination did not prove the pre-shared key (different --psk-file?)".into(),
+            ));
         }
         if mode != MigrationMode::Precopy && ack.caps & caps::POSTCOPY == 0 {
-            return Err(Error::PostcopyUnavailable(format!("the destination does not offer post-copy (needed for --mode {})", mode.name())));
+            return Err(Error::PostcopyUnavailable(format!(
+                "the destination does not offer post-copy (needed for --mode {})",
+                mode.name()
+            )));
         }
-        self.ctl.send(&Message::AuthProof(self.config.psk.source_proof(&nonce_s, &ack.nonce)))?;
+        self.ctl.send(&Message::AuthProof(
+            self.config.psk.source_proof(&nonce_s, &ack.nonce),
+        ))?;
         self.state = SourceState::AwaitAuthOk;
         self.recv()?;
-        tracing::info!("authenticated; transport {} ({})", ack.transport.name(), ack.reason);
+        tracing::info!(
+            "authenticated; transport {} ({})",
+            ack.transport.name(),
+            ack.reason
+        );
 
         // Memory layout and data path. Keys and addresses go out only now.
         self.ctl.send(&Message::RegionTable {
             page_size: self.map.page_size().bytes() as u32,
-            regions: self.map.regions().iter().map(|r| (r.gpa(), r.len())).collect(),
+            regions: self
+                .map
+                .regions()
+                .iter()
+                .map(|r| (r.gpa(), r.len()))
+                .collect(),
         })?;
-        let limiter = self.config.max_bandwidth.map(|b| Arc::new(RateLimiter::new(b)));
+        let limiter = self
+            .config
+            .max_bandwidth
+            .map(|b| Arc::new(RateLimiter::new(b)));
         let mut rdma_path = None;
         let setup = match ack.transport {
             TransportKind::Rdma => {
@@ -243,7 +296,9 @@ impl Source<'_> {
         };
         self.ctl.send(&Message::DataSetup(setup))?;
         self.state = SourceState::AwaitSetupAck;
-        let Message::DataSetupAck(ack_payload) = self.recv()? else { unreachable!("state checked") };
+        let Message::DataSetupAck(ack_payload) = self.recv()? else {
+            unreachable!("state checked")
+        };
         self.data = Some(match rdma_path {
             Some(mut path) => {
                 path.connect(&ack_payload)?;
@@ -251,22 +306,40 @@ impl Source<'_> {
             }
             None => {
                 let token = self.config.psk.stream_token(&nonce_s, &ack.nonce);
-                let streams = connect_streams(dest, self.config.streams, token, self.config.io_timeout)?;
-                Box::new(TcpSourcePath::new(self.map.clone(), streams, limiter.clone(), self.cpu.clone())?)
+                let streams =
+                    connect_streams(dest, self.config.streams, token, self.config.io_timeout)?;
+                Box::new(TcpSourcePath::new(
+                    self.map.clone(),
+                    streams,
+                    limiter.clone(),
+                    self.cpu.clone(),
+                )?)
             }
         });
         if mode != MigrationMode::Precopy {
             // The page server idles until the destination asks for pages after the switchover.
             let token = self.config.psk.postcopy_token(&nonce_s, &ack.nonce);
-            let streams = connect_streams(dest, postcopy::stream_count(self.config.streams), token, self.config.io_timeout)?;
-            self.server = Some(PageServer::start(self.map.clone(), streams, limiter, self.cpu.clone())?);
+            let streams = connect_streams(
+                dest,
+                postcopy::stream_count(self.config.streams),
+                token,
+                self.config.io_timeout,
+            )?;
+            self.server = Some(PageServer::start(
+                self.map.clone(),
+                streams,
+                limiter,
+                self.cpu.clone(),
+            )?);
         }
         self.state = SourceState::AwaitReady;
         self.recv()?;
 
         // Pre-copy (post-copy mode runs no round: every page is in the post-copy set).
         if mode != MigrationMode::Postcopy {
-            self.vm.start_dirty_log().map_err(|e| Error::vmm("start dirty log", e))?;
+            self.vm
+                .start_dirty_log()
+                .map_err(|e| Error::vmm("start dirty log", e))?;
             self.logging = true;
         }
         let page = self.map.page_size().bytes();
@@ -284,8 +357,13 @@ impl Source<'_> {
                 self.vm.pause().map_err(|e| Error::vmm("pause", e))?;
                 self.paused = true;
                 paused_at = Some(Instant::now());
-                self.vm.fetch_and_clear_dirty(&mut set).map_err(|e| Error::vmm("fetch dirty log", e))?;
-                tracing::debug!("paused; final dirty set fetched in {:?}", paused_at.map(|t| t.elapsed()));
+                self.vm
+                    .fetch_and_clear_dirty(&mut set)
+                    .map_err(|e| Error::vmm("fetch dirty log", e))?;
+                tracing::debug!(
+                    "paused; final dirty set fetched in {:?}",
+                    paused_at.map(|t| t.elapsed())
+                );
             }
             let t = Instant::now();
             let pages = self.send_round(round, &set, final_round)?;
@@ -310,7 +388,9 @@ impl Source<'_> {
                 break;
             }
             set.clear();
-            self.vm.fetch_and_clear_dirty(&mut set).map_err(|e| Error::vmm("fetch dirty log", e))?;
+            self.vm
+                .fetch_and_clear_dirty(&mut set)
+                .map_err(|e| Error::vmm("fetch dirty log", e))?;
             let dirty = set.count();
             let (decision, predicted) = conv.after_round(round + 1, bytes, elapsed, dirty * page);
             stats.dirty_pages = dirty;
@@ -322,48 +402,72 @@ impl Source<'_> {
                 Decision::Continue => {}
                 Decision::Switchover => final_round = true,
                 Decision::NotConverging if mode == MigrationMode::Hybrid => {
-                    tracing::info!("pre-copy is not converging after {} rounds; switching over in post-copy", round + 1);
+                    tracing::info!(
+                        "pre-copy is not converging after {} rounds; switching over in post-copy",
+                        round + 1
+                    );
                     go_postcopy = true;
                     continue;
                 }
                 Decision::NotConverging => match self.config.policy {
                     ConvergencePolicy::Stop => {
-                        tracing::warn!("pre-copy is not converging after {} rounds; switching over anyway", round + 1);
+                        tracing::warn!(
+                            "pre-copy is not converging after {} rounds; switching over anyway",
+                            round + 1
+                        );
                         final_round = true;
                         forced = true;
                     }
-                    ConvergencePolicy::Abort => {
-                        return Err(Error::NotConverged(format!(
-                            "after {} rounds the predicted downtime is {:.1} ms, over the {:?} limit",
-                            round + 1,
-                            predicted.as_secs_f64() * 1e3,
-                            self.config.downtime_limit
-                        )))
-                    }
+                    ConvergencePolicy::Abort => return Err(Error::NotConverged(format!(
+                        "after {} rounds the predicted downtime is {:.1} ms, over the {:?} limit",
+                        round + 1,
+                        predicted.as_secs_f64() * 1e3,
+                        self.config.downtime_limit
+                    ))),
                 },
             }
             round += 1;
         }
 
         if go_postcopy {
-            let precopy =
-                PrecopyTotals { rounds: if mode == MigrationMode::Postcopy { 0 } else { round + 1 }, bytes: total_bytes, round_time, per_round };
+            let precopy = PrecopyTotals {
+                rounds: if mode == MigrationMode::Postcopy {
+                    0
+                } else {
+                    round + 1
+                },
+                bytes: total_bytes,
+                round_time,
+                per_round,
+            };
             return self.run_postcopy(set, precopy, ack.transport.name(), ack.reason, started);
         }
 
         // Switchover: device state, digest, and the destination's resume.
         let t_pause = paused_at.unwrap_or_else(Instant::now);
         tracing::debug!("final round landed {:?} after pause", t_pause.elapsed());
-        let blob = self.vm.save_state().map_err(|e| Error::vmm("save device state", e))?;
-        tracing::debug!("device state saved ({} bytes) {:?} after pause", blob.len(), t_pause.elapsed());
+        let blob = self
+            .vm
+            .save_state()
+            .map_err(|e| Error::vmm("save device state", e))?;
+        tracing::debug!(
+            "device state saved ({} bytes) {:?} after pause",
+            blob.len(),
+            t_pause.elapsed()
+        );
         let state_bytes = blob.len() as u64;
         self.ctl.send(&Message::DeviceState(blob))?;
         let digest = self.hashes.digest();
-        self.ctl.send(&Message::Switchover { digest, pages: self.hashes.pages() })?;
+        self.ctl.send(&Message::Switchover {
+            digest,
+            pages: self.hashes.pages(),
+        })?;
         self.switchover_sent = true;
         tracing::debug!("switchover sent {:?} after pause", t_pause.elapsed());
         self.state = SourceState::AwaitComplete;
-        let Message::Complete(done) = self.recv()? else { unreachable!("state checked") };
+        let Message::Complete(done) = self.recv()? else {
+            unreachable!("state checked")
+        };
         let downtime = paused_at.map(|t| t.elapsed()).unwrap_or_default();
         self.state = SourceState::Done;
         if let Err(e) = self.ctl.send(&Message::Finish) {
@@ -399,7 +503,14 @@ impl Source<'_> {
     /// Post-copy switchover: pause, device state, the post-copy set; the destination's resume
     /// ends the downtime. Then re-hash the set while the destination runs, send the digest,
     /// serve pages until the destination holds all of them, and compare its digest.
-    fn run_postcopy(&mut self, mut set: PageSet, pre: PrecopyTotals, transport: &str, reason: String, started: Instant) -> Result<MigrationReport> {
+    fn run_postcopy(
+        &mut self,
+        mut set: PageSet,
+        pre: PrecopyTotals,
+        transport: &str,
+        reason: String,
+        started: Instant,
+    ) -> Result<MigrationReport> {
         // Hybrid: the pages dirtied during the last round are stale on the destination; have
         // it drop them while the guest still runs here, so that only the pages dirtied since
         // are dropped during the downtime. Pages re-dirtied after being dropped stay missing
@@ -413,51 +524,85 @@ impl Source<'_> {
             let t = Instant::now();
             self.send_missing(&set, POSTCOPY_EARLY)?;
             self.state = SourceState::AwaitPostcopyDropped;
-            let Message::PostcopyDropped { micros, pages } = self.recv()? else { unreachable!("state checked") };
+            let Message::PostcopyDropped { micros, pages } = self.recv()? else {
+                unreachable!("state checked")
+            };
             if pages != set.count() {
-                return Err(Error::Protocol(format!("destination dropped {pages} pages, {} were sent", set.count())));
+                return Err(Error::Protocol(format!(
+                    "destination dropped {pages} pages, {} were sent",
+                    set.count()
+                )));
             }
             tracing::debug!("post-copy: early batch {batch}: {pages} stale pages dropped in {micros} µs ({:?} round trip)", t.elapsed());
             let dropped = early.get_or_insert_with(|| PageSet::empty(&self.map));
             dropped.union_with(&set);
             let mut dirty = PageSet::empty(&self.map);
-            self.vm.fetch_and_clear_dirty(&mut dirty).map_err(|e| Error::vmm("fetch dirty log", e))?;
+            self.vm
+                .fetch_and_clear_dirty(&mut dirty)
+                .map_err(|e| Error::vmm("fetch dirty log", e))?;
             set = postcopy::difference(&self.map, &dirty, dropped);
         }
         self.vm.pause().map_err(|e| Error::vmm("pause", e))?;
         self.paused = true;
         let paused_at = Instant::now();
         if self.logging {
-            self.vm.fetch_and_clear_dirty(&mut set).map_err(|e| Error::vmm("fetch dirty log", e))?;
+            self.vm
+                .fetch_and_clear_dirty(&mut set)
+                .map_err(|e| Error::vmm("fetch dirty log", e))?;
         }
-        tracing::debug!("post-copy: paused, dirty set fetched in {:?}", paused_at.elapsed());
-        let blob = self.vm.save_state().map_err(|e| Error::vmm("save device state", e))?;
+        tracing::debug!(
+            "post-copy: paused, dirty set fetched in {:?}",
+            paused_at.elapsed()
+        );
+        let blob = self
+            .vm
+            .save_state()
+            .map_err(|e| Error::vmm("save device state", e))?;
         let state_bytes = blob.len() as u64;
         self.ctl.send(&Message::DeviceState(blob))?;
-        tracing::debug!("post-copy: device state ({state_bytes} bytes) sent {:?} after pause", paused_at.elapsed());
+        tracing::debug!(
+            "post-copy: device state ({state_bytes} bytes) sent {:?} after pause",
+            paused_at.elapsed()
+        );
         self.send_missing(&set, 0)?;
         // From here the destination may resume the guest at any moment: if the answer is lost
         // the outcome is unknown and the source stays paused; an Abort still resumes it.
         self.switchover_sent = true;
-        tracing::debug!("post-copy: final set of {} pages sent {:?} after pause", set.count(), paused_at.elapsed());
+        tracing::debug!(
+            "post-copy: final set of {} pages sent {:?} after pause",
+            set.count(),
+            paused_at.elapsed()
+        );
         if let Some(early) = &early {
             set.union_with(early);
         }
         let ranges: Vec<PageRange> = set.ranges(u64::from(u32::MAX)).collect();
         self.state = SourceState::AwaitPostcopyResumed;
-        let Message::PostcopyResumed { missing, resume_micros } = self.recv()? else { unreachable!("state checked") };
+        let Message::PostcopyResumed {
+            missing,
+            resume_micros,
+        } = self.recv()?
+        else {
+            unreachable!("state checked")
+        };
         let downtime = paused_at.elapsed();
         // The guest runs on the destination from here: never resume it here.
         self.guest_moved = true;
         tracing::info!("post-copy: destination resumed in {resume_micros} µs; downtime {downtime:?}; {missing} pages to fetch");
         if missing != set.count() {
-            return Err(Error::Protocol(format!("destination marked {missing} pages missing, the post-copy set has {}", set.count())));
+            return Err(Error::Protocol(format!(
+                "destination marked {missing} pages missing, the post-copy set has {}",
+                set.count()
+            )));
         }
         for r in &ranges {
             self.hashes.update(&self.map, r)?;
         }
         let digest = self.hashes.digest();
-        self.ctl.send(&Message::Switchover { digest, pages: self.hashes.pages() })?;
+        self.ctl.send(&Message::Switchover {
+            digest,
+            pages: self.hashes.pages(),
+        })?;
         self.state = SourceState::AwaitPostcopyComplete;
         // Post-copy may take longer than one I/O timeout: keep waiting while pages are served.
         let mut served = self.server.as_ref().map_or(0, PageServer::pages_served);
@@ -468,14 +613,22 @@ impl Source<'_> {
                 Err(Error::Timeout(why)) => {
                     let now = self.server.as_ref().map_or(0, PageServer::pages_served);
                     if now == served {
-                        return Err(Error::Timeout(format!("{why}; no page requested meanwhile")));
+                        return Err(Error::Timeout(format!(
+                            "{why}; no page requested meanwhile"
+                        )));
                     }
                     served = now;
                 }
                 Err(e) => return Err(e),
             }
         };
-        let PostcopyComplete { complete, faults, fault_pages, postcopy_micros, latency_ns } = done;
+        let PostcopyComplete {
+            complete,
+            faults,
+            fault_pages,
+            postcopy_micros,
+            latency_ns,
+        } = done;
         self.state = SourceState::Done;
         if let Err(e) = self.ctl.send(&Message::Finish) {
             tracing::warn!("the destination runs the guest, but Finish was not delivered: {e}");
@@ -519,11 +672,19 @@ impl Source<'_> {
     /// `POSTCOPY_LAST_CHUNK`).
     fn send_missing(&mut self, set: &PageSet, flags: u32) -> Result<()> {
         let ranges: Vec<PageRange> = set.ranges(u64::from(u32::MAX)).collect();
-        let chunks: Vec<&[PageRange]> = if ranges.is_empty() { vec![&[]] } else { ranges.chunks(MAX_RANGES_PER_MSG).collect() };
+        let chunks: Vec<&[PageRange]> = if ranges.is_empty() {
+            vec![&[]]
+        } else {
+            ranges.chunks(MAX_RANGES_PER_MSG).collect()
+        };
         let n = chunks.len();
         for (i, chunk) in chunks.into_iter().enumerate() {
             let last = if i + 1 == n { POSTCOPY_LAST_CHUNK } else { 0 };
-            self.ctl.send(&Message::PostcopyMissing { chunk: i as u32, flags: flags | last, ranges: chunk.to_vec() })?;
+            self.ctl.send(&Message::PostcopyMissing {
+                chunk: i as u32,
+                flags: flags | last,
+                ranges: chunk.to_vec(),
+            })?;
         }
         Ok(())
     }
@@ -532,15 +693,27 @@ impl Source<'_> {
     /// destination to confirm it. Returns the pages moved.
     fn send_round(&mut self, round: u32, set: &PageSet, final_round: bool) -> Result<u64> {
         let ranges: Vec<PageRange> = set.ranges(u64::from(u32::MAX)).collect();
-        let chunks: Vec<&[PageRange]> = if ranges.is_empty() { vec![&[]] } else { ranges.chunks(MAX_RANGES_PER_MSG).collect() };
-        let data = self.data.as_mut().expect("data path is set up before rounds");
+        let chunks: Vec<&[PageRange]> = if ranges.is_empty() {
+            vec![&[]]
+        } else {
+            ranges.chunks(MAX_RANGES_PER_MSG).collect()
+        };
+        let data = self
+            .data
+            .as_mut()
+            .expect("data path is set up before rounds");
         let n = chunks.len();
         for (i, chunk) in chunks.into_iter().enumerate() {
             let mut flags = if final_round { ROUND_FINAL } else { 0 };
             if i + 1 == n {
                 flags |= ROUND_LAST_CHUNK;
             }
-            self.ctl.send(&Message::Round(Round { round, chunk: i as u32, flags, ranges: chunk.to_vec() }))?;
+            self.ctl.send(&Message::Round(Round {
+                round,
+                chunk: i as u32,
+                flags,
+                ranges: chunk.to_vec(),
+            }))?;
             data.send_chunk(round, chunk)?;
             for r in chunk {
                 self.hashes.update(&self.map, r)?;
@@ -548,10 +721,15 @@ impl Source<'_> {
         }
         data.finish_round(round)?;
         self.state = SourceState::AwaitRoundDone(round);
-        let Message::RoundDone(done) = self.recv()? else { unreachable!("state checked") };
+        let Message::RoundDone(done) = self.recv()? else {
+            unreachable!("state checked")
+        };
         let pages = crate::pages::total_pages(&ranges);
         if done.pages != pages {
-            return Err(Error::Protocol(format!("round {round}: destination landed {} pages, {pages} were sent", done.pages)));
+            return Err(Error::Protocol(format!(
+                "round {round}: destination landed {} pages, {pages} were sent",
+                done.pages
+            )));
         }
         Ok(pages)
     }
@@ -577,7 +755,8 @@ impl Source<'_> {
 
     /// Cleans up after an error and returns the error to report.
     fn fail(&mut self, e: Error) -> Error {
-        let keep_paused = self.guest_moved || (self.switchover_sent && !matches!(e, Error::PeerAborted(_)));
+        let keep_paused =
+            self.guest_moved || (self.switchover_sent && !matches!(e, Error::PeerAborted(_)));
         if !matches!(e, Error::PeerAborted(_)) {
             self.ctl.send_abort(&e.to_string());
         }

@@ -96,7 +96,13 @@ impl FaultLatency {
     /// From p50, p90, p99, p99.9 and max in ns.
     pub fn from_ns(ns: [u64; 5]) -> FaultLatency {
         let us = |v: u64| v as f64 / 1e3;
-        FaultLatency { p50: us(ns[0]), p90: us(ns[1]), p99: us(ns[2]), p999: us(ns[3]), max: us(ns[4]) }
+        FaultLatency {
+            p50: us(ns[0]),
+            p90: us(ns[1]),
+            p99: us(ns[2]),
+            p999: us(ns[3]),
+            max: us(ns[4]),
+        }
     }
 }
 

@@ -538,9 +538,18 @@ pub enum Message {
 }
 
 /// Encodes a `RoundWire` and its ranges (a `Round` or a `PostcopyMissing` chunk).
-fn encode_ranges(out: &mut Vec<u8>, round: u32, chunk: u32, flags: u32, ranges: &[PageRange]) -> Result<()> {
+fn encode_ranges(
+    out: &mut Vec<u8>,
+    round: u32,
+    chunk: u32,
+    flags: u32,
+    ranges: &[PageRange],
+) -> Result<()> {
     if ranges.len() > MAX_RANGES_PER_MSG {
-        return Err(Error::InvalidConfig(format!("{} ranges in one message", ranges.len())));
+        return Err(Error::InvalidConfig(format!(
+            "{} ranges in one message",
+            ranges.len()
+        )));
     }
     out.reserve(size_of::<RoundWire>() + ranges.len() * size_of::<RangeWire>());
     out.extend_from_slice(bytemuck::bytes_of(&RoundWire {
@@ -550,8 +559,14 @@ fn encode_ranges(out: &mut Vec<u8>, round: u32, chunk: u32, flags: u32, ranges: 
         count: (ranges.len() as u32).into(),
     }));
     for g in ranges {
-        let npages = u32::try_from(g.npages).map_err(|_| Error::InvalidConfig(format!("range of {} pages is too long", g.npages)))?;
-        out.extend_from_slice(bytemuck::bytes_of(&RangeWire { region: g.region.0.into(), npages: npages.into(), first: g.first.0.into() }));
+        let npages = u32::try_from(g.npages).map_err(|_| {
+            Error::InvalidConfig(format!("range of {} pages is too long", g.npages))
+        })?;
+        out.extend_from_slice(bytemuck::bytes_of(&RangeWire {
+            region: g.region.0.into(),
+            npages: npages.into(),
+            first: g.first.0.into(),
+        }));
     }
     Ok(())
 }
@@ -622,14 +637,20 @@ impl Message {
             Message::AuthOk | Message::Ready | Message::Finish => {}
             Message::RegionTable { page_size, regions } => {
                 if regions.len() > MAX_REGIONS {
-                    return Err(Error::InvalidConfig(format!("{} regions, at most {MAX_REGIONS}", regions.len())));
+                    return Err(Error::InvalidConfig(format!(
+                        "{} regions, at most {MAX_REGIONS}",
+                        regions.len()
+                    )));
                 }
                 out.extend_from_slice(bytemuck::bytes_of(&RegionTableWire {
                     page_size: (*page_size).into(),
                     count: (regions.len() as u32).into(),
                 }));
                 for (gpa, len) in regions {
-                    out.extend_from_slice(bytemuck::bytes_of(&RegionWire { gpa: gpa.0.into(), len: (*len).into() }));
+                    out.extend_from_slice(bytemuck::bytes_of(&RegionWire {
+                        gpa: gpa.0.into(),
+                        len: (*len).into(),
+                    }));
                 }
             }
             Message::DataSetup(b) | Message::DataSetupAck(b) | Message::DeviceState(b) => {
@@ -644,24 +665,36 @@ impl Message {
                 out.extend_from_slice(b);
             }
             Message::Round(r) => encode_ranges(out, r.round, r.chunk, r.flags, &r.ranges)?,
-            Message::PostcopyMissing { chunk, flags, ranges } => encode_ranges(out, 0, *chunk, *flags, ranges)?,
-            Message::PostcopyResumed { resume_micros, missing } => out.extend_from_slice(bytemuck::bytes_of(&PostcopyResumedWire {
+            Message::PostcopyMissing {
+                chunk,
+                flags,
+                ranges,
+            } => encode_ranges(out, 0, *chunk, *flags, ranges)?,
+            Message::PostcopyResumed {
+                resume_micros,
+                missing,
+            } => out.extend_from_slice(bytemuck::bytes_of(&PostcopyResumedWire {
                 resume_micros: (*resume_micros).into(),
                 missing: (*missing).into(),
             })),
             Message::PostcopyDropped { micros, pages } => {
-                out.extend_from_slice(bytemuck::bytes_of(&PostcopyResumedWire { resume_micros: (*micros).into(), missing: (*pages).into() }))
+                out.extend_from_slice(bytemuck::bytes_of(&PostcopyResumedWire {
+                    resume_micros: (*micros).into(),
+                    missing: (*pages).into(),
+                }))
             }
-            Message::PostcopyComplete(p) => out.extend_from_slice(bytemuck::bytes_of(&PostcopyCompleteWire {
-                digest: p.complete.digest.into(),
-                cpu_micros: p.complete.cpu_micros.into(),
-                pages: p.complete.pages.into(),
-                bytes: p.complete.bytes.into(),
-                faults: p.faults.into(),
-                fault_pages: p.fault_pages.into(),
-                postcopy_micros: p.postcopy_micros.into(),
-                latency_ns: p.latency_ns.map(Le64::new),
-            })),
+            Message::PostcopyComplete(p) => {
+                out.extend_from_slice(bytemuck::bytes_of(&PostcopyCompleteWire {
+                    digest: p.complete.digest.into(),
+                    cpu_micros: p.complete.cpu_micros.into(),
+                    pages: p.complete.pages.into(),
+                    bytes: p.complete.bytes.into(),
+                    faults: p.faults.into(),
+                    fault_pages: p.fault_pages.into(),
+                    postcopy_micros: p.postcopy_micros.into(),
+                    latency_ns: p.latency_ns.map(Le64::new),
+                }))
+            }
             Message::RoundDone(d) => out.extend_from_slice(bytemuck::bytes_of(&RoundDoneWire {
                 round: d.round.into(),
                 reserved: 0.into(),
@@ -669,11 +702,13 @@ impl Message {
                 bytes: d.bytes.into(),
                 micros: d.micros.into(),
             })),
-            Message::Switchover { digest, pages } => out.extend_from_slice(bytemuck::bytes_of(&SwitchoverWire {
-                digest: (*digest).into(),
-                pages: (*pages).into(),
-                reserved: 0.into(),
-            })),
+            Message::Switchover { digest, pages } => {
+                out.extend_from_slice(bytemuck::bytes_of(&SwitchoverWire {
+                    digest: (*digest).into(),
+                    pages: (*pages).into(),
+                    reserved: 0.into(),
+                }))
+            }
             Message::Complete(c) => out.extend_from_slice(bytemuck::bytes_of(&CompleteWire {
                 digest: c.digest.into(),
                 cpu_micros: c.cpu_micros.into(),
@@ -707,10 +742,16 @@ impl Message {
     pub fn check_header(bytes: &[u8; size_of::<Header>()]) -> Result<(Command, usize)> {
         let h: Header = bytemuck::pod_read_unaligned(bytes);
         if h.magic != MAGIC {
-            return Err(Error::Protocol(format!("bad magic {:02x?} (not an rdmig peer?)", h.magic)));
+            return Err(Error::Protocol(format!(
+                "bad magic {:02x?} (not an rdmig peer?)",
+                h.magic
+            )));
         }
         if h.version.get() != PROTOCOL_VERSION {
-            return Err(Error::VersionMismatch { peer: h.version.get(), ours: PROTOCOL_VERSION });
+            return Err(Error::VersionMismatch {
+                peer: h.version.get(),
+                ours: PROTOCOL_VERSION,
+            });
         }
         let cmd = Command::from_u16(h.command.get())?;
         if cmd == Command::Invalid {
@@ -718,7 +759,10 @@ impl Message {
         }
         let len = h.length.get() as usize;
         if len > cmd.max_payload() {
-            return Err(Error::Protocol(format!("{cmd:?} payload of {len} bytes exceeds its bound of {}", cmd.max_payload())));
+            return Err(Error::Protocol(format!(
+                "{cmd:?} payload of {len} bytes exceeds its bound of {}",
+                cmd.max_payload()
+            )));
         }
         Ok((cmd, len))
     }
@@ -727,19 +771,31 @@ impl Message {
     pub fn decode(cmd: Command, p: &[u8]) -> Result<Message> {
         fn fixed<T: Pod>(cmd: Command, p: &[u8]) -> Result<T> {
             if p.len() != size_of::<T>() {
-                return Err(Error::Protocol(format!("{cmd:?} payload is {} bytes, expected {}", p.len(), size_of::<T>())));
+                return Err(Error::Protocol(format!(
+                    "{cmd:?} payload is {} bytes, expected {}",
+                    p.len(),
+                    size_of::<T>()
+                )));
             }
             Ok(bytemuck::pod_read_unaligned(p))
         }
         fn prefix<T: Pod>(cmd: Command, p: &[u8]) -> Result<(T, &[u8])> {
             if p.len() < size_of::<T>() {
-                return Err(Error::Protocol(format!("{cmd:?} payload truncated at {} bytes", p.len())));
+                return Err(Error::Protocol(format!(
+                    "{cmd:?} payload truncated at {} bytes",
+                    p.len()
+                )));
             }
-            Ok((bytemuck::pod_read_unaligned(&p[..size_of::<T>()]), &p[size_of::<T>()..]))
+            Ok((
+                bytemuck::pod_read_unaligned(&p[..size_of::<T>()]),
+                &p[size_of::<T>()..],
+            ))
         }
         fn array<T: Pod>(cmd: Command, rest: &[u8], count: usize, max: usize) -> Result<Vec<T>> {
             if count > max {
-                return Err(Error::Protocol(format!("{cmd:?} announces {count} entries, at most {max}")));
+                return Err(Error::Protocol(format!(
+                    "{cmd:?} announces {count} entries, at most {max}"
+                )));
             }
             if rest.len() != count * size_of::<T>() {
                 return Err(Error::Protocol(format!(
@@ -747,13 +803,19 @@ impl Message {
                     rest.len()
                 )));
             }
-            Ok(rest.chunks_exact(size_of::<T>()).map(bytemuck::pod_read_unaligned).collect())
+            Ok(rest
+                .chunks_exact(size_of::<T>())
+                .map(bytemuck::pod_read_unaligned)
+                .collect())
         }
         fn empty(cmd: Command, p: &[u8], m: Message) -> Result<Message> {
             if p.is_empty() {
                 Ok(m)
             } else {
-                Err(Error::Protocol(format!("{cmd:?} carries {} unexpected bytes", p.len())))
+                Err(Error::Protocol(format!(
+                    "{cmd:?} carries {} unexpected bytes",
+                    p.len()
+                )))
             }
         }
         Ok(match cmd {
@@ -775,7 +837,9 @@ impl Message {
                 let (w, rest): (HelloAckWire, _) = prefix(cmd, p)?;
                 let transport = TransportKind::from_u8(w.transport)?;
                 if transport == TransportKind::Auto {
-                    return Err(Error::Protocol("HelloAck must choose a transport, not auto".into()));
+                    return Err(Error::Protocol(
+                        "HelloAck must choose a transport, not auto".into(),
+                    ));
                 }
                 Message::HelloAck(HelloAck {
                     version: w.version.get(),
@@ -792,10 +856,14 @@ impl Message {
             Command::Finish => empty(cmd, p, Message::Finish)?,
             Command::RegionTable => {
                 let (w, rest): (RegionTableWire, _) = prefix(cmd, p)?;
-                let regions: Vec<RegionWire> = array(cmd, rest, w.count.get() as usize, MAX_REGIONS)?;
+                let regions: Vec<RegionWire> =
+                    array(cmd, rest, w.count.get() as usize, MAX_REGIONS)?;
                 Message::RegionTable {
                     page_size: w.page_size.get(),
-                    regions: regions.iter().map(|r| (GuestAddress(r.gpa.get()), r.len.get())).collect(),
+                    regions: regions
+                        .iter()
+                        .map(|r| (GuestAddress(r.gpa.get()), r.len.get()))
+                        .collect(),
                 }
             }
             Command::DataSetup => Message::DataSetup(p.to_vec()),
@@ -803,7 +871,8 @@ impl Message {
             Command::DeviceState => Message::DeviceState(p.to_vec()),
             Command::Round | Command::PostcopyMissing => {
                 let (w, rest): (RoundWire, _) = prefix(cmd, p)?;
-                let ranges: Vec<RangeWire> = array(cmd, rest, w.count.get() as usize, MAX_RANGES_PER_MSG)?;
+                let ranges: Vec<RangeWire> =
+                    array(cmd, rest, w.count.get() as usize, MAX_RANGES_PER_MSG)?;
                 let mut out = Vec::with_capacity(ranges.len());
                 for r in ranges {
                     if r.npages.get() == 0 {
@@ -816,18 +885,33 @@ impl Message {
                     });
                 }
                 if cmd == Command::PostcopyMissing {
-                    Message::PostcopyMissing { chunk: w.chunk.get(), flags: w.flags.get(), ranges: out }
+                    Message::PostcopyMissing {
+                        chunk: w.chunk.get(),
+                        flags: w.flags.get(),
+                        ranges: out,
+                    }
                 } else {
-                    Message::Round(Round { round: w.round.get(), chunk: w.chunk.get(), flags: w.flags.get(), ranges: out })
+                    Message::Round(Round {
+                        round: w.round.get(),
+                        chunk: w.chunk.get(),
+                        flags: w.flags.get(),
+                        ranges: out,
+                    })
                 }
             }
             Command::PostcopyResumed => {
                 let w: PostcopyResumedWire = fixed(cmd, p)?;
-                Message::PostcopyResumed { resume_micros: w.resume_micros.get(), missing: w.missing.get() }
+                Message::PostcopyResumed {
+                    resume_micros: w.resume_micros.get(),
+                    missing: w.missing.get(),
+                }
             }
             Command::PostcopyDropped => {
                 let w: PostcopyResumedWire = fixed(cmd, p)?;
-                Message::PostcopyDropped { micros: w.resume_micros.get(), pages: w.missing.get() }
+                Message::PostcopyDropped {
+                    micros: w.resume_micros.get(),
+                    pages: w.missing.get(),
+                }
             }
             Command::PostcopyComplete => {
                 let w: PostcopyCompleteWire = fixed(cmd, p)?;
@@ -856,7 +940,10 @@ impl Message {
             }
             Command::Switchover => {
                 let w: SwitchoverWire = fixed(cmd, p)?;
-                Message::Switchover { digest: w.digest.get(), pages: w.pages.get() }
+                Message::Switchover {
+                    digest: w.digest.get(),
+                    pages: w.pages.get(),
+                }
             }
             Command::Complete => {
                 let w: CompleteWire = fixed(cmd, p)?;
