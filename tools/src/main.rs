@@ -10,7 +10,11 @@ use clap::{Parser, Subcommand};
 
 /// rdmig's benchmark and migration tool.
 #[derive(Parser)]
-#[command(name = "rdma-bench", version, about = "rdmig: RDMA zero-copy live migration — migrations and RDMA benchmarks")]
+#[command(
+    name = "rdma-bench",
+    version,
+    about = "rdmig: RDMA zero-copy live migration — migrations and RDMA benchmarks"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -25,7 +29,8 @@ enum Cmd {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("RDMIG_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+            tracing_subscriber::EnvFilter::try_from_env("RDMIG_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .with_writer(std::io::stderr)
         .with_target(false)

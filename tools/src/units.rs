@@ -6,16 +6,24 @@ use std::time::Duration;
 /// all binary multiples).
 pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let v: f64 = num.parse().map_err(|_| format!("'{s}' is not a size (examples: 4096, 64MiB, 1GiB)"))?;
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (examples: 4096, 64MiB, 1GiB)"))?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
         "t" | "tb" | "tib" => 1 << 40,
-        u => return Err(format!("unknown size unit '{u}' in '{s}' (use B, KiB, MiB, GiB, TiB)")),
+        u => {
+            return Err(format!(
+                "unknown size unit '{u}' in '{s}' (use B, KiB, MiB, GiB, TiB)"
+            ))
+        }
     };
     let bytes = v * mult as f64;
     if !bytes.is_finite() || bytes < 0.0 || bytes > u64::MAX as f64 {
@@ -27,22 +35,33 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 /// Parses a rate in bytes per second: a size followed by `/s` (the `/s` may be omitted).
 pub fn parse_rate(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let t = t.strip_suffix("/s").or_else(|| t.strip_suffix("ps")).unwrap_or(t);
+    let t = t
+        .strip_suffix("/s")
+        .or_else(|| t.strip_suffix("ps"))
+        .unwrap_or(t);
     parse_size(t).map_err(|e| format!("{e} (rates look like 128MiB/s or 0)"))
 }
 
 /// Parses a duration: a number with `us`, `ms`, `s` or `m` (a bare number is milliseconds).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let t = s.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let v: f64 = num.parse().map_err(|_| format!("'{s}' is not a duration (examples: 10ms, 1.5s)"))?;
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a duration (examples: 10ms, 1.5s)"))?;
     let secs = match unit {
         "us" | "µs" => v / 1e6,
         "" | "ms" => v / 1e3,
         "s" => v,
         "m" | "min" => v * 60.0,
-        u => return Err(format!("unknown duration unit '{u}' in '{s}' (use us, ms, s, m)")),
+        u => {
+            return Err(format!(
+                "unknown duration unit '{u}' in '{s}' (use us, ms, s, m)"
+            ))
+        }
     };
     Duration::try_from_secs_f64(secs).map_err(|_| format!("'{s}' is out of range"))
 }

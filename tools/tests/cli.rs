@@ -30,13 +30,38 @@ fn scratch(tag: &str) -> std::path::PathBuf {
 #[test]
 fn loopback_migration_prints_the_json_fields() {
     let o = bench()
-        .args(["migrate", "--loopback", "--vm", "synthetic", "--transport", "tcp", "--mem", "64MiB", "--working-set", "8MiB"])
+        .args([
+            "migrate",
+            "--loopback",
+            "--vm",
+            "synthetic",
+            "--transport",
+            "tcp",
+            "--mem",
+            "64MiB",
+            "--working-set",
+            "8MiB",
+        ])
         .args(["--dirty-rate", "32MiB/s", "--streams", "2", "--json"])
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("one JSON object on stdout");
-    for k in ["transport", "mem_bytes", "total_ms", "downtime_ms", "rounds", "bytes_transferred", "throughput_mib_s", "verified", "source_cpu_ms", "per_round", "vm", "guest_verified"] {
+    let v: serde_json::Value =
+        serde_json::from_slice(&o.stdout).expect("one JSON object on stdout");
+    for k in [
+        "transport",
+        "mem_bytes",
+        "total_ms",
+        "downtime_ms",
+        "rounds",
+        "bytes_transferred",
+        "throughput_mib_s",
+        "verified",
+        "source_cpu_ms",
+        "per_round",
+        "vm",
+        "guest_verified",
+    ] {
         assert!(v.get(k).is_some(), "missing {k} in {v}");
     }
     assert_eq!(v["transport"], "tcp");
@@ -49,10 +74,29 @@ fn loopback_migration_prints_the_json_fields() {
 
 #[test]
 fn loopback_prints_a_summary_table() {
-    let o = bench().args(["migrate", "--loopback", "--vm", "synthetic", "--mem", "32MiB", "--working-set", "4MiB", "--dirty-rate", "16MiB/s"]).output().unwrap();
+    let o = bench()
+        .args([
+            "migrate",
+            "--loopback",
+            "--vm",
+            "synthetic",
+            "--mem",
+            "32MiB",
+            "--working-set",
+            "4MiB",
+            "--dirty-rate",
+            "16MiB/s",
+        ])
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
-    for needle in ["downtime", "memory digest      verified", "guest self-check   passed", "round"] {
+    for needle in [
+        "downtime",
+        "memory digest      verified",
+        "guest self-check   passed",
+        "round",
+    ] {
         assert!(out.contains(needle), "no '{needle}' in:\n{out}");
     }
 }
@@ -60,16 +104,44 @@ fn loopback_prints_a_summary_table() {
 #[test]
 fn bad_arguments_give_one_clear_line() {
     for (args, needle) in [
-        (vec!["migrate", "--loopback", "--mem", "12 parsecs"], "unknown size unit"),
-        (vec!["migrate", "--loopback", "--dirty-rate", "fast"], "rates look like"),
+        (
+            vec!["migrate", "--loopback", "--mem", "12 parsecs"],
+            "unknown size unit",
+        ),
+        (
+            vec!["migrate", "--loopback", "--dirty-rate", "fast"],
+            "rates look like",
+        ),
         (vec!["migrate", "--loopback", "--mem", "lots"], "not a size"),
-        (vec!["migrate", "--loopback", "--transport", "carrier-pigeon"], "invalid value"),
+        (
+            vec!["migrate", "--loopback", "--transport", "carrier-pigeon"],
+            "invalid value",
+        ),
         (vec!["migrate"], "required"),
-        (vec!["migrate", "--loopback", "--listen", "127.0.0.1:1"], "cannot be used with"),
-        (vec!["migrate", "--loopback", "--mem", "1MiB", "--working-set", "2MiB"], "larger than --mem"),
-        (vec!["migrate", "--loopback", "--page-size", "3000"], "page size"),
+        (
+            vec!["migrate", "--loopback", "--listen", "127.0.0.1:1"],
+            "cannot be used with",
+        ),
+        (
+            vec![
+                "migrate",
+                "--loopback",
+                "--mem",
+                "1MiB",
+                "--working-set",
+                "2MiB",
+            ],
+            "larger than --mem",
+        ),
+        (
+            vec!["migrate", "--loopback", "--page-size", "3000"],
+            "page size",
+        ),
         (vec!["migrate", "--loopback", "--streams", "0"], "--streams"),
-        (vec!["migrate", "--connect", "127.0.0.1:1", "--vm", "synthetic"], "--psk-file is required"),
+        (
+            vec!["migrate", "--connect", "127.0.0.1:1", "--vm", "synthetic"],
+            "--psk-file is required",
+        ),
     ] {
         let o = bench().args(&args).output().unwrap();
         assert!(!o.status.success(), "{args:?} succeeded");
@@ -86,10 +158,25 @@ fn rdma_without_a_device_fails_at_once() {
         return;
     }
     let t = Instant::now();
-    let o = bench().args(["migrate", "--loopback", "--vm", "synthetic", "--transport", "rdma", "--mem", "8MiB"]).output().unwrap();
+    let o = bench()
+        .args([
+            "migrate",
+            "--loopback",
+            "--vm",
+            "synthetic",
+            "--transport",
+            "rdma",
+            "--mem",
+            "8MiB",
+        ])
+        .output()
+        .unwrap();
     assert!(!o.status.success());
     let e = stderr(&o);
-    assert!(e.contains("RDMA unavailable") && e.lines().any(|l| l.starts_with("rdma-bench: error:")), "{e}");
+    assert!(
+        e.contains("RDMA unavailable") && e.lines().any(|l| l.starts_with("rdma-bench: error:")),
+        "{e}"
+    );
     assert!(t.elapsed() < Duration::from_secs(10));
 }
 
@@ -99,13 +186,39 @@ fn unreachable_peer_and_wrong_key_are_clear_errors() {
     let k1 = key_file(&d, "k1", b"first key, thirty-two bytes long");
     let k2 = key_file(&d, "k2", b"other key, thirty-two bytes long");
     // Nobody listens on port 1.
-    let o = bench().args(["migrate", "--connect", "127.0.0.1:1", "--vm", "synthetic", "--mem", "8MiB"]).arg("--psk-file").arg(&k1).output().unwrap();
+    let o = bench()
+        .args([
+            "migrate",
+            "--connect",
+            "127.0.0.1:1",
+            "--vm",
+            "synthetic",
+            "--mem",
+            "8MiB",
+        ])
+        .arg("--psk-file")
+        .arg(&k1)
+        .output()
+        .unwrap();
     assert!(!o.status.success());
-    assert!(stderr(&o).contains("connecting to the destination at 127.0.0.1:1"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("connecting to the destination at 127.0.0.1:1"),
+        "{}",
+        stderr(&o)
+    );
 
     let port_file = d.join("port");
     let mut dest = bench()
-        .args(["migrate", "--listen", "127.0.0.1:0", "--vm", "synthetic", "--mem", "8MiB", "--port-file"])
+        .args([
+            "migrate",
+            "--listen",
+            "127.0.0.1:0",
+            "--vm",
+            "synthetic",
+            "--mem",
+            "8MiB",
+            "--port-file",
+        ])
         .arg(&port_file)
         .arg("--psk-file")
         .arg(&k1)
@@ -115,7 +228,15 @@ fn unreachable_peer_and_wrong_key_are_clear_errors() {
         .unwrap();
     let port = wait_port(&port_file);
     let o = bench()
-        .args(["migrate", "--connect", &format!("127.0.0.1:{port}"), "--vm", "synthetic", "--mem", "8MiB"])
+        .args([
+            "migrate",
+            "--connect",
+            &format!("127.0.0.1:{port}"),
+            "--vm",
+            "synthetic",
+            "--mem",
+            "8MiB",
+        ])
         .arg("--psk-file")
         .arg(&k2)
         .output()
@@ -123,18 +244,30 @@ fn unreachable_peer_and_wrong_key_are_clear_errors() {
     assert!(!o.status.success());
     let e = stderr(&o);
     assert!(e.contains("authentication failed"), "{e}");
-    assert!(e.contains("source VM is running") && e.contains("self-check passed"), "{e}");
+    assert!(
+        e.contains("source VM is running") && e.contains("self-check passed"),
+        "{e}"
+    );
     let status = dest.wait().unwrap();
-    assert!(!status.success(), "the destination must report the failed handshake");
+    assert!(
+        !status.success(),
+        "the destination must report the failed handshake"
+    );
 }
 
 fn wait_port(f: &std::path::Path) -> u16 {
     let t = Instant::now();
     loop {
-        if let Some(p) = std::fs::read_to_string(f).ok().and_then(|s| s.trim().parse().ok()) {
+        if let Some(p) = std::fs::read_to_string(f)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
             return p;
         }
-        assert!(t.elapsed() < Duration::from_secs(20), "destination never listened");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "destination never listened"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }
@@ -145,7 +278,16 @@ fn destination_killed_mid_round_leaves_the_source_running() {
     let k = key_file(&d, "k", b"a shared key of thirty-two bytes");
     let port_file = d.join("port");
     let mut dest = bench()
-        .args(["migrate", "--listen", "127.0.0.1:0", "--vm", "synthetic", "--mem", "256MiB", "--port-file"])
+        .args([
+            "migrate",
+            "--listen",
+            "127.0.0.1:0",
+            "--vm",
+            "synthetic",
+            "--mem",
+            "256MiB",
+            "--port-file",
+        ])
         .arg(&port_file)
         .arg("--psk-file")
         .arg(&k)
@@ -156,8 +298,23 @@ fn destination_killed_mid_round_leaves_the_source_running() {
     let port = wait_port(&port_file);
     // 256 MiB at 64 MiB/s: round 0 takes about 4 s; kill the destination 1.5 s in.
     let src = bench()
-        .args(["migrate", "--connect", &format!("127.0.0.1:{port}"), "--vm", "synthetic", "--mem", "256MiB"])
-        .args(["--working-set", "16MiB", "--dirty-rate", "32MiB/s", "--max-bandwidth", "64MiB/s"])
+        .args([
+            "migrate",
+            "--connect",
+            &format!("127.0.0.1:{port}"),
+            "--vm",
+            "synthetic",
+            "--mem",
+            "256MiB",
+        ])
+        .args([
+            "--working-set",
+            "16MiB",
+            "--dirty-rate",
+            "32MiB/s",
+            "--max-bandwidth",
+            "64MiB/s",
+        ])
         .arg("--psk-file")
         .arg(&k)
         .stdout(Stdio::piped())
@@ -172,6 +329,12 @@ fn destination_killed_mid_round_leaves_the_source_running() {
     let e = stderr(&o);
     assert!(e.contains("migration failed"), "{e}");
     assert!(e.contains("the source VM is running"), "{e}");
-    assert!(e.contains("self-check passed") && e.contains(" 0 bad"), "{e}");
-    assert!(!e.contains("wrote 0 pages"), "the source guest must keep writing: {e}");
+    assert!(
+        e.contains("self-check passed") && e.contains(" 0 bad"),
+        "{e}"
+    );
+    assert!(
+        !e.contains("wrote 0 pages"),
+        "the source guest must keep writing: {e}"
+    );
 }

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use rdmig_transport::auth::Psk;
 use rdmig_transport::control::Control;
-use rdmig_transport::mem::{GuestAddress, GuestMemoryMap, MmapBacking, MmapRegion, PageIndex, PageSize, RegionId};
+use rdmig_transport::mem::{
+    GuestAddress, GuestMemoryMap, MmapBacking, MmapRegion, PageIndex, RegionId,
+};
 use rdmig_transport::pages::PageRange;
 use rdmig_transport::session::{accept, MigrationConfig};
 use rdmig_transport::vm::{DestinationFactory, DestinationVm, MemoryLayout};
@@ -18,11 +20,29 @@ use rdmig_transport::{Error, VmmError};
 
 fn all_messages() -> Vec<Message> {
     vec![
-        Message::Hello(Hello { version: 1, transport: TransportKind::Auto, caps: caps::TCP | caps::RDMA, streams: 4, qps: 2, max_bandwidth: 7, nonce: [9; 32] }),
-        Message::HelloAck(HelloAck { version: 1, transport: TransportKind::Tcp, caps: caps::TCP, nonce: [3; 32], mac: [4; 32], reason: "because".into() }),
+        Message::Hello(Hello {
+            version: 1,
+            transport: TransportKind::Auto,
+            caps: caps::TCP | caps::RDMA,
+            streams: 4,
+            qps: 2,
+            max_bandwidth: 7,
+            nonce: [9; 32],
+        }),
+        Message::HelloAck(HelloAck {
+            version: 1,
+            transport: TransportKind::Tcp,
+            caps: caps::TCP,
+            nonce: [3; 32],
+            mac: [4; 32],
+            reason: "because".into(),
+        }),
         Message::AuthProof([5; 32]),
         Message::AuthOk,
-        Message::RegionTable { page_size: 4096, regions: vec![(GuestAddress(0), 1 << 20), (GuestAddress(1 << 32), 8192)] },
+        Message::RegionTable {
+            page_size: 4096,
+            regions: vec![(GuestAddress(0), 1 << 20), (GuestAddress(1 << 32), 8192)],
+        },
         Message::DataSetup(vec![1, 2, 3]),
         Message::DataSetupAck(vec![]),
         Message::Ready,
@@ -30,12 +50,30 @@ fn all_messages() -> Vec<Message> {
             round: 3,
             chunk: 1,
             flags: ROUND_FINAL | ROUND_LAST_CHUNK,
-            ranges: vec![PageRange { region: RegionId(1), first: PageIndex(5), npages: 2 }],
+            ranges: vec![PageRange {
+                region: RegionId(1),
+                first: PageIndex(5),
+                npages: 2,
+            }],
         }),
-        Message::RoundDone(RoundDone { round: 3, pages: 2, bytes: 8192, micros: 77 }),
+        Message::RoundDone(RoundDone {
+            round: 3,
+            pages: 2,
+            bytes: 8192,
+            micros: 77,
+        }),
         Message::DeviceState(vec![0xAB; 1000]),
-        Message::Switchover { digest: 0x1234_5678_9abc_def0_1122_3344_5566_7788, pages: 258 },
-        Message::Complete(Complete { digest: 1, cpu_micros: 2, resume_micros: 3, pages: 4, bytes: 5 }),
+        Message::Switchover {
+            digest: 0x1234_5678_9abc_def0_1122_3344_5566_7788,
+            pages: 258,
+        },
+        Message::Complete(Complete {
+            digest: 1,
+            cpu_micros: 2,
+            resume_micros: 3,
+            pages: 4,
+            bytes: 5,
+        }),
         Message::Finish,
         Message::Abort("no space left".into()),
     ]
@@ -57,7 +95,10 @@ fn every_message_round_trips() {
         assert_eq!(decode(&b).unwrap(), m, "{}", m.name());
         assert_eq!(&b[..4], b"RDMG");
         // little-endian length field
-        assert_eq!(u32::from_le_bytes(b[8..12].try_into().unwrap()) as usize, b.len() - 16);
+        assert_eq!(
+            u32::from_le_bytes(b[8..12].try_into().unwrap()) as usize,
+            b.len() - 16
+        );
     }
 }
 
@@ -67,14 +108,29 @@ fn truncated_and_extended_payloads_are_rejected() {
         let b = m.encode().unwrap();
         let payload = &b[16..];
         let (cmd, _) = Message::check_header(b[..16].try_into().unwrap()).unwrap();
-        let variable = matches!(m, Message::DataSetup(_) | Message::DataSetupAck(_) | Message::DeviceState(_) | Message::Abort(_) | Message::HelloAck(_));
+        let variable = matches!(
+            m,
+            Message::DataSetup(_)
+                | Message::DataSetupAck(_)
+                | Message::DeviceState(_)
+                | Message::Abort(_)
+                | Message::HelloAck(_)
+        );
         if !payload.is_empty() && !variable {
-            assert!(Message::decode(cmd, &payload[..payload.len() - 1]).is_err(), "truncated {} accepted", m.name());
+            assert!(
+                Message::decode(cmd, &payload[..payload.len() - 1]).is_err(),
+                "truncated {} accepted",
+                m.name()
+            );
         }
         if !variable {
             let mut longer = payload.to_vec();
             longer.push(0);
-            assert!(Message::decode(cmd, &longer).is_err(), "extended {} accepted", m.name());
+            assert!(
+                Message::decode(cmd, &longer).is_err(),
+                "extended {} accepted",
+                m.name()
+            );
         }
     }
     assert!(Message::decode(Command::HelloAck, &[0; 10]).is_err());
@@ -88,34 +144,72 @@ fn bad_headers_are_rejected_before_reading_the_payload() {
     assert!(matches!(Message::check_header(&h), Err(Error::Protocol(_))));
     let mut h: [u8; 16] = good[..16].try_into().unwrap();
     h[4] = 2;
-    assert!(matches!(Message::check_header(&h), Err(Error::VersionMismatch { peer: 2, ours: 1 })));
+    assert!(matches!(
+        Message::check_header(&h),
+        Err(Error::VersionMismatch { peer: 2, ours: 1 })
+    ));
     let mut h: [u8; 16] = good[..16].try_into().unwrap();
     h[6] = 0;
     assert!(Message::check_header(&h).is_err(), "command 0 is invalid");
     h[6] = 200;
     assert!(Message::check_header(&h).is_err(), "unknown command");
     // oversized: a Round announcing 2 GiB of payload
-    let mut h: [u8; 16] = Message::Round(Round { round: 0, chunk: 0, flags: 0, ranges: vec![] }).encode().unwrap()[..16].try_into().unwrap();
+    let mut h: [u8; 16] = Message::Round(Round {
+        round: 0,
+        chunk: 0,
+        flags: 0,
+        ranges: vec![],
+    })
+    .encode()
+    .unwrap()[..16]
+        .try_into()
+        .unwrap();
     h[8..12].copy_from_slice(&(1u32 << 31).to_le_bytes());
     assert!(matches!(Message::check_header(&h), Err(Error::Protocol(s)) if s.contains("exceeds")));
 }
 
 #[test]
 fn array_counts_must_match_the_bytes() {
-    let m = Message::Round(Round { round: 0, chunk: 0, flags: 0, ranges: vec![PageRange { region: RegionId(0), first: PageIndex(0), npages: 1 }; 3] });
+    let m = Message::Round(Round {
+        round: 0,
+        chunk: 0,
+        flags: 0,
+        ranges: vec![
+            PageRange {
+                region: RegionId(0),
+                first: PageIndex(0),
+                npages: 1
+            };
+            3
+        ],
+    });
     let mut b = m.encode().unwrap();
     b[16 + 12..16 + 16].copy_from_slice(&4u32.to_le_bytes()); // count = 4, 3 present
     assert!(decode(&b).is_err());
     b[16 + 12..16 + 16].copy_from_slice(&u32::MAX.to_le_bytes());
     assert!(decode(&b).is_err());
     // an empty range is malformed
-    let m = Message::Round(Round { round: 0, chunk: 0, flags: 0, ranges: vec![PageRange { region: RegionId(0), first: PageIndex(0), npages: 1 }] });
+    let m = Message::Round(Round {
+        round: 0,
+        chunk: 0,
+        flags: 0,
+        ranges: vec![PageRange {
+            region: RegionId(0),
+            first: PageIndex(0),
+            npages: 1,
+        }],
+    });
     let mut b = m.encode().unwrap();
     b[16 + 16 + 4..16 + 16 + 8].copy_from_slice(&0u32.to_le_bytes());
     assert!(decode(&b).is_err());
     // too many regions
     let regions = vec![(GuestAddress(0), 4096); MAX_REGIONS + 1];
-    assert!(Message::RegionTable { page_size: 4096, regions }.encode().is_err());
+    assert!(Message::RegionTable {
+        page_size: 4096,
+        regions
+    }
+    .encode()
+    .is_err());
 }
 
 // ---- against a live destination -------------------------------------------------------
@@ -159,18 +253,39 @@ fn fake_source(port: u16, key: &[u8], streams: u16) -> (Control, [u8; 32], [u8; 
     let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let mut c = Control::new(s, Some(Duration::from_secs(10))).unwrap();
     let nonce_s = [7u8; 32];
-    c.send(&Message::Hello(Hello { version: 1, transport: TransportKind::Tcp, caps: caps::TCP, streams, qps: 1, max_bandwidth: 0, nonce: nonce_s }))
+    c.send(&Message::Hello(Hello {
+        version: 1,
+        transport: TransportKind::Tcp,
+        caps: caps::TCP,
+        streams,
+        qps: 1,
+        max_bandwidth: 0,
+        nonce: nonce_s,
+    }))
+    .unwrap();
+    let Message::HelloAck(ack) = c.recv().unwrap() else {
+        panic!("no HelloAck")
+    };
+    c.send(&Message::AuthProof(psk.source_proof(&nonce_s, &ack.nonce)))
         .unwrap();
-    let Message::HelloAck(ack) = c.recv().unwrap() else { panic!("no HelloAck") };
-    c.send(&Message::AuthProof(psk.source_proof(&nonce_s, &ack.nonce))).unwrap();
     (c, nonce_s, ack.nonce)
 }
 
-fn destination() -> (u16, Arc<AtomicBool>, std::thread::JoinHandle<Result<(), Error>>) {
+fn destination() -> (
+    u16,
+    Arc<AtomicBool>,
+    std::thread::JoinHandle<Result<(), Error>>,
+) {
     destination_with_timeout(Duration::from_secs(10))
 }
 
-fn destination_with_timeout(t: Duration) -> (u16, Arc<AtomicBool>, std::thread::JoinHandle<Result<(), Error>>) {
+fn destination_with_timeout(
+    t: Duration,
+) -> (
+    u16,
+    Arc<AtomicBool>,
+    std::thread::JoinHandle<Result<(), Error>>,
+) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let built = Arc::new(AtomicBool::new(false));
@@ -193,7 +308,10 @@ fn a_wrong_key_is_rejected_before_any_region_is_announced() {
     }
     let e = h.join().unwrap().unwrap_err();
     assert!(matches!(e, Error::AuthFailed(_)), "{e}");
-    assert!(!built.load(Ordering::SeqCst), "the destination built a VM for an unauthenticated peer");
+    assert!(
+        !built.load(Ordering::SeqCst),
+        "the destination built a VM for an unauthenticated peer"
+    );
 }
 
 #[test]
@@ -202,10 +320,25 @@ fn out_of_order_messages_are_rejected() {
     let (mut c, _, _) = fake_source(port, KEY, 1);
     assert_eq!(c.recv().unwrap(), Message::AuthOk);
     // A round before the region table.
-    c.send(&Message::Round(Round { round: 0, chunk: 0, flags: ROUND_LAST_CHUNK, ranges: vec![] })).unwrap();
+    c.send(&Message::Round(Round {
+        round: 0,
+        chunk: 0,
+        flags: ROUND_LAST_CHUNK,
+        ranges: vec![],
+    }))
+    .unwrap();
     assert!(matches!(c.recv(), Err(Error::PeerAborted(r)) if r.contains("unexpected")));
     let e = h.join().unwrap().unwrap_err();
-    assert!(matches!(e, Error::UnexpectedMessage { state: "awaiting RegionTable", .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            Error::UnexpectedMessage {
+                state: "awaiting RegionTable",
+                ..
+            }
+        ),
+        "{e}"
+    );
     assert!(!built.load(Ordering::SeqCst));
 }
 
@@ -215,7 +348,8 @@ fn attach_streams(port: u16, nonce_s: &[u8; 32], nonce_d: &[u8; 32], n: u16) -> 
     (0..n)
         .map(|i| {
             let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-            s.write_all(bytemuck::bytes_of(&StreamHello::new(i, n, token))).unwrap();
+            s.write_all(bytemuck::bytes_of(&StreamHello::new(i, n, token)))
+                .unwrap();
             s
         })
         .collect()
@@ -224,7 +358,11 @@ fn attach_streams(port: u16, nonce_s: &[u8; 32], nonce_d: &[u8; 32], n: u16) -> 
 fn up_to_rounds(port: u16) -> (Control, Vec<TcpStream>) {
     let (mut c, ns, nd) = fake_source(port, KEY, 1);
     assert_eq!(c.recv().unwrap(), Message::AuthOk);
-    c.send(&Message::RegionTable { page_size: 4096, regions: vec![(GuestAddress(0), 64 * 4096)] }).unwrap();
+    c.send(&Message::RegionTable {
+        page_size: 4096,
+        regions: vec![(GuestAddress(0), 64 * 4096)],
+    })
+    .unwrap();
     c.send(&Message::DataSetup(vec![])).unwrap();
     assert_eq!(c.recv().unwrap(), Message::DataSetupAck(vec![]));
     let streams = attach_streams(port, &ns, &nd, 1);
@@ -237,25 +375,65 @@ fn ranges_outside_the_regions_are_rejected() {
     let (port, built, h) = destination();
     let (mut c, _streams) = up_to_rounds(port);
     assert!(built.load(Ordering::SeqCst));
-    let bad = PageRange { region: RegionId(0), first: PageIndex(60), npages: 5 };
-    c.send(&Message::Round(Round { round: 0, chunk: 0, flags: ROUND_LAST_CHUNK, ranges: vec![bad] })).unwrap();
+    let bad = PageRange {
+        region: RegionId(0),
+        first: PageIndex(60),
+        npages: 5,
+    };
+    c.send(&Message::Round(Round {
+        round: 0,
+        chunk: 0,
+        flags: ROUND_LAST_CHUNK,
+        ranges: vec![bad],
+    }))
+    .unwrap();
     assert!(matches!(c.recv(), Err(Error::PeerAborted(r)) if r.contains("outside region")));
     let e = h.join().unwrap().unwrap_err();
-    assert!(matches!(e, Error::RangeOutOfBounds { region: 0, first_page: 60, npages: 5, region_pages: 64 }), "{e}");
+    assert!(
+        matches!(
+            e,
+            Error::RangeOutOfBounds {
+                region: 0,
+                first_page: 60,
+                npages: 5,
+                region_pages: 64
+            }
+        ),
+        "{e}"
+    );
 }
 
 #[test]
 fn unknown_regions_and_skipped_rounds_are_rejected() {
     let (port, _, h) = destination();
     let (mut c, _streams) = up_to_rounds(port);
-    let bad = PageRange { region: RegionId(3), first: PageIndex(0), npages: 1 };
-    c.send(&Message::Round(Round { round: 0, chunk: 0, flags: ROUND_LAST_CHUNK, ranges: vec![bad] })).unwrap();
+    let bad = PageRange {
+        region: RegionId(3),
+        first: PageIndex(0),
+        npages: 1,
+    };
+    c.send(&Message::Round(Round {
+        round: 0,
+        chunk: 0,
+        flags: ROUND_LAST_CHUNK,
+        ranges: vec![bad],
+    }))
+    .unwrap();
     assert!(c.recv().is_err());
-    assert!(matches!(h.join().unwrap().unwrap_err(), Error::UnknownRegion(3)));
+    assert!(matches!(
+        h.join().unwrap().unwrap_err(),
+        Error::UnknownRegion(3)
+    ));
 
     let (port, _, h) = destination();
     let (mut c, _streams) = up_to_rounds(port);
-    c.send(&Message::Round(Round { round: 1, chunk: 0, flags: ROUND_LAST_CHUNK, ranges: vec![] })).unwrap();
+    c.send(&Message::Round(Round {
+        round: 1,
+        chunk: 0,
+        flags: ROUND_LAST_CHUNK,
+        ranges: vec![],
+    }))
+    .unwrap();
     assert!(c.recv().is_err());
     let e = h.join().unwrap().unwrap_err();
     assert!(matches!(e, Error::UnexpectedMessage { .. }), "{e}");
@@ -266,12 +444,19 @@ fn data_streams_with_a_wrong_token_are_refused() {
     let (port, _, h) = destination_with_timeout(Duration::from_secs(1));
     let (mut c, _ns, _nd) = fake_source(port, KEY, 1);
     assert_eq!(c.recv().unwrap(), Message::AuthOk);
-    c.send(&Message::RegionTable { page_size: 4096, regions: vec![(GuestAddress(0), 64 * 4096)] }).unwrap();
+    c.send(&Message::RegionTable {
+        page_size: 4096,
+        regions: vec![(GuestAddress(0), 64 * 4096)],
+    })
+    .unwrap();
     c.send(&Message::DataSetup(vec![])).unwrap();
     assert_eq!(c.recv().unwrap(), Message::DataSetupAck(vec![]));
     let _bad = attach_streams(port, &[0; 32], &[0; 32], 1);
     // The forged stream does not count: the destination times out waiting for a real one.
     let e = h.join().unwrap().unwrap_err();
-    assert!(matches!(&e, Error::Timeout(s) if s.contains("0 of 1 data streams")), "{e}");
+    assert!(
+        matches!(&e, Error::Timeout(s) if s.contains("0 of 1 data streams")),
+        "{e}"
+    );
     assert!(c.recv().is_err());
 }

@@ -11,7 +11,9 @@ use std::time::Duration;
 use rdmig_transport::auth::Psk;
 use rdmig_transport::digest::full_digest;
 use rdmig_transport::mem::PageSize;
-use rdmig_transport::session::{accept, migrate, ConvergencePolicy, MigrationConfig, MigrationReport};
+use rdmig_transport::session::{
+    accept, migrate, ConvergencePolicy, MigrationConfig, MigrationReport,
+};
 use rdmig_transport::wire::TransportKind;
 use rdmig_transport::Error;
 use rdmig_vmm::synthetic::{synthetic_destination_factory, SyntheticConfig, SyntheticVm};
@@ -27,13 +29,25 @@ fn config(psk: &Psk, streams: u16) -> MigrationConfig {
 }
 
 /// Migrates `source` to an in-process destination built from `dest_cfg`.
-fn run(source: &mut SyntheticVm, dest_cfg: SyntheticConfig, cfg: MigrationConfig) -> (Result<MigrationReport, Error>, Option<SyntheticVm>) {
+fn run(
+    source: &mut SyntheticVm,
+    dest_cfg: SyntheticConfig,
+    cfg: MigrationConfig,
+) -> (Result<MigrationReport, Error>, Option<SyntheticVm>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let dcfg = cfg.clone();
     let dest = std::thread::spawn(move || {
-        accept(&listener, &dcfg, synthetic_destination_factory(dest_cfg, None))
-            .map(|(vm, _)| *vm.into_any().downcast::<SyntheticVm>().expect("a synthetic VM"))
+        accept(
+            &listener,
+            &dcfg,
+            synthetic_destination_factory(dest_cfg, None),
+        )
+        .map(|(vm, _)| {
+            *vm.into_any()
+                .downcast::<SyntheticVm>()
+                .expect("a synthetic VM")
+        })
     });
     let r = migrate(source, addr, &cfg, &mut |_| {});
     let d = dest.join().unwrap().ok();
@@ -44,42 +58,81 @@ fn check_migration(cfg: SyntheticConfig, streams: u16) {
     let psk = Psk::random().unwrap();
     let mut source = SyntheticVm::start(&cfg).unwrap();
     std::thread::sleep(Duration::from_millis(50)); // let the writers dirty pages first
-    // The destination does not write after resume, so its memory can be compared byte for byte
-    // with the (paused) source's.
-    let (r, dest) = run(&mut source, SyntheticConfig { dirty_rate: 0, ..cfg.clone() }, config(&psk, streams));
+                                                   // The destination does not write after resume, so its memory can be compared byte for byte
+                                                   // with the (paused) source's.
+    let (r, dest) = run(
+        &mut source,
+        SyntheticConfig {
+            dirty_rate: 0,
+            ..cfg.clone()
+        },
+        config(&psk, streams),
+    );
     let rep = r.unwrap();
     let dest = dest.unwrap();
     assert!(rep.verified, "digest mismatch");
     assert_eq!(rep.transport, "tcp");
     assert!(rep.rounds >= 2);
-    assert_eq!(rep.per_round[0].pages, cfg.mem_bytes / cfg.page_size.bytes(), "round 0 moves all memory");
-    assert!(!source.running() || cfg.dirty_rate == 0, "the source stays paused after a successful migration");
-    assert_eq!(full_digest(source.memory_map()), full_digest(dest.memory_map()), "memory differs");
+    assert_eq!(
+        rep.per_round[0].pages,
+        cfg.mem_bytes / cfg.page_size.bytes(),
+        "round 0 moves all memory"
+    );
+    assert!(
+        !source.running() || cfg.dirty_rate == 0,
+        "the source stays paused after a successful migration"
+    );
+    assert_eq!(
+        full_digest(source.memory_map()),
+        full_digest(dest.memory_map()),
+        "memory differs"
+    );
     let check = dest.verify();
-    assert!(check.ok() && check.pages_checked == cfg.mem_bytes / cfg.page_size.bytes(), "{check:?}");
+    assert!(
+        check.ok() && check.pages_checked == cfg.mem_bytes / cfg.page_size.bytes(),
+        "{check:?}"
+    );
     assert!(source.pages_written() > 0 || cfg.dirty_rate == 0);
-    assert_eq!(dest.pages_written(), source.pages_written(), "write counter carried in the device state");
+    assert_eq!(
+        dest.pages_written(),
+        source.pages_written(),
+        "write counter carried in the device state"
+    );
 }
 
 #[test]
 fn migrates_16mib_with_writers_one_stream() {
-    check_migration(SyntheticConfig::new(16 * MIB).with_dirtying(4 * MIB, 64 * MIB), 1);
+    check_migration(
+        SyntheticConfig::new(16 * MIB).with_dirtying(4 * MIB, 64 * MIB),
+        1,
+    );
 }
 
 #[test]
 fn migrates_64mib_with_writers_four_streams_two_regions() {
-    check_migration(SyntheticConfig::new(64 * MIB).with_dirtying(16 * MIB, 128 * MIB).with_regions(2), 4);
+    check_migration(
+        SyntheticConfig::new(64 * MIB)
+            .with_dirtying(16 * MIB, 128 * MIB)
+            .with_regions(2),
+        4,
+    );
 }
 
 #[test]
 fn migrates_with_64k_pages_and_three_regions() {
-    let cfg = SyntheticConfig::new(48 * MIB).with_dirtying(8 * MIB, 64 * MIB).with_page_size(PageSize::new(65536).unwrap()).with_regions(3);
+    let cfg = SyntheticConfig::new(48 * MIB)
+        .with_dirtying(8 * MIB, 64 * MIB)
+        .with_page_size(PageSize::new(65536).unwrap())
+        .with_regions(3);
     check_migration(cfg, 3);
 }
 
 #[test]
 fn migrates_256mib_with_writers_eight_streams() {
-    check_migration(SyntheticConfig::new(256 * MIB).with_dirtying(32 * MIB, 128 * MIB), 8);
+    check_migration(
+        SyntheticConfig::new(256 * MIB).with_dirtying(32 * MIB, 128 * MIB),
+        8,
+    );
 }
 
 #[test]
@@ -97,7 +150,10 @@ fn destination_writers_resume_after_migration() {
     let dest = dest.unwrap();
     let before = dest.pages_written();
     std::thread::sleep(Duration::from_millis(200));
-    assert!(dest.pages_written() > before, "the guest does not run on the destination");
+    assert!(
+        dest.pages_written() > before,
+        "the guest does not run on the destination"
+    );
     let c = dest.verify();
     assert!(c.ok(), "{c:?}");
 }
@@ -117,9 +173,14 @@ impl Relay {
         std::thread::spawn(move || {
             for inbound in l.incoming() {
                 let Ok(a) = inbound else { return };
-                let Ok(b) = TcpStream::connect(target) else { return };
-                c2.lock().unwrap().extend([a.try_clone().unwrap(), b.try_clone().unwrap()]);
-                for (mut from, mut to) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)] {
+                let Ok(b) = TcpStream::connect(target) else {
+                    return;
+                };
+                c2.lock()
+                    .unwrap()
+                    .extend([a.try_clone().unwrap(), b.try_clone().unwrap()]);
+                for (mut from, mut to) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)]
+                {
                     std::thread::spawn(move || {
                         let mut buf = vec![0u8; 1 << 16];
                         while let Ok(n) = from.read(&mut buf) {
@@ -156,7 +217,11 @@ fn link_lost_mid_round_leaves_the_source_running_and_intact() {
     let built = Arc::new(AtomicBool::new(false));
     let b2 = built.clone();
     let dest = std::thread::spawn(move || {
-        let r = accept(&listener, &dcfg, synthetic_destination_factory(dest_cfg, None));
+        let r = accept(
+            &listener,
+            &dcfg,
+            synthetic_destination_factory(dest_cfg, None),
+        );
         b2.store(true, Ordering::SeqCst);
         r.map(|_| ())
     });
@@ -175,15 +240,27 @@ fn link_lost_mid_round_leaves_the_source_running_and_intact() {
     relay.cut();
     let e = r.expect_err("the migration cannot succeed over a cut link");
     assert_eq!(rounds_seen, 0, "the cut was meant to land in round 0");
-    assert!(matches!(e, Error::PeerClosed { .. } | Error::Io { .. }), "{e}");
-    assert!(dest.join().unwrap().is_err(), "the destination must fail too");
+    assert!(
+        matches!(e, Error::PeerClosed { .. } | Error::Io { .. }),
+        "{e}"
+    );
+    assert!(
+        dest.join().unwrap().is_err(),
+        "the destination must fail too"
+    );
     // The source runs on, untouched.
     assert!(source.running());
     let before = source.pages_written();
     std::thread::sleep(Duration::from_millis(100));
-    assert!(source.pages_written() > before, "the source guest stopped writing");
+    assert!(
+        source.pages_written() > before,
+        "the source guest stopped writing"
+    );
     let c = source.verify();
-    assert!(c.ok() && c.pages_checked + c.pages_skipped == 128 * MIB / 4096, "{c:?}");
+    assert!(
+        c.ok() && c.pages_checked + c.pages_skipped == 128 * MIB / 4096,
+        "{c:?}"
+    );
 }
 
 #[test]
@@ -209,9 +286,22 @@ fn non_convergence_with_the_stop_policy_switches_over_anyway() {
     let cfg = SyntheticConfig::new(64 * MIB).with_dirtying(32 * MIB, 1024 * MIB);
     let psk = Psk::random().unwrap();
     let mut source = SyntheticVm::start(&cfg).unwrap();
-    let mcfg = config(&psk, 2).with_downtime_limit(Duration::from_micros(100)).with_max_rounds(3);
-    let (r, dest) = run(&mut source, SyntheticConfig { dirty_rate: 0, ..cfg }, mcfg);
+    let mcfg = config(&psk, 2)
+        .with_downtime_limit(Duration::from_micros(100))
+        .with_max_rounds(3);
+    let (r, dest) = run(
+        &mut source,
+        SyntheticConfig {
+            dirty_rate: 0,
+            ..cfg
+        },
+        mcfg,
+    );
     let rep = r.unwrap();
-    assert!(rep.forced_switchover && rep.verified && rep.rounds == 4, "{} rounds", rep.rounds);
+    assert!(
+        rep.forced_switchover && rep.verified && rep.rounds == 4,
+        "{} rounds",
+        rep.rounds
+    );
     assert!(dest.unwrap().verify().ok());
 }

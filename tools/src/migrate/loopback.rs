@@ -18,7 +18,11 @@ struct Scratch(PathBuf);
 impl Scratch {
     fn new() -> Result<Scratch> {
         let tag: [u8; 8] = random_bytes()?;
-        let dir = std::env::temp_dir().join(format!("rdmig-{}-{:016x}", std::process::id(), u64::from_le_bytes(tag)));
+        let dir = std::env::temp_dir().join(format!(
+            "rdmig-{}-{:016x}",
+            std::process::id(),
+            u64::from_le_bytes(tag)
+        ));
         std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
         Ok(Scratch(dir))
     }
@@ -48,7 +52,11 @@ impl Drop for KillOnDrop {
 }
 
 fn write_key(path: &Path, psk: &Psk) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
     f.write_all(psk.as_bytes())?;
     Ok(())
 }
@@ -56,7 +64,11 @@ fn write_key(path: &Path, psk: &Psk) -> Result<()> {
 /// Runs both ends.
 pub fn run(args: &Args, params: &VmParams) -> Result<ExitCode> {
     let scratch = Scratch::new()?;
-    let (key, port_file, result_file) = (scratch.path("key"), scratch.path("port"), scratch.path("result.json"));
+    let (key, port_file, result_file) = (
+        scratch.path("key"),
+        scratch.path("port"),
+        scratch.path("result.json"),
+    );
     write_key(&key, &Psk::random()?)?;
     let exe = std::env::current_exe().context("finding this executable")?;
     let mut cmd = Command::new(exe);
@@ -75,9 +87,15 @@ pub fn run(args: &Args, params: &VmParams) -> Result<ExitCode> {
         .args(["--page-size", &args.page_size.to_string()])
         .args(["--writers", &args.writers.to_string()])
         .args(["--regions", &args.regions.to_string()])
-        .args(["--io-timeout", &format!("{}ms", args.io_timeout.as_millis())])
+        .args([
+            "--io-timeout",
+            &format!("{}ms", args.io_timeout.as_millis()),
+        ])
         .args(["--run-after", &format!("{}ms", args.run_after.as_millis())])
-        .args(["--transport", &format!("{:?}", args.transport).to_lowercase()])
+        .args([
+            "--transport",
+            &format!("{:?}", args.transport).to_lowercase(),
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit());
@@ -93,8 +111,13 @@ pub fn run(args: &Args, params: &VmParams) -> Result<ExitCode> {
     if let Some(i) = args.ib_port {
         cmd.args(["--ib-port", &i.to_string()]);
     }
-    let child = std::cell::RefCell::new(KillOnDrop(Some(cmd.spawn().context("starting the destination process")?)));
-    let port = wait_for_port(&port_file, child.borrow_mut().0.as_mut().expect("just spawned"))?;
+    let child = std::cell::RefCell::new(KillOnDrop(Some(
+        cmd.spawn().context("starting the destination process")?,
+    )));
+    let port = wait_for_port(
+        &port_file,
+        child.borrow_mut().0.as_mut().expect("just spawned"),
+    )?;
     let addr = std::net::SocketAddr::new(args.bind, port);
 
     let mut src_args = args.clone();

@@ -132,14 +132,20 @@ impl Args {
     fn params(&self) -> Result<VmParams> {
         let page = PageSize::new(self.page_size).context("--page-size")?;
         if self.mem == 0 || self.mem % page.bytes() != 0 {
-            bail!("--mem must be a positive multiple of the page size ({} bytes)", page.bytes());
+            bail!(
+                "--mem must be a positive multiple of the page size ({} bytes)",
+                page.bytes()
+            );
         }
         let working_set = self.working_set.unwrap_or(self.mem.min(64 << 20));
         if self.dirty_rate > 0 && working_set < page.bytes() {
             bail!("--working-set must be at least one page when --dirty-rate is not 0");
         }
         if working_set > self.mem {
-            bail!("--working-set ({working_set}) is larger than --mem ({})", self.mem);
+            bail!(
+                "--working-set ({working_set}) is larger than --mem ({})",
+                self.mem
+            );
         }
         Ok(VmParams {
             mem: self.mem,
@@ -180,7 +186,8 @@ impl Args {
         let Some(path) = &self.psk_file else {
             bail!("--psk-file is required with --listen/--connect: both ends need the same key of at least 16 bytes (e.g. head -c 32 /dev/urandom > key)");
         };
-        let bytes = std::fs::read(path).with_context(|| format!("reading --psk-file {}", path.display()))?;
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("reading --psk-file {}", path.display()))?;
         let trimmed = bytes.trim_ascii();
         Psk::new(trimmed.to_vec()).with_context(|| format!("--psk-file {}", path.display()))
     }
@@ -214,9 +221,13 @@ fn listen(args: &Args, params: &VmParams, addr: SocketAddr) -> Result<DestOutcom
     let listener = TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
     let local = listener.local_addr()?;
     if let Some(f) = &args.port_file {
-        std::fs::write(f, local.port().to_string()).with_context(|| format!("writing {}", f.display()))?;
+        std::fs::write(f, local.port().to_string())
+            .with_context(|| format!("writing {}", f.display()))?;
     } else {
-        eprintln!("rdma-bench: waiting for a migration on {local} ({} VM: {why})", kind.name());
+        eprintln!(
+            "rdma-bench: waiting for a migration on {local} ({} VM: {why})",
+            kind.name()
+        );
     }
     let config = args.config(psk, Some(local.ip()));
     let result = session::accept(&listener, &config, factory);
@@ -226,12 +237,27 @@ fn listen(args: &Args, params: &VmParams, addr: SocketAddr) -> Result<DestOutcom
             std::thread::sleep(args.run_after);
             let check = vm.self_check()?;
             let running = vm.running();
-            DestOutcome { ok: true, error: None, vm: kind.name().into(), dest: Some(dest), guest_check: Some(check.into()), guest_running: running }
+            DestOutcome {
+                ok: true,
+                error: None,
+                vm: kind.name().into(),
+                dest: Some(dest),
+                guest_check: Some(check.into()),
+                guest_running: running,
+            }
         }
-        Err(e) => DestOutcome { ok: false, error: Some(e.to_string()), vm: kind.name().into(), dest: None, guest_check: None, guest_running: false },
+        Err(e) => DestOutcome {
+            ok: false,
+            error: Some(e.to_string()),
+            vm: kind.name().into(),
+            dest: None,
+            guest_check: None,
+            guest_running: false,
+        },
     };
     if let Some(f) = &args.result_file {
-        std::fs::write(f, serde_json::to_vec(&outcome)?).with_context(|| format!("writing {}", f.display()))?;
+        std::fs::write(f, serde_json::to_vec(&outcome)?)
+            .with_context(|| format!("writing {}", f.display()))?;
     } else {
         report::print_destination(&outcome, args.json);
     }
@@ -242,14 +268,20 @@ fn listen(args: &Args, params: &VmParams, addr: SocketAddr) -> Result<DestOutcom
 }
 
 /// The source end; `dest_result` reads the destination's outcome (loopback).
-fn connect(args: &Args, params: &VmParams, addr: SocketAddr, dest_result: Option<&dyn Fn() -> Option<DestOutcome>>) -> Result<ExitCode> {
+fn connect(
+    args: &Args,
+    params: &VmParams,
+    addr: SocketAddr,
+    dest_result: Option<&dyn Fn() -> Option<DestOutcome>>,
+) -> Result<ExitCode> {
     let (kind, why) = VmKind::resolve(args.vm)?;
     let psk = match (&args.psk_file, args.loopback) {
         (None, true) => unreachable!("loopback always passes a key"),
         _ => args.psk()?,
     };
     let config = args.config(psk, None);
-    let mut vm = LocalVm::start(kind, params).with_context(|| format!("starting the {} VM", kind.name()))?;
+    let mut vm =
+        LocalVm::start(kind, params).with_context(|| format!("starting the {} VM", kind.name()))?;
     let mut progress = report::Progress::new(!args.json);
     progress.start(kind, &why, params);
     let result = session::migrate(vm.source(), addr, &config, &mut |r| progress.round(r));
@@ -259,8 +291,15 @@ fn connect(args: &Args, params: &VmParams, addr: SocketAddr, dest_result: Option
             drop(vm);
             let dest = dest_result.and_then(|f| f());
             report::print_migration(&rep, kind, dest.as_ref(), args.json);
-            let guest_ok = dest.as_ref().and_then(|d| d.guest_check.as_ref()).is_none_or(|c| c.ok());
-            Ok(if rep.verified && guest_ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            let guest_ok = dest
+                .as_ref()
+                .and_then(|d| d.guest_check.as_ref())
+                .is_none_or(|c| c.ok());
+            Ok(if rep.verified && guest_ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Err(e) => {
             let before = vm.pages_written();

@@ -54,7 +54,12 @@ impl GuestCheckWire {
 
 impl From<GuestCheck> for GuestCheckWire {
     fn from(c: GuestCheck) -> Self {
-        GuestCheckWire { pages_checked: c.pages_checked, pages_skipped: c.pages_skipped, pages_bad: c.pages_bad, first_bad: c.first_bad }
+        GuestCheckWire {
+            pages_checked: c.pages_checked,
+            pages_skipped: c.pages_skipped,
+            pages_bad: c.pages_bad,
+            first_bad: c.first_bad,
+        }
     }
 }
 
@@ -70,11 +75,17 @@ impl Progress {
         let tty = std::io::stderr().is_terminal();
         let bar = (enabled && tty).then(|| {
             let b = ProgressBar::new_spinner();
-            b.set_style(ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}").expect("static template"));
+            b.set_style(
+                ProgressStyle::with_template("{spinner} [{elapsed_precise}] {msg}")
+                    .expect("static template"),
+            );
             b.enable_steady_tick(Duration::from_millis(100));
             b
         });
-        Progress { bar, verbose: enabled }
+        Progress {
+            bar,
+            verbose: enabled,
+        }
     }
 
     /// Announces the migration.
@@ -103,7 +114,13 @@ impl Progress {
     /// One round finished.
     pub fn round(&self, r: &RoundStats) {
         let line = if r.final_round {
-            format!("  round {:>3} (stop-and-copy): {:>8} pages {:>10} in {:>8.1} ms", r.round, r.pages, human_bytes(r.bytes), r.ms)
+            format!(
+                "  round {:>3} (stop-and-copy): {:>8} pages {:>10} in {:>8.1} ms",
+                r.round,
+                r.pages,
+                human_bytes(r.bytes),
+                r.ms
+            )
         } else {
             format!(
                 "  round {:>3}: {:>8} pages {:>10} in {:>8.1} ms ({:>7.0} MiB/s), guest dirtied {:>6.0} MiB/s, predicted downtime {:.1} ms",
@@ -118,7 +135,11 @@ impl Progress {
         };
         self.line(&line);
         if let Some(b) = &self.bar {
-            b.set_message(format!("round {}: {} dirty pages to send", r.round + 1, r.dirty_pages));
+            b.set_message(format!(
+                "round {}: {} dirty pages to send",
+                r.round + 1,
+                r.dirty_pages
+            ));
         }
     }
 
@@ -131,7 +152,12 @@ impl Progress {
 }
 
 /// Prints a finished migration as a table or JSON.
-pub fn print_migration(rep: &MigrationReport, kind: VmKind, dest: Option<&DestOutcome>, json: bool) {
+pub fn print_migration(
+    rep: &MigrationReport,
+    kind: VmKind,
+    dest: Option<&DestOutcome>,
+    json: bool,
+) {
     let check = dest.and_then(|d| d.guest_check.clone());
     if json {
         let v = json!({
@@ -158,10 +184,23 @@ pub fn print_migration(rep: &MigrationReport, kind: VmKind, dest: Option<&DestOu
         println!("{v}");
         return;
     }
-    println!("\nrdmig live migration of a {} {} VM over {} ({})", human_bytes(rep.mem_bytes), kind.name(), rep.transport, rep.transport_reason);
-    println!("{:>6} {:>9} {:>11} {:>9} {:>9} {:>12} {:>13}", "round", "pages", "MiB", "ms", "MiB/s", "dirty MiB/s", "predicted ms");
+    println!(
+        "\nrdmig live migration of a {} {} VM over {} ({})",
+        human_bytes(rep.mem_bytes),
+        kind.name(),
+        rep.transport,
+        rep.transport_reason
+    );
+    println!(
+        "{:>6} {:>9} {:>11} {:>9} {:>9} {:>12} {:>13}",
+        "round", "pages", "MiB", "ms", "MiB/s", "dirty MiB/s", "predicted ms"
+    );
     for r in &rep.per_round {
-        let name = if r.final_round { format!("{}*", r.round) } else { r.round.to_string() };
+        let name = if r.final_round {
+            format!("{}*", r.round)
+        } else {
+            r.round.to_string()
+        };
         println!(
             "{:>6} {:>9} {:>11.1} {:>9.1} {:>9.0} {:>12.0} {:>13.1}",
             name,
@@ -175,21 +214,55 @@ pub fn print_migration(rep: &MigrationReport, kind: VmKind, dest: Option<&DestOu
     }
     println!("  (* = stop-and-copy round, source paused)");
     println!("{:<18} {:.1} ms", "total time", rep.total_ms);
-    println!("{:<18} {:.2} ms{}", "downtime", rep.downtime_ms, if rep.forced_switchover { " (switchover forced: pre-copy did not converge)" } else { "" });
-    println!("{:<18} {} in {} rounds, {:.0} MiB/s", "transferred", human_bytes(rep.bytes_transferred), rep.rounds, rep.throughput_mib_s);
-    println!("{:<18} {} (xxh3-128 {})", "memory digest", if rep.verified { "verified, both ends match" } else { "MISMATCH" }, rep.digest);
+    println!(
+        "{:<18} {:.2} ms{}",
+        "downtime",
+        rep.downtime_ms,
+        if rep.forced_switchover {
+            " (switchover forced: pre-copy did not converge)"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "{:<18} {} in {} rounds, {:.0} MiB/s",
+        "transferred",
+        human_bytes(rep.bytes_transferred),
+        rep.rounds,
+        rep.throughput_mib_s
+    );
+    println!(
+        "{:<18} {} (xxh3-128 {})",
+        "memory digest",
+        if rep.verified {
+            "verified, both ends match"
+        } else {
+            "MISMATCH"
+        },
+        rep.digest
+    );
     match &check {
         Some(c) => println!(
             "{:<18} {} ({} pages checked, {} rewritten meanwhile, {} bad)",
             "guest self-check",
-            if c.ok() { "passed on the destination" } else { "FAILED" },
+            if c.ok() {
+                "passed on the destination"
+            } else {
+                "FAILED"
+            },
             c.pages_checked,
             c.pages_skipped,
             c.pages_bad
         ),
-        None => println!("{:<18} not available (destination on another host)", "guest self-check"),
+        None => println!(
+            "{:<18} not available (destination on another host)",
+            "guest self-check"
+        ),
     }
-    println!("{:<18} source {:.0} ms, destination {:.0} ms", "migration CPU", rep.source_cpu_ms, rep.dest_cpu_ms);
+    println!(
+        "{:<18} source {:.0} ms, destination {:.0} ms",
+        "migration CPU", rep.source_cpu_ms, rep.dest_cpu_ms
+    );
 }
 
 /// Prints the destination's outcome (listen mode on its own host).

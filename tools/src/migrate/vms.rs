@@ -84,7 +84,9 @@ impl LocalVm {
     /// Starts a source VM.
     pub fn start(kind: VmKind, p: &VmParams) -> Result<LocalVm> {
         match kind {
-            VmKind::Synthetic => Ok(LocalVm::Synthetic(Box::new(SyntheticVm::start(&p.synthetic())?))),
+            VmKind::Synthetic => Ok(LocalVm::Synthetic(Box::new(SyntheticVm::start(
+                &p.synthetic(),
+            )?))),
             VmKind::Kvm => anyhow::bail!("--vm kvm: this build has no KVM guest yet"),
         }
     }

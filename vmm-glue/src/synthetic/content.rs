@@ -4,7 +4,8 @@
 /// Word `k` of page `p` at generation `g`.
 #[inline]
 fn word(p: u64, g: u64, k: u64) -> u64 {
-    let seed = (p.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ g.wrapping_mul(0xD1B5_4A32_D192_ED03)).rotate_left(17);
+    let seed = (p.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ g.wrapping_mul(0xD1B5_4A32_D192_ED03))
+        .rotate_left(17);
     seed.wrapping_add(k.wrapping_mul(0xA24B_AED4_963E_E407))
 }
 

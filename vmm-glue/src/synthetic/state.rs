@@ -42,7 +42,10 @@ impl SyntheticState {
     /// Parses, checking magic, version and that the length matches the page count.
     pub fn decode(b: &[u8], expect_pages: u64) -> Result<SyntheticState> {
         if b.len() < HEADER {
-            return Err(Error::State(format!("synthetic state truncated at {} bytes", b.len())));
+            return Err(Error::State(format!(
+                "synthetic state truncated at {} bytes",
+                b.len()
+            )));
         }
         let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"));
         if b[..4] != MAGIC {
@@ -50,26 +53,40 @@ impl SyntheticState {
         }
         let version = u32::from_le_bytes(b[4..8].try_into().expect("4 bytes"));
         if version != VERSION {
-            return Err(Error::State(format!("synthetic state version {version}, this build reads {VERSION}")));
+            return Err(Error::State(format!(
+                "synthetic state version {version}, this build reads {VERSION}"
+            )));
         }
         let pages = u64_at(24);
         let count = u64_at(32);
         if pages != expect_pages {
-            return Err(Error::State(format!("synthetic state is for {pages} pages; the VM has {expect_pages}")));
+            return Err(Error::State(format!(
+                "synthetic state is for {pages} pages; the VM has {expect_pages}"
+            )));
         }
         if count > pages || (b.len() - HEADER) as u64 != count * 16 {
-            return Err(Error::State(format!("synthetic state announces {count} entries but carries {} bytes", b.len() - HEADER)));
+            return Err(Error::State(format!(
+                "synthetic state announces {count} entries but carries {} bytes",
+                b.len() - HEADER
+            )));
         }
         let mut gens = Vec::with_capacity(count as usize);
         for e in b[HEADER..].chunks_exact(16) {
             let p = u64::from_le_bytes(e[..8].try_into().expect("8 bytes"));
             let g = u64::from_le_bytes(e[8..].try_into().expect("8 bytes"));
             if p >= pages || gens.last().is_some_and(|&(q, _)| q >= p) {
-                return Err(Error::State(format!("synthetic state lists page {p} out of order or out of range")));
+                return Err(Error::State(format!(
+                    "synthetic state lists page {p} out of order or out of range"
+                )));
             }
             gens.push((p, g));
         }
-        Ok(SyntheticState { page_size: u64_at(8), pages_written: u64_at(16), pages, gens })
+        Ok(SyntheticState {
+            page_size: u64_at(8),
+            pages_written: u64_at(16),
+            pages,
+            gens,
+        })
     }
 }
 
@@ -79,7 +96,12 @@ mod tests {
 
     #[test]
     fn round_trip_and_rejections() {
-        let s = SyntheticState { page_size: 4096, pages_written: 9, pages: 3, gens: vec![(0, 1), (2, 3)] };
+        let s = SyntheticState {
+            page_size: 4096,
+            pages_written: 9,
+            pages: 3,
+            gens: vec![(0, 1), (2, 3)],
+        };
         let b = s.encode();
         assert_eq!(SyntheticState::decode(&b, 3).unwrap(), s);
         assert!(SyntheticState::decode(&b, 4).is_err());
@@ -88,9 +110,17 @@ mod tests {
         let mut bad = b.clone();
         bad[4] = 9;
         assert!(SyntheticState::decode(&bad, 3).is_err());
-        let out_of_order = SyntheticState { gens: vec![(2, 1), (0, 3)], ..s.clone() }.encode();
+        let out_of_order = SyntheticState {
+            gens: vec![(2, 1), (0, 3)],
+            ..s.clone()
+        }
+        .encode();
         assert!(SyntheticState::decode(&out_of_order, 3).is_err());
-        let out_of_range = SyntheticState { gens: vec![(3, 1)], ..s }.encode();
+        let out_of_range = SyntheticState {
+            gens: vec![(3, 1)],
+            ..s
+        }
+        .encode();
         assert!(SyntheticState::decode(&out_of_range, 3).is_err());
     }
 }

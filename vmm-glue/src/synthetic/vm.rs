@@ -4,7 +4,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
-use rdmig_transport::mem::{GuestAddress, GuestMemoryMap, MmapBacking, MmapRegion, PageSize, RegionId};
+use rdmig_transport::mem::{
+    GuestAddress, GuestMemoryMap, MmapBacking, MmapRegion, PageSize, RegionId,
+};
 use rdmig_transport::pages::PageSet;
 use rdmig_transport::vm::{DestinationFactory, DestinationVm, MemoryLayout, SourceVm};
 use rdmig_transport::VmmError;
@@ -35,7 +37,14 @@ pub struct SyntheticConfig {
 impl SyntheticConfig {
     /// A VM of `mem_bytes`, idle, one region, 4 KiB pages, one writer.
     pub fn new(mem_bytes: u64) -> SyntheticConfig {
-        SyntheticConfig { mem_bytes, working_set: 0, dirty_rate: 0, page_size: PageSize::KIB4, regions: 1, writers: 1 }
+        SyntheticConfig {
+            mem_bytes,
+            working_set: 0,
+            dirty_rate: 0,
+            page_size: PageSize::KIB4,
+            regions: 1,
+            writers: 1,
+        }
     }
 
     /// Sets the working set and dirty rate.
@@ -61,7 +70,10 @@ impl SyntheticConfig {
     fn layout(&self) -> Result<MemoryLayout> {
         let page = self.page_size.bytes();
         if self.mem_bytes < page || self.mem_bytes % page != 0 {
-            return Err(Error::InvalidConfig(format!("memory size {} is not a positive multiple of the {page} byte page", self.mem_bytes)));
+            return Err(Error::InvalidConfig(format!(
+                "memory size {} is not a positive multiple of the {page} byte page",
+                self.mem_bytes
+            )));
         }
         let pages = self.mem_bytes / page;
         let n = u64::from(self.regions.max(1)).min(pages);
@@ -72,7 +84,10 @@ impl SyntheticConfig {
             regions.push((GuestAddress(gpa), len));
             gpa = (gpa + len + (1 << 20)).next_multiple_of(page.max(1 << 20));
         }
-        Ok(MemoryLayout { page_size: self.page_size, regions })
+        Ok(MemoryLayout {
+            page_size: self.page_size,
+            regions,
+        })
     }
 }
 
@@ -87,7 +102,10 @@ pub struct SyntheticVm {
 
 impl std::fmt::Debug for SyntheticVm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SyntheticVm").field("cfg", &self.cfg).field("running", &self.running()).finish()
+        f.debug_struct("SyntheticVm")
+            .field("cfg", &self.cfg)
+            .field("running", &self.running())
+            .finish()
     }
 }
 
@@ -120,21 +138,38 @@ impl SyntheticVm {
         let mut first = 0u64;
         for &(gpa, len) in &layout.regions {
             if len % page != 0 {
-                return Err(Error::InvalidConfig(format!("region of {len} bytes is not a multiple of the page size")));
+                return Err(Error::InvalidConfig(format!(
+                    "region of {len} bytes is not a multiple of the page size"
+                )));
             }
             let m = MmapRegion::new(len, MmapBacking::Anonymous, true).map_err(Error::Memory)?;
             // SAFETY: `m` is kept in `_mem` for the VM's lifetime and the VM outlives any
             // session it is handed to (the session borrows it).
             regions.push(unsafe { m.guest_region(gpa) });
             let pages = len / page;
-            infos.push(RegionInfo { ptr: m.as_ptr(), pages, first });
+            infos.push(RegionInfo {
+                ptr: m.as_ptr(),
+                pages,
+                first,
+            });
             first += pages;
             mem.push(m);
         }
         let map = GuestMemoryMap::new(regions, layout.page_size).map_err(Error::Memory)?;
-        let writers = if cfg.dirty_rate > 0 { cfg.writers.max(1) } else { 0 };
+        let writers = if cfg.dirty_rate > 0 {
+            cfg.writers.max(1)
+        } else {
+            0
+        };
         let shared = Arc::new(Shared {
-            dirty: infos.iter().map(|r| (0..r.pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect()).collect(),
+            dirty: infos
+                .iter()
+                .map(|r| {
+                    (0..r.pages.div_ceil(64))
+                        .map(|_| AtomicU64::new(0))
+                        .collect()
+                })
+                .collect(),
             regions: infos,
             page,
             gens: (0..first).map(|_| AtomicU64::new(0)).collect(),
@@ -145,7 +180,13 @@ impl SyntheticVm {
             working_set_pages: (cfg.working_set / page).max(1),
             rate: cfg.dirty_rate as f64 / page as f64 / f64::from(writers.max(1)),
         });
-        Ok(SyntheticVm { cfg: cfg.clone(), _mem: mem, map, shared, threads: Vec::new() })
+        Ok(SyntheticVm {
+            cfg: cfg.clone(),
+            _mem: mem,
+            map,
+            shared,
+            threads: Vec::new(),
+        })
     }
 
     fn start_writers(&mut self) -> Result<()> {
@@ -160,7 +201,8 @@ impl SyntheticVm {
         self.shared.pause_req.store(false, Ordering::Release);
         for i in 0..self.cfg.writers.max(1) {
             let shared = self.shared.clone();
-            let seed = 0x1234_5678_9abc_def1u64.wrapping_mul(u64::from(i) + 1) ^ std::process::id() as u64;
+            let seed =
+                0x1234_5678_9abc_def1u64.wrapping_mul(u64::from(i) + 1) ^ std::process::id() as u64;
             let h = std::thread::Builder::new()
                 .name(format!("synthetic-writer-{i}"))
                 .spawn(move || writer(&shared, seed))
@@ -297,7 +339,11 @@ impl DestinationVm for SyntheticVm {
     fn restore_state(&mut self, state: &[u8]) -> Result<(), VmmError> {
         let s = SyntheticState::decode(state, self.shared.gens.len() as u64)?;
         if s.page_size != self.shared.page {
-            return Err(Error::State(format!("state for {} byte pages, VM has {}", s.page_size, self.shared.page)).into());
+            return Err(Error::State(format!(
+                "state for {} byte pages, VM has {}",
+                s.page_size, self.shared.page
+            ))
+            .into());
         }
         for g in &self.shared.gens {
             g.store(0, Ordering::Relaxed);
@@ -305,7 +351,9 @@ impl DestinationVm for SyntheticVm {
         for &(p, g) in &s.gens {
             self.shared.gens[p as usize].store(g, Ordering::Release);
         }
-        self.shared.written.store(s.pages_written, Ordering::Relaxed);
+        self.shared
+            .written
+            .store(s.pages_written, Ordering::Relaxed);
         Ok(())
     }
 
@@ -331,7 +379,10 @@ impl SyntheticVm {
 /// A factory that hands over `prepared` if its layout is the announced one, and otherwise
 /// builds a synthetic destination VM for the announced layout; its writers (rate and working
 /// set from `cfg`) start when the migration resumes it.
-pub fn synthetic_destination_factory(cfg: SyntheticConfig, prepared: Option<SyntheticVm>) -> DestinationFactory<'static> {
+pub fn synthetic_destination_factory(
+    cfg: SyntheticConfig,
+    prepared: Option<SyntheticVm>,
+) -> DestinationFactory<'static> {
     Box::new(move |layout: &MemoryLayout| {
         if let Some(vm) = prepared {
             if MemoryLayout::of(&vm.map) == *layout {
@@ -339,7 +390,11 @@ pub fn synthetic_destination_factory(cfg: SyntheticConfig, prepared: Option<Synt
             }
             tracing::info!("the incoming layout differs from the prepared VM; building a new one");
         }
-        let cfg = SyntheticConfig { mem_bytes: layout.total_bytes(), page_size: layout.page_size, ..cfg };
+        let cfg = SyntheticConfig {
+            mem_bytes: layout.total_bytes(),
+            page_size: layout.page_size,
+            ..cfg
+        };
         let vm = SyntheticVm::build(&cfg, layout)?;
         Ok(Box::new(vm) as Box<dyn DestinationVm>)
     })

@@ -80,7 +80,12 @@ impl Shared {
 
     /// Checks every page against its generation, skipping pages written during the check.
     pub fn verify(&self) -> GuestCheck {
-        let mut c = GuestCheck { pages_checked: 0, pages_skipped: 0, pages_bad: 0, first_bad: None };
+        let mut c = GuestCheck {
+            pages_checked: 0,
+            pages_skipped: 0,
+            pages_bad: 0,
+            first_bad: None,
+        };
         for p in 0..self.gens.len() as u64 {
             let g1 = self.gens[p as usize].load(Ordering::Acquire);
             if g1 & BUSY != 0 {
