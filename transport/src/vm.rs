@@ -51,6 +51,13 @@ pub trait DestinationVm: Send {
 
     /// Starts the guest.
     fn resume(&mut self) -> Result<(), VmmError>;
+
+    /// The VM as [`std::any::Any`], so the VMM can get its own type back from the box that
+    /// [`crate::session::accept`] returns (`into_any()?.downcast::<MyVm>()`). The default
+    /// (`None`) is for VMs that are never recovered that way.
+    fn into_any(self: Box<Self>) -> Option<Box<dyn std::any::Any + Send>> {
+        None
+    }
 }
 
 /// The memory layout announced by the source.
