@@ -114,7 +114,9 @@ impl KvmVm {
                     gpa.0
                 )));
             }
-            let mem = MmapRegion::new(len, MmapBacking::Anonymous, false).map_err(Error::Memory)?;
+            // Populated up front: filling (source) or receiving (destination) 1 GiB costs
+            // ~2 s of page faults otherwise, against ~0.3 s for MAP_POPULATE.
+            let mem = MmapRegion::new(len, MmapBacking::Anonymous, true).map_err(Error::Memory)?;
             let region = kvm_userspace_memory_region {
                 slot: slot as u32,
                 flags: KVM_MEM_LOG_DIRTY_PAGES,
@@ -289,6 +291,9 @@ impl KvmVm {
     }
 
     fn do_resume(&mut self) -> Result<()> {
+        if !self.paused {
+            return Ok(());
+        }
         if self.params.is_none() {
             let p = self.read_params()?;
             self.vcpu.with_pacer(|pc| pc.set_ws_pages(p.ws_pages));
