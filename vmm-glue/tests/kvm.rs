@@ -293,3 +293,32 @@ fn destination_lost_mid_round_leaves_the_source_running() {
     assert_source_intact(&mut src);
     src.stop();
 }
+
+#[test]
+fn self_check_catches_stale_and_missing_pages() {
+    let Some(_one) = kvm_or_skip() else { return };
+    // 1024 pages/s over 1024 pages: page 5 is rewritten early and then not for a second.
+    let mut vm = KvmVm::start(&config(16, 4, 4)).unwrap();
+    thread::sleep(Duration::from_millis(50));
+    let p = vm.params().unwrap();
+    let host = vm.memory().regions()[0].host_ptr();
+    vm.pause().unwrap();
+    // Page 5 (in the working set) gets its old content back; page `last` (never rewritten)
+    // is zeroed, as a page that never arrived would be.
+    let last = p.data_pages - 1;
+    for (page, value) in [(5u32, rdmig_vmm::kvm::control::page_value(5, 0)), (last, 0)] {
+        let gpa = u64::from(p.data_base) + u64::from(page) * 4096;
+        // SAFETY: the page lies inside the only region (checked by the guest's parameters),
+        // whose mapping lives as long as `vm`; the guest is paused.
+        unsafe {
+            std::slice::from_raw_parts_mut(host.add(gpa as usize).cast::<u32>(), 1024).fill(value)
+        };
+    }
+    vm.resume().unwrap();
+    let check = vm.self_check().unwrap();
+    assert!(!check.ok());
+    assert_eq!(check.pages_bad, 2, "{check:?}");
+    assert_eq!(check.first_bad, Some(u64::from(p.data_base) / 4096 + 5));
+    assert_eq!(check.pages_checked, u64::from(p.data_pages));
+    vm.stop();
+}
