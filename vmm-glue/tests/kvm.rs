@@ -322,3 +322,58 @@ fn self_check_catches_stale_and_missing_pages() {
     assert_eq!(check.pages_checked, u64::from(p.data_pages));
     vm.stop();
 }
+
+#[test]
+fn a_migrated_guest_migrates_again() {
+    let Some(_one) = kvm_or_skip() else { return };
+    let mut a = KvmVm::start(&config(32, 8, 32)).unwrap();
+    let psk = Psk::random().unwrap();
+    let (addr, dest) = destination(psk.clone());
+    assert!(
+        migrate(&mut a, addr, &tcp(psk.clone()), &mut |_| {})
+            .unwrap()
+            .verified
+    );
+    a.stop();
+    let (mut b, _) = dest.join().unwrap().unwrap();
+    thread::sleep(Duration::from_millis(50));
+    let (addr, dest) = destination(psk.clone());
+    assert!(
+        migrate(&mut *b, addr, &tcp(psk), &mut |_| {})
+            .unwrap()
+            .verified
+    );
+    let handed_on_b = b.pages_dirtied();
+    b.stop();
+    let (mut c, _) = dest.join().unwrap().unwrap();
+    assert!(c.self_check().unwrap().ok());
+    assert!(
+        c.pages_dirtied() >= handed_on_b,
+        "the dirty counter travels with the guest"
+    );
+    c.stop();
+}
+
+#[test]
+fn destination_refuses_layouts_it_cannot_run() {
+    use rdmig_transport::mem::GuestAddress;
+    use rdmig_transport::vm::MemoryLayout;
+    let too_big = MemoryLayout {
+        page_size: PageSize::KIB4,
+        regions: vec![(GuestAddress(0), 4 << 30)],
+    };
+    let none = MemoryLayout {
+        page_size: PageSize::KIB4,
+        regions: vec![],
+    };
+    let many = MemoryLayout {
+        page_size: PageSize::KIB4,
+        regions: (0..9).map(|i| (GuestAddress(i << 20), 1 << 20)).collect(),
+    };
+    for layout in [too_big, none, many] {
+        assert!(
+            KvmVm::destination(&layout, &KvmDestConfig::default()).is_err(),
+            "{layout:?}"
+        );
+    }
+}
