@@ -6,7 +6,9 @@
 //! - [`pacer`]: paces the guest to the dirty rate.
 //! - [`state`]: the versioned device-state blob.
 //! - `vcpu`: the vCPU thread (run loop, port I/O, fast pause).
-//! - `vm`: [`KvmVm`], the VM as a migration source and destination.
+//! - `vm`: [`KvmVm`]: building the VM, loading the guest, self-check.
+//! - `seam`: [`KvmVm`] as a migration source and destination.
+//! - `dirty`: KVM's 4 KiB dirty log folded into larger migration pages.
 //!
 //! ```no_run
 //! use rdmig_vmm::kvm::{KvmConfig, KvmVm};
@@ -19,8 +21,10 @@
 //! ```
 
 pub mod control;
+mod dirty;
 pub mod guest;
 pub mod pacer;
+mod seam;
 pub mod state;
 mod vcpu;
 mod vm;

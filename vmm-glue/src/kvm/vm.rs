@@ -1,7 +1,6 @@
 //! [`KvmVm`]: a KVM VM with its memory in dirty-logged slots and one vCPU running the guest
-//! program, as a migration source ([`SourceVm`]) and destination ([`DestinationVm`]).
+//! program: building it, loading the guest, asking the guest to check itself.
 
-use std::any::Any;
 use std::time::Duration;
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES};
@@ -10,15 +9,14 @@ use rdmig_transport::mem::{
     GuestAddress, GuestMemoryMap, MmapBacking, MmapRegion, PageIndex, PageSize, RegionId,
 };
 use rdmig_transport::pages::PageSet;
-use rdmig_transport::vm::{DestinationVm, MemoryLayout, SourceVm};
-use rdmig_transport::VmmError;
+use rdmig_transport::vm::MemoryLayout;
 
 use super::control::{
     page_value, GuestParams, CODE_GPA, GDT_GPA, GUEST_PAGE, MAX_MEM_BYTES, PARAMS_GPA, TSS_GPA,
 };
 use super::guest::{gdt_bytes, initial_regs, setup_sregs, GUEST_CODE};
 use super::pacer::Pacer;
-use super::state::{encode_vcpus, DeviceState, VcpuState, VmmState};
+use super::state::{encode_vcpus, DeviceState};
 use super::vcpu::VcpuHandle;
 use super::{KvmConfig, KvmDestConfig};
 use crate::error::{Error, Result};
@@ -29,23 +27,23 @@ const MAX_SLOTS: usize = 8;
 /// Longest a self-check may take (a 3 GiB guest scans in well under this).
 const CHECK_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+pub(super) fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |source| Error::Kvm { op, source }
 }
 
 /// A KVM guest running the rdmig test program. Fields drop in order: the vCPU thread is
 /// stopped before the VM fd closes, and the VM before its memory is unmapped.
 pub struct KvmVm {
-    vcpu: VcpuHandle,
-    vm: VmFd,
-    map: GuestMemoryMap,
+    pub(super) vcpu: VcpuHandle,
+    pub(super) vm: VmFd,
+    pub(super) map: GuestMemoryMap,
     /// Keeps the guest memory mapped (the map and KVM's slots point into it).
     _regions: Vec<MmapRegion>,
-    vmm_dirty: PageSet,
-    params: Option<GuestParams>,
-    paused: bool,
-    last_state: Option<Vec<u8>>,
-    rate_override: Option<u64>,
+    pub(super) vmm_dirty: PageSet,
+    pub(super) params: Option<GuestParams>,
+    pub(super) paused: bool,
+    pub(super) last_state: Option<Vec<u8>>,
+    pub(super) rate_override: Option<u64>,
 }
 
 impl KvmVm {
@@ -229,7 +227,7 @@ impl KvmVm {
     }
 
     /// Reads and checks the parameter page (on the destination, after memory arrived).
-    fn read_params(&self) -> Result<GuestParams> {
+    pub(super) fn read_params(&self) -> Result<GuestParams> {
         let src = self.host_range(PARAMS_GPA, GuestParams::BYTES as u64)?;
         let mut b = [0u8; GuestParams::BYTES];
         // SAFETY: `src` has GuestParams::BYTES readable bytes (host_range); `b` is ours.
@@ -283,147 +281,6 @@ impl KvmVm {
             tracing::warn!("stopping the KVM guest: {e}");
         }
     }
-
-    fn do_pause(&mut self) -> Result<()> {
-        self.vcpu.pause()?;
-        self.paused = true;
-        Ok(())
-    }
-
-    fn do_resume(&mut self) -> Result<()> {
-        if !self.paused {
-            return Ok(());
-        }
-        if self.params.is_none() {
-            let p = self.read_params()?;
-            self.vcpu.with_pacer(|pc| pc.set_ws_pages(p.ws_pages));
-            self.params = Some(p);
-        }
-        self.vcpu.resume()?;
-        self.paused = false;
-        Ok(())
-    }
-
-    /// Fetches-and-clears KVM's log for every slot, plus the VMM's own writes, into `into`.
-    fn fetch_dirty(&mut self, into: &mut PageSet) -> Result<()> {
-        let shift = self.map.page_size().shift();
-        for (i, r) in self.map.regions().iter().enumerate() {
-            let words = self
-                .vm
-                .get_dirty_log(i as u32, r.len() as usize)
-                .map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
-            let region = RegionId(i as u32);
-            if shift == 12 {
-                into.or_words(region, &words);
-            } else {
-                fold_into(into, region, &words, shift - 12);
-            }
-        }
-        into.union_with(&self.vmm_dirty);
-        self.vmm_dirty.clear();
-        Ok(())
-    }
-
-    fn do_save(&mut self) -> Result<Vec<u8>> {
-        if !self.paused {
-            return Err(Error::Guest("save_state needs a paused guest".into()));
-        }
-        let v = self.vcpu.save()?;
-        let vmm = self.vcpu.with_pacer(|p| VmmState {
-            dirty_rate: p.rate(),
-            pages_dirtied: p.total(),
-        });
-        let blob = DeviceState {
-            vmm,
-            vcpus: vec![v],
-        }
-        .encode();
-        self.last_state = Some(blob.clone());
-        Ok(blob)
-    }
-
-    fn do_restore(&mut self, blob: &[u8]) -> Result<()> {
-        let state = DeviceState::decode(blob)?;
-        let [v] = &state.vcpus[..] else {
-            return Err(Error::State(format!(
-                "{} vCPUs in the device state, this VMM runs 1",
-                state.vcpus.len()
-            )));
-        };
-        let back: VcpuState = self.vcpu.restore(v)?;
-        let rate = self.rate_override.unwrap_or(state.vmm.dirty_rate);
-        self.vcpu.with_pacer(|p| {
-            *p = Pacer::new(rate, 0);
-            p.set_total(state.vmm.pages_dirtied);
-        });
-        self.last_state = Some(
-            DeviceState {
-                vmm: state.vmm,
-                vcpus: vec![back],
-            }
-            .encode(),
-        );
-        Ok(())
-    }
-}
-
-/// ORs a 4 KiB-page bitmap into a set of pages `1 << fold` times larger.
-fn fold_into(into: &mut PageSet, region: RegionId, words: &[u64], fold: u32) {
-    for (w, &word) in words.iter().enumerate() {
-        let mut bits = word;
-        while bits != 0 {
-            let b = bits.trailing_zeros() as u64;
-            bits &= bits - 1;
-            into.insert(region, PageIndex(((w as u64) * 64 + b) >> fold));
-        }
-    }
-}
-
-impl SourceVm for KvmVm {
-    fn memory(&self) -> &GuestMemoryMap {
-        &self.map
-    }
-
-    fn start_dirty_log(&mut self) -> Result<(), VmmError> {
-        // Logging is on from the slot's creation; start with a clean log.
-        let mut scratch = PageSet::empty(&self.map);
-        self.fetch_dirty(&mut scratch)?;
-        Ok(())
-    }
-
-    fn fetch_and_clear_dirty(&mut self, into: &mut PageSet) -> Result<(), VmmError> {
-        Ok(self.fetch_dirty(into)?)
-    }
-
-    fn pause(&mut self) -> Result<(), VmmError> {
-        Ok(self.do_pause()?)
-    }
-
-    fn resume(&mut self) -> Result<(), VmmError> {
-        Ok(self.do_resume()?)
-    }
-
-    fn save_state(&mut self) -> Result<Vec<u8>, VmmError> {
-        Ok(self.do_save()?)
-    }
-}
-
-impl DestinationVm for KvmVm {
-    fn memory(&self) -> &GuestMemoryMap {
-        &self.map
-    }
-
-    fn restore_state(&mut self, state: &[u8]) -> Result<(), VmmError> {
-        Ok(self.do_restore(state)?)
-    }
-
-    fn resume(&mut self) -> Result<(), VmmError> {
-        Ok(self.do_resume()?)
-    }
-
-    fn into_any(self: Box<Self>) -> Option<Box<dyn Any + Send>> {
-        Some(self)
-    }
 }
 
 /// The page size a [`KvmConfig`] asks for must be at least KVM's 4 KiB.
@@ -435,30 +292,4 @@ pub(super) fn check_page_size(p: PageSize) -> Result<()> {
         )));
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fold_maps_small_pages_to_large() {
-        let mut s = PageSet::with_pages(vec![4]);
-        fold_into(&mut s, RegionId(0), &[1 | (1 << 63), 1 << 2], 9); // 2 MiB pages
-        assert!(s.contains(RegionId(0), PageIndex(0)));
-        assert_eq!(s.count(), 1);
-        let mut s = PageSet::with_pages(vec![200]);
-        fold_into(
-            &mut s,
-            RegionId(0),
-            &[0b1000_0001, 0, 0, 0, 0, 0, 0, 0, 0, 1],
-            2,
-        );
-        assert_eq!(
-            (0..200)
-                .filter(|&p| s.contains(RegionId(0), PageIndex(p)))
-                .collect::<Vec<_>>(),
-            vec![0, 1, 144]
-        );
-    }
 }
