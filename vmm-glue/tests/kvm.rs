@@ -80,14 +80,20 @@ fn guest_dirties_at_the_requested_rate() {
         "dirty log: {} pages in {secs:.3} s ({per_s:.0}/s); guest was handed {handed}",
         set.count()
     );
-    // Data pages plus the few generation-table pages they index.
+    // The dirty log holds the data pages the guest was handed (none twice in 1 s), plus the
+    // few generation-table pages that index them; a batch (4 pages) may straddle either end.
     assert!(
-        (0.8 * 4096.0..=1.2 * 4096.0).contains(&per_s),
-        "{per_s} dirty pages/s, 4096 requested"
+        set.count() + 8 >= handed,
+        "the dirty log missed pages the guest wrote"
     );
     assert!(
-        set.count() >= handed.min(8192),
-        "the dirty log missed pages the guest wrote"
+        set.count() <= handed + 16,
+        "the dirty log has pages the guest did not write"
+    );
+    // The rate is the requested one, within what a busy shared 2-core host allows.
+    assert!(
+        (0.7 * 4096.0..=1.2 * 4096.0).contains(&per_s),
+        "{per_s} dirty pages/s, 4096 requested"
     );
     assert!(vm.self_check().unwrap().ok());
     vm.stop();
