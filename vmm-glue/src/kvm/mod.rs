@@ -68,8 +68,16 @@ pub fn kvm_available() -> std::result::Result<(), String> {
     let vm = kvm
         .create_vm()
         .map_err(|e| format!("KVM_CREATE_VM failed: {e}"))?;
-    if !vm.check_extension(kvm_ioctls::Cap::UserMemory) {
-        return Err("KVM lacks KVM_CAP_USER_MEMORY".into());
+    for (cap, name) in [
+        (kvm_ioctls::Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+        (
+            kvm_ioctls::Cap::ImmediateExit,
+            "KVM_CAP_IMMEDIATE_EXIT (needed for a fast pause)",
+        ),
+    ] {
+        if !vm.check_extension(cap) {
+            return Err(format!("KVM lacks {name}"));
+        }
     }
     vm.create_vcpu(0)
         .map_err(|e| format!("KVM_CREATE_VCPU failed: {e}"))?;
