@@ -299,7 +299,19 @@ fn destination_lost_mid_round_leaves_the_source_running() {
     eprintln!("source: {err}");
     assert!(dest.join().unwrap().is_err());
     assert_source_intact(&mut src);
+
+    // The same guest then migrates for real.
+    let psk = Psk::random().unwrap();
+    let (addr, dest) = destination(psk.clone());
+    assert!(
+        migrate(&mut src, addr, &tcp(psk), &mut |_| {})
+            .unwrap()
+            .verified
+    );
     src.stop();
+    let (mut dst, _) = dest.join().unwrap().unwrap();
+    assert!(dst.self_check().unwrap().ok());
+    dst.stop();
 }
 
 #[test]
