@@ -53,12 +53,16 @@ pub struct RdmaSourcePath {
 impl RdmaSourcePath {
     /// Registers memory and creates queue pairs; returns the `DataSetup` payload.
     pub fn new(_map: &GuestMemoryMap, _opts: &RdmaOptions) -> Result<(Self, Vec<u8>)> {
-        Err(Error::RdmaUnavailable("this build has no RDMA data path yet".into()))
+        Err(Error::RdmaUnavailable(
+            "this build has no RDMA data path yet".into(),
+        ))
     }
 
     /// Connects the queue pairs with the destination's `DataSetupAck` payload.
     pub fn connect(&mut self, _ack: &[u8]) -> Result<()> {
-        Err(Error::RdmaUnavailable("this build has no RDMA data path yet".into()))
+        Err(Error::RdmaUnavailable(
+            "this build has no RDMA data path yet".into(),
+        ))
     }
 }
 
@@ -93,7 +97,9 @@ impl RdmaDestPath {
         _cpu: Arc<CpuMeter>,
         _limiter: Option<Arc<RateLimiter>>,
     ) -> Result<(Self, Vec<u8>)> {
-        Err(Error::RdmaUnavailable("this build has no RDMA data path yet".into()))
+        Err(Error::RdmaUnavailable(
+            "this build has no RDMA data path yet".into(),
+        ))
     }
 }
 
