@@ -162,6 +162,7 @@ fn destination_writers_resume_after_migration() {
 struct Relay {
     addr: SocketAddr,
     conns: Arc<Mutex<Vec<TcpStream>>>,
+    frozen: Arc<AtomicBool>,
 }
 
 impl Relay {
@@ -169,7 +170,9 @@ impl Relay {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let frozen = Arc::new(AtomicBool::new(false));
         let c2 = conns.clone();
+        let f2 = frozen.clone();
         std::thread::spawn(move || {
             for inbound in l.incoming() {
                 let Ok(a) = inbound else { return };
@@ -193,7 +196,11 @@ impl Relay {
                 }
             }
         });
-        Relay { addr, conns }
+        Relay {
+            addr,
+            conns,
+            frozen,
+        }
     }
 
     fn cut(&self) {
@@ -304,4 +311,45 @@ fn non_convergence_with_the_stop_policy_switches_over_anyway() {
         rep.rounds
     );
     assert!(dest.unwrap().verify().ok());
+}
+
+#[test]
+fn a_peer_that_hangs_without_closing_times_out_and_the_source_runs_on() {
+    let cfg = SyntheticConfig::new(128 * MIB).with_dirtying(16 * MIB, 64 * MIB);
+    let psk = Psk::random().unwrap();
+    let mut source = SyntheticVm::start(&cfg).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let relay = Relay::new(listener.local_addr().unwrap());
+    let mcfg = config(&psk, 2)
+        .with_max_bandwidth(Some(64 * MIB))
+        .with_io_timeout(Duration::from_secs(1));
+    let dcfg = mcfg.clone().with_io_timeout(Duration::from_secs(30));
+    let dest = std::thread::spawn(move || {
+        accept(
+            &listener,
+            &dcfg,
+            synthetic_destination_factory(cfg.clone(), None),
+        )
+        .map(|_| ())
+    });
+    let frozen = relay.frozen.clone();
+    let freezer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        frozen.store(true, Ordering::Relaxed);
+    });
+    let t = std::time::Instant::now();
+    let e = migrate(&mut source, relay.addr, &mcfg, &mut |_| {})
+        .expect_err("a hung peer cannot complete");
+    freezer.join().unwrap();
+    assert!(matches!(e, Error::Timeout(_)), "{e}");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t.elapsed()
+    );
+    relay.frozen.store(false, Ordering::Relaxed);
+    relay.cut();
+    assert!(dest.join().unwrap().is_err());
+    assert!(source.running());
+    assert!(source.verify().ok());
 }
