@@ -184,9 +184,15 @@ impl Relay {
                     .extend([a.try_clone().unwrap(), b.try_clone().unwrap()]);
                 for (mut from, mut to) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)]
                 {
+                    let frozen = f2.clone();
                     std::thread::spawn(move || {
                         let mut buf = vec![0u8; 1 << 16];
                         while let Ok(n) = from.read(&mut buf) {
+                            // Frozen: stop forwarding but keep the sockets open, like a
+                            // peer that hangs without closing.
+                            while frozen.load(Ordering::Relaxed) {
+                                std::thread::sleep(Duration::from_millis(10));
+                            }
                             if n == 0 || to.write_all(&buf[..n]).is_err() {
                                 break;
                             }
@@ -320,9 +326,10 @@ fn a_peer_that_hangs_without_closing_times_out_and_the_source_runs_on() {
     let mut source = SyntheticVm::start(&cfg).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let relay = Relay::new(listener.local_addr().unwrap());
+    // Round 0 takes about 1 s at this cap, well within the 2 s timeout, unless the peer hangs.
     let mcfg = config(&psk, 2)
-        .with_max_bandwidth(Some(64 * MIB))
-        .with_io_timeout(Duration::from_secs(1));
+        .with_max_bandwidth(Some(128 * MIB))
+        .with_io_timeout(Duration::from_secs(2));
     let dcfg = mcfg.clone().with_io_timeout(Duration::from_secs(30));
     let dest = std::thread::spawn(move || {
         accept(
