@@ -28,9 +28,21 @@ fn rxe(test: &str) -> Option<(RdmaOptions, IpAddr)> {
         eprintln!("SKIP: {test}: no RDMA device (RDMIG_RXE_DEV, RDMIG_RXE_ADDR are set by ci/softroce-run)");
         return None;
     };
-    let addr: IpAddr = std::env::var("RDMIG_RXE_ADDR").expect("RDMIG_RXE_ADDR with RDMIG_RXE_DEV").parse().expect("RDMIG_RXE_ADDR");
+    let addr: IpAddr = std::env::var("RDMIG_RXE_ADDR")
+        .expect("RDMIG_RXE_ADDR with RDMIG_RXE_DEV")
+        .parse()
+        .expect("RDMIG_RXE_ADDR");
     let gid_index = std::env::var("RDMIG_RXE_GID_INDEX").ok().and_then(|g| g.parse().ok());
-    Some((RdmaOptions { device: Some(dev), gid_index, port: None, qps: 2, local_addr: Some(addr) }, addr))
+    Some((
+        RdmaOptions {
+            device: Some(dev),
+            gid_index,
+            port: None,
+            qps: 2,
+            local_addr: Some(addr),
+        },
+        addr,
+    ))
 }
 
 // ---- a small test VM: one region, a bitmap dirty log, a writer thread ----------------------
@@ -105,7 +117,12 @@ impl TestVm {
                 last = Instant::now();
             }
         });
-        TestVm { map, shared, writer: Some(writer), _mem: mem }
+        TestVm {
+            map,
+            shared,
+            writer: Some(writer),
+            _mem: mem,
+        }
     }
 
     /// Every page holds what its generation says (nothing but the writer changed memory).
@@ -195,7 +212,11 @@ fn dest_factory() -> rdmig_transport::vm::DestinationFactory<'static> {
             mems.push(m);
         }
         let map = GuestMemoryMap::new(regions, layout.page_size)?;
-        Ok(Box::new(DestVm { map, state: Vec::new(), _mem: mems }) as Box<dyn DestinationVm>)
+        Ok(Box::new(DestVm {
+            map,
+            state: Vec::new(),
+            _mem: mems,
+        }) as Box<dyn DestinationVm>)
     })
 }
 
@@ -218,7 +239,13 @@ fn region_bytes(map: &GuestMemoryMap) -> &[u8] {
 }
 
 /// One loopback migration; returns the source's report after comparing memories.
-fn loopback(addr: IpAddr, transport: TransportKind, rdma: Option<&RdmaOptions>, bytes: u64, rate: u64) -> rdmig_transport::session::MigrationReport {
+fn loopback(
+    addr: IpAddr,
+    transport: TransportKind,
+    rdma: Option<&RdmaOptions>,
+    bytes: u64,
+    rate: u64,
+) -> rdmig_transport::session::MigrationReport {
     let listener = TcpListener::bind(SocketAddr::new(addr, 0)).unwrap();
     let dest_addr = listener.local_addr().unwrap();
     let dconf = config(TransportKind::Auto, rdma);
@@ -227,7 +254,10 @@ fn loopback(addr: IpAddr, transport: TransportKind, rdma: Option<&RdmaOptions>, 
     std::thread::sleep(Duration::from_millis(50));
     let sconf = config(transport, rdma);
     let report = migrate(&mut vm, dest_addr, &sconf, &mut |r| {
-        eprintln!("round {} final={} pages={} {:.1} MiB/s dirty={}", r.round, r.final_round, r.pages, r.mib_s, r.dirty_pages)
+        eprintln!(
+            "round {} final={} pages={} {:.1} MiB/s dirty={}",
+            r.round, r.final_round, r.pages, r.mib_s, r.dirty_pages
+        )
     })
     .expect("migration");
     let (dvm, dreport) = dest.join().unwrap().expect("destination");
@@ -255,7 +285,9 @@ fn loopback(addr: IpAddr, transport: TransportKind, rdma: Option<&RdmaOptions>, 
 
 #[test]
 fn rdma_loopback_migration_with_writers() {
-    let Some((opts, addr)) = rxe("rdma_loopback_migration_with_writers") else { return };
+    let Some((opts, addr)) = rxe("rdma_loopback_migration_with_writers") else {
+        return;
+    };
     let report = loopback(addr, TransportKind::Rdma, Some(&opts), 32 << 20, 2000);
     assert_eq!(report.transport, "rdma");
     assert!(report.rounds >= 2, "writers ran, so more than one round: {report:?}");
@@ -263,7 +295,9 @@ fn rdma_loopback_migration_with_writers() {
 
 #[test]
 fn rdma_loopback_single_qp_idle() {
-    let Some((mut opts, addr)) = rxe("rdma_loopback_single_qp_idle") else { return };
+    let Some((mut opts, addr)) = rxe("rdma_loopback_single_qp_idle") else {
+        return;
+    };
     opts.qps = 1;
     let report = loopback(addr, TransportKind::Rdma, Some(&opts), 8 << 20, 1);
     assert_eq!(report.transport, "rdma");
@@ -274,7 +308,10 @@ fn auto_picks_rdma_with_a_device_and_tcp_without() {
     match rxe("auto_picks_rdma_with_a_device_and_tcp_without (RDMA half)") {
         Some((_, addr)) => {
             // No device options at all: discovery must find rxe0 and its RoCE v2 GID.
-            let opts = RdmaOptions { qps: 2, ..RdmaOptions::default() };
+            let opts = RdmaOptions {
+                qps: 2,
+                ..RdmaOptions::default()
+            };
             let report = loopback(addr, TransportKind::Auto, Some(&opts), 8 << 20, 500);
             assert_eq!(report.transport, "rdma", "{}", report.transport_reason);
         }
@@ -295,7 +332,13 @@ fn rdma_requested_without_a_device_fails_at_once() {
         return;
     }
     let mut vm = TestVm::new(1 << 20, 1);
-    let e = migrate(&mut vm, "127.0.0.1:9".parse().unwrap(), &config(TransportKind::Rdma, None), &mut |_| {}).unwrap_err();
+    let e = migrate(
+        &mut vm,
+        "127.0.0.1:9".parse().unwrap(),
+        &config(TransportKind::Rdma, None),
+        &mut |_| {},
+    )
+    .unwrap_err();
     assert!(matches!(e, Error::RdmaUnavailable(_)), "{e}");
     assert!(!vm.shared.paused.load(Ordering::SeqCst));
 }
@@ -325,21 +368,39 @@ fn pair(opts: &RdmaOptions, bytes: u64) -> Pair {
     let (mut engine, ack) = ReadEngine::new(&dst_map, opts, &setup).unwrap();
     engine.set_stall_timeout(Duration::from_secs(30));
     src.connect(&ack).unwrap();
-    Pair { src, engine, src_map, dst_map, _mems: (a, b) }
+    Pair {
+        src,
+        engine,
+        src_map,
+        dst_map,
+        _mems: (a, b),
+    }
 }
 
 fn read0(len: u32) -> Read {
-    Read { region: rdmig_transport::mem::RegionId(0), offset: 0, len, tag: 7 }
+    Read {
+        region: rdmig_transport::mem::RegionId(0),
+        offset: 0,
+        len,
+        tag: 7,
+    }
 }
 
 #[test]
 fn rdma_engine_reads_and_rejects_bad_keys_and_ranges() {
-    let Some((opts, _)) = rxe("rdma_engine_reads_and_rejects_bad_keys_and_ranges") else { return };
+    let Some((opts, _)) = rxe("rdma_engine_reads_and_rejects_bad_keys_and_ranges") else {
+        return;
+    };
     let len = 1 << 20;
 
     // A good READ lands the bytes.
     let mut p = pair(&opts, len);
-    let mut q = std::collections::VecDeque::from(vec![Read { region: rdmig_transport::mem::RegionId(0), offset: 0, len: len as u32, tag: 1 }]);
+    let mut q = std::collections::VecDeque::from(vec![Read {
+        region: rdmig_transport::mem::RegionId(0),
+        offset: 0,
+        len: len as u32,
+        tag: 1,
+    }]);
     assert_eq!(p.engine.post(&mut q).unwrap(), 1);
     let mut done = Vec::new();
     p.engine.wait_all(&mut done).unwrap();
@@ -347,15 +408,28 @@ fn rdma_engine_reads_and_rejects_bad_keys_and_ranges() {
     assert_eq!(region_bytes(&p.src_map), region_bytes(&p.dst_map));
 
     // Locally out of bounds: refused before posting.
-    let bad = Read { region: rdmig_transport::mem::RegionId(0), offset: len - 4096, len: 8192, tag: 2 };
+    let bad = Read {
+        region: rdmig_transport::mem::RegionId(0),
+        offset: len - 4096,
+        len: 8192,
+        tag: 2,
+    };
     let e = p.engine.post(&mut std::collections::VecDeque::from(vec![bad])).unwrap_err();
     assert!(matches!(e, Error::Rdma(_)), "{e}");
-    let e = p.engine.post(&mut std::collections::VecDeque::from(vec![Read { region: rdmig_transport::mem::RegionId(3), ..read0(4096) }])).unwrap_err();
+    let e = p
+        .engine
+        .post(&mut std::collections::VecDeque::from(vec![Read {
+            region: rdmig_transport::mem::RegionId(3),
+            ..read0(4096)
+        }]))
+        .unwrap_err();
     assert!(e.to_string().contains("region 3"), "{e}");
 
     // A wrong rkey: the source's device refuses it.
     let remote = p.engine.remote_regions()[0];
-    p.engine.post_to(read0(4096), remote.addr, RKey(remote.rkey.0 ^ 0x5a5a_0000)).unwrap();
+    p.engine
+        .post_to(read0(4096), remote.addr, RKey(remote.rkey.0 ^ 0x5a5a_0000))
+        .unwrap();
     let e = p.engine.wait_all(&mut done).unwrap_err();
     eprintln!("wrong rkey: {e}");
     assert!(matches!(&e, Error::Rdma(m) if m.contains("remote access")), "{e}");
@@ -374,7 +448,9 @@ fn rdma_engine_reads_and_rejects_bad_keys_and_ranges() {
 
 #[test]
 fn rdma_deregistration_kills_the_keys() {
-    let Some((opts, _)) = rxe("rdma_deregistration_kills_the_keys") else { return };
+    let Some((opts, _)) = rxe("rdma_deregistration_kills_the_keys") else {
+        return;
+    };
     let mut p = pair(&opts, 1 << 20);
     let remote = p.engine.remote_regions()[0];
     assert_eq!(p.src.rkeys(), vec![remote.rkey]);
@@ -392,6 +468,8 @@ fn rdma_deregistration_kills_the_keys() {
     // After a full close (what the driver does), a READ fails too.
     let mut p = pair(&opts, 1 << 20);
     let remote = p.engine.remote_regions()[0];
+    // With the source's QPs gone nothing answers: retries run out, or the stall timeout hits.
+    p.engine.set_stall_timeout(Duration::from_secs(5));
     rdmig_transport::data::SourceDataPath::close(&mut p.src).unwrap();
     p.engine.post_to(read0(4096), remote.addr, remote.rkey).unwrap();
     let t = Instant::now();
@@ -416,7 +494,9 @@ fn child_destination() {
 
 #[test]
 fn rdma_destination_killed_mid_round() {
-    let Some((opts, addr)) = rxe("rdma_destination_killed_mid_round") else { return };
+    let Some((opts, addr)) = rxe("rdma_destination_killed_mid_round") else {
+        return;
+    };
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "child_destination", "--nocapture", "--test-threads=1"])
         .env("RDMIG_TEST_ROLE", "dest")
@@ -426,7 +506,8 @@ fn rdma_destination_killed_mid_round() {
     let mut port = None;
     for line in BufReader::new(child.stdout.take().unwrap()).lines() {
         let line = line.unwrap();
-        if let Some(p) = line.strip_prefix("PORT=") {
+        // The harness prints "test child_destination ... " before the line, without a newline.
+        if let Some(p) = line.split("PORT=").nth(1) {
             port = Some(p.trim().parse::<u16>().unwrap());
             break;
         }
@@ -449,7 +530,10 @@ fn rdma_destination_killed_mid_round() {
     killer.join().unwrap();
     let _ = child.wait();
     let e = r.expect_err("the destination was killed");
-    eprintln!("source after the destination died ({:?}, {rounds_done} rounds done): {e}", t.elapsed());
+    eprintln!(
+        "source after the destination died ({:?}, {rounds_done} rounds done): {e}",
+        t.elapsed()
+    );
     assert!(killed.load(Ordering::SeqCst));
     // The VM runs on: not paused, the writer keeps writing, memory is intact.
     assert!(!vm.shared.paused.load(Ordering::SeqCst));

@@ -52,12 +52,29 @@ impl RdmaDestPath {
     ) -> Result<(Self, Vec<u8>)> {
         let (engine, ack) = ReadEngine::new(map, opts, setup)?;
         let (tx, rx) = mpsc::channel();
-        let worker = Worker { engine, map: map.clone(), hashes, cpu, limiter, slots: Vec::new(), free: Vec::new() };
+        let worker = Worker {
+            engine,
+            map: map.clone(),
+            hashes,
+            cpu,
+            limiter,
+            slots: Vec::new(),
+            free: Vec::new(),
+        };
         let thread = std::thread::Builder::new()
             .name("rdmig-rdma-read".into())
             .spawn(move || worker.run(rx))
-            .map_err(|e| Error::Io { context: "spawning the RDMA read thread".into(), source: e })?;
-        Ok((RdmaDestPath { tx: Some(tx), thread: Some(thread) }, ack))
+            .map_err(|e| Error::Io {
+                context: "spawning the RDMA read thread".into(),
+                source: e,
+            })?;
+        Ok((
+            RdmaDestPath {
+                tx: Some(tx),
+                thread: Some(thread),
+            },
+            ack,
+        ))
     }
 
     fn send(&self, c: Cmd) -> Result<()> {
@@ -90,7 +107,8 @@ impl DestDataPath for RdmaDestPath {
     fn finish_round(&mut self, _round: u32) -> Result<Landed> {
         let (tx, rx) = mpsc::channel();
         self.send(Cmd::Finish(tx))?;
-        rx.recv().map_err(|_| Error::Rdma("the RDMA read thread stopped during the round".into()))?
+        rx.recv()
+            .map_err(|_| Error::Rdma("the RDMA read thread stopped during the round".into()))?
     }
 
     fn close(&mut self) -> Result<()> {
@@ -243,16 +261,29 @@ impl Worker {
             let mut first = r.first.0;
             while first < r.end() {
                 let n = pages_per_read.min(r.end() - first);
-                let sub = PageRange { region: r.region, first: PageIndex(first), npages: n };
+                let sub = PageRange {
+                    region: r.region,
+                    first: PageIndex(first),
+                    npages: n,
+                };
                 let (_, len) = self.map.span(sub.region, sub.first, sub.npages)?;
                 let offset = first << page.shift();
                 let len = len as u64;
                 let pieces = len.div_ceil(max_read) as u32;
-                let tag = self.slot(Slot { range: sub, bytes: len, pieces_left: pieces });
+                let tag = self.slot(Slot {
+                    range: sub,
+                    bytes: len,
+                    pieces_left: pieces,
+                });
                 let mut off = 0;
                 while off < len {
                     let l = (len - off).min(max_read);
-                    queue.push_back(Read { region: sub.region, offset: offset + off, len: l as u32, tag });
+                    queue.push_back(Read {
+                        region: sub.region,
+                        offset: offset + off,
+                        len: l as u32,
+                        tag,
+                    });
                     off += l;
                 }
                 first += n;

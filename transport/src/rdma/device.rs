@@ -56,7 +56,11 @@ pub struct Device {
 
 impl std::fmt::Debug for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Device").field("summary", &self.summary).field("gid", &self.gid).field("limits", &self.limits).finish()
+        f.debug_struct("Device")
+            .field("summary", &self.summary)
+            .field("gid", &self.gid)
+            .field("limits", &self.limits)
+            .finish()
     }
 }
 
@@ -154,7 +158,11 @@ fn pick_port(ctx: &Arc<DeviceContext>, name: &str, opts: &RdmaOptions) -> Result
         }
         return Ok(Device {
             ctx: ctx.clone(),
-            summary: DeviceSummary { name: name.to_string(), port, gid_index },
+            summary: DeviceSummary {
+                name: name.to_string(),
+                port,
+                gid_index,
+            },
             gid,
             limits,
         });
@@ -183,7 +191,10 @@ fn pick_gid(ctx: &DeviceContext, port: u8, opts: &RdmaOptions) -> Result<(u8, Gi
             continue;
         }
         let idx = e.gid_index() as u8;
-        let v2 = ctx.query_gid_type(port, u32::from(idx)).map(|t| t == GID_TYPE_ROCE_V2).unwrap_or(false);
+        let v2 = ctx
+            .query_gid_type(port, u32::from(idx))
+            .map(|t| t == GID_TYPE_ROCE_V2)
+            .unwrap_or(false);
         if !v2 {
             continue;
         }
@@ -200,7 +211,9 @@ fn pick_gid(ctx: &DeviceContext, port: u8, opts: &RdmaOptions) -> Result<(u8, Gi
         return Ok(f);
     }
     match opts.local_addr {
-        Some(a) => Err(format!("no RoCE v2 GID for address {a} (is the device on the interface carrying {a}? pass -x GID_INDEX)")),
+        Some(a) => Err(format!(
+            "no RoCE v2 GID for address {a} (is the device on the interface carrying {a}? pass -x GID_INDEX)"
+        )),
         None => Err("no RoCE v2 GID (give the interface an IP address)".into()),
     }
 }

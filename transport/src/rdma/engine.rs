@@ -109,14 +109,24 @@ impl ReadEngine {
         let dev = device::open(opts).map_err(Error::RdmaUnavailable)?;
         let want_qps = usize::from(opts.qps.max(1));
         if peer.qps.len() != want_qps {
-            tracing::info!("the source offers {} queue pairs ({} requested here); using the source's", peer.qps.len(), want_qps);
+            tracing::info!(
+                "the source offers {} queue pairs ({} requested here); using the source's",
+                peer.qps.len(),
+                want_qps
+            );
         }
         let mut qps = QpSet::create(&dev, peer.qps.len(), DEFAULT_DEPTH, Role::Initiator)?;
         let local = Registration::register(&qps.pd, map, Access::LocalWrite, dev.limits.max_mr_size)?;
         let rd_atomic = dev.limits.max_qp_init_rd_atom.min(peer.rd_atomic).clamp(1, 255);
         let mtu = dev.limits.active_mtu.min(peer.mtu);
         qps.connect(&dev, &peer.qps, peer.gid, mtu, rd_atomic as u8)?;
-        let ack = Setup { gid: dev.gid, mtu: dev.limits.active_mtu, rd_atomic, qps: qps.local().to_vec(), regions: Vec::new() };
+        let ack = Setup {
+            gid: dev.gid,
+            mtu: dev.limits.active_mtu,
+            rd_atomic,
+            qps: qps.local().to_vec(),
+            regions: Vec::new(),
+        };
         let max_read = read_size(dev.limits.max_msg_size);
         tracing::info!(
             "RDMA read engine on {} port {} GID index {}: {} QPs x {} slots, {} READs in flight per QP, reads up to {} bytes",
@@ -149,6 +159,19 @@ impl ReadEngine {
     /// Largest READ this engine posts.
     pub fn max_read(&self) -> u64 {
         self.max_read
+    }
+
+    /// Raises or lowers the largest READ (bounded by the port's max message size), for
+    /// benchmarks that read in bigger messages than migrations do.
+    pub fn set_max_read(&mut self, bytes: u64) -> Result<()> {
+        if bytes == 0 || bytes > self.dev.limits.max_msg_size || bytes > u64::from(u32::MAX) {
+            return Err(Error::InvalidConfig(format!(
+                "READ size {bytes} is outside 1..={} (the port's max message size)",
+                self.dev.limits.max_msg_size.min(u64::from(u32::MAX))
+            )));
+        }
+        self.max_read = bytes;
+        Ok(())
     }
 
     /// READs that can be outstanding at once (all QPs).
@@ -192,7 +215,7 @@ impl ReadEngine {
     fn local_target(&self, r: &Read) -> Result<(u64, u32)> {
         let reg = self.local.as_ref().ok_or_else(|| Error::Rdma("the read engine is closed".into()))?;
         let lr = reg.regions().get(r.region.0 as usize).ok_or(Error::UnknownRegion(r.region.0))?;
-        if r.len == 0 || u64::from(r.len) > self.max_read || r.offset.checked_add(u64::from(r.len)).is_none_or(|end| end > lr.len) {
+        if r.len == 0 || u64::from(r.len) > self.max_read || r.offset.checked_add(u64::from(r.len)).map_or(true, |end| end > lr.len) {
             return Err(Error::Rdma(format!(
                 "READ of {} bytes at offset {:#x} does not fit region {} ({} bytes) or the {}-byte read limit",
                 r.len, r.offset, r.region.0, lr.len, self.max_read
@@ -263,7 +286,11 @@ impl ReadEngine {
         }
         guard.post().map_err(|e| {
             let os = std::error::Error::source(&e).map(|s| format!(": {s}")).unwrap_or_default();
-            let msg = format!("posting {} RDMA READs on QP {:#x} failed: {e}{os}", batch.len(), self.qps.local()[qi].qpn.0);
+            let msg = format!(
+                "posting {} RDMA READs on QP {:#x} failed: {e}{os}",
+                batch.len(),
+                self.qps.local()[qi].qpn.0
+            );
             self.failed = Some(msg.clone());
             Error::Rdma(msg)
         })?;
@@ -278,31 +305,19 @@ impl ReadEngine {
         self.check()?;
         let mut n = 0;
         let mut failure: Option<(u32, u32, usize, u64)> = None;
-        {
-            let poller = match self.qps.cq.start_poll() {
-                Ok(p) => p,
-                Err(PollCompletionQueueError::CompletionQueueEmpty) => return Ok(0),
-                Err(e) => {
-                    let msg = format!("polling the completion queue failed: {e}");
-                    self.failed = Some(msg.clone());
-                    return Err(Error::Rdma(msg));
-                }
-            };
-            for wc in poller.take(POLL_BATCH) {
-                n += 1;
-                let wr_id = wc.wr_id();
-                let qi = (wr_id >> TAG_BITS) as usize;
-                if let Some(c) = self.in_flight.get_mut(qi) {
-                    *c = c.saturating_sub(1);
-                    self.total_in_flight = self.total_in_flight.saturating_sub(1);
-                }
-                let status = wc.status();
-                if status == 0 {
-                    done.push(wr_id & ((1 << TAG_BITS) - 1));
-                } else if failure.as_ref().is_none_or(|(s, ..)| *s == 5 && status != 5) {
-                    // Keep the first real error; a flush only says an earlier one happened.
-                    failure = Some((status, wc.vendor_err(), qi, wr_id & ((1 << TAG_BITS) - 1)));
-                }
+        while n < POLL_BATCH {
+            let Some((wr_id, status, vendor)) = self.poll_one()? else { break };
+            n += 1;
+            let qi = (wr_id >> TAG_BITS) as usize;
+            if let Some(c) = self.in_flight.get_mut(qi) {
+                *c = c.saturating_sub(1);
+                self.total_in_flight = self.total_in_flight.saturating_sub(1);
+            }
+            if status == 0 {
+                done.push(wr_id & ((1 << TAG_BITS) - 1));
+            } else if failure.as_ref().map_or(true, |(s, ..)| *s == 5 && status != 5) {
+                // Keep the first real error; a flush only says an earlier one happened.
+                failure = Some((status, vendor, qi, wr_id & ((1 << TAG_BITS) - 1)));
             }
         }
         if let Some((status, vendor, qi, tag)) = failure {
@@ -315,6 +330,28 @@ impl ReadEngine {
             return Err(Error::Rdma(msg));
         }
         Ok(n)
+    }
+
+    /// Takes one completion: `(wr_id, status, vendor_err)`.
+    ///
+    /// One `ibv_start_poll`/`ibv_end_poll` pair per completion, never `ibv_next_poll`: the
+    /// rxe provider ends the poll itself when `ibv_next_poll` finds the queue empty, and the
+    /// `ibv_end_poll` that must follow on other providers would then consume a slot that holds
+    /// no new completion (stale work completions come back). One per pair is right on all.
+    fn poll_one(&mut self) -> Result<Option<(u64, u32, u32)>> {
+        let mut poller = match self.qps.cq.start_poll() {
+            Ok(p) => p,
+            Err(PollCompletionQueueError::CompletionQueueEmpty) => return Ok(None),
+            Err(e) => {
+                let msg = format!("polling the completion queue failed: {e}");
+                self.failed = Some(msg.clone());
+                return Err(Error::Rdma(msg));
+            }
+        };
+        // The first item is the completion start_poll found; dropping the poller ends the poll.
+        Ok(poller
+            .next()
+            .map(|wc| (wc.wr_id(), wc.status(), if wc.status() != 0 { wc.vendor_err() } else { 0 })))
     }
 
     /// Polls until nothing is in flight, appending finished tags to `done`.
@@ -348,22 +385,15 @@ impl ReadEngine {
         // Let flushed completions drain so no work still targets our memory.
         let t = Instant::now();
         while self.total_in_flight > 0 && t.elapsed() < Duration::from_secs(2) {
-            let poller = match self.qps.cq.start_poll() {
-                Ok(p) => p,
-                Err(_) => {
-                    std::thread::yield_now();
-                    continue;
+            match self.poll_one() {
+                Ok(Some((wr_id, ..))) => {
+                    if let Some(c) = self.in_flight.get_mut((wr_id >> TAG_BITS) as usize) {
+                        *c = c.saturating_sub(1);
+                    }
+                    self.total_in_flight -= 1;
                 }
-            };
-            let mut k = 0usize;
-            for wc in poller.take(POLL_BATCH) {
-                let qi = (wc.wr_id() >> TAG_BITS) as usize;
-                if let Some(c) = self.in_flight.get_mut(qi) {
-                    *c = c.saturating_sub(1);
-                }
-                k += 1;
+                Ok(None) | Err(_) => std::thread::yield_now(),
             }
-            self.total_in_flight = self.total_in_flight.saturating_sub(k);
         }
         self.local = None;
         if self.failed.is_none() {
@@ -440,10 +470,17 @@ mod tests {
         // SAFETY: a and b outlive the map (dropped at the end of the test).
         let regions = unsafe { vec![a.guest_region(GuestAddress(0)), b.guest_region(GuestAddress(1 << 20))] };
         let map = GuestMemoryMap::new(regions, PageSize::KIB4).unwrap();
-        let r = |len| RemoteRegion { addr: 0x1000, len, rkey: RKey(1) };
+        let r = |len| RemoteRegion {
+            addr: 0x1000,
+            len,
+            rkey: RKey(1),
+        };
         assert!(check_regions(&map, &[r(8192), r(4096)]).is_ok());
         assert!(check_regions(&map, &[r(8192)]).unwrap_err().to_string().contains("lists 1 regions"));
-        assert!(check_regions(&map, &[r(8192), r(8192)]).unwrap_err().to_string().contains("region 1"));
+        assert!(check_regions(&map, &[r(8192), r(8192)])
+            .unwrap_err()
+            .to_string()
+            .contains("region 1"));
         assert!(wc_status_name(10).contains("remote access"));
     }
 }

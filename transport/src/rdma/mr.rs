@@ -67,7 +67,10 @@ impl Registration {
         let mut regions = Vec::with_capacity(map.regions().len());
         for (i, r) in map.regions().iter().enumerate() {
             if r.len() > max_mr_size {
-                return Err(Error::Rdma(format!("region {i} is {} bytes, the device registers at most {max_mr_size}", r.len())));
+                return Err(Error::Rdma(format!(
+                    "region {i} is {} bytes, the device registers at most {max_mr_size}",
+                    r.len()
+                )));
             }
             // SAFETY: GuestRegion::new's contract: the range is mapped read/write and stays
             // mapped while any session holding the map lives; the MR is deregistered (dropped)
@@ -76,7 +79,11 @@ impl Registration {
                 let os = std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default();
                 Error::Rdma(format!("registering region {i} ({} bytes, {access:?}) failed: {e}: {os}", r.len()))
             })?;
-            regions.push(RegisteredRegion { mr, addr: r.host_ptr() as u64, len: r.len() });
+            regions.push(RegisteredRegion {
+                mr,
+                addr: r.host_ptr() as u64,
+                len: r.len(),
+            });
         }
         Ok(Registration { regions, access })
     }
@@ -108,7 +115,12 @@ pub fn check_memlock(needed: u64) -> Result<()> {
         return Err(Error::os("getrlimit(RLIMIT_MEMLOCK)"));
     }
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    memlock_verdict(needed, lim.rlim_cur, status_kib(&status, "VmPin:") * 1024, has_cap_ipc_lock(&status))
+    memlock_verdict(
+        needed,
+        lim.rlim_cur,
+        status_kib(&status, "VmPin:") * 1024,
+        has_cap_ipc_lock(&status),
+    )
 }
 
 /// The decision of [`check_memlock`], from its inputs.

@@ -96,12 +96,25 @@ impl QpSet {
                 Role::Responder => AccessFlags::RemoteRead,
                 Role::Initiator => AccessFlags::none(),
             };
-            attr.setup_state(QueuePairState::Init).setup_pkey_index(0).setup_port(dev.summary.port).setup_access_flags(access);
+            attr.setup_state(QueuePairState::Init)
+                .setup_pkey_index(0)
+                .setup_port(dev.summary.port)
+                .setup_access_flags(access);
             qp.modify(&attr).map_err(|e| rdma_err("moving a queue pair to INIT", e))?;
-            local.push(QpInfo { qpn: Qpn(qp.qp_number()), psn: random_psn() });
+            local.push(QpInfo {
+                qpn: Qpn(qp.qp_number()),
+                psn: random_psn(),
+            });
             qps.push(qp);
         }
-        Ok(QpSet { qps, cq, pd, local, role, depth })
+        Ok(QpSet {
+            qps,
+            cq,
+            pd,
+            local,
+            role,
+            depth,
+        })
     }
 
     /// This end's QPNs and PSNs, for the peer.
@@ -125,12 +138,17 @@ impl QpSet {
     /// depth for an initiator; `mtu_code` the smaller of both ends' active MTUs.
     pub fn connect(&mut self, dev: &Device, remote: &[QpInfo], remote_gid: Gid, mtu_code: u32, rd_atomic: u8) -> Result<()> {
         if remote.len() != self.qps.len() {
-            return Err(Error::Protocol(format!("peer has {} queue pairs, this end {}", remote.len(), self.qps.len())));
+            return Err(Error::Protocol(format!(
+                "peer has {} queue pairs, this end {}",
+                remote.len(),
+                self.qps.len()
+            )));
         }
         let rd_atomic = rd_atomic.max(1);
         for ((qp, me), peer) in self.qps.iter_mut().zip(&self.local).zip(remote) {
             let mut ah = AddressHandleAttribute::new();
-            ah.setup_port(dev.summary.port).setup_grh(&VerbsGid { raw: remote_gid.0 }, 0, dev.summary.gid_index, 64, 0);
+            ah.setup_port(dev.summary.port)
+                .setup_grh(&VerbsGid { raw: remote_gid.0 }, 0, dev.summary.gid_index, 64, 0);
             let mut rtr = QueuePairAttribute::new();
             rtr.setup_state(QueuePairState::ReadyToReceive)
                 .setup_path_mtu(mtu(mtu_code))
@@ -139,7 +157,8 @@ impl QpSet {
                 .setup_max_dest_read_atomic(if self.role == Role::Responder { rd_atomic } else { 1 })
                 .setup_min_rnr_timer(12)
                 .setup_address_vector(&ah);
-            qp.modify(&rtr).map_err(|e| rdma_err(&format!("moving QP {:#x} to RTR (peer QP {:#x})", me.qpn.0, peer.qpn.0), e))?;
+            qp.modify(&rtr)
+                .map_err(|e| rdma_err(&format!("moving QP {:#x} to RTR (peer QP {:#x})", me.qpn.0, peer.qpn.0), e))?;
             let mut rts = QueuePairAttribute::new();
             rts.setup_state(QueuePairState::ReadyToSend)
                 .setup_sq_psn(me.psn.0)
@@ -147,7 +166,8 @@ impl QpSet {
                 .setup_retry_cnt(7)
                 .setup_rnr_retry(7)
                 .setup_max_read_atomic(if self.role == Role::Initiator { rd_atomic } else { 1 });
-            qp.modify(&rts).map_err(|e| rdma_err(&format!("moving QP {:#x} to RTS", me.qpn.0), e))?;
+            qp.modify(&rts)
+                .map_err(|e| rdma_err(&format!("moving QP {:#x} to RTS", me.qpn.0), e))?;
         }
         Ok(())
     }

@@ -78,10 +78,7 @@ pub struct RegionKeyWire {
 const _: () = assert!(size_of::<SetupHeader>() == 40);
 const _: () = assert!(size_of::<QpWire>() == 8);
 const _: () = assert!(size_of::<RegionKeyWire>() == 24);
-const _: () = assert!(
-    size_of::<SetupHeader>() + MAX_QPS * size_of::<QpWire>() + MAX_REGIONS * size_of::<RegionKeyWire>()
-        <= MAX_SETUP
-);
+const _: () = assert!(size_of::<SetupHeader>() + MAX_QPS * size_of::<QpWire>() + MAX_REGIONS * size_of::<RegionKeyWire>() <= MAX_SETUP);
 
 /// A queue pair's connection data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -132,13 +129,14 @@ impl Setup {
             gid: self.gid.0,
         };
         let mut out = Vec::with_capacity(
-            size_of::<SetupHeader>()
-                + self.qps.len() * size_of::<QpWire>()
-                + self.regions.len() * size_of::<RegionKeyWire>(),
+            size_of::<SetupHeader>() + self.qps.len() * size_of::<QpWire>() + self.regions.len() * size_of::<RegionKeyWire>(),
         );
         out.extend_from_slice(bytemuck::bytes_of(&h));
         for q in &self.qps {
-            let w = QpWire { qpn: Le32::new(q.qpn.0), psn: Le32::new(q.psn.0) };
+            let w = QpWire {
+                qpn: Le32::new(q.qpn.0),
+                psn: Le32::new(q.psn.0),
+            };
             out.extend_from_slice(bytemuck::bytes_of(&w));
         }
         for r in &self.regions {
@@ -155,7 +153,11 @@ impl Setup {
 
     /// Parses and bounds-checks a payload of the given kind.
     pub fn decode(kind: [u8; 4], p: &[u8]) -> Result<Setup> {
-        let what = if kind == KIND_SETUP { "RDMA DataSetup" } else { "RDMA DataSetupAck" };
+        let what = if kind == KIND_SETUP {
+            "RDMA DataSetup"
+        } else {
+            "RDMA DataSetupAck"
+        };
         if p.len() > MAX_SETUP {
             return Err(Error::Protocol(format!("{what} is {} bytes, at most {MAX_SETUP}", p.len())));
         }
@@ -184,9 +186,7 @@ impl Setup {
         }
         let max_regions = if kind == KIND_SETUP { MAX_REGIONS } else { 0 };
         if (kind == KIND_SETUP && nregions == 0) || nregions > max_regions {
-            return Err(Error::Protocol(format!(
-                "{what} lists {nregions} regions (at most {max_regions})"
-            )));
+            return Err(Error::Protocol(format!("{what} lists {nregions} regions (at most {max_regions})")));
         }
         let want = nqps * size_of::<QpWire>() + nregions * size_of::<RegionKeyWire>();
         if rest.len() != want {
@@ -216,7 +216,10 @@ impl Setup {
             if qpn == 0 || qpn > 0xff_ffff || psn > 0xff_ffff {
                 return Err(Error::Protocol(format!("{what}: bad queue pair {qpn:#x} / PSN {psn:#x}")));
             }
-            qps.push(QpInfo { qpn: Qpn(qpn), psn: Psn(psn) });
+            qps.push(QpInfo {
+                qpn: Qpn(qpn),
+                psn: Psn(psn),
+            });
         }
         let mut regions = Vec::with_capacity(nregions);
         for c in region_bytes.chunks_exact(size_of::<RegionKeyWire>()) {
@@ -225,9 +228,19 @@ impl Setup {
             if len == 0 || addr.checked_add(len).is_none() {
                 return Err(Error::Protocol(format!("{what}: bad region at {addr:#x} of {len} bytes")));
             }
-            regions.push(RemoteRegion { addr, len, rkey: RKey(w.rkey.get()) });
+            regions.push(RemoteRegion {
+                addr,
+                len,
+                rkey: RKey(w.rkey.get()),
+            });
         }
-        Ok(Setup { gid, mtu, rd_atomic, qps, regions })
+        Ok(Setup {
+            gid,
+            mtu,
+            rd_atomic,
+            qps,
+            regions,
+        })
     }
 }
 
@@ -244,9 +257,18 @@ mod tests {
             gid: Gid(gid),
             mtu: 3,
             rd_atomic: 16,
-            qps: (0..nqps).map(|i| QpInfo { qpn: Qpn(17 + i as u32), psn: Psn(0x1234 + i as u32) }).collect(),
+            qps: (0..nqps)
+                .map(|i| QpInfo {
+                    qpn: Qpn(17 + i as u32),
+                    psn: Psn(0x1234 + i as u32),
+                })
+                .collect(),
             regions: (0..nregions)
-                .map(|i| RemoteRegion { addr: 0x7f00_0000_0000 + (i as u64) * (1 << 30), len: 1 << 20, rkey: RKey(i as u32 + 5) })
+                .map(|i| RemoteRegion {
+                    addr: 0x7f00_0000_0000 + (i as u64) * (1 << 30),
+                    len: 1 << 20,
+                    rkey: RKey(i as u32 + 5),
+                })
                 .collect(),
         }
     }
@@ -303,6 +325,9 @@ mod tests {
         // An ack must not carry regions.
         let mut ack = sample(1, 1);
         ack.regions.truncate(1);
-        assert!(Setup::decode(KIND_ACK, &ack.encode(KIND_ACK)).unwrap_err().to_string().contains("regions"));
+        assert!(Setup::decode(KIND_ACK, &ack.encode(KIND_ACK))
+            .unwrap_err()
+            .to_string()
+            .contains("regions"));
     }
 }

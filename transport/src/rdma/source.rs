@@ -24,7 +24,10 @@ pub struct RdmaSourcePath {
 
 impl std::fmt::Debug for RdmaSourcePath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RdmaSourcePath").field("device", &self.dev).field("connected", &self.connected).finish()
+        f.debug_struct("RdmaSourcePath")
+            .field("device", &self.dev)
+            .field("connected", &self.connected)
+            .finish()
     }
 }
 
@@ -40,7 +43,15 @@ impl RdmaSourcePath {
             mtu: dev.limits.active_mtu,
             rd_atomic: dev.limits.max_qp_rd_atom.clamp(1, 255),
             qps: qps.local().to_vec(),
-            regions: reg.regions().iter().map(|r| RemoteRegion { addr: r.addr, len: r.len, rkey: r.rkey() }).collect(),
+            regions: reg
+                .regions()
+                .iter()
+                .map(|r| RemoteRegion {
+                    addr: r.addr,
+                    len: r.len,
+                    rkey: r.rkey(),
+                })
+                .collect(),
         };
         tracing::info!(
             "RDMA source on {} port {} GID index {}: {} regions registered REMOTE_READ, {} QPs",
@@ -50,13 +61,24 @@ impl RdmaSourcePath {
             reg.regions().len(),
             n
         );
-        Ok((RdmaSourcePath { reg: Some(reg), qps: Some(qps), dev, connected: false }, setup.encode(KIND_SETUP)))
+        Ok((
+            RdmaSourcePath {
+                reg: Some(reg),
+                qps: Some(qps),
+                dev,
+                connected: false,
+            },
+            setup.encode(KIND_SETUP),
+        ))
     }
 
     /// Connects the queue pairs with the destination's `DataSetupAck` payload.
     pub fn connect(&mut self, ack: &[u8]) -> Result<()> {
         let peer = Setup::decode(KIND_ACK, ack)?;
-        let qps = self.qps.as_mut().ok_or_else(|| Error::Rdma("the RDMA source path is closed".into()))?;
+        let qps = self
+            .qps
+            .as_mut()
+            .ok_or_else(|| Error::Rdma("the RDMA source path is closed".into()))?;
         let rd = self.dev.limits.max_qp_rd_atom.clamp(1, 255) as u8;
         let mtu = self.dev.limits.active_mtu.min(peer.mtu);
         qps.connect(&self.dev, &peer.qps, peer.gid, mtu, rd)?;
@@ -66,7 +88,10 @@ impl RdmaSourcePath {
 
     /// The registered regions' remote keys (tests check that they die with the path).
     pub fn rkeys(&self) -> Vec<super::RKey> {
-        self.reg.as_ref().map(|r| r.regions().iter().map(|x| x.rkey()).collect()).unwrap_or_default()
+        self.reg
+            .as_ref()
+            .map(|r| r.regions().iter().map(|x| x.rkey()).collect())
+            .unwrap_or_default()
     }
 
     /// True until `close`.
