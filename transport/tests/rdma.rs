@@ -32,7 +32,9 @@ fn rxe(test: &str) -> Option<(RdmaOptions, IpAddr)> {
         .expect("RDMIG_RXE_ADDR with RDMIG_RXE_DEV")
         .parse()
         .expect("RDMIG_RXE_ADDR");
-    let gid_index = std::env::var("RDMIG_RXE_GID_INDEX").ok().and_then(|g| g.parse().ok());
+    let gid_index = std::env::var("RDMIG_RXE_GID_INDEX")
+        .ok()
+        .and_then(|g| g.parse().ok());
     Some((
         RdmaOptions {
             device: Some(dev),
@@ -133,7 +135,9 @@ impl TestVm {
             let _g = self.shared.write_lock.lock().unwrap();
             let want2 = page_word(p, self.shared.gen[p as usize].load(Ordering::Relaxed));
             // SAFETY: the page is inside the live mapping; the writer is excluded by the lock.
-            let got = unsafe { std::ptr::read_volatile(r.host_ptr().add((p * PAGE) as usize) as *const u64) };
+            let got = unsafe {
+                std::ptr::read_volatile(r.host_ptr().add((p * PAGE) as usize) as *const u64)
+            };
             assert!(got == want || got == want2, "page {p} corrupted: {got:#x}");
         }
     }
@@ -142,7 +146,12 @@ impl TestVm {
 fn fill_page(m: &MmapRegion, page: u64, word: u64) {
     for i in 0..(PAGE / 8) {
         // SAFETY: page < pages, so the word is inside the mapping.
-        unsafe { std::ptr::write_volatile(m.as_ptr().add((page * PAGE + i * 8) as usize) as *mut u64, word) };
+        unsafe {
+            std::ptr::write_volatile(
+                m.as_ptr().add((page * PAGE + i * 8) as usize) as *mut u64,
+                word,
+            )
+        };
     }
 }
 
@@ -160,11 +169,19 @@ impl SourceVm for TestVm {
         &self.map
     }
     fn start_dirty_log(&mut self) -> Result<(), VmmError> {
-        self.shared.dirty.iter().for_each(|w| w.store(0, Ordering::SeqCst));
+        self.shared
+            .dirty
+            .iter()
+            .for_each(|w| w.store(0, Ordering::SeqCst));
         Ok(())
     }
     fn fetch_and_clear_dirty(&mut self, into: &mut PageSet) -> Result<(), VmmError> {
-        let words: Vec<u64> = self.shared.dirty.iter().map(|w| w.swap(0, Ordering::SeqCst)).collect();
+        let words: Vec<u64> = self
+            .shared
+            .dirty
+            .iter()
+            .map(|w| w.swap(0, Ordering::SeqCst))
+            .collect();
         into.or_words(rdmig_transport::mem::RegionId(0), &words);
         Ok(())
     }
@@ -267,7 +284,10 @@ fn loopback(
     assert!(vm.shared.paused.load(Ordering::SeqCst));
     let (a, b) = (region_bytes(&vm.map), region_bytes(dvm.memory()));
     if a != b {
-        let first = a.chunks(PAGE as usize).zip(b.chunks(PAGE as usize)).position(|(x, y)| x != y);
+        let first = a
+            .chunks(PAGE as usize)
+            .zip(b.chunks(PAGE as usize))
+            .position(|(x, y)| x != y);
         panic!("destination memory differs from the source (first differing page {first:?})");
     }
     eprintln!(
@@ -290,7 +310,10 @@ fn rdma_loopback_migration_with_writers() {
     };
     let report = loopback(addr, TransportKind::Rdma, Some(&opts), 32 << 20, 2000);
     assert_eq!(report.transport, "rdma");
-    assert!(report.rounds >= 2, "writers ran, so more than one round: {report:?}");
+    assert!(
+        report.rounds >= 2,
+        "writers ran, so more than one round: {report:?}"
+    );
 }
 
 #[test]
@@ -318,9 +341,19 @@ fn auto_picks_rdma_with_a_device_and_tcp_without() {
         None => {
             let why = rdmig_transport::rdma::probe(&RdmaOptions::default()).unwrap_err();
             eprintln!("probe on this host: {why}");
-            let report = loopback("127.0.0.1".parse().unwrap(), TransportKind::Auto, None, 8 << 20, 500);
+            let report = loopback(
+                "127.0.0.1".parse().unwrap(),
+                TransportKind::Auto,
+                None,
+                8 << 20,
+                500,
+            );
             assert_eq!(report.transport, "tcp");
-            assert!(report.transport_reason.contains("RDMA"), "{}", report.transport_reason);
+            assert!(
+                report.transport_reason.contains("RDMA"),
+                "{}",
+                report.transport_reason
+            );
         }
     }
 }
@@ -328,7 +361,9 @@ fn auto_picks_rdma_with_a_device_and_tcp_without() {
 #[test]
 fn rdma_requested_without_a_device_fails_at_once() {
     if std::env::var_os("RDMIG_RXE_DEV").is_some() {
-        eprintln!("SKIP: rdma_requested_without_a_device_fails_at_once: this host has an RDMA device");
+        eprintln!(
+            "SKIP: rdma_requested_without_a_device_fails_at_once: this host has an RDMA device"
+        );
         return;
     }
     let mut vm = TestVm::new(1 << 20, 1);
@@ -361,7 +396,12 @@ fn pair(opts: &RdmaOptions, bytes: u64) -> Pair {
         unsafe { *a.as_ptr().add(i) = (i % 251) as u8 };
     }
     // SAFETY: the mappings live in the Pair, dropped after the paths (field order).
-    let (ra, rb) = unsafe { (a.guest_region(GuestAddress(0)), b.guest_region(GuestAddress(0))) };
+    let (ra, rb) = unsafe {
+        (
+            a.guest_region(GuestAddress(0)),
+            b.guest_region(GuestAddress(0)),
+        )
+    };
     let src_map = GuestMemoryMap::new(vec![ra], PageSize::KIB4).unwrap();
     let dst_map = GuestMemoryMap::new(vec![rb], PageSize::KIB4).unwrap();
     let (mut src, setup) = RdmaSourcePath::new(&src_map, opts).unwrap();
@@ -414,7 +454,10 @@ fn rdma_engine_reads_and_rejects_bad_keys_and_ranges() {
         len: 8192,
         tag: 2,
     };
-    let e = p.engine.post(&mut std::collections::VecDeque::from(vec![bad])).unwrap_err();
+    let e = p
+        .engine
+        .post(&mut std::collections::VecDeque::from(vec![bad]))
+        .unwrap_err();
     assert!(matches!(e, Error::Rdma(_)), "{e}");
     let e = p
         .engine
@@ -432,18 +475,29 @@ fn rdma_engine_reads_and_rejects_bad_keys_and_ranges() {
         .unwrap();
     let e = p.engine.wait_all(&mut done).unwrap_err();
     eprintln!("wrong rkey: {e}");
-    assert!(matches!(&e, Error::Rdma(m) if m.contains("remote access")), "{e}");
+    assert!(
+        matches!(&e, Error::Rdma(m) if m.contains("remote access")),
+        "{e}"
+    );
     // The engine stays failed.
-    assert!(p.engine.post(&mut std::collections::VecDeque::from(vec![read0(4096)])).is_err());
+    assert!(p
+        .engine
+        .post(&mut std::collections::VecDeque::from(vec![read0(4096)]))
+        .is_err());
     drop(p);
 
     // A READ past the end of the registered region, with the right key.
     let mut p = pair(&opts, len);
     let remote = p.engine.remote_regions()[0];
-    p.engine.post_to(read0(4096), remote.addr + remote.len - 2048, remote.rkey).unwrap();
+    p.engine
+        .post_to(read0(4096), remote.addr + remote.len - 2048, remote.rkey)
+        .unwrap();
     let e = p.engine.wait_all(&mut done).unwrap_err();
     eprintln!("outside the region: {e}");
-    assert!(matches!(&e, Error::Rdma(m) if m.contains("remote access")), "{e}");
+    assert!(
+        matches!(&e, Error::Rdma(m) if m.contains("remote access")),
+        "{e}"
+    );
 }
 
 #[test]
@@ -455,15 +509,22 @@ fn rdma_deregistration_kills_the_keys() {
     let remote = p.engine.remote_regions()[0];
     assert_eq!(p.src.rkeys(), vec![remote.rkey]);
     let mut done = Vec::new();
-    p.engine.post_to(read0(4096), remote.addr, remote.rkey).unwrap();
+    p.engine
+        .post_to(read0(4096), remote.addr, remote.rkey)
+        .unwrap();
     p.engine.wait_all(&mut done).unwrap();
     // Deregistered, QPs still up: the old key is refused by the device.
     p.src.deregister_memory();
     assert!(!p.src.is_open());
-    p.engine.post_to(read0(4096), remote.addr, remote.rkey).unwrap();
+    p.engine
+        .post_to(read0(4096), remote.addr, remote.rkey)
+        .unwrap();
     let e = p.engine.wait_all(&mut done).unwrap_err();
     eprintln!("old key after deregistration: {e}");
-    assert!(matches!(&e, Error::Rdma(m) if m.contains("remote access")), "{e}");
+    assert!(
+        matches!(&e, Error::Rdma(m) if m.contains("remote access")),
+        "{e}"
+    );
 
     // After a full close (what the driver does), a READ fails too.
     let mut p = pair(&opts, 1 << 20);
@@ -471,7 +532,9 @@ fn rdma_deregistration_kills_the_keys() {
     // With the source's QPs gone nothing answers: retries run out, or the stall timeout hits.
     p.engine.set_stall_timeout(Duration::from_secs(5));
     rdmig_transport::data::SourceDataPath::close(&mut p.src).unwrap();
-    p.engine.post_to(read0(4096), remote.addr, remote.rkey).unwrap();
+    p.engine
+        .post_to(read0(4096), remote.addr, remote.rkey)
+        .unwrap();
     let t = Instant::now();
     let e = p.engine.wait_all(&mut done).unwrap_err();
     eprintln!("after close ({:?}): {e}", t.elapsed());
@@ -489,7 +552,11 @@ fn child_destination() {
     let (opts, addr) = rxe("child_destination").expect("child needs RDMA");
     let listener = TcpListener::bind(SocketAddr::new(addr, 0)).unwrap();
     println!("PORT={}", listener.local_addr().unwrap().port());
-    let _ = accept(&listener, &config(TransportKind::Auto, Some(&opts)), dest_factory());
+    let _ = accept(
+        &listener,
+        &config(TransportKind::Auto, Some(&opts)),
+        dest_factory(),
+    );
 }
 
 #[test]
@@ -498,7 +565,12 @@ fn rdma_destination_killed_mid_round() {
         return;
     };
     let mut child = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "child_destination", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "child_destination",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("RDMIG_TEST_ROLE", "dest")
         .stdout(Stdio::piped())
         .spawn()
@@ -526,7 +598,12 @@ fn rdma_destination_killed_mid_round() {
     });
     let t = Instant::now();
     let mut rounds_done = 0;
-    let r = migrate(&mut vm, dest, &config(TransportKind::Rdma, Some(&opts)), &mut |_| rounds_done += 1);
+    let r = migrate(
+        &mut vm,
+        dest,
+        &config(TransportKind::Rdma, Some(&opts)),
+        &mut |_| rounds_done += 1,
+    );
     killer.join().unwrap();
     let _ = child.wait();
     let e = r.expect_err("the destination was killed");
@@ -539,6 +616,9 @@ fn rdma_destination_killed_mid_round() {
     assert!(!vm.shared.paused.load(Ordering::SeqCst));
     let w = vm.shared.writes.load(Ordering::Relaxed);
     std::thread::sleep(Duration::from_millis(100));
-    assert!(vm.shared.writes.load(Ordering::Relaxed) > w, "the source VM must keep running");
+    assert!(
+        vm.shared.writes.load(Ordering::Relaxed) > w,
+        "the source VM must keep running"
+    );
     vm.check_intact();
 }

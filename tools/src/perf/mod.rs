@@ -97,8 +97,12 @@ fn recv_frame(s: &mut TcpStream) -> anyhow::Result<Vec<u8>> {
 /// Server side: accepts one client, registers a buffer of the size it asks for, serves
 /// its READs until it says it is done.
 pub fn serve(common: &Common) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(("0.0.0.0", common.port)).with_context(|| format!("listening on port {}", common.port))?;
-    eprintln!("rdma-bench server: waiting for a client on port {}", common.port);
+    let listener = TcpListener::bind(("0.0.0.0", common.port))
+        .with_context(|| format!("listening on port {}", common.port))?;
+    eprintln!(
+        "rdma-bench server: waiting for a client on port {}",
+        common.port
+    );
     let (mut s, peer) = listener.accept()?;
     let mut hello = [0u8; 16];
     s.read_exact(&mut hello)?;
@@ -125,13 +129,19 @@ pub fn serve(common: &Common) -> anyhow::Result<()> {
 }
 
 /// Client side: connects, sets up the engine over a `len`-byte buffer.
-pub fn connect(common: &Common, addr: &str, qps: u16, len: u64) -> anyhow::Result<(TcpStream, ReadEngine, Buffer)> {
+pub fn connect(
+    common: &Common,
+    addr: &str,
+    qps: u16,
+    len: u64,
+) -> anyhow::Result<(TcpStream, ReadEngine, Buffer)> {
     let target: SocketAddr = (addr, common.port)
         .to_socket_addrs()
         .with_context(|| format!("resolving {addr}"))?
         .next()
         .with_context(|| format!("{addr} has no address"))?;
-    let mut s = TcpStream::connect(target).with_context(|| format!("connecting to the server at {target}"))?;
+    let mut s = TcpStream::connect(target)
+        .with_context(|| format!("connecting to the server at {target}"))?;
     let mut hello = [0u8; 16];
     hello[..4].copy_from_slice(&MAGIC);
     hello[4..6].copy_from_slice(&qps.to_le_bytes());

@@ -63,7 +63,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let max = *sizes.iter().max().expect("at least one size");
     let (s, mut engine, _buf) = connect(&args.common, &addr, args.qps.max(1), max)?;
     engine.set_max_read(max)?;
-    let unit = if args.report_gbits { "Gb/sec" } else { "MiB/sec" };
+    let unit = if args.report_gbits {
+        "Gb/sec"
+    } else {
+        "MiB/sec"
+    };
     if !args.common.json {
         let d = engine.device();
         println!(
@@ -75,14 +79,27 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             engine.capacity()
         );
         println!("{}", "-".repeat(88));
-        println!(" #bytes     #iterations    BW peak[{unit}]    BW average[{unit}]   MsgRate[Mpps]");
+        println!(
+            " #bytes     #iterations    BW peak[{unit}]    BW average[{unit}]   MsgRate[Mpps]"
+        );
     }
     for size in sizes {
-        let r = measure(&mut engine, size, args.iters, args.duration.map(Duration::from_secs))?;
+        let r = measure(
+            &mut engine,
+            size,
+            args.iters,
+            args.duration.map(Duration::from_secs),
+        )?;
         if args.common.json {
             println!("{}", serde_json::to_string(&r)?);
         } else {
-            let conv = |mib: f64| if args.report_gbits { mib * 1048576.0 * 8.0 / 1e9 } else { mib };
+            let conv = |mib: f64| {
+                if args.report_gbits {
+                    mib * 1048576.0 * 8.0 / 1e9
+                } else {
+                    mib
+                }
+            };
             println!(
                 " {:<10} {:<14} {:<18.2} {:<20.2} {:.6}",
                 r.bytes,
@@ -101,7 +118,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 }
 
 /// Keeps the engine full of `size`-byte READs for `iters` completions or `duration`.
-pub fn measure(engine: &mut ReadEngine, size: u64, iters: u64, duration: Option<Duration>) -> anyhow::Result<BwResult> {
+pub fn measure(
+    engine: &mut ReadEngine,
+    size: u64,
+    iters: u64,
+    duration: Option<Duration>,
+) -> anyhow::Result<BwResult> {
     let read = Read {
         region: RegionId(0),
         offset: 0,
@@ -111,7 +133,11 @@ pub fn measure(engine: &mut ReadEngine, size: u64, iters: u64, duration: Option<
     let mut queue = VecDeque::with_capacity(engine.capacity());
     let mut done = Vec::with_capacity(64);
     let (mut posted, mut completed) = (0u64, 0u64);
-    let limit = if duration.is_some() { u64::MAX } else { iters.max(1) };
+    let limit = if duration.is_some() {
+        u64::MAX
+    } else {
+        iters.max(1)
+    };
     let start = Instant::now();
     let (mut win_start, mut win_count, mut peak) = (start, 0u64, 0f64);
     let mut empty = 0u32;

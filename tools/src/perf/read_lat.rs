@@ -75,7 +75,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         } else {
             println!(
                 " {:<6} {:<14} {:<14.2} {:<18.2} {:<14.2} {:<14.2} {:.2}",
-                r.bytes, r.iterations, r.t_min_us, r.t_typical_us, r.t_avg_us, r.t_p99_us, r.t_p999_us
+                r.bytes,
+                r.iterations,
+                r.t_min_us,
+                r.t_typical_us,
+                r.t_avg_us,
+                r.t_p99_us,
+                r.t_p999_us
             );
         }
     }

@@ -35,7 +35,9 @@ pub struct RdmaDestPath {
 
 impl std::fmt::Debug for RdmaDestPath {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RdmaDestPath").field("running", &self.thread.is_some()).finish()
+        f.debug_struct("RdmaDestPath")
+            .field("running", &self.thread.is_some())
+            .finish()
     }
 }
 
@@ -185,7 +187,10 @@ impl Worker {
                     self.cpu.add(now.saturating_sub(cpu_mark));
                     cpu_mark = now;
                     let r = match &failed {
-                        Some(e) => Err(Error::Rdma(format!("the round's RDMA READs failed: {}", strip(e)))),
+                        Some(e) => Err(Error::Rdma(format!(
+                            "the round's RDMA READs failed: {}",
+                            strip(e)
+                        ))),
                         None => Ok(std::mem::take(&mut landed)),
                     };
                     let _ = tx.send(r);
@@ -204,7 +209,13 @@ impl Worker {
     }
 
     /// Posts what fits, polls a batch, hashes what landed.
-    fn pump(&mut self, queue: &mut VecDeque<Read>, done: &mut Vec<u64>, landed: &mut Landed, progress: &mut bool) -> Result<()> {
+    fn pump(
+        &mut self,
+        queue: &mut VecDeque<Read>,
+        done: &mut Vec<u64>,
+        landed: &mut Landed,
+        progress: &mut bool,
+    ) -> Result<()> {
         if !queue.is_empty() && self.engine.free() > 0 {
             if let Some(l) = &self.limiter {
                 let n = self.engine.free().min(queue.len());
@@ -223,7 +234,9 @@ impl Worker {
             for &tag in done.iter() {
                 let idx = tag as usize;
                 let Some(Some(slot)) = self.slots.get_mut(idx) else {
-                    return Err(Error::Rdma(format!("completion for unknown READ tag {tag}")));
+                    return Err(Error::Rdma(format!(
+                        "completion for unknown READ tag {tag}"
+                    )));
                 };
                 slot.pieces_left -= 1;
                 if slot.pieces_left == 0 {

@@ -103,18 +103,25 @@ fn open_inner(opts: &RdmaOptions) -> Result<Device, String> {
     if why.is_empty() {
         if let Some(want) = &opts.device {
             let names: Vec<String> = list.iter().map(|d| d.name()).collect();
-            return Err(format!("no RDMA device named {want} (have: {})", names.join(", ")));
+            return Err(format!(
+                "no RDMA device named {want} (have: {})",
+                names.join(", ")
+            ));
         }
     }
     Err(why.join("; "))
 }
 
 fn pick_port(ctx: &Arc<DeviceContext>, name: &str, opts: &RdmaOptions) -> Result<Device, String> {
-    let dev_attr = ctx.query_device().map_err(|e| format!("query_device failed: {e}"))?;
+    let dev_attr = ctx
+        .query_device()
+        .map_err(|e| format!("query_device failed: {e}"))?;
     let orig = &dev_attr.attr.orig_attr;
     let nports = orig.phys_port_cnt;
     let ports: Vec<u8> = match opts.port {
-        Some(p) if p == 0 || p > nports => return Err(format!("port {p} does not exist (1..={nports})")),
+        Some(p) if p == 0 || p > nports => {
+            return Err(format!("port {p} does not exist (1..={nports})"))
+        }
         Some(p) => vec![p],
         None => (1..=nports).collect(),
     };
@@ -132,7 +139,10 @@ fn pick_port(ctx: &Arc<DeviceContext>, name: &str, opts: &RdmaOptions) -> Result
             continue;
         }
         if pa.link_layer != LINK_ETHERNET {
-            why.push(format!("port {port} is not Ethernet (RoCE) but link layer {}", pa.link_layer));
+            why.push(format!(
+                "port {port} is not Ethernet (RoCE) but link layer {}",
+                pa.link_layer
+            ));
             continue;
         }
         let (gid_index, gid) = match pick_gid(ctx, port, opts) {
@@ -152,7 +162,10 @@ fn pick_port(ctx: &Arc<DeviceContext>, name: &str, opts: &RdmaOptions) -> Result
             max_mr_size: orig.max_mr_size,
             active_mtu: pa.active_mtu,
         };
-        if limits.max_qp_rd_atom == 0 || limits.max_qp_init_rd_atom == 0 || limits.max_msg_size < 4096 {
+        if limits.max_qp_rd_atom == 0
+            || limits.max_qp_init_rd_atom == 0
+            || limits.max_msg_size < 4096
+        {
             why.push(format!("port {port}: unusable limits {limits:?}"));
             continue;
         }
@@ -172,7 +185,9 @@ fn pick_port(ctx: &Arc<DeviceContext>, name: &str, opts: &RdmaOptions) -> Result
 
 fn pick_gid(ctx: &DeviceContext, port: u8, opts: &RdmaOptions) -> Result<(u8, Gid), String> {
     if let Some(idx) = opts.gid_index {
-        let g = ctx.query_gid(port, u32::from(idx)).map_err(|e| format!("GID index {idx}: {e}"))?;
+        let g = ctx
+            .query_gid(port, u32::from(idx))
+            .map_err(|e| format!("GID index {idx}: {e}"))?;
         if g.is_zero() {
             return Err(format!("GID index {idx} is empty"));
         }
@@ -180,7 +195,9 @@ fn pick_gid(ctx: &DeviceContext, port: u8, opts: &RdmaOptions) -> Result<(u8, Gi
     }
     let want = opts.local_addr.map(Gid::from_ip);
     // The whole table in one call; entries of other ports are skipped.
-    let entries = ctx.query_gid_table().map_err(|e| format!("GID table: {e}"))?;
+    let entries = ctx
+        .query_gid_table()
+        .map_err(|e| format!("GID table: {e}"))?;
     let mut fallback = None;
     for e in entries {
         if e.port_num() != u32::from(port) || e.gid_index() > 255 {

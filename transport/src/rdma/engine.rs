@@ -13,7 +13,9 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use sideway::ibverbs::completion::PollCompletionQueueError;
-use sideway::ibverbs::queue_pair::{PostSendGuard, QueuePair, SetScatterGatherEntry, WorkRequestFlags};
+use sideway::ibverbs::queue_pair::{
+    PostSendGuard, QueuePair, SetScatterGatherEntry, WorkRequestFlags,
+};
 
 use super::device::{self, Device};
 use super::mr::{Access, Registration};
@@ -103,7 +105,11 @@ impl ReadEngine {
     /// Opens the device, registers `map` LOCAL_WRITE, checks the source's `DataSetup`
     /// against `map`'s region table, creates and connects one QP per source QP. Returns the
     /// engine and the `DataSetupAck` payload.
-    pub fn new(map: &GuestMemoryMap, opts: &RdmaOptions, setup: &[u8]) -> Result<(ReadEngine, Vec<u8>)> {
+    pub fn new(
+        map: &GuestMemoryMap,
+        opts: &RdmaOptions,
+        setup: &[u8],
+    ) -> Result<(ReadEngine, Vec<u8>)> {
         let peer = Setup::decode(KIND_SETUP, setup)?;
         check_regions(map, &peer.regions)?;
         let dev = device::open(opts).map_err(Error::RdmaUnavailable)?;
@@ -116,8 +122,13 @@ impl ReadEngine {
             );
         }
         let mut qps = QpSet::create(&dev, peer.qps.len(), DEFAULT_DEPTH, Role::Initiator)?;
-        let local = Registration::register(&qps.pd, map, Access::LocalWrite, dev.limits.max_mr_size)?;
-        let rd_atomic = dev.limits.max_qp_init_rd_atom.min(peer.rd_atomic).clamp(1, 255);
+        let local =
+            Registration::register(&qps.pd, map, Access::LocalWrite, dev.limits.max_mr_size)?;
+        let rd_atomic = dev
+            .limits
+            .max_qp_init_rd_atom
+            .min(peer.rd_atomic)
+            .clamp(1, 255);
         let mtu = dev.limits.active_mtu.min(peer.mtu);
         qps.connect(&dev, &peer.qps, peer.gid, mtu, rd_atomic as u8)?;
         let ack = Setup {
@@ -213,9 +224,20 @@ impl ReadEngine {
 
     /// Local address and lkey for `r`, bounds-checked.
     fn local_target(&self, r: &Read) -> Result<(u64, u32)> {
-        let reg = self.local.as_ref().ok_or_else(|| Error::Rdma("the read engine is closed".into()))?;
-        let lr = reg.regions().get(r.region.0 as usize).ok_or(Error::UnknownRegion(r.region.0))?;
-        if r.len == 0 || u64::from(r.len) > self.max_read || r.offset.checked_add(u64::from(r.len)).map_or(true, |end| end > lr.len) {
+        let reg = self
+            .local
+            .as_ref()
+            .ok_or_else(|| Error::Rdma("the read engine is closed".into()))?;
+        let lr = reg
+            .regions()
+            .get(r.region.0 as usize)
+            .ok_or(Error::UnknownRegion(r.region.0))?;
+        if r.len == 0
+            || u64::from(r.len) > self.max_read
+            || r.offset
+                .checked_add(u64::from(r.len))
+                .map_or(true, |end| end > lr.len)
+        {
             return Err(Error::Rdma(format!(
                 "READ of {} bytes at offset {:#x} does not fit region {} ({} bytes) or the {}-byte read limit",
                 r.len, r.offset, r.region.0, lr.len, self.max_read
@@ -278,14 +300,18 @@ impl ReadEngine {
         let mut guard = qp.start_post_send();
         for &(laddr, lkey, raddr, rkey, len, tag) in batch {
             let wr_id = ((qi as u64) << TAG_BITS) | tag;
-            let h = guard.construct_wr(wr_id, WorkRequestFlags::Signaled).setup_read(rkey.0, raddr);
+            let h = guard
+                .construct_wr(wr_id, WorkRequestFlags::Signaled)
+                .setup_read(rkey.0, raddr);
             // SAFETY: laddr..laddr+len lies inside a region registered LOCAL_WRITE with `lkey`
             // (local_target checked it); the registration outlives the QPs' work because the
             // engine drains or flushes all work before it deregisters (close/drop order).
             unsafe { h.setup_sge(lkey, laddr, len) };
         }
         guard.post().map_err(|e| {
-            let os = std::error::Error::source(&e).map(|s| format!(": {s}")).unwrap_or_default();
+            let os = std::error::Error::source(&e)
+                .map(|s| format!(": {s}"))
+                .unwrap_or_default();
             let msg = format!(
                 "posting {} RDMA READs on QP {:#x} failed: {e}{os}",
                 batch.len(),
@@ -306,7 +332,9 @@ impl ReadEngine {
         let mut n = 0;
         let mut failure: Option<(u32, u32, usize, u64)> = None;
         while n < POLL_BATCH {
-            let Some((wr_id, status, vendor)) = self.poll_one()? else { break };
+            let Some((wr_id, status, vendor)) = self.poll_one()? else {
+                break;
+            };
             n += 1;
             let qi = (wr_id >> TAG_BITS) as usize;
             if let Some(c) = self.in_flight.get_mut(qi) {
@@ -315,7 +343,10 @@ impl ReadEngine {
             }
             if status == 0 {
                 done.push(wr_id & ((1 << TAG_BITS) - 1));
-            } else if failure.as_ref().map_or(true, |(s, ..)| *s == 5 && status != 5) {
+            } else if failure
+                .as_ref()
+                .map_or(true, |(s, ..)| *s == 5 && status != 5)
+            {
                 // Keep the first real error; a flush only says an earlier one happened.
                 failure = Some((status, vendor, qi, wr_id & ((1 << TAG_BITS) - 1)));
             }
@@ -349,9 +380,13 @@ impl ReadEngine {
             }
         };
         // The first item is the completion start_poll found; dropping the poller ends the poll.
-        Ok(poller
-            .next()
-            .map(|wc| (wc.wr_id(), wc.status(), if wc.status() != 0 { wc.vendor_err() } else { 0 })))
+        Ok(poller.next().map(|wc| {
+            (
+                wc.wr_id(),
+                wc.status(),
+                if wc.status() != 0 { wc.vendor_err() } else { 0 },
+            )
+        }))
     }
 
     /// Polls until nothing is in flight, appending finished tags to `done`.
@@ -367,7 +402,10 @@ impl ReadEngine {
             empty += 1;
             backoff(empty);
             if empty % 1024 == 0 && last.elapsed() > self.stall_timeout {
-                let msg = format!("{} RDMA READs made no progress for {:?}", self.total_in_flight, self.stall_timeout);
+                let msg = format!(
+                    "{} RDMA READs made no progress for {:?}",
+                    self.total_in_flight, self.stall_timeout
+                );
                 self.failed = Some(msg.clone());
                 return Err(Error::Timeout(msg));
             }
@@ -468,7 +506,12 @@ mod tests {
         let a = MmapRegion::new(8192, MmapBacking::Anonymous, false).unwrap();
         let b = MmapRegion::new(4096, MmapBacking::Anonymous, false).unwrap();
         // SAFETY: a and b outlive the map (dropped at the end of the test).
-        let regions = unsafe { vec![a.guest_region(GuestAddress(0)), b.guest_region(GuestAddress(1 << 20))] };
+        let regions = unsafe {
+            vec![
+                a.guest_region(GuestAddress(0)),
+                b.guest_region(GuestAddress(1 << 20)),
+            ]
+        };
         let map = GuestMemoryMap::new(regions, PageSize::KIB4).unwrap();
         let r = |len| RemoteRegion {
             addr: 0x1000,
@@ -476,7 +519,10 @@ mod tests {
             rkey: RKey(1),
         };
         assert!(check_regions(&map, &[r(8192), r(4096)]).is_ok());
-        assert!(check_regions(&map, &[r(8192)]).unwrap_err().to_string().contains("lists 1 regions"));
+        assert!(check_regions(&map, &[r(8192)])
+            .unwrap_err()
+            .to_string()
+            .contains("lists 1 regions"));
         assert!(check_regions(&map, &[r(8192), r(8192)])
             .unwrap_err()
             .to_string()

@@ -62,7 +62,12 @@ pub struct Registration {
 
 impl Registration {
     /// Checks RLIMIT_MEMLOCK, then registers every region of `map` on `pd`.
-    pub fn register(pd: &Arc<ProtectionDomain>, map: &GuestMemoryMap, access: Access, max_mr_size: u64) -> Result<Registration> {
+    pub fn register(
+        pd: &Arc<ProtectionDomain>,
+        map: &GuestMemoryMap,
+        access: Access,
+        max_mr_size: u64,
+    ) -> Result<Registration> {
         check_memlock(map.total_bytes())?;
         let mut regions = Vec::with_capacity(map.regions().len());
         for (i, r) in map.regions().iter().enumerate() {
@@ -75,10 +80,16 @@ impl Registration {
             // SAFETY: GuestRegion::new's contract: the range is mapped read/write and stays
             // mapped while any session holding the map lives; the MR is deregistered (dropped)
             // before the path that owns it is dropped, which is before the map's owner unmaps.
-            let mr = unsafe { pd.reg_mr(r.host_ptr() as usize, r.len() as usize, access.flags()) }.map_err(|e| {
-                let os = std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default();
-                Error::Rdma(format!("registering region {i} ({} bytes, {access:?}) failed: {e}: {os}", r.len()))
-            })?;
+            let mr = unsafe { pd.reg_mr(r.host_ptr() as usize, r.len() as usize, access.flags()) }
+                .map_err(|e| {
+                    let os = std::error::Error::source(&e)
+                        .map(|s| s.to_string())
+                        .unwrap_or_default();
+                    Error::Rdma(format!(
+                        "registering region {i} ({} bytes, {access:?}) failed: {e}: {os}",
+                        r.len()
+                    ))
+                })?;
             regions.push(RegisteredRegion {
                 mr,
                 addr: r.host_ptr() as u64,
@@ -102,14 +113,21 @@ impl Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         // Each MemoryRegion deregisters itself (ibv_dereg_mr) when its last Arc goes.
-        tracing::debug!("deregistering {} regions ({:?})", self.regions.len(), self.access);
+        tracing::debug!(
+            "deregistering {} regions ({:?})",
+            self.regions.len(),
+            self.access
+        );
     }
 }
 
 /// Fails with [`Error::Memlock`] if pinning `needed` more bytes would exceed RLIMIT_MEMLOCK
 /// (unless the process has CAP_IPC_LOCK, which the kernel lets pin without limit).
 pub fn check_memlock(needed: u64) -> Result<()> {
-    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     // SAFETY: `lim` is a valid out-pointer for getrlimit.
     if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } != 0 {
         return Err(Error::os("getrlimit(RLIMIT_MEMLOCK)"));
@@ -124,13 +142,21 @@ pub fn check_memlock(needed: u64) -> Result<()> {
 }
 
 /// The decision of [`check_memlock`], from its inputs.
-pub fn memlock_verdict(needed: u64, limit: u64, already_pinned: u64, cap_ipc_lock: bool) -> Result<()> {
+pub fn memlock_verdict(
+    needed: u64,
+    limit: u64,
+    already_pinned: u64,
+    cap_ipc_lock: bool,
+) -> Result<()> {
     if cap_ipc_lock || limit == libc::RLIM_INFINITY {
         return Ok(());
     }
     let total = needed.saturating_add(already_pinned);
     if total > limit {
-        return Err(Error::Memlock { needed: total, limit });
+        return Err(Error::Memlock {
+            needed: total,
+            limit,
+        });
     }
     Ok(())
 }
@@ -161,7 +187,9 @@ mod tests {
     fn memlock_verdicts() {
         assert!(memlock_verdict(1 << 30, 64 << 10, 0, false).is_err());
         let e = memlock_verdict(1 << 30, 8 << 20, 4096, false).unwrap_err();
-        assert!(matches!(e, Error::Memlock { needed, limit } if needed == (1 << 30) + 4096 && limit == 8 << 20));
+        assert!(
+            matches!(e, Error::Memlock { needed, limit } if needed == (1 << 30) + 4096 && limit == 8 << 20)
+        );
         assert!(e.to_string().contains("ulimit -l"));
         assert!(memlock_verdict(1 << 30, 64 << 10, 0, true).is_ok());
         assert!(memlock_verdict(1 << 30, libc::RLIM_INFINITY, 0, false).is_ok());

@@ -8,10 +8,14 @@
 use std::sync::Arc;
 
 use sideway::ibverbs::address::{AddressHandleAttribute, Gid as VerbsGid};
-use sideway::ibverbs::completion::{CreateCompletionQueueWorkCompletionFlags as WcFlags, ExtendedCompletionQueue};
+use sideway::ibverbs::completion::{
+    CreateCompletionQueueWorkCompletionFlags as WcFlags, ExtendedCompletionQueue,
+};
 use sideway::ibverbs::device_context::Mtu;
 use sideway::ibverbs::protection_domain::ProtectionDomain;
-use sideway::ibverbs::queue_pair::{ExtendedQueuePair, QueuePair, QueuePairAttribute, QueuePairState, SendOperationFlags};
+use sideway::ibverbs::queue_pair::{
+    ExtendedQueuePair, QueuePair, QueuePairAttribute, QueuePairState, SendOperationFlags,
+};
 use sideway::ibverbs::AccessFlags;
 
 use super::device::Device;
@@ -41,7 +45,9 @@ pub struct QpSet {
 }
 
 fn rdma_err(what: &str, e: impl std::error::Error) -> Error {
-    let os = std::error::Error::source(&e).map(|s| format!(": {s}")).unwrap_or_default();
+    let os = std::error::Error::source(&e)
+        .map(|s| format!(": {s}"))
+        .unwrap_or_default();
     Error::Rdma(format!("{what}: {e}{os}"))
 }
 
@@ -66,7 +72,10 @@ fn mtu(code: u32) -> Mtu {
 impl QpSet {
     /// Creates `n` RC QPs with `depth` send slots each (responders get a minimal queue).
     pub fn create(dev: &Device, n: usize, depth: u32, role: Role) -> Result<QpSet> {
-        let pd = dev.ctx.alloc_pd().map_err(|e| rdma_err("allocating a protection domain", e))?;
+        let pd = dev
+            .ctx
+            .alloc_pd()
+            .map_err(|e| rdma_err("allocating a protection domain", e))?;
         let depth = match role {
             Role::Initiator => depth.clamp(1, dev.limits.max_qp_wr.max(1)),
             Role::Responder => 1,
@@ -90,7 +99,9 @@ impl QpSet {
                 .setup_send_ops_flags(SendOperationFlags::Read)
                 .setup_send_cq(cq.clone())
                 .setup_recv_cq(cq.clone());
-            let mut qp = b.build_ex().map_err(|e| rdma_err("creating an RC queue pair", e))?;
+            let mut qp = b
+                .build_ex()
+                .map_err(|e| rdma_err("creating an RC queue pair", e))?;
             let mut attr = QueuePairAttribute::new();
             let access = match role {
                 Role::Responder => AccessFlags::RemoteRead,
@@ -100,7 +111,8 @@ impl QpSet {
                 .setup_pkey_index(0)
                 .setup_port(dev.summary.port)
                 .setup_access_flags(access);
-            qp.modify(&attr).map_err(|e| rdma_err("moving a queue pair to INIT", e))?;
+            qp.modify(&attr)
+                .map_err(|e| rdma_err("moving a queue pair to INIT", e))?;
             local.push(QpInfo {
                 qpn: Qpn(qp.qp_number()),
                 psn: random_psn(),
@@ -136,7 +148,14 @@ impl QpSet {
     ///
     /// `rd_atomic` is READs in flight per QP: responder resources for a responder, initiator
     /// depth for an initiator; `mtu_code` the smaller of both ends' active MTUs.
-    pub fn connect(&mut self, dev: &Device, remote: &[QpInfo], remote_gid: Gid, mtu_code: u32, rd_atomic: u8) -> Result<()> {
+    pub fn connect(
+        &mut self,
+        dev: &Device,
+        remote: &[QpInfo],
+        remote_gid: Gid,
+        mtu_code: u32,
+        rd_atomic: u8,
+    ) -> Result<()> {
         if remote.len() != self.qps.len() {
             return Err(Error::Protocol(format!(
                 "peer has {} queue pairs, this end {}",
@@ -147,25 +166,45 @@ impl QpSet {
         let rd_atomic = rd_atomic.max(1);
         for ((qp, me), peer) in self.qps.iter_mut().zip(&self.local).zip(remote) {
             let mut ah = AddressHandleAttribute::new();
-            ah.setup_port(dev.summary.port)
-                .setup_grh(&VerbsGid { raw: remote_gid.0 }, 0, dev.summary.gid_index, 64, 0);
+            ah.setup_port(dev.summary.port).setup_grh(
+                &VerbsGid { raw: remote_gid.0 },
+                0,
+                dev.summary.gid_index,
+                64,
+                0,
+            );
             let mut rtr = QueuePairAttribute::new();
             rtr.setup_state(QueuePairState::ReadyToReceive)
                 .setup_path_mtu(mtu(mtu_code))
                 .setup_dest_qp_num(peer.qpn.0)
                 .setup_rq_psn(peer.psn.0)
-                .setup_max_dest_read_atomic(if self.role == Role::Responder { rd_atomic } else { 1 })
+                .setup_max_dest_read_atomic(if self.role == Role::Responder {
+                    rd_atomic
+                } else {
+                    1
+                })
                 .setup_min_rnr_timer(12)
                 .setup_address_vector(&ah);
-            qp.modify(&rtr)
-                .map_err(|e| rdma_err(&format!("moving QP {:#x} to RTR (peer QP {:#x})", me.qpn.0, peer.qpn.0), e))?;
+            qp.modify(&rtr).map_err(|e| {
+                rdma_err(
+                    &format!(
+                        "moving QP {:#x} to RTR (peer QP {:#x})",
+                        me.qpn.0, peer.qpn.0
+                    ),
+                    e,
+                )
+            })?;
             let mut rts = QueuePairAttribute::new();
             rts.setup_state(QueuePairState::ReadyToSend)
                 .setup_sq_psn(me.psn.0)
                 .setup_timeout(14)
                 .setup_retry_cnt(7)
                 .setup_rnr_retry(7)
-                .setup_max_read_atomic(if self.role == Role::Initiator { rd_atomic } else { 1 });
+                .setup_max_read_atomic(if self.role == Role::Initiator {
+                    rd_atomic
+                } else {
+                    1
+                });
             qp.modify(&rts)
                 .map_err(|e| rdma_err(&format!("moving QP {:#x} to RTS", me.qpn.0), e))?;
         }

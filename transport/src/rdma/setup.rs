@@ -78,7 +78,12 @@ pub struct RegionKeyWire {
 const _: () = assert!(size_of::<SetupHeader>() == 40);
 const _: () = assert!(size_of::<QpWire>() == 8);
 const _: () = assert!(size_of::<RegionKeyWire>() == 24);
-const _: () = assert!(size_of::<SetupHeader>() + MAX_QPS * size_of::<QpWire>() + MAX_REGIONS * size_of::<RegionKeyWire>() <= MAX_SETUP);
+const _: () = assert!(
+    size_of::<SetupHeader>()
+        + MAX_QPS * size_of::<QpWire>()
+        + MAX_REGIONS * size_of::<RegionKeyWire>()
+        <= MAX_SETUP
+);
 
 /// A queue pair's connection data.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,7 +134,9 @@ impl Setup {
             gid: self.gid.0,
         };
         let mut out = Vec::with_capacity(
-            size_of::<SetupHeader>() + self.qps.len() * size_of::<QpWire>() + self.regions.len() * size_of::<RegionKeyWire>(),
+            size_of::<SetupHeader>()
+                + self.qps.len() * size_of::<QpWire>()
+                + self.regions.len() * size_of::<RegionKeyWire>(),
         );
         out.extend_from_slice(bytemuck::bytes_of(&h));
         for q in &self.qps {
@@ -159,7 +166,10 @@ impl Setup {
             "RDMA DataSetupAck"
         };
         if p.len() > MAX_SETUP {
-            return Err(Error::Protocol(format!("{what} is {} bytes, at most {MAX_SETUP}", p.len())));
+            return Err(Error::Protocol(format!(
+                "{what} is {} bytes, at most {MAX_SETUP}",
+                p.len()
+            )));
         }
         if p.len() < size_of::<SetupHeader>() {
             return Err(Error::Protocol(format!(
@@ -171,7 +181,10 @@ impl Setup {
         let (head, rest) = p.split_at(size_of::<SetupHeader>());
         let h: SetupHeader = bytemuck::pod_read_unaligned(head);
         if h.kind != kind {
-            return Err(Error::Protocol(format!("{what}: wrong payload kind {:02x?}", h.kind)));
+            return Err(Error::Protocol(format!(
+                "{what}: wrong payload kind {:02x?}",
+                h.kind
+            )));
         }
         if h.version.get() != SETUP_VERSION {
             return Err(Error::Protocol(format!(
@@ -182,11 +195,15 @@ impl Setup {
         let nqps = h.nqps.get() as usize;
         let nregions = h.nregions.get() as usize;
         if nqps == 0 || nqps > MAX_QPS {
-            return Err(Error::Protocol(format!("{what} lists {nqps} queue pairs (1..={MAX_QPS})")));
+            return Err(Error::Protocol(format!(
+                "{what} lists {nqps} queue pairs (1..={MAX_QPS})"
+            )));
         }
         let max_regions = if kind == KIND_SETUP { MAX_REGIONS } else { 0 };
         if (kind == KIND_SETUP && nregions == 0) || nregions > max_regions {
-            return Err(Error::Protocol(format!("{what} lists {nregions} regions (at most {max_regions})")));
+            return Err(Error::Protocol(format!(
+                "{what} lists {nregions} regions (at most {max_regions})"
+            )));
         }
         let want = nqps * size_of::<QpWire>() + nregions * size_of::<RegionKeyWire>();
         if rest.len() != want {
@@ -202,7 +219,9 @@ impl Setup {
         }
         let rd_atomic = h.rd_atomic.get();
         if rd_atomic == 0 || rd_atomic > 255 {
-            return Err(Error::Protocol(format!("{what}: read depth {rd_atomic} (1..=255)")));
+            return Err(Error::Protocol(format!(
+                "{what}: read depth {rd_atomic} (1..=255)"
+            )));
         }
         let gid = Gid(h.gid);
         if gid.is_zero() {
@@ -214,7 +233,9 @@ impl Setup {
             let w: QpWire = bytemuck::pod_read_unaligned(c);
             let (qpn, psn) = (w.qpn.get(), w.psn.get());
             if qpn == 0 || qpn > 0xff_ffff || psn > 0xff_ffff {
-                return Err(Error::Protocol(format!("{what}: bad queue pair {qpn:#x} / PSN {psn:#x}")));
+                return Err(Error::Protocol(format!(
+                    "{what}: bad queue pair {qpn:#x} / PSN {psn:#x}"
+                )));
             }
             qps.push(QpInfo {
                 qpn: Qpn(qpn),
@@ -226,7 +247,9 @@ impl Setup {
             let w: RegionKeyWire = bytemuck::pod_read_unaligned(c);
             let (addr, len) = (w.addr.get(), w.len.get());
             if len == 0 || addr.checked_add(len).is_none() {
-                return Err(Error::Protocol(format!("{what}: bad region at {addr:#x} of {len} bytes")));
+                return Err(Error::Protocol(format!(
+                    "{what}: bad region at {addr:#x} of {len} bytes"
+                )));
             }
             regions.push(RemoteRegion {
                 addr,
@@ -285,14 +308,22 @@ mod tests {
     fn rejects_truncated_and_trailing() {
         let b = sample(4, 3).encode(KIND_SETUP);
         for cut in [0, 10, 39, 40, 47, b.len() - 1] {
-            let e = Setup::decode(KIND_SETUP, &b[..cut]).unwrap_err().to_string();
+            let e = Setup::decode(KIND_SETUP, &b[..cut])
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("truncated"), "{cut}: {e}");
         }
         let mut long = b.clone();
         long.push(0);
-        assert!(Setup::decode(KIND_SETUP, &long).unwrap_err().to_string().contains("trailing"));
+        assert!(Setup::decode(KIND_SETUP, &long)
+            .unwrap_err()
+            .to_string()
+            .contains("trailing"));
         let huge = vec![0u8; MAX_SETUP + 1];
-        assert!(Setup::decode(KIND_SETUP, &huge).unwrap_err().to_string().contains("at most"));
+        assert!(Setup::decode(KIND_SETUP, &huge)
+            .unwrap_err()
+            .to_string()
+            .contains("at most"));
     }
 
     #[test]
