@@ -227,6 +227,21 @@ fn pick_gid(ctx: &DeviceContext, port: u8, opts: &RdmaOptions) -> Result<(u8, Gi
     if let Some(f) = fallback {
         return Ok(f);
     }
+    if let Some(a) = opts
+        .local_addr
+        .filter(|a| a.is_loopback() || a.is_unspecified())
+    {
+        // A loopback control channel names no interface: take the first RoCE v2 GID.
+        tracing::debug!("control address {a} has no GID; taking the first RoCE v2 GID");
+        return pick_gid(
+            ctx,
+            port,
+            &RdmaOptions {
+                local_addr: None,
+                ..opts.clone()
+            },
+        );
+    }
     match opts.local_addr {
         Some(a) => Err(format!(
             "no RoCE v2 GID for address {a} (is the device on the interface carrying {a}? pass -x GID_INDEX)"
