@@ -622,3 +622,24 @@ fn rdma_destination_killed_mid_round() {
     );
     vm.check_intact();
 }
+
+// ---- benchmark hook -------------------------------------------------------------------------
+
+/// An idle loopback migration of `RDMIG_BENCH_MIGRATE_MIB` MiB over RDMA, for
+/// `bench/rdma-vs-perftest` (until `rdma-bench migrate` exists). Prints
+/// `MIGRATION_MIB_S=<throughput>`; skips unless the variable is set.
+#[test]
+fn bench_idle_rdma_migration() {
+    let Ok(mib) = std::env::var("RDMIG_BENCH_MIGRATE_MIB") else {
+        eprintln!("SKIP: bench_idle_rdma_migration: set RDMIG_BENCH_MIGRATE_MIB (bench/rdma-vs-perftest does)");
+        return;
+    };
+    let Some((opts, addr)) = rxe("bench_idle_rdma_migration") else { return };
+    let mib: u64 = mib.parse().expect("RDMIG_BENCH_MIGRATE_MIB is a number of MiB");
+    let report = loopback(addr, TransportKind::Rdma, Some(&opts), mib << 20, 1);
+    let round0 = &report.per_round[0];
+    println!(
+        "MIGRATION_MIB_S={:.2} ROUND0_MIB_S={:.2} SOURCE_CPU_MS={:.1} DEST_CPU_MS={:.1}",
+        report.throughput_mib_s, round0.mib_s, report.source_cpu_ms, report.dest_cpu_ms
+    );
+}
