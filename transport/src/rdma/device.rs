@@ -9,7 +9,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use sideway::ibverbs::device::{DeviceInfo, DeviceList};
+use sideway::ibverbs::device::{DeviceInfo, DeviceList, GetDeviceListErrorKind};
 use sideway::ibverbs::device_context::DeviceContext;
 
 use super::{DeviceSummary, Gid, RdmaOptions};
@@ -74,8 +74,18 @@ pub fn open(opts: &RdmaOptions) -> Result<Device, String> {
 
 fn open_inner(opts: &RdmaOptions) -> Result<Device, String> {
     let list = DeviceList::new().map_err(|e| {
-        let os = std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default();
-        format!("no RDMA device list ({e}: {os}); is rdma-core (libibverbs1, ibverbs-providers) installed and an RDMA driver loaded?")
+        let io = match &e.0 {
+            GetDeviceListErrorKind::Ibverbs(io) => Some(io.raw_os_error()),
+            _ => None,
+        };
+        match io.flatten() {
+            Some(libc::EOPNOTSUPP) => "libibverbs.so.1 could not be loaded (install rdma-core: libibverbs1 ibverbs-providers)".to_string(),
+            Some(libc::ENOSYS) => "this kernel has no RDMA support (no ib_uverbs; load rdma_rxe or a RoCE NIC driver)".to_string(),
+            _ => {
+                let os = std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default();
+                format!("no RDMA device list ({e}: {os})")
+            }
+        }
     })?;
     if list.is_empty() {
         return Err("no RDMA devices (no RoCE NIC, no rxe/siw device: `rdma link add rxe0 type rxe netdev IFACE`)".into());
