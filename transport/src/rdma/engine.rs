@@ -234,9 +234,7 @@ impl ReadEngine {
             .ok_or(Error::UnknownRegion(r.region.0))?;
         if r.len == 0
             || u64::from(r.len) > self.max_read
-            || r.offset
-                .checked_add(u64::from(r.len))
-                .map_or(true, |end| end > lr.len)
+            || !matches!(r.offset.checked_add(u64::from(r.len)), Some(end) if end <= lr.len)
         {
             return Err(Error::Rdma(format!(
                 "READ of {} bytes at offset {:#x} does not fit region {} ({} bytes) or the {}-byte read limit",
@@ -343,10 +341,7 @@ impl ReadEngine {
             }
             if status == 0 {
                 done.push(wr_id & ((1 << TAG_BITS) - 1));
-            } else if failure
-                .as_ref()
-                .map_or(true, |(s, ..)| *s == 5 && status != 5)
-            {
+            } else if !matches!(failure, Some((s, ..)) if s != 5 || status == 5) {
                 // Keep the first real error; a flush only says an earlier one happened.
                 failure = Some((status, vendor, qi, wr_id & ((1 << TAG_BITS) - 1)));
             }
