@@ -151,6 +151,7 @@ impl Worker {
         let mut failed: Option<Error> = None;
         let mut cpu_mark = thread_cpu_time();
         let mut empty = 0u32;
+        let mut last_progress = std::time::Instant::now();
         loop {
             let busy = failed.is_none() && (!queue.is_empty() || self.engine.in_flight() > 0);
             let cmd = if busy || finish.is_some() {
@@ -199,9 +200,23 @@ impl Worker {
             }
             if progress {
                 empty = 0;
+                last_progress = std::time::Instant::now();
             } else {
                 empty = empty.saturating_add(1);
                 backoff(empty);
+                // A peer that vanished may never answer (SoftRoCE does not always report
+                // retry-exceeded): give up on READs that make no progress at all.
+                if failed.is_none()
+                    && self.engine.in_flight() > 0
+                    && empty % 1024 == 0
+                    && last_progress.elapsed() > self.engine.stall_timeout()
+                {
+                    failed = Some(Error::Timeout(format!(
+                        "{} RDMA READs made no progress for {:?} (is the source gone?)",
+                        self.engine.in_flight(),
+                        self.engine.stall_timeout()
+                    )));
+                }
             }
         }
         self.cpu.add(thread_cpu_time().saturating_sub(cpu_mark));

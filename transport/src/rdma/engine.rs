@@ -161,7 +161,7 @@ impl ReadEngine {
                 next_qp: 0,
                 max_read,
                 failed: None,
-                stall_timeout: Duration::from_secs(60),
+                stall_timeout: Duration::from_secs(20),
             },
             ack.encode(KIND_ACK),
         ))
@@ -213,6 +213,11 @@ impl ReadEngine {
     /// How long [`ReadEngine::wait_all`] waits without any completion before giving up.
     pub fn set_stall_timeout(&mut self, d: Duration) {
         self.stall_timeout = d;
+    }
+
+    /// See [`ReadEngine::set_stall_timeout`] (default 20 s).
+    pub fn stall_timeout(&self) -> Duration {
+        self.stall_timeout
     }
 
     fn check(&self) -> Result<()> {
