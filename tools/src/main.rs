@@ -20,15 +20,22 @@ enum Cmd {
     ReadLat(perf::read_lat::Args),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().cmd {
+    let r = match Cli::parse().cmd {
         Cmd::ReadBw(a) => perf::read_bw::run(a),
         Cmd::ReadLat(a) => perf::read_lat::run(a),
+    };
+    match r {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rdma-bench: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }

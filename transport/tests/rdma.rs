@@ -634,12 +634,94 @@ fn bench_idle_rdma_migration() {
         eprintln!("SKIP: bench_idle_rdma_migration: set RDMIG_BENCH_MIGRATE_MIB (bench/rdma-vs-perftest does)");
         return;
     };
-    let Some((opts, addr)) = rxe("bench_idle_rdma_migration") else { return };
-    let mib: u64 = mib.parse().expect("RDMIG_BENCH_MIGRATE_MIB is a number of MiB");
+    let Some((opts, addr)) = rxe("bench_idle_rdma_migration") else {
+        return;
+    };
+    let mib: u64 = mib
+        .parse()
+        .expect("RDMIG_BENCH_MIGRATE_MIB is a number of MiB");
     let report = loopback(addr, TransportKind::Rdma, Some(&opts), mib << 20, 1);
     let round0 = &report.per_round[0];
     println!(
         "MIGRATION_MIB_S={:.2} ROUND0_MIB_S={:.2} SOURCE_CPU_MS={:.1} DEST_CPU_MS={:.1}",
         report.throughput_mib_s, round0.mib_s, report.source_cpu_ms, report.dest_cpu_ms
+    );
+}
+
+// ---- a source killed mid-round -------------------------------------------------------------
+
+/// Helper run as a child process by `rdma_source_killed_mid_round`; does nothing otherwise.
+#[test]
+fn child_source() {
+    let Ok(dest) = std::env::var("RDMIG_TEST_SOURCE_TO") else {
+        return;
+    };
+    let (opts, _) = rxe("child_source").expect("child needs RDMA");
+    let mut vm = TestVm::new(64 << 20, 2000);
+    let _ = migrate(
+        &mut vm,
+        dest.parse().unwrap(),
+        &config(TransportKind::Rdma, Some(&opts)),
+        &mut |_| {},
+    );
+}
+
+#[test]
+fn rdma_source_killed_mid_round() {
+    let Some((opts, addr)) = rxe("rdma_source_killed_mid_round") else {
+        return;
+    };
+    let listener = TcpListener::bind(SocketAddr::new(addr, 0)).unwrap();
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "child_source", "--nocapture", "--test-threads=1"])
+        .env(
+            "RDMIG_TEST_SOURCE_TO",
+            listener.local_addr().unwrap().to_string(),
+        )
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let child_id = child.id();
+    let started = Arc::new(Mutex::new(None::<Instant>));
+    let s2 = started.clone();
+    // Kill the source while the destination is reading round 0 from it.
+    let killer = std::thread::spawn(move || loop {
+        if let Some(t) = *s2.lock().unwrap() {
+            if t.elapsed() >= Duration::from_millis(700) {
+                // SAFETY: plain kill(2) of our own child process, by its id.
+                unsafe { libc::kill(child_id as i32, libc::SIGKILL) };
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    });
+    let factory: rdmig_transport::vm::DestinationFactory<'static> = {
+        let inner = dest_factory();
+        let s3 = started.clone();
+        Box::new(move |layout: &MemoryLayout| {
+            *s3.lock().unwrap() = Some(Instant::now());
+            inner(layout)
+        })
+    };
+    let t = Instant::now();
+    let r = accept(
+        &listener,
+        &config(TransportKind::Auto, Some(&opts)),
+        factory,
+    );
+    killer.join().unwrap();
+    let _ = child.wait();
+    let e = r.err().expect("the source was killed");
+    eprintln!("destination after the source died ({:?}): {e}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(90),
+        "the destination must give up, not hang"
+    );
+    assert!(
+        matches!(
+            e,
+            Error::Rdma(_) | Error::Timeout(_) | Error::PeerClosed { .. } | Error::Io { .. }
+        ),
+        "{e}"
     );
 }

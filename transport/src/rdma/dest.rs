@@ -253,7 +253,9 @@ impl Worker {
                         "completion for unknown READ tag {tag}"
                     )));
                 };
-                slot.pieces_left -= 1;
+                slot.pieces_left = slot.pieces_left.checked_sub(1).ok_or_else(|| {
+                    Error::Rdma(format!("duplicate completion for READ tag {tag}"))
+                })?;
                 if slot.pieces_left == 0 {
                     let slot = self.slots[idx].take().expect("checked above");
                     self.free.push(idx);
