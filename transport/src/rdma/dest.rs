@@ -232,12 +232,20 @@ impl Worker {
         progress: &mut bool,
     ) -> Result<()> {
         if !queue.is_empty() && self.engine.free() > 0 {
-            if let Some(l) = &self.limiter {
-                let n = self.engine.free().min(queue.len());
-                let bytes: u64 = queue.iter().take(n).map(|r| u64::from(r.len)).sum();
-                l.acquire(bytes);
-            }
-            if self.engine.post(queue)? > 0 {
+            let posted = match &self.limiter {
+                // Capped: one READ per turn, paced, so completions keep being polled meanwhile.
+                Some(l) => {
+                    let mut one: VecDeque<Read> = queue.pop_front().into_iter().collect();
+                    l.acquire(one.iter().map(|r| u64::from(r.len)).sum());
+                    let n = self.engine.post(&mut one)?;
+                    if let Some(r) = one.pop_front() {
+                        queue.push_front(r);
+                    }
+                    n
+                }
+                None => self.engine.post(queue)?,
+            };
+            if posted > 0 {
                 *progress = true;
             }
         }
