@@ -210,7 +210,8 @@ impl ReadEngine {
         &self.remote
     }
 
-    /// How long [`ReadEngine::wait_all`] waits without any completion before giving up.
+    /// How long [`ReadEngine::wait_all`] (and the migration's read thread) wait without any
+    /// completion before giving up on the READs in flight.
     pub fn set_stall_timeout(&mut self, d: Duration) {
         self.stall_timeout = d;
     }
