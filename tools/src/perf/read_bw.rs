@@ -148,7 +148,9 @@ pub fn measure(
         };
         if !stop_posting {
             let want = (engine.free() as u64).min(limit - posted) as usize;
-            queue.extend(std::iter::repeat(read).take(want.saturating_sub(queue.len())));
+            while queue.len() < want {
+                queue.push_back(read);
+            }
             posted += engine.post(&mut queue)? as u64;
         }
         done.clear();
