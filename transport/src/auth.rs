@@ -51,7 +51,8 @@ impl Psk {
     }
 
     fn mac(&self, parts: &[&[u8]]) -> [u8; MAC_LEN] {
-        let mut m = <HmacSha256 as Mac>::new_from_slice(&self.0).expect("HMAC takes keys of any length");
+        let mut m =
+            <HmacSha256 as Mac>::new_from_slice(&self.0).expect("HMAC takes keys of any length");
         for p in parts {
             m.update(p);
         }
@@ -59,7 +60,8 @@ impl Psk {
     }
 
     fn verify(&self, parts: &[&[u8]], tag: &[u8; MAC_LEN]) -> bool {
-        let mut m = <HmacSha256 as Mac>::new_from_slice(&self.0).expect("HMAC takes keys of any length");
+        let mut m =
+            <HmacSha256 as Mac>::new_from_slice(&self.0).expect("HMAC takes keys of any length");
         for p in parts {
             m.update(p);
         }
@@ -67,27 +69,49 @@ impl Psk {
     }
 
     /// The destination's proof: over the source nonce, then its own.
-    pub fn dest_proof(&self, nonce_s: &[u8; NONCE_LEN], nonce_d: &[u8; NONCE_LEN]) -> [u8; MAC_LEN] {
+    pub fn dest_proof(
+        &self,
+        nonce_s: &[u8; NONCE_LEN],
+        nonce_d: &[u8; NONCE_LEN],
+    ) -> [u8; MAC_LEN] {
         self.mac(&[b"rdmig/1/destination", nonce_s, nonce_d])
     }
 
     /// Checks the destination's proof (constant time).
-    pub fn check_dest_proof(&self, nonce_s: &[u8; NONCE_LEN], nonce_d: &[u8; NONCE_LEN], tag: &[u8; MAC_LEN]) -> bool {
+    pub fn check_dest_proof(
+        &self,
+        nonce_s: &[u8; NONCE_LEN],
+        nonce_d: &[u8; NONCE_LEN],
+        tag: &[u8; MAC_LEN],
+    ) -> bool {
         self.verify(&[b"rdmig/1/destination", nonce_s, nonce_d], tag)
     }
 
     /// The source's proof: over the destination nonce, then its own.
-    pub fn source_proof(&self, nonce_s: &[u8; NONCE_LEN], nonce_d: &[u8; NONCE_LEN]) -> [u8; MAC_LEN] {
+    pub fn source_proof(
+        &self,
+        nonce_s: &[u8; NONCE_LEN],
+        nonce_d: &[u8; NONCE_LEN],
+    ) -> [u8; MAC_LEN] {
         self.mac(&[b"rdmig/1/source", nonce_d, nonce_s])
     }
 
     /// Checks the source's proof (constant time).
-    pub fn check_source_proof(&self, nonce_s: &[u8; NONCE_LEN], nonce_d: &[u8; NONCE_LEN], tag: &[u8; MAC_LEN]) -> bool {
+    pub fn check_source_proof(
+        &self,
+        nonce_s: &[u8; NONCE_LEN],
+        nonce_d: &[u8; NONCE_LEN],
+        tag: &[u8; MAC_LEN],
+    ) -> bool {
         self.verify(&[b"rdmig/1/source", nonce_d, nonce_s], tag)
     }
 
     /// The token data streams present, bound to this session's nonces.
-    pub fn stream_token(&self, nonce_s: &[u8; NONCE_LEN], nonce_d: &[u8; NONCE_LEN]) -> [u8; MAC_LEN] {
+    pub fn stream_token(
+        &self,
+        nonce_s: &[u8; NONCE_LEN],
+        nonce_d: &[u8; NONCE_LEN],
+    ) -> [u8; MAC_LEN] {
         self.mac(&[b"rdmig/1/stream", nonce_s, nonce_d])
     }
 }
@@ -100,7 +124,8 @@ pub fn tags_equal(a: &[u8; MAC_LEN], b: &[u8; MAC_LEN]) -> bool {
 /// `N` bytes from the OS random source.
 pub fn random_bytes<const N: usize>() -> Result<[u8; N]> {
     let mut b = [0u8; N];
-    getrandom::getrandom(&mut b).map_err(|e| Error::InvalidConfig(format!("no OS randomness: {e}")))?;
+    getrandom::getrandom(&mut b)
+        .map_err(|e| Error::InvalidConfig(format!("no OS randomness: {e}")))?;
     Ok(b)
 }
 
@@ -116,10 +141,19 @@ mod tests {
         let d = k.dest_proof(&ns, &nd);
         assert!(k.check_dest_proof(&ns, &nd, &d));
         assert!(!other.check_dest_proof(&ns, &nd, &d));
-        assert!(!k.check_source_proof(&ns, &nd, &d), "a destination proof must not pass as a source proof");
+        assert!(
+            !k.check_source_proof(&ns, &nd, &d),
+            "a destination proof must not pass as a source proof"
+        );
         assert!(!k.check_dest_proof(&nd, &ns, &d), "nonces are ordered");
-        assert!(tags_equal(&k.stream_token(&ns, &nd), &k.stream_token(&ns, &nd)));
-        assert!(!tags_equal(&k.stream_token(&ns, &nd), &k.stream_token(&ns, &[3; 32])));
+        assert!(tags_equal(
+            &k.stream_token(&ns, &nd),
+            &k.stream_token(&ns, &nd)
+        ));
+        assert!(!tags_equal(
+            &k.stream_token(&ns, &nd),
+            &k.stream_token(&ns, &[3; 32])
+        ));
     }
 
     #[test]

@@ -19,10 +19,21 @@ pub struct Control {
 impl Control {
     /// Wraps a connected stream (Nagle off: control messages are small and latency-bound).
     pub fn new(stream: TcpStream, timeout: Option<Duration>) -> Result<Control> {
-        let peer = stream.peer_addr().map_err(|e| Error::io("control peer address", e, "control"))?;
-        stream.set_nodelay(true).map_err(|e| Error::io("TCP_NODELAY on control", e, "control"))?;
-        stream.set_read_timeout(timeout).map_err(|e| Error::io("control read timeout", e, "control"))?;
-        Ok(Control { stream, wbuf: Vec::new(), rbuf: Vec::new(), peer })
+        let peer = stream
+            .peer_addr()
+            .map_err(|e| Error::io("control peer address", e, "control"))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|e| Error::io("TCP_NODELAY on control", e, "control"))?;
+        stream
+            .set_read_timeout(timeout)
+            .map_err(|e| Error::io("control read timeout", e, "control"))?;
+        Ok(Control {
+            stream,
+            wbuf: Vec::new(),
+            rbuf: Vec::new(),
+            peer,
+        })
     }
 
     /// The peer's address.
@@ -32,12 +43,16 @@ impl Control {
 
     /// The local address.
     pub fn local(&self) -> Result<SocketAddr> {
-        self.stream.local_addr().map_err(|e| Error::io("control local address", e, "control"))
+        self.stream
+            .local_addr()
+            .map_err(|e| Error::io("control local address", e, "control"))
     }
 
     /// Changes the read timeout.
     pub fn set_timeout(&self, timeout: Option<Duration>) -> Result<()> {
-        self.stream.set_read_timeout(timeout).map_err(|e| Error::io("control read timeout", e, "control"))
+        self.stream
+            .set_read_timeout(timeout)
+            .map_err(|e| Error::io("control read timeout", e, "control"))
     }
 
     /// Sends one message.
@@ -51,17 +66,23 @@ impl Control {
     /// Receives one message, including `Abort`.
     pub fn recv_any(&mut self) -> Result<Message> {
         let mut hdr = [0u8; size_of::<Header>()];
-        self.stream.read_exact(&mut hdr).map_err(|e| match e.kind() {
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
-                Error::Timeout(format!("no message from {} on the control channel", self.peer))
-            }
-            _ => Error::io("reading a control header", e, "control"),
-        })?;
+        self.stream
+            .read_exact(&mut hdr)
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => Error::Timeout(
+                    format!("no message from {} on the control channel", self.peer),
+                ),
+                _ => Error::io("reading a control header", e, "control"),
+            })?;
         let (cmd, len) = Message::check_header(&hdr)?;
         self.rbuf.resize(len, 0);
-        self.stream
-            .read_exact(&mut self.rbuf)
-            .map_err(|e| Error::io(format!("reading a {cmd:?} payload of {len} bytes"), e, "control"))?;
+        self.stream.read_exact(&mut self.rbuf).map_err(|e| {
+            Error::io(
+                format!("reading a {cmd:?} payload of {len} bytes"),
+                e,
+                "control",
+            )
+        })?;
         Message::decode(cmd, &self.rbuf)
     }
 

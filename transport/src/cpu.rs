@@ -4,7 +4,10 @@ use std::time::Duration;
 
 /// CPU time consumed by the calling thread so far.
 pub fn thread_cpu_time() -> Duration {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: `ts` is a valid out-pointer; CLOCK_THREAD_CPUTIME_ID is always available on Linux.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
@@ -19,7 +22,8 @@ pub struct CpuMeter {
 impl CpuMeter {
     /// Adds a thread's CPU time.
     pub fn add(&self, d: Duration) {
-        self.micros.fetch_add(d.as_micros() as u64, std::sync::atomic::Ordering::Relaxed);
+        self.micros
+            .fetch_add(d.as_micros() as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Total so far.
@@ -37,7 +41,10 @@ pub struct ThreadCpu<'a> {
 impl<'a> ThreadCpu<'a> {
     /// Starts measuring the calling thread.
     pub fn start(meter: &'a CpuMeter) -> Self {
-        ThreadCpu { meter, start: thread_cpu_time() }
+        ThreadCpu {
+            meter,
+            start: thread_cpu_time(),
+        }
     }
 }
 

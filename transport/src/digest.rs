@@ -35,7 +35,10 @@ impl PageHashes {
             base.push(n);
             n += r.pages(map.page_size()) as usize;
         }
-        PageHashes { base, hashes: (0..n).map(|_| AtomicU64::new(0)).collect() }
+        PageHashes {
+            base,
+            hashes: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        }
     }
 
     /// Hashes the pages of `range` from `map`'s memory into the table.

@@ -150,21 +150,33 @@ pub enum Error {
 impl Error {
     /// An `Os` error from `errno`.
     pub fn os(op: &'static str) -> Error {
-        Error::Os { op, source: io::Error::last_os_error() }
+        Error::Os {
+            op,
+            source: io::Error::last_os_error(),
+        }
     }
 
     /// An `Io` error with context, mapping EOF-like errors to [`Error::PeerClosed`].
     pub fn io(context: impl Into<String>, source: io::Error, channel: &'static str) -> Error {
         match source.kind() {
-            io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe => {
-                Error::PeerClosed { channel, detail: format!(": {}", context.into()) }
-            }
-            _ => Error::Io { context: context.into(), source },
+            io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe => Error::PeerClosed {
+                channel,
+                detail: format!(": {}", context.into()),
+            },
+            _ => Error::Io {
+                context: context.into(),
+                source,
+            },
         }
     }
 
     /// A VMM error.
     pub fn vmm(op: &'static str, source: impl Into<VmmError>) -> Error {
-        Error::Vmm { op, source: source.into() }
+        Error::Vmm {
+            op,
+            source: source.into(),
+        }
     }
 }

@@ -39,13 +39,20 @@ pub struct PageSet {
 impl PageSet {
     /// An empty set shaped like `map`.
     pub fn empty(map: &GuestMemoryMap) -> PageSet {
-        let pages: Vec<u64> = map.regions().iter().map(|r| r.pages(map.page_size())).collect();
+        let pages: Vec<u64> = map
+            .regions()
+            .iter()
+            .map(|r| r.pages(map.page_size()))
+            .collect();
         Self::with_pages(pages)
     }
 
     /// An empty set for regions of these page counts.
     pub fn with_pages(pages: Vec<u64>) -> PageSet {
-        let bitmaps = pages.iter().map(|&n| vec![0u64; n.div_ceil(64) as usize]).collect();
+        let bitmaps = pages
+            .iter()
+            .map(|&n| vec![0u64; n.div_ceil(64) as usize])
+            .collect();
         PageSet { bitmaps, pages }
     }
 
@@ -101,14 +108,18 @@ impl PageSet {
     /// True if the page is in the set.
     pub fn contains(&self, region: RegionId, page: PageIndex) -> bool {
         let r = region.0 as usize;
-        r < self.bitmaps.len() && page.0 < self.pages[r] && self.bitmaps[r][(page.0 / 64) as usize] & (1 << (page.0 % 64)) != 0
+        r < self.bitmaps.len()
+            && page.0 < self.pages[r]
+            && self.bitmaps[r][(page.0 / 64) as usize] & (1 << (page.0 % 64)) != 0
     }
 
     /// ORs a bitmap of 64-page words (bit i of word w = page 64*w+i) into region `r`,
     /// ignoring bits past the region's end. This is the shape of KVM's dirty log.
     pub fn or_words(&mut self, region: RegionId, words: &[u64]) {
         let r = region.0 as usize;
-        let Some(bm) = self.bitmaps.get_mut(r) else { return };
+        let Some(bm) = self.bitmaps.get_mut(r) else {
+            return;
+        };
         for (dst, src) in bm.iter_mut().zip(words) {
             *dst |= *src;
         }
@@ -131,7 +142,11 @@ impl PageSet {
 
     /// Number of pages in the set.
     pub fn count(&self) -> u64 {
-        self.bitmaps.iter().flatten().map(|w| u64::from(w.count_ones())).sum()
+        self.bitmaps
+            .iter()
+            .flatten()
+            .map(|w| u64::from(w.count_ones()))
+            .sum()
     }
 
     /// True when no page is set.
@@ -146,7 +161,12 @@ impl PageSet {
 
     /// Coalesced runs of set pages, in region then page order, each at most `max_pages` long.
     pub fn ranges(&self, max_pages: u64) -> Ranges<'_> {
-        Ranges { set: self, region: 0, page: 0, max_pages: max_pages.max(1) }
+        Ranges {
+            set: self,
+            region: 0,
+            page: 0,
+            max_pages: max_pages.max(1),
+        }
     }
 }
 
@@ -205,7 +225,11 @@ impl Iterator for Ranges<'_> {
                 end += 1;
             }
             self.page = end;
-            return Some(PageRange { region: RegionId(self.region as u32), first: PageIndex(start), npages: end - start });
+            return Some(PageRange {
+                region: RegionId(self.region as u32),
+                first: PageIndex(start),
+                npages: end - start,
+            });
         }
         None
     }
@@ -237,7 +261,10 @@ mod tests {
     fn coalesces_runs_and_splits_at_max() {
         let s = set_of(300, &[0, 1, 2, 5, 63, 64, 65, 200, 299]);
         let r: Vec<_> = s.ranges(2).map(|r| (r.first.0, r.npages)).collect();
-        assert_eq!(r, vec![(0, 2), (2, 1), (5, 1), (63, 2), (65, 1), (200, 1), (299, 1)]);
+        assert_eq!(
+            r,
+            vec![(0, 2), (2, 1), (5, 1), (63, 2), (65, 1), (200, 1), (299, 1)]
+        );
         let r: Vec<_> = s.ranges(1000).map(|r| (r.first.0, r.npages)).collect();
         assert_eq!(r, vec![(0, 3), (5, 1), (63, 3), (200, 1), (299, 1)]);
     }
@@ -247,7 +274,10 @@ mod tests {
         let mut s = PageSet::with_pages(vec![130, 64, 1]);
         s.fill();
         assert_eq!(s.count(), 195);
-        let r: Vec<_> = s.ranges(u64::MAX).map(|r| (r.region.0, r.first.0, r.npages)).collect();
+        let r: Vec<_> = s
+            .ranges(u64::MAX)
+            .map(|r| (r.region.0, r.first.0, r.npages))
+            .collect();
         assert_eq!(r, vec![(0, 0, 130), (1, 0, 64), (2, 0, 1)]);
         let r: Vec<_> = s.ranges(50).map(|r| r.npages).collect();
         assert_eq!(r, vec![50, 50, 30, 50, 14, 1]);

@@ -78,4 +78,5 @@ impl MemoryLayout {
 }
 
 /// Builds the destination VM for a layout; called once the source is authenticated.
-pub type DestinationFactory<'a> = Box<dyn FnOnce(&MemoryLayout) -> Result<Box<dyn DestinationVm>, VmmError> + Send + 'a>;
+pub type DestinationFactory<'a> =
+    Box<dyn FnOnce(&MemoryLayout) -> Result<Box<dyn DestinationVm>, VmmError> + Send + 'a>;

@@ -34,8 +34,9 @@ impl MmapRegion {
     /// Maps `len` bytes (rounded up to 4 KiB). `populate` faults every page in now, so that
     /// later writes (a migration receiving into it) do not pay for page faults.
     pub fn new(len: u64, backing: MmapBacking, populate: bool) -> Result<MmapRegion> {
-        let len = usize::try_from(len.div_ceil(4096) * 4096)
-            .map_err(|_| Error::InvalidConfig(format!("region of {len} bytes does not fit in memory")))?;
+        let len = usize::try_from(len.div_ceil(4096) * 4096).map_err(|_| {
+            Error::InvalidConfig(format!("region of {len} bytes does not fit in memory"))
+        })?;
         if len == 0 {
             return Err(Error::InvalidConfig("cannot map an empty region".into()));
         }
@@ -58,12 +59,28 @@ impl MmapRegion {
             }
         };
         let (flags, fd) = match &memfd {
-            None => (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE, -1),
+            None => (
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+            ),
             Some(fd) => (libc::MAP_SHARED, fd.as_raw_fd()),
         };
-        let flags = if populate { flags | libc::MAP_POPULATE } else { flags };
+        let flags = if populate {
+            flags | libc::MAP_POPULATE
+        } else {
+            flags
+        };
         // SAFETY: a fresh mapping at an address the kernel chooses; the result is checked.
-        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, fd, 0) };
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                fd,
+                0,
+            )
+        };
         if ptr == libc::MAP_FAILED {
             return Err(Error::os("mmap(guest memory)"));
         }
@@ -71,7 +88,11 @@ impl MmapRegion {
             // SAFETY: advice on the mapping we just created; failure is harmless (no THP).
             unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) };
         }
-        Ok(MmapRegion { ptr: ptr.cast(), len, memfd })
+        Ok(MmapRegion {
+            ptr: ptr.cast(),
+            len,
+            memfd,
+        })
     }
 
     /// Host address of the first byte.
@@ -109,7 +130,10 @@ impl Drop for MmapRegion {
     fn drop(&mut self) {
         // SAFETY: ptr/len are exactly the mapping created in `new`, unmapped once.
         if unsafe { libc::munmap(self.ptr.cast(), self.len) } != 0 {
-            tracing::warn!("munmap of guest memory failed: {}", std::io::Error::last_os_error());
+            tracing::warn!(
+                "munmap of guest memory failed: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
 }

@@ -126,7 +126,12 @@ impl GuestRegion {
 
     /// Host pointer and byte length of `npages` pages from `first`, clipped to the region's end
     /// (its last page may be partial), or an error if the range is not inside the region.
-    pub fn page_span(&self, page: PageSize, first: PageIndex, npages: u64) -> Result<(*mut u8, usize)> {
+    pub fn page_span(
+        &self,
+        page: PageSize,
+        first: PageIndex,
+        npages: u64,
+    ) -> Result<(*mut u8, usize)> {
         let total = self.pages(page);
         let end = first.0.checked_add(npages);
         match end {
@@ -159,7 +164,9 @@ impl GuestMemoryMap {
     /// Builds the map, checking that regions are non-empty, page-aligned and do not overlap.
     pub fn new(regions: Vec<GuestRegion>, page: PageSize) -> Result<GuestMemoryMap> {
         if regions.is_empty() {
-            return Err(Error::InvalidConfig("a VM must have at least one memory region".into()));
+            return Err(Error::InvalidConfig(
+                "a VM must have at least one memory region".into(),
+            ));
         }
         let mut sorted: Vec<_> = regions.iter().map(|r| (r.gpa.0, r.len)).collect();
         sorted.sort_unstable();
@@ -172,7 +179,9 @@ impl GuestMemoryMap {
             }
             if let Some(&(next, _)) = sorted.get(i + 1) {
                 if gpa.checked_add(len).is_none_or(|end| end > next) {
-                    return Err(Error::InvalidConfig(format!("regions at {gpa:#x} and {next:#x} overlap")));
+                    return Err(Error::InvalidConfig(format!(
+                        "regions at {gpa:#x} and {next:#x} overlap"
+                    )));
                 }
             }
         }
@@ -186,7 +195,9 @@ impl GuestMemoryMap {
 
     /// The region with this id.
     pub fn region(&self, id: RegionId) -> Result<&GuestRegion> {
-        self.regions.get(id.0 as usize).ok_or(Error::UnknownRegion(id.0))
+        self.regions
+            .get(id.0 as usize)
+            .ok_or(Error::UnknownRegion(id.0))
     }
 
     /// The page size.
@@ -205,10 +216,20 @@ impl GuestMemoryMap {
     }
 
     /// Host pointer and byte length of a page range, checked against the region table.
-    pub fn span(&self, region: RegionId, first: PageIndex, npages: u64) -> Result<(*mut u8, usize)> {
+    pub fn span(
+        &self,
+        region: RegionId,
+        first: PageIndex,
+        npages: u64,
+    ) -> Result<(*mut u8, usize)> {
         let r = self.region(region)?;
         r.page_span(self.page, first, npages).map_err(|e| match e {
-            Error::RangeOutOfBounds { first_page, npages, region_pages, .. } => Error::RangeOutOfBounds {
+            Error::RangeOutOfBounds {
+                first_page,
+                npages,
+                region_pages,
+                ..
+            } => Error::RangeOutOfBounds {
                 region: region.0,
                 first_page,
                 npages,

@@ -50,7 +50,10 @@ impl MigrationConfig {
             policy: ConvergencePolicy::Stop,
             max_bandwidth: None,
             io_timeout: Duration::from_secs(120),
-            rdma: RdmaOptions { qps: 4, ..RdmaOptions::default() },
+            rdma: RdmaOptions {
+                qps: 4,
+                ..RdmaOptions::default()
+            },
         }
     }
 
@@ -104,13 +107,20 @@ impl MigrationConfig {
 
     pub(crate) fn validate(&self) -> crate::Result<()> {
         if self.streams == 0 || self.streams > 64 {
-            return Err(crate::Error::InvalidConfig(format!("streams must be 1..=64, not {}", self.streams)));
+            return Err(crate::Error::InvalidConfig(format!(
+                "streams must be 1..=64, not {}",
+                self.streams
+            )));
         }
         if self.max_rounds == 0 {
-            return Err(crate::Error::InvalidConfig("max rounds must be at least 1".into()));
+            return Err(crate::Error::InvalidConfig(
+                "max rounds must be at least 1".into(),
+            ));
         }
         if self.max_bandwidth == Some(0) {
-            return Err(crate::Error::InvalidConfig("a bandwidth cap of 0 would never finish".into()));
+            return Err(crate::Error::InvalidConfig(
+                "a bandwidth cap of 0 would never finish".into(),
+            ));
         }
         Ok(())
     }

@@ -32,7 +32,10 @@ use crate::mem::{GuestMemoryMap, PageSize};
 use crate::rdma::{self, RdmaDestPath};
 use crate::tcp::{accept_streams, RateLimiter, TcpDestPath};
 use crate::vm::{DestinationFactory, DestinationVm, MemoryLayout};
-use crate::wire::{caps, Complete, HelloAck, Message, RoundDone, TransportKind, MAX_REGIONS, PROTOCOL_VERSION, ROUND_FINAL, ROUND_LAST_CHUNK};
+use crate::wire::{
+    caps, Complete, HelloAck, Message, RoundDone, TransportKind, MAX_REGIONS, PROTOCOL_VERSION,
+    ROUND_FINAL, ROUND_LAST_CHUNK,
+};
 
 /// Largest guest the destination accepts by default (a malicious table cannot make it map more).
 pub const MAX_GUEST_BYTES: u64 = 1 << 40;
@@ -73,7 +76,9 @@ impl DestState {
             | (DestState::AwaitDeviceState, Message::DeviceState(_))
             | (DestState::AwaitSwitchover, Message::Switchover { .. })
             | (DestState::AwaitFinish, Message::Finish) => true,
-            (DestState::Precopy { round, chunk }, Message::Round(r)) => r.round == round && r.chunk == chunk,
+            (DestState::Precopy { round, chunk }, Message::Round(r)) => {
+                r.round == round && r.chunk == chunk
+            }
             _ => false,
         }
     }
@@ -92,13 +97,27 @@ struct Dest<'a> {
 ///
 /// `factory` builds the destination VM once the source has authenticated and announced its
 /// memory layout. On failure nothing of the guest is kept.
-pub fn accept(listener: &TcpListener, config: &MigrationConfig, factory: DestinationFactory<'_>) -> Result<(Box<dyn DestinationVm>, DestReport)> {
+pub fn accept(
+    listener: &TcpListener,
+    config: &MigrationConfig,
+    factory: DestinationFactory<'_>,
+) -> Result<(Box<dyn DestinationVm>, DestReport)> {
     config.validate()?;
-    let (stream, peer) = listener.accept().map_err(|e| Error::Io { context: "accepting the control connection".into(), source: e })?;
+    let (stream, peer) = listener.accept().map_err(|e| Error::Io {
+        context: "accepting the control connection".into(),
+        source: e,
+    })?;
     tracing::info!("incoming migration from {peer}");
     let cpu0 = thread_cpu_time();
     let ctl = Control::new(stream, Some(config.io_timeout))?;
-    let mut d = Dest { config, listener, ctl, state: DestState::AwaitHello, data: None, cpu: Arc::new(CpuMeter::default()) };
+    let mut d = Dest {
+        config,
+        listener,
+        ctl,
+        state: DestState::AwaitHello,
+        data: None,
+        cpu: Arc::new(CpuMeter::default()),
+    };
     let mut vm = None;
     let result = d.run(factory, &mut vm, cpu0);
     if let Some(mut data) = d.data.take() {
@@ -118,45 +137,81 @@ pub fn accept(listener: &TcpListener, config: &MigrationConfig, factory: Destina
     }
 }
 
-fn check_layout(page_size: u32, regions: &[(crate::mem::GuestAddress, u64)]) -> Result<MemoryLayout> {
-    let page = PageSize::new(u64::from(page_size)).map_err(|e| Error::Protocol(format!("region table: {e}")))?;
+fn check_layout(
+    page_size: u32,
+    regions: &[(crate::mem::GuestAddress, u64)],
+) -> Result<MemoryLayout> {
+    let page = PageSize::new(u64::from(page_size))
+        .map_err(|e| Error::Protocol(format!("region table: {e}")))?;
     if regions.is_empty() || regions.len() > MAX_REGIONS {
-        return Err(Error::Protocol(format!("region table has {} regions", regions.len())));
+        return Err(Error::Protocol(format!(
+            "region table has {} regions",
+            regions.len()
+        )));
     }
     let mut total = 0u64;
     for &(gpa, len) in regions {
         if len == 0 || gpa.0 % page.bytes() != 0 || gpa.checked_add(len).is_none() {
-            return Err(Error::Protocol(format!("region table: bad region at {:#x} of {len} bytes", gpa.0)));
+            return Err(Error::Protocol(format!(
+                "region table: bad region at {:#x} of {len} bytes",
+                gpa.0
+            )));
         }
         total = total.saturating_add(len);
     }
     if total > MAX_GUEST_BYTES {
-        return Err(Error::Protocol(format!("region table announces {total} bytes, more than {MAX_GUEST_BYTES}")));
+        return Err(Error::Protocol(format!(
+            "region table announces {total} bytes, more than {MAX_GUEST_BYTES}"
+        )));
     }
-    Ok(MemoryLayout { page_size: page, regions: regions.to_vec() })
+    Ok(MemoryLayout {
+        page_size: page,
+        regions: regions.to_vec(),
+    })
 }
 
 impl Dest<'_> {
     fn recv(&mut self) -> Result<Message> {
         let m = self.ctl.recv()?;
         if !self.state.accepts(&m) {
-            return Err(Error::UnexpectedMessage { state: self.state.describe(), got: describe(&m) });
+            return Err(Error::UnexpectedMessage {
+                state: self.state.describe(),
+                got: describe(&m),
+            });
         }
         Ok(m)
     }
 
-    fn run(&mut self, factory: DestinationFactory<'_>, vm_out: &mut Option<Box<dyn DestinationVm>>, cpu0: Duration) -> Result<DestReport> {
-        let Message::Hello(hello) = self.recv()? else { unreachable!("state checked") };
+    fn run(
+        &mut self,
+        factory: DestinationFactory<'_>,
+        vm_out: &mut Option<Box<dyn DestinationVm>>,
+        cpu0: Duration,
+    ) -> Result<DestReport> {
+        let Message::Hello(hello) = self.recv()? else {
+            unreachable!("state checked")
+        };
         if hello.version != PROTOCOL_VERSION {
-            return Err(Error::VersionMismatch { peer: hello.version, ours: PROTOCOL_VERSION });
+            return Err(Error::VersionMismatch {
+                peer: hello.version,
+                ours: PROTOCOL_VERSION,
+            });
         }
         if hello.streams == 0 || hello.streams > 64 {
-            return Err(Error::Protocol(format!("Hello asks for {} data streams (1..=64)", hello.streams)));
+            return Err(Error::Protocol(format!(
+                "Hello asks for {} data streams (1..=64)",
+                hello.streams
+            )));
         }
         let (transport, reason, mut rdma_opts) = self.choose_transport(&hello)?;
         let nonce_d = random_bytes()?;
         let psk = &self.config.psk;
-        let my_caps = caps::TCP | if transport == TransportKind::Rdma { caps::RDMA } else { 0 };
+        let my_caps = caps::TCP
+            | if transport == TransportKind::Rdma {
+                caps::RDMA
+            } else {
+                0
+            };
         self.ctl.send(&Message::HelloAck(HelloAck {
             version: PROTOCOL_VERSION,
             transport,
@@ -166,27 +221,41 @@ impl Dest<'_> {
             reason: reason.clone(),
         }))?;
         self.state = DestState::AwaitAuthProof;
-        let Message::AuthProof(mac) = self.recv()? else { unreachable!("state checked") };
+        let Message::AuthProof(mac) = self.recv()? else {
+            unreachable!("state checked")
+        };
         if !psk.check_source_proof(&hello.nonce, &nonce_d, &mac) {
-            return Err(Error::AuthFailed("the source did not prove the pre-shared key (different --psk-file?)".into()));
+            return Err(Error::AuthFailed(
+                "the source did not prove the pre-shared key (different --psk-file?)".into(),
+            ));
         }
         self.ctl.send(&Message::AuthOk)?;
         self.state = DestState::AwaitRegionTable;
-        tracing::info!("source authenticated; transport {} ({reason})", transport.name());
+        tracing::info!(
+            "source authenticated; transport {} ({reason})",
+            transport.name()
+        );
 
-        let Message::RegionTable { page_size, regions } = self.recv()? else { unreachable!("state checked") };
+        let Message::RegionTable { page_size, regions } = self.recv()? else {
+            unreachable!("state checked")
+        };
         let layout = check_layout(page_size, &regions)?;
         let vm = factory(&layout).map_err(|e| Error::vmm("create destination VM", e))?;
         let map: GuestMemoryMap = vm.memory().clone();
         if MemoryLayout::of(&map) != layout {
-            return Err(Error::RegionMismatch("the destination VM's memory does not match the announced layout".into()));
+            return Err(Error::RegionMismatch(
+                "the destination VM's memory does not match the announced layout".into(),
+            ));
         }
         *vm_out = Some(vm);
         let hashes = Arc::new(PageHashes::new(&map));
 
         self.state = DestState::AwaitDataSetup;
-        let Message::DataSetup(setup) = self.recv()? else { unreachable!("state checked") };
-        let limiter = (hello.max_bandwidth > 0).then(|| Arc::new(RateLimiter::new(hello.max_bandwidth)));
+        let Message::DataSetup(setup) = self.recv()? else {
+            unreachable!("state checked")
+        };
+        let limiter =
+            (hello.max_bandwidth > 0).then(|| Arc::new(RateLimiter::new(hello.max_bandwidth)));
         match transport {
             TransportKind::Rdma => {
                 rdma_opts.qps = hello.qps.max(1);
@@ -194,7 +263,14 @@ impl Dest<'_> {
                     // The GID that belongs to the address the control channel uses.
                     rdma_opts.local_addr = self.ctl.local().ok().map(|a| a.ip());
                 }
-                let (path, ack) = RdmaDestPath::new(&map, &rdma_opts, &setup, hashes.clone(), self.cpu.clone(), limiter)?;
+                let (path, ack) = RdmaDestPath::new(
+                    &map,
+                    &rdma_opts,
+                    &setup,
+                    hashes.clone(),
+                    self.cpu.clone(),
+                    limiter,
+                )?;
                 self.data = Some(Box::new(path));
                 self.ctl.send(&Message::DataSetupAck(ack))?;
             }
@@ -204,8 +280,15 @@ impl Dest<'_> {
                 }
                 self.ctl.send(&Message::DataSetupAck(Vec::new()))?;
                 let token = psk.stream_token(&hello.nonce, &nonce_d);
-                let streams = accept_streams(self.listener, hello.streams, token, self.config.io_timeout)?;
-                self.data = Some(Box::new(TcpDestPath::new(map.clone(), streams, hashes.clone(), self.cpu.clone(), self.config.io_timeout)?));
+                let streams =
+                    accept_streams(self.listener, hello.streams, token, self.config.io_timeout)?;
+                self.data = Some(Box::new(TcpDestPath::new(
+                    map.clone(),
+                    streams,
+                    hashes.clone(),
+                    self.cpu.clone(),
+                    self.config.io_timeout,
+                )?));
             }
         }
         self.ctl.send(&Message::Ready)?;
@@ -216,10 +299,15 @@ impl Dest<'_> {
         let mut round_start = Instant::now();
         let mut final_flag = None;
         loop {
-            let Message::Round(r) = self.recv()? else { unreachable!("state checked") };
+            let Message::Round(r) = self.recv()? else {
+                unreachable!("state checked")
+            };
             let is_final = r.flags & ROUND_FINAL != 0;
             if *final_flag.get_or_insert(is_final) != is_final {
-                return Err(Error::Protocol(format!("round {}: chunks disagree on the final flag", r.round)));
+                return Err(Error::Protocol(format!(
+                    "round {}: chunks disagree on the final flag",
+                    r.round
+                )));
             }
             if r.chunk == 0 {
                 round_start = Instant::now();
@@ -230,7 +318,10 @@ impl Dest<'_> {
             let data = self.data.as_mut().expect("set up above");
             data.receive_chunk(r.round, &r.ranges)?;
             if r.flags & ROUND_LAST_CHUNK == 0 {
-                self.state = DestState::Precopy { round: r.round, chunk: r.chunk + 1 };
+                self.state = DestState::Precopy {
+                    round: r.round,
+                    chunk: r.chunk + 1,
+                };
                 continue;
             }
             let landed = data.finish_round(r.round)?;
@@ -247,21 +338,36 @@ impl Dest<'_> {
             if is_final {
                 break;
             }
-            self.state = DestState::Precopy { round: r.round + 1, chunk: 0 };
+            self.state = DestState::Precopy {
+                round: r.round + 1,
+                chunk: 0,
+            };
         }
 
         // Switchover.
         self.state = DestState::AwaitDeviceState;
-        let Message::DeviceState(blob) = self.recv()? else { unreachable!("state checked") };
+        let Message::DeviceState(blob) = self.recv()? else {
+            unreachable!("state checked")
+        };
         self.state = DestState::AwaitSwitchover;
-        let Message::Switchover { digest, pages: total } = self.recv()? else { unreachable!("state checked") };
+        let Message::Switchover {
+            digest,
+            pages: total,
+        } = self.recv()?
+        else {
+            unreachable!("state checked")
+        };
         let t = Instant::now();
         let mine = hashes.digest();
         if total != hashes.pages() || mine != digest {
-            return Err(Error::DigestMismatch { source_digest: digest, dest_digest: mine });
+            return Err(Error::DigestMismatch {
+                source_digest: digest,
+                dest_digest: mine,
+            });
         }
         let vm = vm_out.as_mut().expect("built above");
-        vm.restore_state(&blob).map_err(|e| Error::vmm("restore device state", e))?;
+        vm.restore_state(&blob)
+            .map_err(|e| Error::vmm("restore device state", e))?;
         vm.resume().map_err(|e| Error::vmm("resume", e))?;
         let resume = t.elapsed();
         self.cpu.add(thread_cpu_time().saturating_sub(cpu0));
@@ -290,7 +396,10 @@ impl Dest<'_> {
         })
     }
 
-    fn choose_transport(&mut self, hello: &crate::wire::Hello) -> Result<(TransportKind, String, crate::rdma::RdmaOptions)> {
+    fn choose_transport(
+        &mut self,
+        hello: &crate::wire::Hello,
+    ) -> Result<(TransportKind, String, crate::rdma::RdmaOptions)> {
         let opts = self.config.rdma.clone();
         let local = match self.config.transport {
             TransportKind::Tcp => Err("the destination is configured for TCP only".to_string()),
@@ -300,13 +409,36 @@ impl Dest<'_> {
         Ok(match hello.transport {
             TransportKind::Tcp => (TransportKind::Tcp, "the source requested TCP".into(), opts),
             TransportKind::Rdma => match local {
-                Ok(dev) => (TransportKind::Rdma, format!("RDMA requested; destination device {}", dev.name), opts),
-                Err(why) => return Err(Error::RdmaUnavailable(format!("the source requested RDMA but the destination cannot: {why}"))),
+                Ok(dev) => (
+                    TransportKind::Rdma,
+                    format!("RDMA requested; destination device {}", dev.name),
+                    opts,
+                ),
+                Err(why) => {
+                    return Err(Error::RdmaUnavailable(format!(
+                        "the source requested RDMA but the destination cannot: {why}"
+                    )))
+                }
             },
             TransportKind::Auto => match (source_rdma, local) {
-                (true, Ok(dev)) => (TransportKind::Rdma, format!("both ends have a usable RDMA device (destination: {} port {})", dev.name, dev.port), opts),
-                (false, _) => (TransportKind::Tcp, "the source has no usable RDMA device".into(), opts),
-                (true, Err(why)) => (TransportKind::Tcp, format!("the destination has no usable RDMA device: {why}"), opts),
+                (true, Ok(dev)) => (
+                    TransportKind::Rdma,
+                    format!(
+                        "both ends have a usable RDMA device (destination: {} port {})",
+                        dev.name, dev.port
+                    ),
+                    opts,
+                ),
+                (false, _) => (
+                    TransportKind::Tcp,
+                    "the source has no usable RDMA device".into(),
+                    opts,
+                ),
+                (true, Err(why)) => (
+                    TransportKind::Tcp,
+                    format!("the destination has no usable RDMA device: {why}"),
+                    opts,
+                ),
             },
         })
     }

@@ -33,21 +33,40 @@ const STALL_ROUNDS: u32 = 4;
 impl Convergence {
     /// A tracker for a downtime `limit` and at most `max_rounds` rounds.
     pub fn new(limit: Duration, max_rounds: u32) -> Self {
-        Convergence { limit, max_rounds, bandwidth: 0.0, base: None, best_prediction: None, stalled: 0 }
+        Convergence {
+            limit,
+            max_rounds,
+            bandwidth: 0.0,
+            base: None,
+            best_prediction: None,
+            stalled: 0,
+        }
     }
 
     /// Records a finished round (`rounds_done` counts it) that moved `bytes` in `elapsed`,
     /// with `dirty_bytes` to move next, and decides. Returns the decision and the prediction.
-    pub fn after_round(&mut self, rounds_done: u32, bytes: u64, elapsed: Duration, dirty_bytes: u64) -> (Decision, Duration) {
+    pub fn after_round(
+        &mut self,
+        rounds_done: u32,
+        bytes: u64,
+        elapsed: Duration,
+        dirty_bytes: u64,
+    ) -> (Decision, Duration) {
         if bytes >= 4 << 20 || self.bandwidth == 0.0 {
-            self.bandwidth = self.bandwidth.max(bytes as f64 / elapsed.as_secs_f64().max(1e-6));
+            self.bandwidth = self
+                .bandwidth
+                .max(bytes as f64 / elapsed.as_secs_f64().max(1e-6));
         }
         if bytes < 4 << 20 {
             self.base = Some(self.base.map_or(elapsed, |b| b.min(elapsed)));
         }
         let base = self.base.unwrap_or(Duration::from_millis(1));
-        let predicted = base + Duration::from_secs_f64(dirty_bytes as f64 / self.bandwidth.max(1.0));
-        if self.best_prediction.is_none_or(|b| predicted < b.mul_f64(0.95)) {
+        let predicted =
+            base + Duration::from_secs_f64(dirty_bytes as f64 / self.bandwidth.max(1.0));
+        if self
+            .best_prediction
+            .is_none_or(|b| predicted < b.mul_f64(0.95))
+        {
             self.best_prediction = Some(predicted);
             self.stalled = 0;
         } else {
@@ -90,7 +109,9 @@ mod tests {
         let mut c = Convergence::new(Duration::from_millis(1), 100);
         let mut last = Decision::Continue;
         for r in 1..=10 {
-            last = c.after_round(r, 512 << 20, Duration::from_millis(500), 512 << 20).0;
+            last = c
+                .after_round(r, 512 << 20, Duration::from_millis(500), 512 << 20)
+                .0;
             if last != Decision::Continue {
                 assert!(r > STALL_ROUNDS, "stalled too early at round {r}");
                 break;
@@ -98,7 +119,14 @@ mod tests {
         }
         assert_eq!(last, Decision::NotConverging);
         let mut c = Convergence::new(Duration::from_millis(1), 2);
-        assert_eq!(c.after_round(1, 1 << 30, Duration::from_secs(1), 1 << 29).0, Decision::Continue);
-        assert_eq!(c.after_round(2, 1 << 29, Duration::from_millis(500), 1 << 28).0, Decision::NotConverging);
+        assert_eq!(
+            c.after_round(1, 1 << 30, Duration::from_secs(1), 1 << 29).0,
+            Decision::Continue
+        );
+        assert_eq!(
+            c.after_round(2, 1 << 29, Duration::from_millis(500), 1 << 28)
+                .0,
+            Decision::NotConverging
+        );
     }
 }

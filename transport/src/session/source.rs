@@ -35,7 +35,10 @@ use crate::pages::{PageRange, PageSet};
 use crate::rdma::{self, RdmaSourcePath};
 use crate::tcp::{connect_streams, RateLimiter, TcpSourcePath};
 use crate::vm::SourceVm;
-use crate::wire::{caps, Hello, Message, Round, TransportKind, MAX_RANGES_PER_MSG, PROTOCOL_VERSION, ROUND_FINAL, ROUND_LAST_CHUNK};
+use crate::wire::{
+    caps, Hello, Message, Round, TransportKind, MAX_RANGES_PER_MSG, PROTOCOL_VERSION, ROUND_FINAL,
+    ROUND_LAST_CHUNK,
+};
 
 /// Where the source is in the protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,7 +96,12 @@ struct Source<'a> {
 ///
 /// On success the guest is running on the destination and the caller should stop its local
 /// copy. On failure the local VM is running (or, only for [`Error::SwitchoverUnknown`], paused).
-pub fn migrate(vm: &mut dyn SourceVm, dest: SocketAddr, config: &MigrationConfig, progress: &mut dyn FnMut(&RoundStats)) -> Result<MigrationReport> {
+pub fn migrate(
+    vm: &mut dyn SourceVm,
+    dest: SocketAddr,
+    config: &MigrationConfig,
+    progress: &mut dyn FnMut(&RoundStats),
+) -> Result<MigrationReport> {
     config.validate()?;
     let started = Instant::now();
     let cpu0 = thread_cpu_time();
@@ -104,11 +112,16 @@ pub fn migrate(vm: &mut dyn SourceVm, dest: SocketAddr, config: &MigrationConfig
     };
     if config.transport == TransportKind::Rdma {
         if let Err(why) = &rdma_probe {
-            return Err(Error::RdmaUnavailable(format!("--transport rdma needs a usable RDMA device here: {why}")));
+            return Err(Error::RdmaUnavailable(format!(
+                "--transport rdma needs a usable RDMA device here: {why}"
+            )));
         }
     }
     let stream = TcpStream::connect_timeout(&dest, config.io_timeout.min(Duration::from_secs(10)))
-        .map_err(|e| Error::Io { context: format!("connecting to the destination at {dest}"), source: e })?;
+        .map_err(|e| Error::Io {
+            context: format!("connecting to the destination at {dest}"),
+            source: e,
+        })?;
     let ctl = Control::new(stream, Some(config.io_timeout))?;
     let mut s = Source {
         vm,
@@ -142,12 +155,21 @@ impl Source<'_> {
     fn recv(&mut self) -> Result<Message> {
         let m = self.ctl.recv()?;
         if !self.state.accepts(&m) {
-            return Err(Error::UnexpectedMessage { state: self.state.describe(), got: m.name() });
+            return Err(Error::UnexpectedMessage {
+                state: self.state.describe(),
+                got: m.name(),
+            });
         }
         Ok(m)
     }
 
-    fn run(&mut self, dest: SocketAddr, have_rdma: bool, started: Instant, progress: &mut dyn FnMut(&RoundStats)) -> Result<MigrationReport> {
+    fn run(
+        &mut self,
+        dest: SocketAddr,
+        have_rdma: bool,
+        started: Instant,
+        progress: &mut dyn FnMut(&RoundStats),
+    ) -> Result<MigrationReport> {
         // Handshake: versions, capabilities, transport, mutual authentication.
         let nonce_s = random_bytes()?;
         let mut my_caps = caps::TCP;
@@ -163,21 +185,43 @@ impl Source<'_> {
             max_bandwidth: self.config.max_bandwidth.unwrap_or(0),
             nonce: nonce_s,
         }))?;
-        let Message::HelloAck(ack) = self.recv()? else { unreachable!("state checked") };
-        if !self.config.psk.check_dest_proof(&nonce_s, &ack.nonce, &ack.mac) {
-            return Err(Error::AuthFailed("the destination did not prove the pre-shared key (different --psk-file?)".into()));
+        let Message::HelloAck(ack) = self.recv()? else {
+            unreachable!("state checked")
+        };
+        if !self
+            .config
+            .psk
+            .check_dest_proof(&nonce_s, &ack.nonce, &ack.mac)
+        {
+            return Err(Error::AuthFailed(
+                "the destination did not prove the pre-shared key (different --psk-file?)".into(),
+            ));
         }
-        self.ctl.send(&Message::AuthProof(self.config.psk.source_proof(&nonce_s, &ack.nonce)))?;
+        self.ctl.send(&Message::AuthProof(
+            self.config.psk.source_proof(&nonce_s, &ack.nonce),
+        ))?;
         self.state = SourceState::AwaitAuthOk;
         self.recv()?;
-        tracing::info!("authenticated; transport {} ({})", ack.transport.name(), ack.reason);
+        tracing::info!(
+            "authenticated; transport {} ({})",
+            ack.transport.name(),
+            ack.reason
+        );
 
         // Memory layout and data path. Keys and addresses go out only now.
         self.ctl.send(&Message::RegionTable {
             page_size: self.map.page_size().bytes() as u32,
-            regions: self.map.regions().iter().map(|r| (r.gpa(), r.len())).collect(),
+            regions: self
+                .map
+                .regions()
+                .iter()
+                .map(|r| (r.gpa(), r.len()))
+                .collect(),
         })?;
-        let limiter = self.config.max_bandwidth.map(|b| Arc::new(RateLimiter::new(b)));
+        let limiter = self
+            .config
+            .max_bandwidth
+            .map(|b| Arc::new(RateLimiter::new(b)));
         let mut rdma_path = None;
         let setup = match ack.transport {
             TransportKind::Rdma => {
@@ -194,7 +238,9 @@ impl Source<'_> {
         };
         self.ctl.send(&Message::DataSetup(setup))?;
         self.state = SourceState::AwaitSetupAck;
-        let Message::DataSetupAck(ack_payload) = self.recv()? else { unreachable!("state checked") };
+        let Message::DataSetupAck(ack_payload) = self.recv()? else {
+            unreachable!("state checked")
+        };
         self.data = Some(match rdma_path {
             Some(mut path) => {
                 path.connect(&ack_payload)?;
@@ -202,15 +248,23 @@ impl Source<'_> {
             }
             None => {
                 let token = self.config.psk.stream_token(&nonce_s, &ack.nonce);
-                let streams = connect_streams(dest, self.config.streams, token, self.config.io_timeout)?;
-                Box::new(TcpSourcePath::new(self.map.clone(), streams, limiter, self.cpu.clone())?)
+                let streams =
+                    connect_streams(dest, self.config.streams, token, self.config.io_timeout)?;
+                Box::new(TcpSourcePath::new(
+                    self.map.clone(),
+                    streams,
+                    limiter,
+                    self.cpu.clone(),
+                )?)
             }
         });
         self.state = SourceState::AwaitReady;
         self.recv()?;
 
         // Pre-copy.
-        self.vm.start_dirty_log().map_err(|e| Error::vmm("start dirty log", e))?;
+        self.vm
+            .start_dirty_log()
+            .map_err(|e| Error::vmm("start dirty log", e))?;
         self.logging = true;
         let page = self.map.page_size().bytes();
         let mut set = PageSet::full(&self.map);
@@ -226,7 +280,9 @@ impl Source<'_> {
                 self.vm.pause().map_err(|e| Error::vmm("pause", e))?;
                 self.paused = true;
                 paused_at = Some(Instant::now());
-                self.vm.fetch_and_clear_dirty(&mut set).map_err(|e| Error::vmm("fetch dirty log", e))?;
+                self.vm
+                    .fetch_and_clear_dirty(&mut set)
+                    .map_err(|e| Error::vmm("fetch dirty log", e))?;
             }
             let t = Instant::now();
             let pages = self.send_round(round, &set, final_round)?;
@@ -251,7 +307,9 @@ impl Source<'_> {
                 break;
             }
             set.clear();
-            self.vm.fetch_and_clear_dirty(&mut set).map_err(|e| Error::vmm("fetch dirty log", e))?;
+            self.vm
+                .fetch_and_clear_dirty(&mut set)
+                .map_err(|e| Error::vmm("fetch dirty log", e))?;
             let dirty = set.count();
             let (decision, predicted) = conv.after_round(round + 1, bytes, elapsed, dirty * page);
             stats.dirty_pages = dirty;
@@ -264,32 +322,41 @@ impl Source<'_> {
                 Decision::Switchover => final_round = true,
                 Decision::NotConverging => match self.config.policy {
                     ConvergencePolicy::Stop => {
-                        tracing::warn!("pre-copy is not converging after {} rounds; switching over anyway", round + 1);
+                        tracing::warn!(
+                            "pre-copy is not converging after {} rounds; switching over anyway",
+                            round + 1
+                        );
                         final_round = true;
                         forced = true;
                     }
-                    ConvergencePolicy::Abort => {
-                        return Err(Error::NotConverged(format!(
-                            "after {} rounds the predicted downtime is {:.1} ms, over the {:?} limit",
-                            round + 1,
-                            predicted.as_secs_f64() * 1e3,
-                            self.config.downtime_limit
-                        )))
-                    }
+                    ConvergencePolicy::Abort => return Err(Error::NotConverged(format!(
+                        "after {} rounds the predicted downtime is {:.1} ms, over the {:?} limit",
+                        round + 1,
+                        predicted.as_secs_f64() * 1e3,
+                        self.config.downtime_limit
+                    ))),
                 },
             }
             round += 1;
         }
 
         // Switchover: device state, digest, and the destination's resume.
-        let blob = self.vm.save_state().map_err(|e| Error::vmm("save device state", e))?;
+        let blob = self
+            .vm
+            .save_state()
+            .map_err(|e| Error::vmm("save device state", e))?;
         let state_bytes = blob.len() as u64;
         self.ctl.send(&Message::DeviceState(blob))?;
         let digest = self.hashes.digest();
-        self.ctl.send(&Message::Switchover { digest, pages: self.hashes.pages() })?;
+        self.ctl.send(&Message::Switchover {
+            digest,
+            pages: self.hashes.pages(),
+        })?;
         self.switchover_sent = true;
         self.state = SourceState::AwaitComplete;
-        let Message::Complete(done) = self.recv()? else { unreachable!("state checked") };
+        let Message::Complete(done) = self.recv()? else {
+            unreachable!("state checked")
+        };
         let downtime = paused_at.map(|t| t.elapsed()).unwrap_or_default();
         self.state = SourceState::Done;
         if let Err(e) = self.ctl.send(&Message::Finish) {
@@ -319,15 +386,27 @@ impl Source<'_> {
     /// destination to confirm it. Returns the pages moved.
     fn send_round(&mut self, round: u32, set: &PageSet, final_round: bool) -> Result<u64> {
         let ranges: Vec<PageRange> = set.ranges(u64::from(u32::MAX)).collect();
-        let chunks: Vec<&[PageRange]> = if ranges.is_empty() { vec![&[]] } else { ranges.chunks(MAX_RANGES_PER_MSG).collect() };
-        let data = self.data.as_mut().expect("data path is set up before rounds");
+        let chunks: Vec<&[PageRange]> = if ranges.is_empty() {
+            vec![&[]]
+        } else {
+            ranges.chunks(MAX_RANGES_PER_MSG).collect()
+        };
+        let data = self
+            .data
+            .as_mut()
+            .expect("data path is set up before rounds");
         let n = chunks.len();
         for (i, chunk) in chunks.into_iter().enumerate() {
             let mut flags = if final_round { ROUND_FINAL } else { 0 };
             if i + 1 == n {
                 flags |= ROUND_LAST_CHUNK;
             }
-            self.ctl.send(&Message::Round(Round { round, chunk: i as u32, flags, ranges: chunk.to_vec() }))?;
+            self.ctl.send(&Message::Round(Round {
+                round,
+                chunk: i as u32,
+                flags,
+                ranges: chunk.to_vec(),
+            }))?;
             data.send_chunk(round, chunk)?;
             for r in chunk {
                 self.hashes.update(&self.map, r)?;
@@ -335,10 +414,15 @@ impl Source<'_> {
         }
         data.finish_round(round)?;
         self.state = SourceState::AwaitRoundDone(round);
-        let Message::RoundDone(done) = self.recv()? else { unreachable!("state checked") };
+        let Message::RoundDone(done) = self.recv()? else {
+            unreachable!("state checked")
+        };
         let pages = crate::pages::total_pages(&ranges);
         if done.pages != pages {
-            return Err(Error::Protocol(format!("round {round}: destination landed {} pages, {pages} were sent", done.pages)));
+            return Err(Error::Protocol(format!(
+                "round {round}: destination landed {} pages, {pages} were sent",
+                done.pages
+            )));
         }
         Ok(pages)
     }

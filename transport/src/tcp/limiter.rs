@@ -13,7 +13,10 @@ pub struct RateLimiter {
 impl RateLimiter {
     /// A limiter for `bytes_per_sec` (> 0).
     pub fn new(bytes_per_sec: u64) -> RateLimiter {
-        RateLimiter { rate: bytes_per_sec.max(1) as f64, next: Mutex::new(Instant::now()) }
+        RateLimiter {
+            rate: bytes_per_sec.max(1) as f64,
+            next: Mutex::new(Instant::now()),
+        }
     }
 
     /// Blocks until `bytes` more may be sent.
@@ -46,6 +49,10 @@ mod tests {
             l.acquire(256 << 10);
         }
         // 2.5 MiB at 10 MiB/s is 250 ms; allow the 2 ms burst.
-        assert!(t.elapsed() >= Duration::from_millis(240), "{:?}", t.elapsed());
+        assert!(
+            t.elapsed() >= Duration::from_millis(240),
+            "{:?}",
+            t.elapsed()
+        );
     }
 }

@@ -20,7 +20,12 @@ use crate::pages::{total_pages, PageRange};
 use crate::wire::{DataHeader, DATA_END_OF_ROUND, DATA_PAGES};
 
 enum Event {
-    EndOfRound { round: u32, claimed: u64, pages: u64, bytes: u64 },
+    EndOfRound {
+        round: u32,
+        claimed: u64,
+        pages: u64,
+        bytes: u64,
+    },
     Failed(Error),
 }
 
@@ -36,19 +41,37 @@ pub struct TcpDestPath {
 
 impl TcpDestPath {
     /// Starts one receiver thread per stream.
-    pub fn new(map: GuestMemoryMap, streams: Vec<TcpStream>, hashes: Arc<PageHashes>, cpu: Arc<CpuMeter>, timeout: Duration) -> Result<Self> {
+    pub fn new(
+        map: GuestMemoryMap,
+        streams: Vec<TcpStream>,
+        hashes: Arc<PageHashes>,
+        cpu: Arc<CpuMeter>,
+        timeout: Duration,
+    ) -> Result<Self> {
         let (tx, events) = channel();
         let stopping = Arc::new(AtomicBool::new(false));
         let mut handles = Vec::new();
         let mut kept = Vec::new();
         for (i, stream) in streams.into_iter().enumerate() {
-            kept.push(stream.try_clone().map_err(|e| Error::io("cloning a data stream", e, "data stream"))?);
-            let (map, hashes, cpu, tx, stopping) = (map.clone(), hashes.clone(), cpu.clone(), tx.clone(), stopping.clone());
+            kept.push(
+                stream
+                    .try_clone()
+                    .map_err(|e| Error::io("cloning a data stream", e, "data stream"))?,
+            );
+            let (map, hashes, cpu, tx, stopping) = (
+                map.clone(),
+                hashes.clone(),
+                cpu.clone(),
+                tx.clone(),
+                stopping.clone(),
+            );
             let h = std::thread::Builder::new()
                 .name(format!("rdmig-recv-{i}"))
                 .spawn(move || {
                     let _cpu = ThreadCpu::start(&cpu);
-                    if let Err(e) = receive_loop(i, stream, &map, &hashes, |ev| tx.send((i, ev)).is_ok()) {
+                    if let Err(e) =
+                        receive_loop(i, stream, &map, &hashes, |ev| tx.send((i, ev)).is_ok())
+                    {
                         if !stopping.load(Ordering::Relaxed) {
                             let _ = tx.send((i, Event::Failed(e)));
                         }
@@ -57,42 +80,80 @@ impl TcpDestPath {
                 .map_err(|e| Error::io("spawning a receiver thread", e, "data stream"))?;
             handles.push(h);
         }
-        Ok(TcpDestPath { events, streams: kept, handles, stopping, expected: 0, timeout })
+        Ok(TcpDestPath {
+            events,
+            streams: kept,
+            handles,
+            stopping,
+            expected: 0,
+            timeout,
+        })
     }
 }
 
-fn receive_loop(i: usize, mut s: TcpStream, map: &GuestMemoryMap, hashes: &PageHashes, mut emit: impl FnMut(Event) -> bool) -> Result<()> {
+fn receive_loop(
+    i: usize,
+    mut s: TcpStream,
+    map: &GuestMemoryMap,
+    hashes: &PageHashes,
+    mut emit: impl FnMut(Event) -> bool,
+) -> Result<()> {
     let mut round = 0u32;
     let (mut pages, mut bytes) = (0u64, 0u64);
     loop {
         let mut b = [0u8; size_of::<DataHeader>()];
         if let Err(e) = s.read_exact(&mut b) {
-            return Err(Error::io(format!("reading a header on data stream {i}"), e, "data stream"));
+            return Err(Error::io(
+                format!("reading a header on data stream {i}"),
+                e,
+                "data stream",
+            ));
         }
         let h: DataHeader = bytemuck::pod_read_unaligned(&b);
         if h.round.get() != round {
-            return Err(Error::Protocol(format!("data stream {i} sent round {} while in round {round}", h.round.get())));
+            return Err(Error::Protocol(format!(
+                "data stream {i} sent round {} while in round {round}",
+                h.round.get()
+            )));
         }
         match h.kind.get() {
             DATA_PAGES => {
-                let range = PageRange { region: RegionId(h.region.get()), first: PageIndex(h.first.get()), npages: u64::from(h.npages.get()) };
+                let range = PageRange {
+                    region: RegionId(h.region.get()),
+                    first: PageIndex(h.first.get()),
+                    npages: u64::from(h.npages.get()),
+                };
                 let (ptr, len) = map.span(range.region, range.first, range.npages)?;
                 // SAFETY: `span` checked the range against the destination's region table; the
                 // memory is mapped for the session and nothing else writes it before resume.
-                unsafe { recv_exact(s.as_raw_fd(), ptr, len) }
-                    .map_err(|e| Error::io(format!("receiving pages on data stream {i}"), e, "data stream"))?;
+                unsafe { recv_exact(s.as_raw_fd(), ptr, len) }.map_err(|e| {
+                    Error::io(
+                        format!("receiving pages on data stream {i}"),
+                        e,
+                        "data stream",
+                    )
+                })?;
                 hashes.update(map, &range)?;
                 pages += range.npages;
                 bytes += len as u64;
             }
             DATA_END_OF_ROUND => {
-                if !emit(Event::EndOfRound { round, claimed: u64::from(h.npages.get()), pages, bytes }) {
+                if !emit(Event::EndOfRound {
+                    round,
+                    claimed: u64::from(h.npages.get()),
+                    pages,
+                    bytes,
+                }) {
                     return Ok(());
                 }
                 round += 1;
                 (pages, bytes) = (0, 0);
             }
-            k => return Err(Error::Protocol(format!("data stream {i} sent unknown header kind {k}"))),
+            k => {
+                return Err(Error::Protocol(format!(
+                    "data stream {i} sent unknown header kind {k}"
+                )))
+            }
         }
     }
 }
@@ -112,11 +173,19 @@ impl DestDataPath for TcpDestPath {
         let mut done = vec![false; self.streams.len()];
         while done.iter().any(|d| !d) {
             let (i, ev) = self.events.recv_timeout(self.timeout).map_err(|_| {
-                Error::Timeout(format!("round {round}: data streams idle for {:?}", self.timeout))
+                Error::Timeout(format!(
+                    "round {round}: data streams idle for {:?}",
+                    self.timeout
+                ))
             })?;
             match ev {
                 Event::Failed(e) => return Err(e),
-                Event::EndOfRound { round: r, claimed, pages, bytes } => {
+                Event::EndOfRound {
+                    round: r,
+                    claimed,
+                    pages,
+                    bytes,
+                } => {
                     if r != round || done[i] || claimed != pages {
                         return Err(Error::Protocol(format!(
                             "data stream {i}: end of round {r} claims {claimed} pages, {pages} arrived (expected round {round})"
@@ -130,7 +199,10 @@ impl DestDataPath for TcpDestPath {
         }
         let expected = std::mem::take(&mut self.expected);
         if landed.pages != expected {
-            return Err(Error::Protocol(format!("round {round}: {} pages arrived, {expected} were announced", landed.pages)));
+            return Err(Error::Protocol(format!(
+                "round {round}: {} pages arrived, {expected} were announced",
+                landed.pages
+            )));
         }
         Ok(landed)
     }

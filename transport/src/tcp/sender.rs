@@ -41,14 +41,22 @@ pub struct TcpSourcePath {
 
 impl TcpSourcePath {
     /// Starts one sender thread per stream.
-    pub fn new(map: GuestMemoryMap, streams: Vec<TcpStream>, limiter: Option<Arc<RateLimiter>>, cpu: Arc<CpuMeter>) -> Result<Self> {
+    pub fn new(
+        map: GuestMemoryMap,
+        streams: Vec<TcpStream>,
+        limiter: Option<Arc<RateLimiter>>,
+        cpu: Arc<CpuMeter>,
+    ) -> Result<Self> {
         let failure = Arc::new(Mutex::new(None));
         let piece_pages = (MAX_PIECE_BYTES >> map.page_size().shift()).max(1);
         let mut workers = Vec::new();
         for (i, stream) in streams.into_iter().enumerate() {
             let (tx, rx) = channel::<Job>();
-            let fd_stream = stream.try_clone().map_err(|e| Error::io("cloning a data stream", e, "data stream"))?;
-            let (map, failure, limiter, cpu) = (map.clone(), failure.clone(), limiter.clone(), cpu.clone());
+            let fd_stream = stream
+                .try_clone()
+                .map_err(|e| Error::io("cloning a data stream", e, "data stream"))?;
+            let (map, failure, limiter, cpu) =
+                (map.clone(), failure.clone(), limiter.clone(), cpu.clone());
             let handle = std::thread::Builder::new()
                 .name(format!("rdmig-send-{i}"))
                 .spawn(move || {
@@ -68,41 +76,77 @@ impl TcpSourcePath {
                                     iov_len: size_of::<DataHeader>(),
                                 }];
                                 // SAFETY: the iovec points at `h`, alive for the call.
-                                unsafe { writev_all(fd_stream.as_raw_fd(), &mut iov) }
-                                    .map_err(|e| Error::io(format!("end of round {round} on data stream {i}"), e, "data stream"))
+                                unsafe { writev_all(fd_stream.as_raw_fd(), &mut iov) }.map_err(
+                                    |e| {
+                                        Error::io(
+                                            format!("end of round {round} on data stream {i}"),
+                                            e,
+                                            "data stream",
+                                        )
+                                    },
+                                )
                             }
                         };
                         if let Err(e) = r {
-                            failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                            failure
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .get_or_insert(e);
                             return;
                         }
                     }
                 })
                 .map_err(|e| Error::io("spawning a sender thread", e, "data stream"))?;
-            workers.push(Worker { tx: Some(tx), handle: Some(handle), stream });
+            workers.push(Worker {
+                tx: Some(tx),
+                handle: Some(handle),
+                stream,
+            });
         }
-        Ok(TcpSourcePath { workers, failure, piece_pages, next: 0 })
+        Ok(TcpSourcePath {
+            workers,
+            failure,
+            piece_pages,
+            next: 0,
+        })
     }
 
     fn check(&self) -> Result<()> {
-        match self.failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        match self
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
             Some(e) => Err(e),
             None => Ok(()),
         }
     }
 
     fn dispatch(&mut self, i: usize, job: Job) -> Result<()> {
-        let sent = self.workers[i].tx.as_ref().is_some_and(|tx| tx.send(job).is_ok());
+        let sent = self.workers[i]
+            .tx
+            .as_ref()
+            .is_some_and(|tx| tx.send(job).is_ok());
         if sent {
             Ok(())
         } else {
             self.check()?;
-            Err(Error::PeerClosed { channel: "data stream", detail: format!(": sender {i} stopped") })
+            Err(Error::PeerClosed {
+                channel: "data stream",
+                detail: format!(": sender {i} stopped"),
+            })
         }
     }
 }
 
-fn send_pieces(stream: &TcpStream, map: &GuestMemoryMap, round: u32, pieces: &[PageRange], limiter: Option<&RateLimiter>) -> Result<()> {
+fn send_pieces(
+    stream: &TcpStream,
+    map: &GuestMemoryMap,
+    round: u32,
+    pieces: &[PageRange],
+    limiter: Option<&RateLimiter>,
+) -> Result<()> {
     let mut headers = Vec::with_capacity(BATCH);
     let mut iov = Vec::with_capacity(2 * BATCH);
     for batch in pieces.chunks(BATCH) {
@@ -112,13 +156,24 @@ fn send_pieces(stream: &TcpStream, map: &GuestMemoryMap, round: u32, pieces: &[P
         let mut bytes = 0u64;
         for p in batch {
             let (ptr, len) = map.span(p.region, p.first, p.npages)?;
-            headers.push(DataHeader::pages(round, p.region.0, p.first.0, p.npages as u32));
+            headers.push(DataHeader::pages(
+                round,
+                p.region.0,
+                p.first.0,
+                p.npages as u32,
+            ));
             spans.push((ptr, len));
             bytes += len as u64;
         }
         for (h, (ptr, len)) in headers.iter().zip(&spans) {
-            iov.push(libc::iovec { iov_base: (h as *const DataHeader).cast_mut().cast(), iov_len: size_of::<DataHeader>() });
-            iov.push(libc::iovec { iov_base: ptr.cast(), iov_len: *len });
+            iov.push(libc::iovec {
+                iov_base: (h as *const DataHeader).cast_mut().cast(),
+                iov_len: size_of::<DataHeader>(),
+            });
+            iov.push(libc::iovec {
+                iov_base: ptr.cast(),
+                iov_len: *len,
+            });
         }
         if let Some(l) = limiter {
             l.acquire(bytes);
@@ -144,7 +199,11 @@ impl SourceDataPath for TcpSourcePath {
             let mut first = r.first.0;
             while first < r.end() {
                 let npages = (r.end() - first).min(self.piece_pages);
-                per[self.next % n].push(PageRange { region: r.region, first: PageIndex(first), npages });
+                per[self.next % n].push(PageRange {
+                    region: r.region,
+                    first: PageIndex(first),
+                    npages,
+                });
                 self.next += 1;
                 first += npages;
             }

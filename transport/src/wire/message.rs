@@ -500,14 +500,20 @@ impl Message {
             Message::AuthOk | Message::Ready | Message::Finish => {}
             Message::RegionTable { page_size, regions } => {
                 if regions.len() > MAX_REGIONS {
-                    return Err(Error::InvalidConfig(format!("{} regions, at most {MAX_REGIONS}", regions.len())));
+                    return Err(Error::InvalidConfig(format!(
+                        "{} regions, at most {MAX_REGIONS}",
+                        regions.len()
+                    )));
                 }
                 out.extend_from_slice(bytemuck::bytes_of(&RegionTableWire {
                     page_size: (*page_size).into(),
                     count: (regions.len() as u32).into(),
                 }));
                 for (gpa, len) in regions {
-                    out.extend_from_slice(bytemuck::bytes_of(&RegionWire { gpa: gpa.0.into(), len: (*len).into() }));
+                    out.extend_from_slice(bytemuck::bytes_of(&RegionWire {
+                        gpa: gpa.0.into(),
+                        len: (*len).into(),
+                    }));
                 }
             }
             Message::DataSetup(b) | Message::DataSetupAck(b) | Message::DeviceState(b) => {
@@ -523,7 +529,10 @@ impl Message {
             }
             Message::Round(r) => {
                 if r.ranges.len() > MAX_RANGES_PER_MSG {
-                    return Err(Error::InvalidConfig(format!("{} ranges in one message", r.ranges.len())));
+                    return Err(Error::InvalidConfig(format!(
+                        "{} ranges in one message",
+                        r.ranges.len()
+                    )));
                 }
                 out.reserve(size_of::<RoundWire>() + r.ranges.len() * size_of::<RangeWire>());
                 out.extend_from_slice(bytemuck::bytes_of(&RoundWire {
@@ -533,8 +542,9 @@ impl Message {
                     count: (r.ranges.len() as u32).into(),
                 }));
                 for g in &r.ranges {
-                    let npages = u32::try_from(g.npages)
-                        .map_err(|_| Error::InvalidConfig(format!("range of {} pages is too long", g.npages)))?;
+                    let npages = u32::try_from(g.npages).map_err(|_| {
+                        Error::InvalidConfig(format!("range of {} pages is too long", g.npages))
+                    })?;
                     out.extend_from_slice(bytemuck::bytes_of(&RangeWire {
                         region: g.region.0.into(),
                         npages: npages.into(),
@@ -549,11 +559,13 @@ impl Message {
                 bytes: d.bytes.into(),
                 micros: d.micros.into(),
             })),
-            Message::Switchover { digest, pages } => out.extend_from_slice(bytemuck::bytes_of(&SwitchoverWire {
-                digest: (*digest).into(),
-                pages: (*pages).into(),
-                reserved: 0.into(),
-            })),
+            Message::Switchover { digest, pages } => {
+                out.extend_from_slice(bytemuck::bytes_of(&SwitchoverWire {
+                    digest: (*digest).into(),
+                    pages: (*pages).into(),
+                    reserved: 0.into(),
+                }))
+            }
             Message::Complete(c) => out.extend_from_slice(bytemuck::bytes_of(&CompleteWire {
                 digest: c.digest.into(),
                 cpu_micros: c.cpu_micros.into(),
@@ -587,10 +599,16 @@ impl Message {
     pub fn check_header(bytes: &[u8; size_of::<Header>()]) -> Result<(Command, usize)> {
         let h: Header = bytemuck::pod_read_unaligned(bytes);
         if h.magic != MAGIC {
-            return Err(Error::Protocol(format!("bad magic {:02x?} (not an rdmig peer?)", h.magic)));
+            return Err(Error::Protocol(format!(
+                "bad magic {:02x?} (not an rdmig peer?)",
+                h.magic
+            )));
         }
         if h.version.get() != PROTOCOL_VERSION {
-            return Err(Error::VersionMismatch { peer: h.version.get(), ours: PROTOCOL_VERSION });
+            return Err(Error::VersionMismatch {
+                peer: h.version.get(),
+                ours: PROTOCOL_VERSION,
+            });
         }
         let cmd = Command::from_u16(h.command.get())?;
         if cmd == Command::Invalid {
@@ -598,7 +616,10 @@ impl Message {
         }
         let len = h.length.get() as usize;
         if len > cmd.max_payload() {
-            return Err(Error::Protocol(format!("{cmd:?} payload of {len} bytes exceeds its bound of {}", cmd.max_payload())));
+            return Err(Error::Protocol(format!(
+                "{cmd:?} payload of {len} bytes exceeds its bound of {}",
+                cmd.max_payload()
+            )));
         }
         Ok((cmd, len))
     }
@@ -607,19 +628,31 @@ impl Message {
     pub fn decode(cmd: Command, p: &[u8]) -> Result<Message> {
         fn fixed<T: Pod>(cmd: Command, p: &[u8]) -> Result<T> {
             if p.len() != size_of::<T>() {
-                return Err(Error::Protocol(format!("{cmd:?} payload is {} bytes, expected {}", p.len(), size_of::<T>())));
+                return Err(Error::Protocol(format!(
+                    "{cmd:?} payload is {} bytes, expected {}",
+                    p.len(),
+                    size_of::<T>()
+                )));
             }
             Ok(bytemuck::pod_read_unaligned(p))
         }
         fn prefix<T: Pod>(cmd: Command, p: &[u8]) -> Result<(T, &[u8])> {
             if p.len() < size_of::<T>() {
-                return Err(Error::Protocol(format!("{cmd:?} payload truncated at {} bytes", p.len())));
+                return Err(Error::Protocol(format!(
+                    "{cmd:?} payload truncated at {} bytes",
+                    p.len()
+                )));
             }
-            Ok((bytemuck::pod_read_unaligned(&p[..size_of::<T>()]), &p[size_of::<T>()..]))
+            Ok((
+                bytemuck::pod_read_unaligned(&p[..size_of::<T>()]),
+                &p[size_of::<T>()..],
+            ))
         }
         fn array<T: Pod>(cmd: Command, rest: &[u8], count: usize, max: usize) -> Result<Vec<T>> {
             if count > max {
-                return Err(Error::Protocol(format!("{cmd:?} announces {count} entries, at most {max}")));
+                return Err(Error::Protocol(format!(
+                    "{cmd:?} announces {count} entries, at most {max}"
+                )));
             }
             if rest.len() != count * size_of::<T>() {
                 return Err(Error::Protocol(format!(
@@ -627,13 +660,19 @@ impl Message {
                     rest.len()
                 )));
             }
-            Ok(rest.chunks_exact(size_of::<T>()).map(bytemuck::pod_read_unaligned).collect())
+            Ok(rest
+                .chunks_exact(size_of::<T>())
+                .map(bytemuck::pod_read_unaligned)
+                .collect())
         }
         fn empty(cmd: Command, p: &[u8], m: Message) -> Result<Message> {
             if p.is_empty() {
                 Ok(m)
             } else {
-                Err(Error::Protocol(format!("{cmd:?} carries {} unexpected bytes", p.len())))
+                Err(Error::Protocol(format!(
+                    "{cmd:?} carries {} unexpected bytes",
+                    p.len()
+                )))
             }
         }
         Ok(match cmd {
@@ -654,7 +693,9 @@ impl Message {
                 let (w, rest): (HelloAckWire, _) = prefix(cmd, p)?;
                 let transport = TransportKind::from_u8(w.transport)?;
                 if transport == TransportKind::Auto {
-                    return Err(Error::Protocol("HelloAck must choose a transport, not auto".into()));
+                    return Err(Error::Protocol(
+                        "HelloAck must choose a transport, not auto".into(),
+                    ));
                 }
                 Message::HelloAck(HelloAck {
                     version: w.version.get(),
@@ -671,10 +712,14 @@ impl Message {
             Command::Finish => empty(cmd, p, Message::Finish)?,
             Command::RegionTable => {
                 let (w, rest): (RegionTableWire, _) = prefix(cmd, p)?;
-                let regions: Vec<RegionWire> = array(cmd, rest, w.count.get() as usize, MAX_REGIONS)?;
+                let regions: Vec<RegionWire> =
+                    array(cmd, rest, w.count.get() as usize, MAX_REGIONS)?;
                 Message::RegionTable {
                     page_size: w.page_size.get(),
-                    regions: regions.iter().map(|r| (GuestAddress(r.gpa.get()), r.len.get())).collect(),
+                    regions: regions
+                        .iter()
+                        .map(|r| (GuestAddress(r.gpa.get()), r.len.get()))
+                        .collect(),
                 }
             }
             Command::DataSetup => Message::DataSetup(p.to_vec()),
@@ -682,7 +727,8 @@ impl Message {
             Command::DeviceState => Message::DeviceState(p.to_vec()),
             Command::Round => {
                 let (w, rest): (RoundWire, _) = prefix(cmd, p)?;
-                let ranges: Vec<RangeWire> = array(cmd, rest, w.count.get() as usize, MAX_RANGES_PER_MSG)?;
+                let ranges: Vec<RangeWire> =
+                    array(cmd, rest, w.count.get() as usize, MAX_RANGES_PER_MSG)?;
                 let mut out = Vec::with_capacity(ranges.len());
                 for r in ranges {
                     if r.npages.get() == 0 {
@@ -694,7 +740,12 @@ impl Message {
                         npages: u64::from(r.npages.get()),
                     });
                 }
-                Message::Round(Round { round: w.round.get(), chunk: w.chunk.get(), flags: w.flags.get(), ranges: out })
+                Message::Round(Round {
+                    round: w.round.get(),
+                    chunk: w.chunk.get(),
+                    flags: w.flags.get(),
+                    ranges: out,
+                })
             }
             Command::RoundDone => {
                 let w: RoundDoneWire = fixed(cmd, p)?;
@@ -707,7 +758,10 @@ impl Message {
             }
             Command::Switchover => {
                 let w: SwitchoverWire = fixed(cmd, p)?;
-                Message::Switchover { digest: w.digest.get(), pages: w.pages.get() }
+                Message::Switchover {
+                    digest: w.digest.get(),
+                    pages: w.pages.get(),
+                }
             }
             Command::Complete => {
                 let w: CompleteWire = fixed(cmd, p)?;

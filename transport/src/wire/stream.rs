@@ -56,7 +56,13 @@ const _: () = {
 impl DataHeader {
     /// A header for pages.
     pub fn pages(round: u32, region: u32, first: u64, npages: u32) -> DataHeader {
-        DataHeader { kind: DATA_PAGES.into(), round: round.into(), region: region.into(), npages: npages.into(), first: first.into() }
+        DataHeader {
+            kind: DATA_PAGES.into(),
+            round: round.into(),
+            region: region.into(),
+            npages: npages.into(),
+            first: first.into(),
+        }
     }
 
     /// An end-of-round marker.
@@ -74,6 +80,11 @@ impl DataHeader {
 impl StreamHello {
     /// A hello for stream `index` of `count`.
     pub fn new(index: u16, count: u16, token: [u8; MAC_LEN]) -> StreamHello {
-        StreamHello { magic: STREAM_MAGIC, index: index.into(), count: count.into(), token }
+        StreamHello {
+            magic: STREAM_MAGIC,
+            index: index.into(),
+            count: count.into(),
+            token,
+        }
     }
 }
