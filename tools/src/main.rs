@@ -2,6 +2,7 @@
 //! bandwidth, read latency and fault latency tests in perftest's manner.
 
 mod migrate;
+mod perf;
 mod units;
 
 use std::process::ExitCode;
@@ -24,6 +25,10 @@ struct Cli {
 enum Cmd {
     /// Live-migrate a VM: --loopback (two processes here), or --listen / --connect on two hosts.
     Migrate(Box<migrate::Args>),
+    /// RDMA READ bandwidth (perftest's ib_read_bw manner: no address = server).
+    ReadBw(perf::read_bw::Args),
+    /// RDMA READ latency (perftest's ib_read_lat manner: no address = server).
+    ReadLat(perf::read_lat::Args),
 }
 
 fn main() -> ExitCode {
@@ -38,6 +43,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.cmd {
         Cmd::Migrate(a) => migrate::run(*a),
+        Cmd::ReadBw(a) => perf::read_bw::run(a).map(|()| ExitCode::SUCCESS),
+        Cmd::ReadLat(a) => perf::read_lat::run(a).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -225,7 +225,12 @@ impl Source<'_> {
         let mut rdma_path = None;
         let setup = match ack.transport {
             TransportKind::Rdma => {
-                let (path, payload) = RdmaSourcePath::new(&self.map, &self.config.rdma)?;
+                let mut opts = self.config.rdma.clone();
+                if opts.local_addr.is_none() {
+                    // The GID that belongs to the address the control channel uses.
+                    opts.local_addr = self.ctl.local().ok().map(|a| a.ip());
+                }
+                let (path, payload) = RdmaSourcePath::new(&self.map, &opts)?;
                 rdma_path = Some(path);
                 payload
             }
