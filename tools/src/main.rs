@@ -3,6 +3,7 @@
 
 mod fault_lat;
 mod migrate;
+mod perf;
 mod units;
 
 use std::process::ExitCode;
@@ -27,6 +28,10 @@ enum Cmd {
     Migrate(Box<migrate::Args>),
     /// Remote page-fault latency (fault to resumed access) over TCP loopback, as percentiles.
     FaultLat(fault_lat::Args),
+    /// RDMA READ bandwidth (perftest's ib_read_bw manner: no address = server).
+    ReadBw(perf::read_bw::Args),
+    /// RDMA READ latency (perftest's ib_read_lat manner: no address = server).
+    ReadLat(perf::read_lat::Args),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +47,8 @@ fn main() -> ExitCode {
     let result = match cli.cmd {
         Cmd::Migrate(a) => migrate::run(*a),
         Cmd::FaultLat(a) => fault_lat::run(a).map(|()| ExitCode::SUCCESS),
+        Cmd::ReadBw(a) => perf::read_bw::run(a).map(|()| ExitCode::SUCCESS),
+        Cmd::ReadLat(a) => perf::read_lat::run(a).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

@@ -504,3 +504,35 @@ fn source_killed_during_postcopy_leaves_the_destination_paused_with_the_missing_
     );
     assert!(e.contains("the destination guest is paused"), "{e}");
 }
+
+#[test]
+fn loopback_migrates_a_kvm_guest_by_default_where_kvm_works() {
+    if let Err(why) = rdmig_vmm::kvm::kvm_available() {
+        eprintln!("SKIP: /dev/kvm not usable: {why}");
+        return;
+    }
+    let o = bench()
+        .args([
+            "migrate",
+            "--loopback",
+            "--transport",
+            "tcp",
+            "--mem",
+            "64MiB",
+            "--working-set",
+            "8MiB",
+            "--dirty-rate",
+            "32MiB/s",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["vm"], "kvm", "KVM is the default where it works");
+    assert_eq!(v["verified"], true);
+    assert_eq!(
+        v["guest_verified"], true,
+        "the guest's own check after resume on the destination"
+    );
+}

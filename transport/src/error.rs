@@ -186,6 +186,10 @@ impl Error {
     /// An `Io` error with context, mapping EOF-like errors to [`Error::PeerClosed`].
     pub fn io(context: impl Into<String>, source: io::Error, channel: &'static str) -> Error {
         match source.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Error::Timeout(format!(
+                "{}: the {channel} made no progress within the I/O timeout",
+                context.into()
+            )),
             io::ErrorKind::UnexpectedEof
             | io::ErrorKind::ConnectionReset
             | io::ErrorKind::BrokenPipe => Error::PeerClosed {

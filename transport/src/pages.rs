@@ -213,11 +213,13 @@ impl Iterator for Ranges<'_> {
             let n = self.set.pages[self.region];
             let mut end = start + 1;
             while end < n && end - start < self.max_pages {
-                if end % 64 == 0 && end + 64 <= n && end - start + 64 <= self.max_pages {
-                    if self.set.bitmaps[self.region][(end / 64) as usize] == u64::MAX {
-                        end += 64;
-                        continue;
-                    }
+                if end % 64 == 0
+                    && end + 64 <= n
+                    && end - start + 64 <= self.max_pages
+                    && self.set.bitmaps[self.region][(end / 64) as usize] == u64::MAX
+                {
+                    end += 64;
+                    continue;
                 }
                 if !self.bit(end) {
                     break;

@@ -10,7 +10,7 @@ use std::time::Duration;
 use rdmig_transport::auth::Psk;
 use rdmig_transport::control::Control;
 use rdmig_transport::mem::{
-    GuestAddress, GuestMemoryMap, MmapBacking, MmapRegion, PageIndex, PageSize, RegionId,
+    GuestAddress, GuestMemoryMap, MmapBacking, MmapRegion, PageIndex, RegionId,
 };
 use rdmig_transport::pages::PageRange;
 use rdmig_transport::session::{accept, MigrationConfig};

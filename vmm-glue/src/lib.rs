@@ -3,13 +3,14 @@
 //! - [`synthetic`]: an in-process VM for hosts without KVM: guest memory, writer threads that
 //!   dirty a working set at a target rate, its own dirty bitmap, and a page content scheme the
 //!   destination checks page by page after the migration.
-//! - `kvm`: a minimal real VMM (kvm-ioctls) running a small protected-mode guest that dirties
+//! - [`kvm`]: a minimal real VMM (kvm-ioctls) running a small protected-mode guest that dirties
 //!   memory and checks itself; migrated with KVM's dirty log and its vCPU state.
 //!
 //! Both implement [`rdmig_transport::vm::SourceVm`] and [`rdmig_transport::vm::DestinationVm`],
 //! and [`GuestCheck`] reports a guest's own verification of its memory.
 
 mod error;
+pub mod kvm;
 pub mod synthetic;
 
 pub use error::{Error, Result};

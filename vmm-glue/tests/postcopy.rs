@@ -43,8 +43,6 @@ fn config(psk: &Psk, mode: MigrationMode) -> MigrationConfig {
 
 type DestOutcome = Result<(SyntheticVm, DestReport), Error>;
 
-use rdmig_transport::vm::DestinationVm as _;
-
 fn run_via(
     source: &mut SyntheticVm,
     dest_cfg: SyntheticConfig,

@@ -162,6 +162,7 @@ fn destination_writers_resume_after_migration() {
 struct Relay {
     addr: SocketAddr,
     conns: Arc<Mutex<Vec<TcpStream>>>,
+    frozen: Arc<AtomicBool>,
 }
 
 impl Relay {
@@ -169,7 +170,9 @@ impl Relay {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let frozen = Arc::new(AtomicBool::new(false));
         let c2 = conns.clone();
+        let f2 = frozen.clone();
         std::thread::spawn(move || {
             for inbound in l.incoming() {
                 let Ok(a) = inbound else { return };
@@ -181,9 +184,15 @@ impl Relay {
                     .extend([a.try_clone().unwrap(), b.try_clone().unwrap()]);
                 for (mut from, mut to) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)]
                 {
+                    let frozen = f2.clone();
                     std::thread::spawn(move || {
                         let mut buf = vec![0u8; 1 << 16];
                         while let Ok(n) = from.read(&mut buf) {
+                            // Frozen: stop forwarding but keep the sockets open, like a
+                            // peer that hangs without closing.
+                            while frozen.load(Ordering::Relaxed) {
+                                std::thread::sleep(Duration::from_millis(10));
+                            }
                             if n == 0 || to.write_all(&buf[..n]).is_err() {
                                 break;
                             }
@@ -193,7 +202,11 @@ impl Relay {
                 }
             }
         });
-        Relay { addr, conns }
+        Relay {
+            addr,
+            conns,
+            frozen,
+        }
     }
 
     fn cut(&self) {
@@ -304,4 +317,46 @@ fn non_convergence_with_the_stop_policy_switches_over_anyway() {
         rep.rounds
     );
     assert!(dest.unwrap().verify().ok());
+}
+
+#[test]
+fn a_peer_that_hangs_without_closing_times_out_and_the_source_runs_on() {
+    let cfg = SyntheticConfig::new(128 * MIB).with_dirtying(16 * MIB, 64 * MIB);
+    let psk = Psk::random().unwrap();
+    let mut source = SyntheticVm::start(&cfg).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let relay = Relay::new(listener.local_addr().unwrap());
+    // Round 0 takes about 1 s at this cap, well within the 2 s timeout, unless the peer hangs.
+    let mcfg = config(&psk, 2)
+        .with_max_bandwidth(Some(128 * MIB))
+        .with_io_timeout(Duration::from_secs(2));
+    let dcfg = mcfg.clone().with_io_timeout(Duration::from_secs(30));
+    let dest = std::thread::spawn(move || {
+        accept(
+            &listener,
+            &dcfg,
+            synthetic_destination_factory(cfg.clone(), None),
+        )
+        .map(|_| ())
+    });
+    let frozen = relay.frozen.clone();
+    let freezer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(500));
+        frozen.store(true, Ordering::Relaxed);
+    });
+    let t = std::time::Instant::now();
+    let e = migrate(&mut source, relay.addr, &mcfg, &mut |_| {})
+        .expect_err("a hung peer cannot complete");
+    freezer.join().unwrap();
+    assert!(matches!(e, Error::Timeout(_)), "{e}");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t.elapsed()
+    );
+    relay.frozen.store(false, Ordering::Relaxed);
+    relay.cut();
+    assert!(dest.join().unwrap().is_err());
+    assert!(source.running());
+    assert!(source.verify().ok());
 }

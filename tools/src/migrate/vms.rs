@@ -1,8 +1,9 @@
 //! The VMs `migrate` can move: the synthetic VM, and (where /dev/kvm works) a real KVM guest.
 
 use anyhow::Result;
-use rdmig_transport::mem::PageSize;
-use rdmig_transport::vm::{DestinationFactory, DestinationVm, SourceVm};
+use rdmig_transport::mem::{GuestAddress, PageSize};
+use rdmig_transport::vm::{DestinationFactory, DestinationVm, MemoryLayout, SourceVm};
+use rdmig_vmm::kvm::{KvmConfig, KvmDestConfig, KvmVm};
 use rdmig_vmm::synthetic::{synthetic_destination_factory, SyntheticConfig, SyntheticVm};
 use rdmig_vmm::GuestCheck;
 
@@ -41,7 +42,7 @@ impl VmKind {
 }
 
 fn kvm_available() -> Result<(), String> {
-    Err("this build has no KVM guest yet".into())
+    rdmig_vmm::kvm::kvm_available()
 }
 
 /// What shapes the guest's memory and its writing.
@@ -72,12 +73,23 @@ impl VmParams {
             writers: self.writers,
         }
     }
+
+    fn kvm(&self) -> KvmConfig {
+        KvmConfig {
+            mem_bytes: self.mem,
+            working_set: self.working_set.min(self.mem),
+            dirty_rate: self.dirty_rate,
+            page_size: self.page,
+        }
+    }
 }
 
 /// A running VM on this host.
 pub enum LocalVm {
     /// Synthetic.
     Synthetic(Box<SyntheticVm>),
+    /// A KVM guest.
+    Kvm(Box<KvmVm>),
 }
 
 impl LocalVm {
@@ -87,7 +99,7 @@ impl LocalVm {
             VmKind::Synthetic => Ok(LocalVm::Synthetic(Box::new(SyntheticVm::start(
                 &p.synthetic(),
             )?))),
-            VmKind::Kvm => anyhow::bail!("--vm kvm: this build has no KVM guest yet"),
+            VmKind::Kvm => Ok(LocalVm::Kvm(Box::new(KvmVm::start(&p.kvm())?))),
         }
     }
 
@@ -95,6 +107,7 @@ impl LocalVm {
     pub fn source(&mut self) -> &mut dyn SourceVm {
         match self {
             LocalVm::Synthetic(v) => v.as_mut(),
+            LocalVm::Kvm(v) => v.as_mut(),
         }
     }
 
@@ -102,9 +115,26 @@ impl LocalVm {
     /// source connects) for the layout these parameters give.
     pub fn destination_factory(kind: VmKind, p: &VmParams) -> Result<DestinationFactory<'static>> {
         match kind {
-            VmKind::Synthetic | VmKind::Kvm => {
+            VmKind::Synthetic => {
                 let prepared = SyntheticVm::prepare_destination(&p.synthetic())?;
                 Ok(synthetic_destination_factory(p.synthetic(), Some(prepared)))
+            }
+            VmKind::Kvm => {
+                // The KVM guest's layout is one region at 0; the guest keeps the source's rate.
+                let expected = MemoryLayout {
+                    page_size: p.page,
+                    regions: vec![(GuestAddress(0), p.mem)],
+                };
+                let cfg = KvmDestConfig::default();
+                let prepared = KvmVm::destination(&expected, &cfg)?;
+                Ok(Box::new(move |layout: &MemoryLayout| {
+                    let vm = if *layout == expected {
+                        prepared
+                    } else {
+                        KvmVm::destination(layout, &cfg)?
+                    };
+                    Ok(Box::new(vm) as Box<dyn DestinationVm>)
+                }))
             }
         }
     }
@@ -113,10 +143,14 @@ impl LocalVm {
     pub fn from_destination(kind: VmKind, vm: Box<dyn DestinationVm>) -> Result<LocalVm> {
         let any = vm.into_any();
         match kind {
-            VmKind::Synthetic | VmKind::Kvm => any
+            VmKind::Synthetic => any
                 .downcast::<SyntheticVm>()
                 .map(LocalVm::Synthetic)
                 .map_err(|_| anyhow::anyhow!("the destination VM is not a synthetic VM")),
+            VmKind::Kvm => any
+                .downcast::<KvmVm>()
+                .map(LocalVm::Kvm)
+                .map_err(|_| anyhow::anyhow!("the destination VM is not a KVM VM")),
         }
     }
 
@@ -124,6 +158,7 @@ impl LocalVm {
     pub fn self_check(&mut self) -> Result<GuestCheck> {
         match self {
             LocalVm::Synthetic(v) => Ok(v.verify()),
+            LocalVm::Kvm(v) => Ok(v.self_check()?),
         }
     }
 
@@ -131,6 +166,7 @@ impl LocalVm {
     pub fn running(&self) -> bool {
         match self {
             LocalVm::Synthetic(v) => v.running() || v.config().dirty_rate == 0,
+            LocalVm::Kvm(v) => !v.is_paused(),
         }
     }
 
@@ -138,6 +174,7 @@ impl LocalVm {
     pub fn pages_written(&self) -> u64 {
         match self {
             LocalVm::Synthetic(v) => v.pages_written(),
+            LocalVm::Kvm(v) => v.pages_dirtied(),
         }
     }
 }

@@ -384,20 +384,14 @@ mod tests {
         unsafe { u.register(p, len) }.unwrap();
         let src = vec![7u8; 2 * 4096];
         // SAFETY: pages 1..3 of the registered range; src is two pages.
-        assert_eq!(
-            unsafe { u.copy(p.add(4096), src.as_ptr(), 2 * 4096) }.unwrap(),
-            CopyOutcome::Done
-        );
+        let done = unsafe { u.copy(p.add(4096), src.as_ptr(), 2 * 4096) };
+        assert_eq!(done.unwrap(), CopyOutcome::Done);
         // SAFETY: as above; page 1 is now present.
-        assert_eq!(
-            unsafe { u.copy(p.add(4096), src.as_ptr(), 4096) }.unwrap(),
-            CopyOutcome::Exists
-        );
+        let exists = unsafe { u.copy(p.add(4096), src.as_ptr(), 4096) };
+        assert_eq!(exists.unwrap(), CopyOutcome::Exists);
         // SAFETY: page 0 is missing, page 1 present: a partial copy of one page.
-        assert_eq!(
-            unsafe { u.copy(p, src.as_ptr(), 2 * 4096) }.unwrap(),
-            CopyOutcome::Partial(4096)
-        );
+        let partial = unsafe { u.copy(p, src.as_ptr(), 2 * 4096) };
+        assert_eq!(partial.unwrap(), CopyOutcome::Partial(4096));
         // SAFETY: page 1 was installed above; reading it does not fault.
         assert_eq!(unsafe { p.add(4096).read_volatile() }, 7);
         u.wake(p, len).unwrap();

@@ -1,18 +1,34 @@
-//! The RDMA data path (one-sided READs over RC queue pairs, via `sideway`).
+//! The RDMA data path: one-sided READs over RC queue pairs, via `sideway`.
 //!
-//! Placeholder interface: the verbs layer lands with the RDMA issue. Until then every entry
-//! point reports RDMA as unavailable, so `auto` falls back to TCP and `rdma` fails clearly.
+//! The destination pulls every page of every round from the source's registered memory; the
+//! source CPU does no per-page work. Layers, one file each:
+//!
+//! | file | concern |
+//! | --- | --- |
+//! | [`device`] | device, port and RoCE v2 GID discovery; device limits |
+//! | [`mr`] | registration (REMOTE_READ on the source, LOCAL_WRITE on the destination), RLIMIT_MEMLOCK |
+//! | [`qp`] | RC queue pairs on a shared CQ, INIT → RTR → RTS |
+//! | [`setup`] | the `DataSetup` / `DataSetupAck` payloads (QPN, PSN, GID, region keys) |
+//! | [`engine`] | the read engine: READs spread over QPs, batched posting and polling |
+//! | [`source`] / [`dest`] | the two [`crate::data`] path ends the migration driver uses |
+//!
+//! Keys and QP numbers travel only in `DataSetup`/`DataSetupAck`, after authentication.
+//! `sideway` loads libibverbs at run time, so [`probe`] on a host without rdma-core returns a
+//! reason, and `auto` falls back to TCP.
 
 use std::net::IpAddr;
-use std::sync::Arc;
 
-use crate::cpu::CpuMeter;
-use crate::data::{DestDataPath, Landed, SourceDataPath};
-use crate::digest::PageHashes;
-use crate::error::{Error, Result};
-use crate::mem::GuestMemoryMap;
-use crate::pages::PageRange;
-use crate::tcp::RateLimiter;
+pub mod dest;
+pub mod device;
+pub mod engine;
+pub mod mr;
+pub mod qp;
+pub mod setup;
+pub mod source;
+
+pub use dest::RdmaDestPath;
+pub use engine::{Read, ReadEngine};
+pub use source::RdmaSourcePath;
 
 /// How to pick and use the RDMA device.
 #[derive(Clone, Debug, Default)]
@@ -21,7 +37,7 @@ pub struct RdmaOptions {
     pub device: Option<String>,
     /// GID index (`-x`), or the RoCE v2 GID of `local_addr`.
     pub gid_index: Option<u8>,
-    /// Port number (1-based); default 1.
+    /// Port number (1-based); default: the first active RoCE port.
     pub port: Option<u8>,
     /// Queue pairs.
     pub qps: u16,
@@ -30,7 +46,7 @@ pub struct RdmaOptions {
 }
 
 /// A usable device, as found by [`probe`].
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceSummary {
     /// Device name.
     pub name: String,
@@ -40,80 +56,33 @@ pub struct DeviceSummary {
     pub gid_index: u8,
 }
 
-/// Finds a usable device, or says why there is none.
-pub fn probe(_opts: &RdmaOptions) -> std::result::Result<DeviceSummary, String> {
-    Err("this build has no RDMA data path yet".into())
-}
+/// A remote key (what the peer names our memory with).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RKey(pub u32);
 
-/// Source end: registers guest memory for remote reads; the destination pulls.
-pub struct RdmaSourcePath {
-    _private: (),
-}
+/// A local key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct LKey(pub u32);
 
-impl RdmaSourcePath {
-    /// Registers memory and creates queue pairs; returns the `DataSetup` payload.
-    pub fn new(_map: &GuestMemoryMap, _opts: &RdmaOptions) -> Result<(Self, Vec<u8>)> {
-        Err(Error::RdmaUnavailable(
-            "this build has no RDMA data path yet".into(),
-        ))
-    }
+/// A queue pair number (24 bits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Qpn(pub u32);
 
-    /// Connects the queue pairs with the destination's `DataSetupAck` payload.
-    pub fn connect(&mut self, _ack: &[u8]) -> Result<()> {
-        Err(Error::RdmaUnavailable(
-            "this build has no RDMA data path yet".into(),
-        ))
-    }
-}
+/// A packet sequence number (24 bits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Psn(pub u32);
 
-impl SourceDataPath for RdmaSourcePath {
-    fn name(&self) -> &'static str {
-        "rdma"
-    }
-    fn send_chunk(&mut self, _round: u32, _ranges: &[PageRange]) -> Result<()> {
-        Ok(())
-    }
-    fn finish_round(&mut self, _round: u32) -> Result<()> {
-        Ok(())
-    }
-    fn close(&mut self) -> Result<()> {
-        Ok(())
+/// A global identifier (RoCE v2: an IPv6 or IPv4-mapped address).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Gid(pub [u8; 16]);
+
+impl std::fmt::Display for Gid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", std::net::Ipv6Addr::from(self.0))
     }
 }
 
-/// Destination end: reads each announced range from the source's memory.
-pub struct RdmaDestPath {
-    _private: (),
-}
-
-impl RdmaDestPath {
-    /// Registers memory, creates and connects queue pairs to the source's; returns the
-    /// `DataSetupAck` payload.
-    pub fn new(
-        _map: &GuestMemoryMap,
-        _opts: &RdmaOptions,
-        _setup: &[u8],
-        _hashes: Arc<PageHashes>,
-        _cpu: Arc<CpuMeter>,
-        _limiter: Option<Arc<RateLimiter>>,
-    ) -> Result<(Self, Vec<u8>)> {
-        Err(Error::RdmaUnavailable(
-            "this build has no RDMA data path yet".into(),
-        ))
-    }
-}
-
-impl DestDataPath for RdmaDestPath {
-    fn name(&self) -> &'static str {
-        "rdma"
-    }
-    fn receive_chunk(&mut self, _round: u32, _ranges: &[PageRange]) -> Result<()> {
-        Ok(())
-    }
-    fn finish_round(&mut self, _round: u32) -> Result<Landed> {
-        Ok(Landed::default())
-    }
-    fn close(&mut self) -> Result<()> {
-        Ok(())
-    }
+/// Finds a usable device (active RoCE port with a RoCE v2 GID), or says why there is none.
+pub fn probe(opts: &RdmaOptions) -> std::result::Result<DeviceSummary, String> {
+    device::open(opts).map(|d| d.summary)
 }

@@ -352,6 +352,10 @@ impl Dest<'_> {
         match transport {
             TransportKind::Rdma => {
                 rdma_opts.qps = hello.qps.max(1);
+                if rdma_opts.local_addr.is_none() {
+                    // The GID that belongs to the address the control channel uses.
+                    rdma_opts.local_addr = self.ctl.local().ok().map(|a| a.ip());
+                }
                 let (path, ack) = RdmaDestPath::new(
                     &map,
                     &rdma_opts,

@@ -288,7 +288,12 @@ impl Source<'_> {
         let mut rdma_path = None;
         let setup = match ack.transport {
             TransportKind::Rdma => {
-                let (path, payload) = RdmaSourcePath::new(&self.map, &self.config.rdma)?;
+                let mut opts = self.config.rdma.clone();
+                if opts.local_addr.is_none() {
+                    // The GID that belongs to the address the control channel uses.
+                    opts.local_addr = self.ctl.local().ok().map(|a| a.ip());
+                }
+                let (path, payload) = RdmaSourcePath::new(&self.map, &opts)?;
                 rdma_path = Some(path);
                 payload
             }
@@ -418,12 +423,14 @@ impl Source<'_> {
                         final_round = true;
                         forced = true;
                     }
-                    ConvergencePolicy::Abort => return Err(Error::NotConverged(format!(
+                    ConvergencePolicy::Abort => {
+                        return Err(Error::NotConverged(format!(
                         "after {} rounds the predicted downtime is {:.1} ms, over the {:?} limit",
                         round + 1,
                         predicted.as_secs_f64() * 1e3,
                         self.config.downtime_limit
-                    ))),
+                    )))
+                    }
                 },
             }
             round += 1;

@@ -224,8 +224,12 @@ impl SourceDataPath for TcpSourcePath {
     }
 
     fn close(&mut self) -> Result<()> {
+        // Called once the destination confirmed every round (nothing is left in flight) or
+        // after a failure: either way shut the streams first, so a sender blocked on a peer
+        // that stopped reading is released before it is joined.
         for w in &mut self.workers {
             w.tx.take();
+            let _ = w.stream.shutdown(std::net::Shutdown::Both);
         }
         for w in &mut self.workers {
             if let Some(h) = w.handle.take() {
@@ -233,7 +237,6 @@ impl SourceDataPath for TcpSourcePath {
                     tracing::warn!("a TCP sender thread panicked");
                 }
             }
-            let _ = w.stream.shutdown(std::net::Shutdown::Both);
         }
         self.check()
     }

@@ -25,6 +25,9 @@ pub fn connect_streams(
                     "data stream",
                 )
             })?;
+            // A destination that stops reading must not block a sender forever.
+            s.set_write_timeout(Some(timeout))
+                .map_err(|e| Error::io("data stream write timeout", e, "data stream"))?;
             s.write_all(bytemuck::bytes_of(&StreamHello::new(i, count, token)))
                 .map_err(|e| Error::io(format!("greeting on data stream {i}"), e, "data stream"))?;
             Ok(s)
