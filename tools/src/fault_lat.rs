@@ -1,10 +1,12 @@
 //! `rdma-bench fault-lat`: remote page-fault latency, from the faulting access to the access
 //! resumed, as an hdrhistogram (min, p50, p90, p99, p99.9, max).
 //!
-//! Source and destination run in this process over loopback: the source's page server
-//! answers from a filled mapping, the destination registers an empty mapping with
-//! userfaultfd and runs the same fault service as a post-copy migration; a thread then reads
-//! one word of each of `--iters` pages in a scattered order and times each read.
+//! Source and destination run in this process: the source fills a mapping (TCP: its page
+//! server answers from it over loopback; RDMA: it is registered REMOTE_READ on the device and
+//! the fault fetcher READs it on a QP of its own, as in a post-copy migration), the destination
+//! registers an empty mapping with userfaultfd and runs the same fault service as a post-copy
+//! migration; a thread then reads one word of each of `--iters` pages in a scattered order and
+//! times each read.
 
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
@@ -16,8 +18,10 @@ use rdmig_transport::cpu::CpuMeter;
 use rdmig_transport::digest::PageHashes;
 use rdmig_transport::mem::{GuestAddress, GuestMemoryMap, MmapBacking, MmapRegion, PageSize};
 use rdmig_transport::pages::PageSet;
-use rdmig_transport::postcopy::fault::{fault_loop, FaultStats};
+use rdmig_transport::postcopy::fault::{self, fault_loop, FaultStats};
 use rdmig_transport::postcopy::{MissingPages, PageFetcher, PageServer, TcpPageFetcher, Uffd};
+use rdmig_transport::rdma::fetch::FAULT_SPIN;
+use rdmig_transport::rdma::{RdmaOptions, RdmaPageFetcher, RdmaSourcePath, ReadEngine, Staging};
 use serde_json::json;
 
 use crate::units::parse_size;
@@ -27,7 +31,7 @@ use crate::units::parse_size;
 pub enum FetchTransport {
     /// A page request on a dedicated TCP stream (loopback).
     Tcp,
-    /// One RDMA READ per fault (not yet: the RDMA fetcher is being built).
+    /// One RDMA READ per fault into a registered staging page, then `UFFDIO_COPY`.
     Rdma,
 }
 
@@ -43,9 +47,68 @@ pub struct Args {
     /// Size of the remote memory (at least iters pages).
     #[arg(short = 's', long = "size", default_value = "64MiB", value_parser = parse_size)]
     pub size: u64,
+    /// RDMA device (default: the first with an active RoCE port).
+    #[arg(short = 'd', long = "ib-dev")]
+    pub ib_dev: Option<String>,
+    /// GID index (default: the RoCE v2 GID of --bind, else the first RoCE v2 GID).
+    #[arg(short = 'x', long = "gid-index")]
+    pub gid_index: Option<u8>,
+    /// Local address whose RoCE v2 GID the RDMA connection uses.
+    #[arg(long)]
+    pub bind: Option<std::net::IpAddr>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// A fetcher and what keeps its far end alive.
+enum Far {
+    Tcp(PageServer),
+    Rdma(RdmaSourcePath),
+}
+
+/// Connects a fault fetcher to the source memory `src_map` over the chosen transport.
+fn connect(
+    args: &Args,
+    src_map: &GuestMemoryMap,
+    dst_map: &GuestMemoryMap,
+) -> Result<(Box<dyn PageFetcher>, Far, String)> {
+    match args.transport {
+        FetchTransport::Tcp => {
+            let listener = TcpListener::bind("127.0.0.1:0")?;
+            let client = TcpStream::connect(listener.local_addr()?)?;
+            let (served, _) = listener.accept()?;
+            let cpu = Arc::new(CpuMeter::default());
+            let server = PageServer::start(src_map.clone(), vec![served], None, cpu)?;
+            let f = TcpPageFetcher::new(client, dst_map.clone(), "fault")?;
+            Ok((Box::new(f), Far::Tcp(server), "tcp (loopback)".into()))
+        }
+        FetchTransport::Rdma => {
+            let opts = RdmaOptions {
+                device: args.ib_dev.clone(),
+                gid_index: args.gid_index,
+                port: None,
+                qps: 1,
+                local_addr: args.bind,
+            };
+            let (mut source, setup) = RdmaSourcePath::new(src_map, &opts)
+                .context("fault-lat --transport rdma: the source end")?;
+            let page = dst_map.page_size();
+            let staging = Staging::new(fault::staging_bytes(page.bytes() as usize), page)?;
+            let (_, mut engines, ack) =
+                ReadEngine::new_split(dst_map, &opts, &setup, vec![staging.map().clone()])?;
+            source.connect(&ack)?;
+            let engine = engines.pop().context("no fault engine")?;
+            let what = format!(
+                "rdma ({} port {} GID index {})",
+                engine.device().summary.name,
+                engine.device().summary.port,
+                engine.device().summary.gid_index
+            );
+            let f = RdmaPageFetcher::new(engine, staging, page, "fault").with_spin(FAULT_SPIN);
+            Ok((Box::new(f), Far::Rdma(source), what))
+        }
+    }
 }
 
 fn region(len: u64) -> Result<(MmapRegion, GuestMemoryMap)> {
@@ -63,9 +126,6 @@ fn pattern(p: u64) -> u64 {
 
 /// Runs `fault-lat`.
 pub fn run(args: Args) -> Result<()> {
-    if args.transport == FetchTransport::Rdma {
-        bail!("--transport rdma: not yet (the RDMA page fetcher, one READ per fault, is not in this build); use --transport tcp");
-    }
     const PAGE: u64 = 4096;
     let pages = args.size / PAGE;
     if args.iters == 0 || args.iters > pages {
@@ -88,12 +148,7 @@ pub fn run(args: Args) -> Result<()> {
         };
     }
     let (dst_mem, dst_map) = region(args.size)?;
-
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let client = TcpStream::connect(listener.local_addr()?)?;
-    let (served, _) = listener.accept()?;
-    let cpu = Arc::new(CpuMeter::default());
-    let mut server = PageServer::start(src_map.clone(), vec![served], None, cpu)?;
+    let (mut fetcher, far, what) = connect(&args, &src_map, &dst_map)?;
 
     let mut all = PageSet::empty(&dst_map);
     all.fill();
@@ -103,13 +158,12 @@ pub fn run(args: Args) -> Result<()> {
     // the range unregistered below.
     unsafe { uffd.register(dst_mem.as_ptr(), dst_mem.len())? };
     let hashes = Arc::new(PageHashes::new(&dst_map));
-    let mut fetcher = TcpPageFetcher::new(client, dst_map.clone(), "fault")?;
     let (u, m, h) = (uffd.clone(), missing.clone(), hashes.clone());
     let service = std::thread::Builder::new()
         .name("fault-lat-service".into())
         .spawn(move || {
             let mut stats = FaultStats::new();
-            let r = fault_loop(&u, &m, &h, &mut fetcher, &mut stats);
+            let r = fault_loop(&u, &m, &h, fetcher.as_mut(), &mut stats);
             fetcher.close();
             r.map(|()| stats)
         })?;
@@ -136,8 +190,13 @@ pub fn run(args: Args) -> Result<()> {
         .join()
         .map_err(|_| anyhow::anyhow!("the fault service panicked"))??;
     uffd.unregister(dst_mem.as_ptr(), dst_mem.len())?;
-    if let Err(e) = server.stop() {
-        tracing::debug!("page server: {e}");
+    match far {
+        Far::Tcp(mut server) => {
+            if let Err(e) = server.stop() {
+                tracing::debug!("page server: {e}");
+            }
+        }
+        Far::Rdma(mut source) => source.deregister_memory(),
     }
     if bad > 0 {
         bail!("{bad} pages arrived with the wrong content");
@@ -149,7 +208,10 @@ pub fn run(args: Args) -> Result<()> {
         println!(
             "{}",
             json!({
-                "transport": "tcp",
+                "transport": match args.transport {
+                    FetchTransport::Tcp => "tcp",
+                    FetchTransport::Rdma => "rdma",
+                },
                 "size": args.size,
                 "page_size": PAGE,
                 "iters": args.iters,
@@ -164,9 +226,7 @@ pub fn run(args: Args) -> Result<()> {
             })
         );
     } else {
-        println!(
-            "remote fault latency over tcp (loopback), fault to resumed access, {PAGE} byte pages"
-        );
+        println!("remote fault latency over {what}, fault to resumed access, {PAGE} byte pages");
         println!(
             "{:>8} {:>11} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
             "#bytes", "#iterations", "t_min", "t_p50", "t_p90", "t_p99", "t_p99.9", "t_max"

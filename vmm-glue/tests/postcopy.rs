@@ -356,3 +356,237 @@ fn postcopy_with_64k_pages_and_regions() {
         );
     }
 }
+
+// ---- over RDMA (SoftRoCE in ci/test-rdma): faults and prefetches are READs ----------------
+
+/// The SoftRoCE device `ci/softroce-run` sets up, as RDMA options and the address to listen
+/// on, or `None` after saying why the test skips.
+fn rxe(test: &str) -> Option<(rdmig_transport::rdma::RdmaOptions, std::net::IpAddr)> {
+    let Ok(dev) = std::env::var("RDMIG_RXE_DEV") else {
+        eprintln!("SKIP: {test}: no RDMA device (RDMIG_RXE_DEV and RDMIG_RXE_ADDR are set by ci/softroce-run)");
+        return None;
+    };
+    let addr: std::net::IpAddr = std::env::var("RDMIG_RXE_ADDR")
+        .expect("RDMIG_RXE_ADDR with RDMIG_RXE_DEV")
+        .parse()
+        .expect("RDMIG_RXE_ADDR is an address");
+    let opts = rdmig_transport::rdma::RdmaOptions {
+        device: Some(dev),
+        gid_index: std::env::var("RDMIG_RXE_GID_INDEX")
+            .ok()
+            .and_then(|g| g.parse().ok()),
+        port: None,
+        qps: 2,
+        local_addr: Some(addr),
+    };
+    Some((opts, addr))
+}
+
+/// Source and destination over RDMA, the control channel on the device's address (or through
+/// `relay`, which then forwards to it).
+fn run_rdma(
+    source: &mut SyntheticVm,
+    dest_cfg: SyntheticConfig,
+    cfg: MigrationConfig,
+    addr: std::net::IpAddr,
+    relay: Option<&Relay>,
+) -> (Result<MigrationReport, Error>, DestOutcome) {
+    let listener = TcpListener::bind((addr, 0)).unwrap();
+    let mut target = listener.local_addr().unwrap();
+    if let Some(r) = relay {
+        r.target(target);
+        target = r.addr;
+    }
+    let dcfg = cfg.clone();
+    let dest = std::thread::spawn(move || {
+        accept(
+            &listener,
+            &dcfg,
+            synthetic_destination_factory(dest_cfg, None),
+        )
+        .map(|(vm, rep)| {
+            (
+                *vm.into_any()
+                    .downcast::<SyntheticVm>()
+                    .expect("a synthetic VM"),
+                rep,
+            )
+        })
+    });
+    let r = migrate(source, target, &cfg, &mut |_| {});
+    (r, dest.join().unwrap())
+}
+
+#[test]
+fn rdma_postcopy_with_writers_on_the_destination() {
+    let Some((opts, addr)) = rxe("rdma_postcopy_with_writers_on_the_destination") else {
+        return;
+    };
+    if !uffd_ok() {
+        return;
+    }
+    let cfg = SyntheticConfig::new(64 * MIB).with_dirtying(8 * MIB, 64 * MIB);
+    let psk = Psk::random().unwrap();
+    let mut source = SyntheticVm::start(&cfg).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let mcfg = config(&psk, MigrationMode::Postcopy)
+        .with_transport(TransportKind::Rdma)
+        .with_rdma(opts);
+    let (r, d) = run_rdma(&mut source, cfg.clone(), mcfg, addr, None);
+    let rep = r.unwrap();
+    let (dest, drep) = d.unwrap();
+    let pages = cfg.mem_bytes / 4096;
+    assert_eq!(
+        (rep.transport.as_str(), drep.transport.as_str()),
+        ("rdma", "rdma")
+    );
+    assert!(rep.verified && rep.postcopy, "{rep:?}");
+    assert_eq!((rep.rounds, rep.postcopy_pages), (0, pages));
+    assert!(
+        rep.postcopy_faults > 0,
+        "the destination writers must have faulted on remote pages"
+    );
+    assert!(!source.running());
+    let c = dest.verify();
+    assert!(
+        c.ok() && c.pages_checked + c.pages_skipped == pages,
+        "{c:?}"
+    );
+    assert!(
+        dest.pages_written() > source.pages_written(),
+        "the guest runs on the destination"
+    );
+    eprintln!(
+        "rdma postcopy 64 MiB: downtime {:.3} ms, {} faults, p50 {:.1} µs, p99 {:.1} µs, post-copy {:.1} ms",
+        rep.downtime_ms,
+        rep.postcopy_faults,
+        rep.fault_latency_us.p50,
+        rep.fault_latency_us.p99,
+        rep.postcopy_ms
+    );
+}
+
+#[test]
+fn rdma_postcopy_of_an_idle_vm_with_64k_pages_copies_memory_exactly() {
+    let Some((opts, addr)) =
+        rxe("rdma_postcopy_of_an_idle_vm_with_64k_pages_copies_memory_exactly")
+    else {
+        return;
+    };
+    if !uffd_ok() {
+        return;
+    }
+    let cfg = SyntheticConfig::new(32 * MIB)
+        .with_regions(3)
+        .with_page_size(rdmig_transport::mem::PageSize::new(65536).unwrap());
+    let psk = Psk::random().unwrap();
+    let mut source = SyntheticVm::start(&cfg).unwrap();
+    let mcfg = config(&psk, MigrationMode::Postcopy)
+        .with_transport(TransportKind::Rdma)
+        .with_rdma(opts);
+    let (r, d) = run_rdma(&mut source, cfg.clone(), mcfg, addr, None);
+    let rep = r.unwrap();
+    let (dest, _) = d.unwrap();
+    assert!(
+        rep.verified && rep.postcopy && rep.transport == "rdma",
+        "{rep:?}"
+    );
+    assert_eq!(
+        full_digest(source.memory_map()),
+        full_digest(dest.memory_map())
+    );
+    assert!(dest.verify().ok());
+}
+
+#[test]
+fn rdma_hybrid_finishes_in_postcopy_when_precopy_cannot_converge() {
+    let Some((opts, addr)) = rxe("rdma_hybrid_finishes_in_postcopy_when_precopy_cannot_converge")
+    else {
+        return;
+    };
+    if !uffd_ok() {
+        return;
+    }
+    // 32 MiB written at 1 GiB/s cannot fit a 1 ms downtime on SoftRoCE.
+    let cfg = SyntheticConfig::new(64 * MIB).with_dirtying(32 * MIB, 1024 * MIB);
+    let psk = Psk::random().unwrap();
+    let mut source = SyntheticVm::start(&cfg).unwrap();
+    let mcfg = config(&psk, MigrationMode::Hybrid)
+        .with_transport(TransportKind::Rdma)
+        .with_rdma(opts)
+        .with_downtime_limit(Duration::from_millis(1))
+        .with_max_rounds(2);
+    let (r, d) = run_rdma(&mut source, cfg.clone(), mcfg, addr, None);
+    let rep = r.unwrap();
+    let (dest, _) = d.unwrap();
+    assert!(
+        rep.verified && rep.postcopy && rep.mode == "hybrid" && rep.transport == "rdma",
+        "{rep:?}"
+    );
+    assert!(rep.rounds >= 1, "{} rounds", rep.rounds);
+    assert!(rep.postcopy_pages > 0 && rep.postcopy_pages < cfg.mem_bytes / 4096);
+    let c = dest.verify();
+    assert!(c.ok(), "{c:?}");
+    eprintln!(
+        "rdma hybrid: {} rounds, downtime {:.3} ms, {} pages in post-copy",
+        rep.rounds, rep.downtime_ms, rep.postcopy_pages
+    );
+}
+
+#[test]
+fn rdma_link_cut_during_postcopy_pauses_the_destination_and_counts_missing_pages() {
+    let Some((opts, addr)) =
+        rxe("rdma_link_cut_during_postcopy_pauses_the_destination_and_counts_missing_pages")
+    else {
+        return;
+    };
+    if !uffd_ok() {
+        return;
+    }
+    let cfg = SyntheticConfig::new(64 * MIB).with_dirtying(8 * MIB, 32 * MIB);
+    let psk = Psk::random().unwrap();
+    let mut source = SyntheticVm::start(&cfg).unwrap();
+    // Prefetch paced at 8 MiB/s: 64 MiB take seconds; the control link is cut 1.5 s in.
+    let relay = Arc::new(Relay::new(64 * MIB));
+    let cutter = {
+        let relay = relay.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(1500));
+            relay.cut();
+        })
+    };
+    let mcfg = config(&psk, MigrationMode::Postcopy)
+        .with_transport(TransportKind::Rdma)
+        .with_rdma(opts)
+        .with_max_bandwidth(Some(8 * MIB));
+    let (r, d) = run_rdma(&mut source, cfg.clone(), mcfg, addr, Some(&relay));
+    cutter.join().unwrap();
+    let e = r.expect_err("the source cannot complete over a cut link");
+    assert!(matches!(e, Error::SwitchoverUnknown(_)), "{e}");
+    assert!(
+        !source.running(),
+        "the guest moved: the source stays paused"
+    );
+    let Err(Error::PostcopyInterrupted {
+        missing,
+        total,
+        guest,
+        ..
+    }) = d
+    else {
+        panic!("the destination must report an interrupted post-copy")
+    };
+    assert_eq!(total, cfg.mem_bytes / 4096);
+    assert!(
+        missing > 0 && missing < total,
+        "{missing} of {total} missing"
+    );
+    let vm = *guest
+        .take()
+        .expect("the paused guest is handed back")
+        .release()
+        .into_any()
+        .downcast::<SyntheticVm>()
+        .expect("a synthetic VM");
+    assert!(!vm.running(), "the destination guest is paused");
+}

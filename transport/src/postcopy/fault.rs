@@ -18,6 +18,12 @@ use crate::pages::PageRange;
 
 /// Most fault events read per batch.
 const BATCH: usize = 64;
+
+/// Staging memory a fault fetcher with buffers of its own (RDMA) should have for pages of
+/// `page` bytes: a batch of pages, or at least one page and at most 4 MiB.
+pub fn staging_bytes(page: usize) -> usize {
+    (BATCH * page).min((4 << 20).max(page))
+}
 /// How long the fault thread polls without sleeping after a fault.
 const SPIN: Duration = Duration::from_micros(50);
 
@@ -74,7 +80,21 @@ pub fn fault_loop(
     let mut addrs = Vec::with_capacity(BATCH);
     let mut keys = Vec::with_capacity(BATCH);
     let mut fetch: Vec<(PageRange, u64)> = Vec::with_capacity(BATCH);
-    let mut buf: Vec<u8> = Vec::new();
+    // Fetch into the fetcher's own staging memory when it has some (RDMA: registered),
+    // else into a buffer of ours; `slots` pages at a time.
+    let mut own: Vec<u8> = Vec::new();
+    let (base, slots) = match fetcher.staging() {
+        Some((p, len)) if len >= page => (p, len / page),
+        Some((_, len)) => {
+            return Err(crate::error::Error::InvalidConfig(format!(
+                "a staging buffer of {len} bytes cannot hold a {page}-byte page"
+            )))
+        }
+        None => {
+            own.resize(BATCH * page, 0);
+            (own.as_mut_ptr(), BATCH)
+        }
+    };
     let mut last_event = Instant::now();
     while !pages.stopping() {
         addrs.clear();
@@ -129,20 +149,23 @@ pub fn fault_loop(
             }
             false
         });
-        if buf.len() < fetch.len() * page {
-            buf.resize(fetch.len() * page, 0);
-        }
-        for (i, (r, _)) in fetch.iter().enumerate() {
-            // SAFETY: slot i of `buf` is a page of ours, untouched until its complete below.
-            unsafe { fetcher.start(*r, buf.as_mut_ptr().add(i * page))? };
-        }
-        for (i, (r, n)) in fetch.iter().enumerate() {
-            let got = fetcher.complete()?;
-            debug_assert_eq!(got, *r);
-            pages.install(uffd, hashes, *r, &buf[i * page..(i + 1) * page], true)?;
-            let ns = t0.elapsed().as_nanos() as u64;
-            for _ in 0..*n {
-                stats.latency.saturating_record(ns);
+        for group in fetch.chunks(slots) {
+            for (i, (r, _)) in group.iter().enumerate() {
+                // SAFETY: slot i (< slots) of the staging memory is a page of ours, untouched
+                // until its complete below.
+                unsafe { fetcher.start(*r, base.add(i * page))? };
+            }
+            for (i, (r, n)) in group.iter().enumerate() {
+                let got = fetcher.complete()?;
+                debug_assert_eq!(got, *r);
+                // SAFETY: slot i holds the page the completed fetch wrote; nothing writes it
+                // until the next group starts.
+                let bytes = unsafe { std::slice::from_raw_parts(base.add(i * page), page) };
+                pages.install(uffd, hashes, *r, bytes, true)?;
+                let ns = t0.elapsed().as_nanos() as u64;
+                for _ in 0..*n {
+                    stats.latency.saturating_record(ns);
+                }
             }
         }
     }

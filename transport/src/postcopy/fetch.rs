@@ -37,6 +37,13 @@ pub trait PageFetcher: Send {
     /// Fetches in flight.
     fn in_flight(&self) -> usize;
 
+    /// Memory this fetcher fetches into without a copy (RDMA: its registered staging buffer),
+    /// as a pointer and a length: callers place every `dst` inside it. `None` (the default):
+    /// any memory will do.
+    fn staging(&mut self) -> Option<(*mut u8, usize)> {
+        None
+    }
+
     /// No more fetches follow (TCP: tells the source's server to stop). Default: nothing.
     fn close(&mut self) {}
 

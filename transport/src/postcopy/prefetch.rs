@@ -19,6 +19,12 @@ pub fn chunk_pages(page_bytes: u64) -> u64 {
     ((256u64 << 10) / page_bytes).max(1)
 }
 
+/// Staging memory a prefetcher with buffers of its own (RDMA) should have for pages of
+/// `page` bytes: [`DEPTH`] chunks.
+pub fn staging_bytes(page: usize) -> usize {
+    chunk_pages(page as u64) as usize * page * DEPTH
+}
+
 /// Prefetches until no missing page is left unrequested (or `pages` says stop). Returns the
 /// pages this prefetcher installed.
 pub fn prefetch_loop(
@@ -28,18 +34,33 @@ pub fn prefetch_loop(
     fetcher: &mut dyn PageFetcher,
 ) -> Result<u64> {
     let page = pages.page_bytes();
-    let chunk = chunk_pages(page as u64);
+    // Chunks go to the fetcher's own staging memory when it has some (RDMA: registered).
+    let mut own: Vec<u8> = Vec::new();
+    let (base, chunk, depth) = match fetcher.staging() {
+        Some((p, len)) if len >= page => {
+            let chunk = chunk_pages(page as u64).min((len / page) as u64);
+            (p, chunk, (len / (chunk as usize * page)).min(DEPTH))
+        }
+        Some((_, len)) => {
+            return Err(crate::error::Error::InvalidConfig(format!(
+                "a staging buffer of {len} bytes cannot hold a {page}-byte page"
+            )))
+        }
+        None => {
+            let chunk = chunk_pages(page as u64);
+            own.resize(chunk as usize * page * DEPTH, 0);
+            (own.as_mut_ptr(), chunk, DEPTH)
+        }
+    };
     let slot = chunk as usize * page;
-    let mut buf = vec![0u8; slot * DEPTH];
-    let base = buf.as_mut_ptr();
-    let mut free: VecDeque<usize> = (0..DEPTH).collect();
+    let mut free: VecDeque<usize> = (0..depth).collect();
     let mut inflight: VecDeque<usize> = VecDeque::new();
     let mut installed = 0;
     loop {
         while !pages.stopping() && !free.is_empty() {
             let Some(r) = pages.pick(chunk) else { break };
             let s = free.pop_front().expect("checked non-empty");
-            // SAFETY: slot s of `buf` is free (not in flight) and stays ours until completed.
+            // SAFETY: slot s of the staging memory is free (not in flight) and stays ours until completed.
             unsafe { fetcher.start(r, base.add(s * slot))? };
             inflight.push_back(s);
         }

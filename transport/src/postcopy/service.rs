@@ -4,6 +4,7 @@
 //! descriptor closed last, which releases any thread still blocked on a missing page).
 
 use std::net::TcpStream;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -57,6 +58,8 @@ pub struct Fetchers {
     pub prefetch: Vec<Box<dyn PageFetcher>>,
     /// Shut down to unblock the threads when stopping after a failure.
     pub streams: Vec<TcpStream>,
+    /// Set to make fetchers that poll (RDMA) give up when stopping after a failure.
+    pub aborts: Vec<Arc<AtomicBool>>,
 }
 
 /// Lowers the calling thread's priority (nice 10), so that bulk prefetching yields the CPU to
@@ -92,6 +95,7 @@ pub struct PostcopyService {
     map: GuestMemoryMap,
     registered: bool,
     streams: Vec<TcpStream>,
+    aborts: Vec<Arc<AtomicBool>>,
     fault: Option<JoinHandle<FaultStats>>,
     prefetch: Vec<JoinHandle<u64>>,
     pending_prefetch: Vec<Box<dyn PageFetcher>>,
@@ -124,6 +128,7 @@ impl PostcopyService {
             mut fault,
             prefetch,
             streams,
+            aborts,
         } = fetchers;
         let page = map.page_size().bytes();
         if let Some(r) = map
@@ -157,6 +162,7 @@ impl PostcopyService {
             map: map.clone(),
             registered: false,
             streams,
+            aborts,
             fault: None,
             prefetch: Vec::new(),
             pending_prefetch: Vec::new(),
@@ -289,6 +295,9 @@ impl PostcopyService {
     pub fn interrupt(&mut self) -> u64 {
         for s in &self.streams {
             let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        for a in &self.aborts {
+            a.store(true, std::sync::atomic::Ordering::Relaxed);
         }
         self.stop_threads();
         self.pages.remaining()

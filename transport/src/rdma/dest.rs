@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use super::engine::{backoff, Read, ReadEngine};
+use super::fetch::{RdmaPageFetcher, Staging};
 use super::RdmaOptions;
 use crate::cpu::{thread_cpu_time, CpuMeter};
 use crate::data::{DestDataPath, Landed};
@@ -53,6 +54,61 @@ impl RdmaDestPath {
         limiter: Option<Arc<RateLimiter>>,
     ) -> Result<(Self, Vec<u8>)> {
         let (engine, ack) = ReadEngine::new(map, opts, setup)?;
+        Ok((RdmaDestPath::start(engine, map, hashes, cpu, limiter)?, ack))
+    }
+
+    /// Like [`RdmaDestPath::new`] for a session that may switch to post-copy: the last
+    /// `staging.len()` of the source's QPs become [`RdmaPageFetcher`]s (the first for faults,
+    /// the others for prefetching), each with its staging buffer of the given size. The pre-copy
+    /// path gets the other QPs, and is `None` when there are none (post-copy mode: no rounds).
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_postcopy(
+        map: &GuestMemoryMap,
+        opts: &RdmaOptions,
+        setup: &[u8],
+        hashes: Arc<PageHashes>,
+        cpu: Arc<CpuMeter>,
+        limiter: Option<Arc<RateLimiter>>,
+        staging: &[usize],
+    ) -> Result<(Option<Self>, Vec<RdmaPageFetcher>, Vec<u8>)> {
+        let buffers = staging
+            .iter()
+            .map(|&b| Staging::new(b, map.page_size()))
+            .collect::<Result<Vec<_>>>()?;
+        let maps = buffers.iter().map(|b| b.map().clone()).collect();
+        let (bulk, engines, ack) = ReadEngine::new_split(map, opts, setup, maps)?;
+        let fetchers = engines
+            .into_iter()
+            .zip(buffers)
+            .enumerate()
+            .map(|(i, (e, b))| {
+                let label = if i == 0 {
+                    "RDMA fault fetcher".to_string()
+                } else {
+                    format!("RDMA prefetcher {i}")
+                };
+                // The fault fetcher spins and is never paced; prefetchers share the cap.
+                let f = RdmaPageFetcher::new(e, b, map.page_size(), label);
+                if i == 0 {
+                    f.with_spin(super::fetch::FAULT_SPIN)
+                } else {
+                    f.with_limiter(limiter.clone())
+                }
+            })
+            .collect();
+        let path = bulk
+            .map(|e| RdmaDestPath::start(e, map, hashes, cpu, limiter))
+            .transpose()?;
+        Ok((path, fetchers, ack))
+    }
+
+    fn start(
+        engine: ReadEngine,
+        map: &GuestMemoryMap,
+        hashes: Arc<PageHashes>,
+        cpu: Arc<CpuMeter>,
+        limiter: Option<Arc<RateLimiter>>,
+    ) -> Result<Self> {
         let (tx, rx) = mpsc::channel();
         let worker = Worker {
             engine,
@@ -70,13 +126,10 @@ impl RdmaDestPath {
                 context: "spawning the RDMA read thread".into(),
                 source: e,
             })?;
-        Ok((
-            RdmaDestPath {
-                tx: Some(tx),
-                thread: Some(thread),
-            },
-            ack,
-        ))
+        Ok(RdmaDestPath {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
     }
 
     fn send(&self, c: Cmd) -> Result<()> {

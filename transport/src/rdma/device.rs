@@ -43,6 +43,7 @@ pub struct Limits {
 }
 
 /// An opened device with the port and GID chosen for the data path.
+#[derive(Clone)]
 pub struct Device {
     /// The verbs context (kept alive by every resource made from it).
     pub(crate) ctx: Arc<DeviceContext>,

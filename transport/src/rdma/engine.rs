@@ -110,61 +110,115 @@ impl ReadEngine {
         opts: &RdmaOptions,
         setup: &[u8],
     ) -> Result<(ReadEngine, Vec<u8>)> {
+        let (bulk, _, ack) = ReadEngine::new_split(map, opts, setup, Vec::new())?;
+        let bulk = bulk.ok_or_else(|| Error::Protocol("the source offers no queue pair".into()))?;
+        Ok((bulk, ack))
+    }
+
+    /// Like [`ReadEngine::new`], but the last `staging.len()` of the source's QPs each get an
+    /// engine of their own (own QP, CQ and protection domain) whose READs land in the matching
+    /// staging memory (registered LOCAL_WRITE, region 0 of its map; post with
+    /// [`ReadEngine::post_to`]). The bulk engine, into `map`, gets the source's other QPs, or
+    /// is `None` when none are left. Post-copy uses this: a fault fetcher and prefetchers on
+    /// QPs of their own, so a fault never queues behind bulk READs.
+    pub fn new_split(
+        map: &GuestMemoryMap,
+        opts: &RdmaOptions,
+        setup: &[u8],
+        staging: Vec<GuestMemoryMap>,
+    ) -> Result<(Option<ReadEngine>, Vec<ReadEngine>, Vec<u8>)> {
         let peer = Setup::decode(KIND_SETUP, setup)?;
         check_regions(map, &peer.regions)?;
         let dev = device::open(opts).map_err(Error::RdmaUnavailable)?;
-        let want_qps = usize::from(opts.qps.max(1));
-        if peer.qps.len() != want_qps {
-            tracing::info!(
-                "the source offers {} queue pairs ({} requested here); using the source's",
+        let nbulk = peer.qps.len().checked_sub(staging.len()).ok_or_else(|| {
+            Error::Protocol(format!(
+                "the source offers {} queue pairs, fewer than the {} post-copy needs",
                 peer.qps.len(),
-                want_qps
+                staging.len()
+            ))
+        })?;
+        let want_qps = usize::from(opts.qps.max(1));
+        if nbulk > 0 && nbulk != want_qps {
+            tracing::info!(
+                "the source offers {nbulk} queue pairs ({want_qps} requested here); using the source's"
             );
         }
-        let mut qps = QpSet::create(&dev, peer.qps.len(), DEFAULT_DEPTH, Role::Initiator)?;
-        let local =
-            Registration::register(&qps.pd, map, Access::LocalWrite, dev.limits.max_mr_size)?;
         let rd_atomic = dev
             .limits
             .max_qp_init_rd_atom
             .min(peer.rd_atomic)
             .clamp(1, 255);
-        let mtu = dev.limits.active_mtu.min(peer.mtu);
-        qps.connect(&dev, &peer.qps, peer.gid, mtu, rd_atomic as u8)?;
+        let bulk = (nbulk > 0)
+            .then(|| ReadEngine::connect(&dev, map, &peer, 0..nbulk, rd_atomic))
+            .transpose()?;
+        let mut extra = Vec::with_capacity(staging.len());
+        for (i, s) in staging.iter().enumerate() {
+            extra.push(ReadEngine::connect(
+                &dev,
+                s,
+                &peer,
+                nbulk + i..nbulk + i + 1,
+                rd_atomic,
+            )?);
+        }
         let ack = Setup {
             gid: dev.gid,
             mtu: dev.limits.active_mtu,
             rd_atomic,
-            qps: qps.local().to_vec(),
+            qps: bulk
+                .iter()
+                .chain(&extra)
+                .flat_map(|e| e.qps.local().iter().copied())
+                .collect(),
             regions: Vec::new(),
         };
-        let max_read = read_size(dev.limits.max_msg_size);
-        tracing::info!(
-            "RDMA read engine on {} port {} GID index {}: {} QPs x {} slots, {} READs in flight per QP, reads up to {} bytes",
-            dev.summary.name,
-            dev.summary.port,
-            dev.summary.gid_index,
-            qps.len(),
-            qps.depth,
-            rd_atomic,
-            max_read
-        );
+        if let Some(b) = &bulk {
+            tracing::info!(
+                "RDMA read engine on {} port {} GID index {}: {} QPs x {} slots, {} READs in flight per QP, reads up to {} bytes",
+                dev.summary.name,
+                dev.summary.port,
+                dev.summary.gid_index,
+                b.qps.len(),
+                b.qps.depth,
+                rd_atomic,
+                b.max_read
+            );
+        }
+        if !extra.is_empty() {
+            tracing::info!(
+                "RDMA: {} more QPs with staging buffers of their own (post-copy)",
+                extra.len()
+            );
+        }
+        Ok((bulk, extra, ack.encode(KIND_ACK)))
+    }
+
+    /// One engine on the source's QPs `range`, its READs landing in `local`.
+    fn connect(
+        dev: &Device,
+        local: &GuestMemoryMap,
+        peer: &Setup,
+        range: std::ops::Range<usize>,
+        rd_atomic: u32,
+    ) -> Result<ReadEngine> {
+        let mut qps = QpSet::create(dev, range.len(), DEFAULT_DEPTH, Role::Initiator)?;
+        let reg =
+            Registration::register(&qps.pd, local, Access::LocalWrite, dev.limits.max_mr_size)?;
+        let mtu = dev.limits.active_mtu.min(peer.mtu);
+        qps.connect(dev, &peer.qps[range], peer.gid, mtu, rd_atomic as u8)?;
         let n = qps.len();
-        Ok((
-            ReadEngine {
-                qps,
-                local: Some(local),
-                remote: peer.regions,
-                dev,
-                in_flight: vec![0; n],
-                total_in_flight: 0,
-                next_qp: 0,
-                max_read,
-                failed: None,
-                stall_timeout: Duration::from_secs(20),
-            },
-            ack.encode(KIND_ACK),
-        ))
+        Ok(ReadEngine {
+            qps,
+            local: Some(reg),
+            remote: peer.regions.clone(),
+            dev: dev.clone(),
+            in_flight: vec![0; n],
+            total_in_flight: 0,
+            next_qp: 0,
+            max_read: read_size(dev.limits.max_msg_size),
+            failed: None,
+            stall_timeout: Duration::from_secs(20),
+        })
     }
 
     /// Largest READ this engine posts.

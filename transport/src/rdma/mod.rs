@@ -10,6 +10,7 @@
 //! | [`qp`] | RC queue pairs on a shared CQ, INIT → RTR → RTS |
 //! | [`setup`] | the `DataSetup` / `DataSetupAck` payloads (QPN, PSN, GID, region keys) |
 //! | [`engine`] | the read engine: READs spread over QPs, batched posting and polling |
+//! | [`fetch`] | post-copy: page fetches as READs into a registered staging buffer |
 //! | [`source`] / [`dest`] | the two [`crate::data`] path ends the migration driver uses |
 //!
 //! Keys and QP numbers travel only in `DataSetup`/`DataSetupAck`, after authentication.
@@ -21,6 +22,7 @@ use std::net::IpAddr;
 pub mod dest;
 pub mod device;
 pub mod engine;
+pub mod fetch;
 pub mod mr;
 pub mod qp;
 pub mod setup;
@@ -28,6 +30,7 @@ pub mod source;
 
 pub use dest::RdmaDestPath;
 pub use engine::{Read, ReadEngine};
+pub use fetch::{RdmaPageFetcher, Staging};
 pub use source::RdmaSourcePath;
 
 /// How to pick and use the RDMA device.

@@ -47,7 +47,7 @@ use crate::postcopy::{
     self, Fetchers, PageFetcher, PausedGuest, PostcopyRemnant, PostcopyService, TcpPageFetcher,
     Uffd,
 };
-use crate::rdma::{self, RdmaDestPath};
+use crate::rdma::{self, RdmaDestPath, RdmaPageFetcher};
 use crate::tcp::{accept_streams, RateLimiter, TcpDestPath};
 use crate::vm::{DestinationFactory, DestinationVm, MemoryLayout};
 use crate::wire::{
@@ -138,6 +138,8 @@ struct Dest<'a> {
     cpu: Arc<CpuMeter>,
     mode: MigrationMode,
     pc_streams: Vec<TcpStream>,
+    /// RDMA transport: the post-copy fetchers (fault first), on QPs of their own.
+    pc_rdma: Vec<RdmaPageFetcher>,
     postcopy: Option<PostcopyService>,
     /// The guest was resumed here in post-copy: a failure now must not discard it.
     resumed_in_postcopy: bool,
@@ -168,6 +170,7 @@ pub fn accept(
         cpu: Arc::new(CpuMeter::default()),
         mode: MigrationMode::Precopy,
         pc_streams: Vec::new(),
+        pc_rdma: Vec::new(),
         postcopy: None,
         resumed_in_postcopy: false,
     };
@@ -356,15 +359,34 @@ impl Dest<'_> {
                     // The GID that belongs to the address the control channel uses.
                     rdma_opts.local_addr = self.ctl.local().ok().map(|a| a.ip());
                 }
-                let (path, ack) = RdmaDestPath::new(
+                // Post-copy faults and prefetches READ on QPs of their own, into staging
+                // buffers of their own; the pre-copy rounds (none in post-copy mode) on the rest.
+                let page = map.page_size().bytes() as usize;
+                let mut staging = Vec::new();
+                if self.mode != MigrationMode::Precopy {
+                    staging.push(postcopy::fault::staging_bytes(page));
+                    let prefetchers = postcopy::stream_count(hello.streams) - 1;
+                    staging
+                        .extend((0..prefetchers).map(|_| postcopy::prefetch::staging_bytes(page)));
+                }
+                let (path, fetchers, ack) = RdmaDestPath::with_postcopy(
                     &map,
                     &rdma_opts,
                     &setup,
                     hashes.clone(),
                     self.cpu.clone(),
                     limiter,
+                    &staging,
                 )?;
-                self.data = Some(Box::new(path));
+                if path.is_none() != (self.mode == MigrationMode::Postcopy) {
+                    return Err(Error::Protocol(format!(
+                        "the source offers queue pairs for {} pre-copy rounds in {} mode",
+                        if path.is_none() { "no" } else { "" },
+                        self.mode.name()
+                    )));
+                }
+                self.data = path.map(|p| Box::new(p) as Box<dyn DestDataPath>);
+                self.pc_rdma = fetchers;
                 self.ctl.send(&Message::DataSetupAck(ack))?;
             }
             _ => {
@@ -462,7 +484,9 @@ impl Dest<'_> {
             for range in &r.ranges {
                 map.span(range.region, range.first, range.npages)?;
             }
-            let data = self.data.as_mut().expect("set up above");
+            let data = self.data.as_mut().ok_or_else(|| {
+                Error::Protocol("a pre-copy round in a session without a pre-copy path".into())
+            })?;
             data.receive_chunk(r.round, &r.ranges)?;
             if r.flags & ROUND_LAST_CHUNK == 0 {
                 self.state = DestState::Precopy {
@@ -593,38 +617,7 @@ impl Dest<'_> {
         if let Some(e) = &early {
             missing.union_with(e);
         }
-        let mut streams = std::mem::take(&mut self.pc_streams);
-        if streams.len() < 2 {
-            return Err(Error::PostcopyUnavailable(
-                "post-copy streams are not connected".into(),
-            ));
-        }
-        let clones = streams
-            .iter()
-            .map(|s| {
-                s.try_clone()
-                    .map_err(|e| Error::io("cloning a post-copy stream", e, "post-copy stream"))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let prefetch = streams
-            .split_off(1)
-            .into_iter()
-            .enumerate()
-            .map(|(i, s)| {
-                TcpPageFetcher::new(s, map.clone(), format!("prefetch {i}"))
-                    .map(|f| Box::new(f) as Box<dyn PageFetcher>)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let fault = Box::new(TcpPageFetcher::new(
-            streams.remove(0),
-            map.clone(),
-            "fault",
-        )?);
-        let fetchers = Fetchers {
-            fault,
-            prefetch,
-            streams: clones,
-        };
+        let fetchers = self.postcopy_fetchers(map)?;
         let svc = PostcopyService::start(
             map,
             &missing,
@@ -650,6 +643,13 @@ impl Dest<'_> {
             .as_mut()
             .expect("set above")
             .start_prefetch(hashes.clone(), self.cpu.clone())?;
+        if let Some(mut d) = self.data.take() {
+            // Rounds are over: release the pre-copy path (over RDMA, its QPs and the pinning
+            // registration of guest memory) now that the guest runs, outside the downtime.
+            if let Err(e) = d.close() {
+                tracing::warn!("closing the pre-copy data path: {e}");
+            }
+        }
         self.state = DestState::Postcopy;
         let Message::Switchover {
             digest,
@@ -704,6 +704,59 @@ impl Dest<'_> {
             postcopy_faults: stats.faults,
             postcopy_ms: stats.duration.as_secs_f64() * 1e3,
             fault_latency_us: FaultLatency::from_ns(stats.latency_ns),
+        })
+    }
+
+    /// The post-copy fetchers: over RDMA the READ fetchers set up with the data path, else
+    /// one per post-copy stream (the first for faults).
+    fn postcopy_fetchers(&mut self, map: &GuestMemoryMap) -> Result<Fetchers> {
+        let mut streams = std::mem::take(&mut self.pc_streams);
+        let clones = streams
+            .iter()
+            .map(|s| {
+                s.try_clone()
+                    .map_err(|e| Error::io("cloning a post-copy stream", e, "post-copy stream"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if !self.pc_rdma.is_empty() {
+            let mut rdma = std::mem::take(&mut self.pc_rdma);
+            let aborts = rdma.iter().map(RdmaPageFetcher::abort_flag).collect();
+            let prefetch = rdma
+                .split_off(1)
+                .into_iter()
+                .map(|f| Box::new(f) as Box<dyn PageFetcher>)
+                .collect();
+            return Ok(Fetchers {
+                fault: Box::new(rdma.remove(0)),
+                prefetch,
+                streams: clones,
+                aborts,
+            });
+        }
+        if streams.len() < 2 {
+            return Err(Error::PostcopyUnavailable(
+                "post-copy streams are not connected".into(),
+            ));
+        }
+        let prefetch = streams
+            .split_off(1)
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| {
+                TcpPageFetcher::new(s, map.clone(), format!("prefetch {i}"))
+                    .map(|f| Box::new(f) as Box<dyn PageFetcher>)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let fault = Box::new(TcpPageFetcher::new(
+            streams.remove(0),
+            map.clone(),
+            "fault",
+        )?);
+        Ok(Fetchers {
+            fault,
+            prefetch,
+            streams: clones,
+            aborts: Vec::new(),
         })
     }
 

@@ -293,6 +293,16 @@ impl Source<'_> {
                     // The GID that belongs to the address the control channel uses.
                     opts.local_addr = self.ctl.local().ok().map(|a| a.ip());
                 }
+                if mode != MigrationMode::Precopy {
+                    // QPs of their own for the destination's post-copy fault fetcher and
+                    // prefetchers, after the pre-copy ones (none in post-copy mode).
+                    let bulk = if mode == MigrationMode::Postcopy {
+                        0
+                    } else {
+                        opts.qps.max(1)
+                    };
+                    opts.qps = bulk + postcopy::stream_count(self.config.streams);
+                }
                 let (path, payload) = RdmaSourcePath::new(&self.map, &opts)?;
                 rdma_path = Some(path);
                 payload
@@ -619,7 +629,9 @@ impl Source<'_> {
                 Ok(_) => unreachable!("state checked"),
                 Err(Error::Timeout(why)) => {
                     let now = self.server.as_ref().map_or(0, PageServer::pages_served);
-                    if now == served {
+                    // Over RDMA the destination READs without this end seeing it: it bounds
+                    // its own stalls (the READ engine's timeout) and reports or aborts.
+                    if now == served && transport != TransportKind::Rdma.name() {
                         return Err(Error::Timeout(format!(
                             "{why}; no page requested meanwhile"
                         )));

@@ -1,0 +1,242 @@
+//! Post-copy over RDMA: a [`PageFetcher`] whose fetches are one-sided READs from the source's
+//! registered guest memory, on a QP (and CQ) of its own, landing in a staging buffer registered
+//! LOCAL_WRITE that the post-copy service then installs with `UFFDIO_COPY`.
+//!
+//! The staging buffer, not guest memory, is the READ target: guest pages still missing must
+//! stay missing to userfaultfd until they are installed whole, and guest memory dropped with
+//! `MADV_DONTNEED` would leave a registration pointing at pages the mapping no longer holds.
+//!
+//! One QP per fetcher means completions come back in posting order, so [`PageFetcher::complete`]
+//! only counts them. The source's CPU does no work for a fault: the NIC (or rxe) answers.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::engine::{backoff, Read, ReadEngine};
+use crate::error::{Error, Result};
+use crate::mem::RegionId;
+use crate::mem::{GuestAddress, GuestMemoryMap, GuestRegion, MmapBacking, MmapRegion, PageSize};
+use crate::pages::PageRange;
+use crate::postcopy::PageFetcher;
+use crate::tcp::RateLimiter;
+
+/// How long the fault fetcher spins for a completion before yielding.
+pub const FAULT_SPIN: Duration = Duration::from_millis(5);
+
+/// Staging memory for one fetcher, before its engine exists.
+#[derive(Debug)]
+pub struct Staging {
+    region: MmapRegion,
+    map: GuestMemoryMap,
+}
+
+impl Staging {
+    /// Maps `bytes` (rounded up to whole pages) of populated anonymous memory.
+    pub fn new(bytes: usize, page: PageSize) -> Result<Staging> {
+        let len = (bytes as u64).max(1).div_ceil(page.bytes()) * page.bytes();
+        let region = MmapRegion::new(len, MmapBacking::Anonymous, true)?;
+        // SAFETY: `region` maps `len` bytes read-write and is kept alive next to every user
+        // of `map` (the fetcher owns both, and drops its engine first).
+        let g = unsafe { GuestRegion::new(GuestAddress(0), region.as_ptr(), len) };
+        let map = GuestMemoryMap::new(vec![g], page)?;
+        Ok(Staging { region, map })
+    }
+
+    /// The map the engine registers (one region).
+    pub fn map(&self) -> &GuestMemoryMap {
+        &self.map
+    }
+}
+
+/// Fetches pages with RDMA READs into its registered staging buffer.
+pub struct RdmaPageFetcher {
+    // Drop order: the engine (QP, then the staging registration) before the staging memory.
+    engine: ReadEngine,
+    staging: Staging,
+    page: u64,
+    /// Started fetches and the READs each still needs, oldest first.
+    pending: VecDeque<(PageRange, usize)>,
+    /// Completions taken but not yet handed to a `complete`.
+    landed: usize,
+    next_tag: u64,
+    done: Vec<u64>,
+    abort: Arc<AtomicBool>,
+    limiter: Option<Arc<RateLimiter>>,
+    /// How long a wait for a completion spins before it starts yielding the CPU.
+    spin: Duration,
+    label: String,
+}
+
+impl std::fmt::Debug for RdmaPageFetcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RdmaPageFetcher")
+            .field("label", &self.label)
+            .field("in_flight", &self.pending.len())
+            .finish()
+    }
+}
+
+impl RdmaPageFetcher {
+    /// A fetcher on `engine` (made by [`ReadEngine::new_split`] with `staging`'s map) for
+    /// guest memory with pages of `page`.
+    pub fn new(
+        engine: ReadEngine,
+        staging: Staging,
+        page: PageSize,
+        label: impl Into<String>,
+    ) -> RdmaPageFetcher {
+        RdmaPageFetcher {
+            engine,
+            staging,
+            page: page.bytes(),
+            pending: VecDeque::new(),
+            landed: 0,
+            next_tag: 0,
+            done: Vec::with_capacity(64),
+            abort: Arc::new(AtomicBool::new(false)),
+            limiter: None,
+            spin: Duration::ZERO,
+            label: label.into(),
+        }
+    }
+
+    /// Spins for up to `spin` waiting for a completion before yielding the CPU between polls:
+    /// the fault fetcher spins (a yield costs a scheduler round trip, which on a busy or
+    /// virtualised host is milliseconds against a READ's tens of microseconds); prefetchers
+    /// yield at once.
+    pub fn with_spin(mut self, spin: Duration) -> RdmaPageFetcher {
+        self.spin = spin;
+        self
+    }
+
+    /// Paces this fetcher's READs (a prefetcher under `--max-bandwidth`; never the faults).
+    pub fn with_limiter(mut self, limiter: Option<Arc<RateLimiter>>) -> RdmaPageFetcher {
+        self.limiter = limiter;
+        self
+    }
+
+    /// Setting this flag makes a waiting [`PageFetcher::complete`] give up (post-copy
+    /// interrupted).
+    pub fn abort_flag(&self) -> Arc<AtomicBool> {
+        self.abort.clone()
+    }
+
+    /// Takes completions until at least one arrived, the engine failed, the stall timeout
+    /// passed or the fetch was aborted.
+    fn poll_some(&mut self) -> Result<()> {
+        let t = Instant::now();
+        let mut empty = 0u32;
+        loop {
+            self.done.clear();
+            if self.engine.poll(&mut self.done)? > 0 {
+                self.landed += self.done.len();
+                return Ok(());
+            }
+            empty += 1;
+            if t.elapsed() < self.spin {
+                std::hint::spin_loop();
+            } else {
+                backoff(empty);
+            }
+            if empty % 256 == 0 {
+                if self.abort.load(Ordering::Relaxed) {
+                    return Err(Error::Rdma(format!(
+                        "{}: post-copy fetch aborted",
+                        self.label
+                    )));
+                }
+                if t.elapsed() > self.engine.stall_timeout() {
+                    return Err(Error::Timeout(format!(
+                        "{}: {} RDMA READs made no progress for {:?}",
+                        self.label,
+                        self.engine.in_flight(),
+                        self.engine.stall_timeout()
+                    )));
+                }
+            }
+        }
+    }
+}
+
+impl PageFetcher for RdmaPageFetcher {
+    fn name(&self) -> &'static str {
+        "rdma"
+    }
+
+    fn staging(&mut self) -> Option<(*mut u8, usize)> {
+        Some((self.staging.region.as_ptr(), self.staging.region.len()))
+    }
+
+    unsafe fn start(&mut self, range: PageRange, dst: *mut u8) -> Result<()> {
+        let len = range.npages.checked_mul(self.page).ok_or_else(|| {
+            Error::InvalidConfig(format!("fetch of {} pages overflows", range.npages))
+        })?;
+        let base = self.staging.region.as_ptr() as usize;
+        let off = (dst as usize).wrapping_sub(base) as u64;
+        if (dst as usize) < base || off + len > self.staging.region.len() as u64 {
+            return Err(Error::InvalidConfig(format!(
+                "{}: an RDMA fetch must land in the fetcher's registered staging buffer",
+                self.label
+            )));
+        }
+        let rr = *self
+            .engine
+            .remote_regions()
+            .get(range.region.0 as usize)
+            .ok_or(Error::UnknownRegion(range.region.0))?;
+        let remote_off = range.first.0.checked_mul(self.page);
+        if !matches!(remote_off.and_then(|o| o.checked_add(len)), Some(end) if end <= rr.len) {
+            return Err(Error::RangeOutOfBounds {
+                region: range.region.0,
+                first_page: range.first.0,
+                npages: range.npages,
+                region_pages: rr.len / self.page,
+            });
+        }
+        let remote_off = remote_off.expect("checked above");
+        if let Some(l) = &self.limiter {
+            l.acquire(len);
+        }
+        let max = self.engine.max_read();
+        let mut reads = 0;
+        let mut k = 0;
+        while k < len {
+            let n = (len - k).min(max);
+            while self.engine.free() == 0 {
+                self.poll_some()?;
+            }
+            let read = Read {
+                region: RegionId(0),
+                offset: off + k,
+                len: n as u32,
+                tag: self.next_tag,
+            };
+            self.next_tag = (self.next_tag + 1) & ((1 << 40) - 1);
+            self.engine
+                .post_to(read, rr.addr + remote_off + k, rr.rkey)?;
+            reads += 1;
+            k += n;
+        }
+        self.pending.push_back((range, reads));
+        Ok(())
+    }
+
+    fn complete(&mut self) -> Result<PageRange> {
+        let (range, reads) = *self
+            .pending
+            .front()
+            .ok_or_else(|| Error::Rdma(format!("{}: no fetch in flight", self.label)))?;
+        while self.landed < reads {
+            self.poll_some()?;
+        }
+        self.landed -= reads;
+        self.pending.pop_front();
+        Ok(range)
+    }
+
+    fn in_flight(&self) -> usize {
+        self.pending.len()
+    }
+}
