@@ -28,7 +28,7 @@ impl KvmVm {
 
     /// Pauses the destination guest after post-copy lost its source. A vCPU blocked in
     /// `KVM_RUN` on a missing page is interrupted by the kick (KVM's wait for the page heeds
-    /// signals on Linux 6.1+) and parks without executing the access; on kernels where the
+    /// signals on recent kernels) and parks without executing the access; on kernels where the
     /// wait ignores signals it stays blocked with the pause pending, and parks as soon as the
     /// page arrives or the userfaultfd registration is released, before running guest code.
     fn do_pause_destination(&mut self) -> Result<()> {
