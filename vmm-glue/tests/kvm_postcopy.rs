@@ -248,8 +248,9 @@ fn postcopy_of_an_idle_guest() {
     let rep = r.unwrap();
     let (mut dest, _) = d.unwrap();
     assert!(rep.verified && rep.postcopy, "{rep:?}");
-    // The guest still asks the VMM for work: its code and parameter pages faulted in.
-    assert!(rep.postcopy_faults > 0);
+    // (Faults are not asserted here: an idle guest touches three pages, which the prefetch
+    // may install before the vCPU thread is scheduled.)
+    assert_eq!(rep.postcopy_pages, 32 * 256);
     assert_eq!(src.vcpu_state_digest(), dest.vcpu_state_digest());
     assert_eq!(
         dest.pages_dirtied(),
