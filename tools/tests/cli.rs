@@ -540,3 +540,53 @@ fn loopback_migrates_a_kvm_guest_by_default_where_kvm_works() {
         "the guest's own check after resume on the destination"
     );
 }
+
+#[test]
+fn loopback_postcopy_of_a_kvm_guest() {
+    if let Err(why) = rdmig_vmm::kvm::kvm_available() {
+        eprintln!("SKIP: /dev/kvm not usable: {why}");
+        return;
+    }
+    if uffd_skip() {
+        return;
+    }
+    let o = bench()
+        .args([
+            "migrate",
+            "--loopback",
+            "--vm",
+            "kvm",
+            "--transport",
+            "tcp",
+            "--mem",
+            "64MiB",
+            "--working-set",
+            "16MiB",
+            "--dirty-rate",
+            "128MiB/s",
+            "--mode",
+            "postcopy",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["vm"], "kvm");
+    assert_eq!(
+        (&v["mode"], &v["postcopy"]),
+        (&"postcopy".into(), &true.into())
+    );
+    assert_eq!(v["rounds"], 0, "{v}");
+    assert_eq!(
+        v["postcopy_pages"],
+        64 * 256,
+        "every page moves after the switchover"
+    );
+    assert!(v["postcopy_faults"].is_u64(), "{v}");
+    assert_eq!(v["verified"], true);
+    assert_eq!(
+        v["guest_verified"], true,
+        "the guest's own check after resume on the destination"
+    );
+}

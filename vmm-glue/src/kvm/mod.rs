@@ -5,9 +5,12 @@
 //! - [`guest`]: the guest program (documented machine code), GDT, initial registers.
 //! - [`pacer`]: paces the guest to the dirty rate.
 //! - [`state`]: the versioned device-state blob.
-//! - `vcpu`: the vCPU thread (run loop, port I/O, fast pause).
+//! - `vcpu`: the vCPU thread (run loop, port I/O, fast pause, [`GuestProgress`]).
 //! - `vm`: [`KvmVm`]: building the VM, loading the guest, self-check.
-//! - `seam`: [`KvmVm`] as a migration source and destination.
+//! - `seam`: [`KvmVm`] as a migration source and destination (pre-copy, post-copy and
+//!   hybrid: on the destination the guest's accesses to missing pages fault through
+//!   userfaultfd inside `KVM_RUN`, and the VMM itself never reads guest memory before the
+//!   guest runs).
 //! - `dirty`: KVM's 4 KiB dirty log folded into larger migration pages.
 //!
 //! ```no_run
@@ -32,6 +35,7 @@ mod vm;
 use rdmig_transport::mem::PageSize;
 use rdmig_transport::vm::{DestinationFactory, DestinationVm};
 
+pub use vcpu::GuestProgress;
 pub use vm::KvmVm;
 
 use crate::error::{Error, Result};

@@ -2,17 +2,22 @@
 //! [`SourceVm`], restore and resume as [`DestinationVm`].
 
 use std::any::Any;
+use std::time::Duration;
 
 use rdmig_transport::mem::{GuestMemoryMap, RegionId};
 use rdmig_transport::pages::PageSet;
 use rdmig_transport::vm::{DestinationVm, SourceVm};
 use rdmig_transport::VmmError;
 
+use super::control::GuestParams;
 use super::dirty::fold_into;
 use super::pacer::Pacer;
 use super::state::{DeviceState, VcpuState, VmmState};
 use super::vm::{kvm_err, KvmVm};
 use crate::error::{Error, Result};
+
+/// How long the destination's pause waits for the vCPU to park.
+const DEST_PAUSE_WAIT: Duration = Duration::from_millis(500);
 
 impl KvmVm {
     fn do_pause(&mut self) -> Result<()> {
@@ -21,11 +26,30 @@ impl KvmVm {
         Ok(())
     }
 
+    /// Pauses the destination guest after post-copy lost its source. A vCPU blocked in
+    /// `KVM_RUN` on a missing page is interrupted by the kick (KVM's wait for the page heeds
+    /// signals on recent kernels) and parks without executing the access; on kernels where the
+    /// wait ignores signals it stays blocked with the pause pending, and parks as soon as the
+    /// page arrives or the userfaultfd registration is released, before running guest code.
+    fn do_pause_destination(&mut self) -> Result<()> {
+        let parked = self.vcpu.pause_within(DEST_PAUSE_WAIT)?;
+        self.paused = true;
+        if !parked {
+            tracing::warn!(
+                "the destination vCPU is blocked on a missing guest page; it stays blocked and \
+                 parks once the page is resolved or released"
+            );
+        }
+        Ok(())
+    }
+
     fn do_resume(&mut self) -> Result<()> {
         if !self.paused {
             return Ok(());
         }
         if self.params.is_none() {
+            // Only for a version-1 device state (without the parameters): this reads guest
+            // memory, which in post-copy blocks until the page arrives.
             let p = self.read_params()?;
             self.vcpu.with_pacer(|pc| pc.set_ws_pages(p.ws_pages));
             self.params = Some(p);
@@ -60,9 +84,11 @@ impl KvmVm {
             return Err(Error::Guest("save_state needs a paused guest".into()));
         }
         let v = self.vcpu.save()?;
+        let params = self.params;
         let vmm = self.vcpu.with_pacer(|p| VmmState {
             dirty_rate: p.rate(),
             pages_dirtied: p.total(),
+            params,
         });
         let blob = DeviceState {
             vmm,
@@ -81,12 +107,24 @@ impl KvmVm {
                 state.vcpus.len()
             )));
         };
+        // Checked against this VM's memory before anything changes. Known parameters spare
+        // the resume a read of the parameter page, which in post-copy may still be missing.
+        let params = match state.vmm.params {
+            Some(p) => Some(
+                GuestParams::decode(&p.encode(), self.map.total_bytes())
+                    .map_err(|e| Error::State(format!("device state: {e}")))?,
+            ),
+            None => None,
+        };
         let back: VcpuState = self.vcpu.restore(v)?;
         let rate = self.rate_override.unwrap_or(state.vmm.dirty_rate);
         self.vcpu.with_pacer(|p| {
-            *p = Pacer::new(rate, 0);
+            *p = Pacer::new(rate, params.map_or(0, |p| p.ws_pages));
             p.set_total(state.vmm.pages_dirtied);
         });
+        if params.is_some() {
+            self.params = params;
+        }
         self.last_state = Some(
             DeviceState {
                 vmm: state.vmm,
@@ -138,6 +176,10 @@ impl DestinationVm for KvmVm {
 
     fn resume(&mut self) -> Result<(), VmmError> {
         Ok(self.do_resume()?)
+    }
+
+    fn pause(&mut self) -> Result<(), VmmError> {
+        Ok(self.do_pause_destination()?)
     }
 
     fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {

@@ -1,31 +1,39 @@
 //! Device state of the KVM guest as a versioned, fixed little-endian blob.
 //!
-//! Layout, version 1 (every integer little-endian, no padding):
+//! Layout, version 2 (every integer little-endian, no padding):
 //!
 //! | bytes | field |
 //! | --- | --- |
 //! | 8 | magic `RDMIGKVM` |
-//! | 2 | version (1) |
+//! | 2 | version (2) |
 //! | 2 | vCPU count `n` (1..=[`MAX_VCPUS`]) |
 //! | 4 | reserved, zero |
 //! | 8 + 8 | VMM: dirty rate (bytes/s), pages the guest was handed to dirty so far |
+//! | 24 | the guest's parameter block ([`GuestParams::encode`]), or 24 zero bytes if unknown (version 2 only) |
 //! | `n` × [`VCPU_RECORD_BYTES`] | per vCPU: `kvm_regs` (18 × u64), `kvm_sregs` (8 segments of 23 bytes, GDT and IDT as base u64 + limit u16, cr0 cr2 cr3 cr4 cr8 efer apic_base, 4 × u64 interrupt bitmap), `kvm_fpu` (8 × 16 bytes fpr, fcw, fsw, ftwx, last_opcode, last_ip, last_dp, 16 × 16 bytes xmm, mxcsr) |
 //!
 //! The guest runs with interrupts off, no local APIC, no MSRs of its own and no paging, so
 //! these registers are its whole CPU state. A reader refuses other magics and versions,
 //! a vCPU count out of range, a non-zero reserved field and any length but the exact one.
+//!
+//! Version 2 carries the guest's parameters so that the destination never has to read them
+//! from guest memory before the guest runs: in post-copy the parameter page may still be on
+//! the source then, and a VMM thread touching it would block on userfaultfd. Version 1 blobs
+//! (without them) are still read; the destination then reads the parameter page.
 
 use kvm_bindings::{kvm_dtable, kvm_fpu, kvm_regs, kvm_segment, kvm_sregs};
 
+use super::control::{GuestParams, MAX_MEM_BYTES};
 use crate::error::{Error, Result};
 
 /// Magic at the start of the blob.
 pub const MAGIC: [u8; 8] = *b"RDMIGKVM";
-/// The version this build writes and reads.
-pub const VERSION: u16 = 1;
+/// The version this build writes (it also reads version 1).
+pub const VERSION: u16 = 2;
 /// Most vCPUs a blob may describe.
 pub const MAX_VCPUS: usize = 64;
-const HEADER_BYTES: usize = 8 + 2 + 2 + 4 + 16;
+const HEADER_V1_BYTES: usize = 8 + 2 + 2 + 4 + 16;
+const HEADER_BYTES: usize = HEADER_V1_BYTES + GuestParams::BYTES;
 const SEGMENT_BYTES: usize = 23;
 const REGS_BYTES: usize = 18 * 8;
 const SREGS_BYTES: usize = 8 * SEGMENT_BYTES + 2 * 10 + 7 * 8 + 4 * 8;
@@ -52,6 +60,9 @@ pub struct VmmState {
     pub dirty_rate: u64,
     /// Pages the guest has been handed to dirty since it started (on any host).
     pub pages_dirtied: u64,
+    /// The guest's parameters (what its parameter page holds), if the VMM knows them.
+    /// Checked against the destination's memory size by the restore.
+    pub params: Option<GuestParams>,
 }
 
 /// Everything [`crate::kvm::KvmVm`] saves at switchover.
@@ -73,6 +84,10 @@ impl DeviceState {
         w.extend_from_slice(&0u32.to_le_bytes());
         w.extend_from_slice(&self.vmm.dirty_rate.to_le_bytes());
         w.extend_from_slice(&self.vmm.pages_dirtied.to_le_bytes());
+        match &self.vmm.params {
+            Some(p) => w.extend_from_slice(&p.encode()),
+            None => w.extend_from_slice(&[0; GuestParams::BYTES]),
+        }
         for v in &self.vcpus {
             put_regs(&mut w, &v.regs);
             put_sregs(&mut w, &v.sregs);
@@ -88,9 +103,9 @@ impl DeviceState {
             return Err(Error::State("not a KVM device state (bad magic)".into()));
         }
         let version = r.u16()?;
-        if version != VERSION {
+        if version != 1 && version != VERSION {
             return Err(Error::State(format!(
-                "device state version {version}, this build reads {VERSION}"
+                "device state version {version}, this build reads 1 and {VERSION}"
             )));
         }
         let n = usize::from(r.u16()?);
@@ -104,16 +119,34 @@ impl DeviceState {
                 "device state reserved field is not zero".into(),
             ));
         }
-        let want = HEADER_BYTES + n * VCPU_RECORD_BYTES;
+        let header = if version == 1 {
+            HEADER_V1_BYTES
+        } else {
+            HEADER_BYTES
+        };
+        let want = header + n * VCPU_RECORD_BYTES;
         if b.len() != want {
             return Err(Error::State(format!(
                 "device state is {} bytes, {want} expected for {n} vCPUs",
                 b.len()
             )));
         }
+        let dirty_rate = r.u64()?;
+        let pages_dirtied = r.u64()?;
+        let params = if version == 1 {
+            None
+        } else {
+            let b = r.bytes::<{ GuestParams::BYTES }>()?;
+            if b == [0; GuestParams::BYTES] {
+                None
+            } else {
+                Some(GuestParams::decode(&b, MAX_MEM_BYTES).map_err(Error::State)?)
+            }
+        };
         let vmm = VmmState {
-            dirty_rate: r.u64()?,
-            pages_dirtied: r.u64()?,
+            dirty_rate,
+            pages_dirtied,
+            params,
         };
         let mut vcpus = Vec::with_capacity(n);
         for _ in 0..n {
@@ -342,6 +375,7 @@ mod tests {
             vmm: VmmState {
                 dirty_rate: 1 << 20,
                 pages_dirtied: 12345,
+                params: Some(GuestParams::for_memory(64 << 20, 8 << 20).unwrap()),
             },
             vcpus: vec![v, VcpuState::default()],
         }
@@ -353,6 +387,29 @@ mod tests {
         let b = s.encode();
         assert_eq!(b.len(), HEADER_BYTES + 2 * VCPU_RECORD_BYTES);
         assert_eq!(DeviceState::decode(&b).unwrap(), s);
+        let none = DeviceState {
+            vmm: VmmState {
+                params: None,
+                ..s.vmm
+            },
+            ..s
+        };
+        assert_eq!(DeviceState::decode(&none.encode()).unwrap(), none);
+    }
+
+    #[test]
+    fn reads_version_1_without_params() {
+        let s = sample();
+        let b = s.encode();
+        let mut v1 = [&b[..HEADER_V1_BYTES], &b[HEADER_BYTES..]].concat();
+        v1[8] = 1;
+        let got = DeviceState::decode(&v1).unwrap();
+        assert_eq!(got.vmm.params, None);
+        assert_eq!((got.vmm.pages_dirtied, got.vcpus), (12345, s.vcpus));
+        // A version-1 header with a version-2 body is refused (wrong length).
+        let mut bad = b.clone();
+        bad[8] = 1;
+        assert!(DeviceState::decode(&bad).is_err());
     }
 
     #[test]
@@ -368,7 +425,7 @@ mod tests {
             },
             {
                 let mut x = b.clone();
-                x[8] = 2;
+                x[8] = 3;
                 x
             },
             {
@@ -385,6 +442,12 @@ mod tests {
             {
                 let mut x = b.clone();
                 x[12] = 1;
+                x
+            },
+            {
+                // A parameter block with a bad magic.
+                let mut x = b.clone();
+                x[HEADER_V1_BYTES] ^= 1;
                 x
             },
             Vec::new(),

@@ -23,6 +23,12 @@ use crate::error::{Error, Result};
 
 /// Longest wait for the vCPU thread to park or answer a command.
 const PARK_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the vCPU keeps retrying guest accesses that KVM could not fault in (`EFAULT`)
+/// before it gives up on the guest. In post-copy such an access is to a page that is still
+/// missing and whose fault was cut short; the faulting instruction did not execute.
+const EFAULT_RETRY: Duration = Duration::from_secs(5);
+/// The wait between two such retries (cut short by a pause request).
+const EFAULT_BACKOFF: Duration = Duration::from_millis(1);
 
 /// The signal that kicks a vCPU thread out of `KVM_RUN` (a no-op handler is installed).
 pub fn kick_signal() -> libc::c_int {
@@ -112,6 +118,33 @@ impl Shared {
     }
 }
 
+/// Watches a KVM guest from any thread (for tests and monitoring): whether it runs and how
+/// many pages it has been handed to dirty. Holds no VM resources.
+#[derive(Clone)]
+pub struct GuestProgress(Arc<Shared>);
+
+impl GuestProgress {
+    /// True while the guest runs (the vCPU is not parked and no pause is pending).
+    pub fn running(&self) -> bool {
+        let g = self.0.lock();
+        !g.parked && !g.pause_req && !g.exited
+    }
+
+    /// Pages the guest has been handed to dirty since it first started (on any host).
+    pub fn pages_dirtied(&self) -> u64 {
+        self.0.lock().pacer.total()
+    }
+}
+
+impl std::fmt::Debug for GuestProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestProgress")
+            .field("running", &self.running())
+            .field("pages_dirtied", &self.pages_dirtied())
+            .finish()
+    }
+}
+
 /// The controller's handle on one vCPU thread. Dropping it stops and joins the thread.
 pub struct VcpuHandle {
     shared: Arc<Shared>,
@@ -154,41 +187,74 @@ impl VcpuHandle {
     }
 
     fn wait_parked(&self) -> Result<()> {
+        if self.wait_parked_for(PARK_TIMEOUT)? {
+            Ok(())
+        } else {
+            Err(Error::Thread("the vCPU did not stop within 2 s".into()))
+        }
+    }
+
+    /// Waits up to `timeout` for the vCPU to park; false if it did not.
+    fn wait_parked_for(&self, timeout: Duration) -> Result<bool> {
         let g = self.shared.lock();
         let (g, to) = self
             .shared
             .cv
-            .wait_timeout_while(g, PARK_TIMEOUT, |c| !c.parked && !c.exited)
+            .wait_timeout_while(g, timeout, |c| !c.parked && !c.exited)
             .unwrap_or_else(|p| p.into_inner());
         if to.timed_out() {
-            return Err(Error::Thread("the vCPU did not stop within 2 s".into()));
+            return Ok(false);
         }
         match &g.fatal {
             Some(f) => Err(Error::Guest(f.clone())),
             None if g.exited => Err(Error::Thread("the vCPU thread has exited".into())),
-            None => Ok(()),
+            None => Ok(true),
         }
+    }
+
+    /// Asks the vCPU to park: `immediate_exit` plus a kick out of `KVM_RUN`.
+    fn request_pause(&self) -> Result<()> {
+        let mut g = self.shared.lock();
+        if g.exited {
+            return Err(Error::Thread("the vCPU thread has exited".into()));
+        }
+        if !g.parked {
+            g.pause_req = true;
+            self.shared.immediate_exit.set(1);
+            self.shared.cv.notify_all();
+            if let Some(t) = &self.thread {
+                // SAFETY: the thread has not been joined (we hold its JoinHandle), so its
+                // pthread_t is valid; the signal has a no-op handler installed.
+                unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+            }
+        }
+        Ok(())
     }
 
     /// Stops the guest at a clean exit and returns once the vCPU is parked.
     pub fn pause(&self) -> Result<()> {
-        {
-            let mut g = self.shared.lock();
-            if g.exited {
-                return Err(Error::Thread("the vCPU thread has exited".into()));
-            }
-            if !g.parked {
-                g.pause_req = true;
-                self.shared.immediate_exit.set(1);
-                self.shared.cv.notify_all();
-                if let Some(t) = &self.thread {
-                    // SAFETY: the thread has not been joined (we hold its JoinHandle), so its
-                    // pthread_t is valid; the signal has a no-op handler installed.
-                    unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
-                }
-            }
-        }
+        self.request_pause()?;
         self.wait_parked()
+    }
+
+    /// Stops the guest, waiting at most `timeout` for the vCPU to park; returns whether it
+    /// did. A vCPU that does not is inside `KVM_RUN`, blocked on a guest page userfaultfd has
+    /// not resolved (on kernels where KVM waits for it without heeding the kick signal): the
+    /// pause stays pending, and it parks as soon as `KVM_RUN` returns, without running guest
+    /// code (the pending signal makes KVM return before it enters the guest again).
+    pub fn pause_within(&self, timeout: Duration) -> Result<bool> {
+        self.request_pause()?;
+        self.wait_parked_for(timeout)
+    }
+
+    /// True while the vCPU thread is parked.
+    pub fn is_parked(&self) -> bool {
+        self.shared.lock().parked
+    }
+
+    /// A handle that watches the guest's progress from another thread.
+    pub fn progress(&self) -> GuestProgress {
+        GuestProgress(self.shared.clone())
     }
 
     /// Runs a command on the parked thread and waits for its answer.
@@ -323,14 +389,58 @@ impl Drop for VcpuHandle {
     }
 }
 
+/// What a failed `KVM_RUN` means for the vCPU loop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RunError {
+    /// Interrupted (the kick signal, or a signal while KVM waited for a missing guest page):
+    /// the guest was stopped between instructions; run again or park.
+    Interrupted,
+    /// KVM could not fault in a guest page (`EFAULT`): the access did not happen and the
+    /// registers are consistent; retry for a while (post-copy: the page is on its way).
+    Fault,
+    /// Anything else stops the guest.
+    Fatal,
+}
+
+fn classify_run_error(errno: i32) -> RunError {
+    match errno {
+        libc::EINTR | libc::EAGAIN => RunError::Interrupted,
+        libc::EFAULT => RunError::Fault,
+        _ => RunError::Fatal,
+    }
+}
+
+/// After an `EFAULT`: waits a little (less if a pause comes), or gives up after
+/// [`EFAULT_RETRY`] of consecutive faults.
+fn retry_after_fault(sh: &Shared, since: Instant, e: &kvm_ioctls::Error) -> Option<String> {
+    if since.elapsed() > EFAULT_RETRY {
+        return Some(format!(
+            "KVM_RUN failed: {e} (a guest page stayed unreachable for {EFAULT_RETRY:?})"
+        ));
+    }
+    tracing::debug!("KVM_RUN: {e}; the guest page is not there yet, retrying");
+    let g = sh.lock();
+    drop(
+        sh.cv
+            .wait_timeout_while(g, EFAULT_BACKOFF, |c| !c.pause_req)
+            .unwrap_or_else(|p| p.into_inner()),
+    );
+    None
+}
+
 /// The thread body: run until asked to park, serve commands while parked.
 fn vcpu_thread(mut vcpu: VcpuFd, sh: Arc<Shared>) {
+    let mut efault_since: Option<Instant> = None;
     loop {
         let pause = sh.lock().pause_req;
         if pause && !park(&mut vcpu, &sh, true) {
             return;
         }
-        let fatal = match vcpu.run() {
+        let run = vcpu.run();
+        if run.is_ok() {
+            efault_since = None;
+        }
+        let fatal = match run {
             Ok(VcpuExit::IoIn(PORT_CMD, data)) => {
                 let v = next_command(&sh);
                 let n = data.len().min(4);
@@ -347,8 +457,13 @@ fn vcpu_thread(mut vcpu: VcpuFd, sh: Arc<Shared>) {
             Ok(VcpuExit::IoIn(port, _)) => Some(format!("read from unknown port {port:#x}")),
             Ok(VcpuExit::IoOut(port, _)) => Some(format!("write to unknown port {port:#x}")),
             Ok(other) => Some(format!("unexpected vCPU exit {other:?}")),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
-            Err(e) => Some(format!("KVM_RUN failed: {e}")),
+            Err(e) => match classify_run_error(e.errno()) {
+                RunError::Interrupted => None,
+                RunError::Fault => {
+                    retry_after_fault(&sh, *efault_since.get_or_insert_with(Instant::now), &e)
+                }
+                RunError::Fatal => Some(format!("KVM_RUN failed: {e}")),
+            },
         };
         if let Some(f) = fatal {
             tracing::error!("guest stopped: {f}");
@@ -456,4 +571,18 @@ fn write_state(vcpu: &VcpuFd, s: &VcpuState) -> Result<()> {
     vcpu.set_regs(&s.regs).map_err(kvm("KVM_SET_REGS"))?;
     vcpu.set_fpu(&s.fpu).map_err(kvm("KVM_SET_FPU"))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_errors_are_classified() {
+        assert_eq!(classify_run_error(libc::EINTR), RunError::Interrupted);
+        assert_eq!(classify_run_error(libc::EAGAIN), RunError::Interrupted);
+        assert_eq!(classify_run_error(libc::EFAULT), RunError::Fault);
+        assert_eq!(classify_run_error(libc::EINVAL), RunError::Fatal);
+        assert_eq!(classify_run_error(libc::ENOEXEC), RunError::Fatal);
+    }
 }

@@ -17,7 +17,7 @@ use super::control::{
 use super::guest::{gdt_bytes, initial_regs, setup_sregs, GUEST_CODE};
 use super::pacer::Pacer;
 use super::state::{encode_vcpus, DeviceState};
-use super::vcpu::VcpuHandle;
+use super::vcpu::{GuestProgress, VcpuHandle};
 use super::{KvmConfig, KvmDestConfig};
 use crate::error::{Error, Result};
 use crate::GuestCheck;
@@ -269,9 +269,23 @@ impl KvmVm {
         self.params
     }
 
-    /// True while the vCPU is paused.
+    /// True while the vCPU is paused (or, on the destination, a pause is pending: see
+    /// [`KvmVm::vcpu_parked`]).
     pub fn is_paused(&self) -> bool {
         self.paused
+    }
+
+    /// True while the vCPU thread is parked outside `KVM_RUN` (its registers can be saved).
+    /// After a destination pause this is false only while the vCPU is still blocked on a
+    /// missing post-copy page.
+    pub fn vcpu_parked(&self) -> bool {
+        self.vcpu.is_parked()
+    }
+
+    /// A handle that watches the guest from another thread (e.g. while `session::accept` owns
+    /// the VM): whether it runs and how many pages it has been handed to dirty.
+    pub fn progress(&self) -> GuestProgress {
+        self.vcpu.progress()
     }
 
     /// Stops the guest and releases the VM (errors are logged).
