@@ -19,7 +19,9 @@ use rdmig_transport::digest::PageHashes;
 use rdmig_transport::mem::{GuestAddress, GuestMemoryMap, MmapBacking, MmapRegion, PageSize};
 use rdmig_transport::pages::PageSet;
 use rdmig_transport::postcopy::fault::{self, fault_loop, FaultStats};
-use rdmig_transport::postcopy::{MissingPages, PageFetcher, PageServer, TcpPageFetcher, Uffd};
+use rdmig_transport::postcopy::{
+    AliasMap, MissingPages, PageFetcher, PageServer, TcpPageFetcher, Uffd,
+};
 use rdmig_transport::rdma::fetch::FAULT_SPIN;
 use rdmig_transport::rdma::{RdmaOptions, RdmaPageFetcher, RdmaSourcePath, ReadEngine, Staging};
 use serde_json::json;
@@ -56,6 +58,10 @@ pub struct Args {
     /// Local address whose RoCE v2 GID the RDMA connection uses.
     #[arg(long)]
     pub bind: Option<std::net::IpAddr>,
+    /// Back the destination's memory with a memfd: faults are fetched into a second mapping
+    /// and resolved with UFFDIO_CONTINUE (zero-copy) instead of UFFDIO_COPY.
+    #[arg(long)]
+    pub memfd: bool,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -72,6 +78,7 @@ fn connect(
     args: &Args,
     src_map: &GuestMemoryMap,
     dst_map: &GuestMemoryMap,
+    alias: Option<Arc<AliasMap>>,
 ) -> Result<(Box<dyn PageFetcher>, Far, String)> {
     match args.transport {
         FetchTransport::Tcp => {
@@ -94,7 +101,10 @@ fn connect(
             let (mut source, setup) = RdmaSourcePath::new(src_map, &opts)
                 .context("fault-lat --transport rdma: the source end")?;
             let page = dst_map.page_size();
-            let staging = Staging::new(fault::staging_bytes(page.bytes() as usize), page)?;
+            let staging = match alias {
+                Some(a) => Staging::alias(a),
+                None => Staging::new(fault::staging_bytes(page.bytes() as usize), page)?,
+            };
             let (_, mut engines, ack) =
                 ReadEngine::new_split(dst_map, &opts, &setup, vec![staging.map().clone()])?;
             source.connect(&ack)?;
@@ -111,8 +121,8 @@ fn connect(
     }
 }
 
-fn region(len: u64) -> Result<(MmapRegion, GuestMemoryMap)> {
-    let m = MmapRegion::new(len, MmapBacking::Anonymous, false)?;
+fn region(len: u64, backing: MmapBacking) -> Result<(MmapRegion, GuestMemoryMap)> {
+    let m = MmapRegion::new(len, backing, false)?;
     // SAFETY: `m` is returned with the map and the caller keeps it alive as long as the map.
     let r = unsafe { m.guest_region(GuestAddress(0)) };
     let map = GuestMemoryMap::new(vec![r], PageSize::KIB4)?;
@@ -136,7 +146,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     Uffd::probe().context("fault-lat needs userfaultfd")?;
 
-    let (src_mem, src_map) = region(args.size)?;
+    let (src_mem, src_map) = region(args.size, MmapBacking::Anonymous)?;
     for p in 0..pages {
         // SAFETY: page p lies inside the source mapping, which nothing else uses yet.
         unsafe {
@@ -147,16 +157,36 @@ pub fn run(args: Args) -> Result<()> {
                 .write(pattern(p))
         };
     }
-    let (dst_mem, dst_map) = region(args.size)?;
-    let (mut fetcher, far, what) = connect(&args, &src_map, &dst_map)?;
+    let backing = if args.memfd {
+        MmapBacking::Memfd
+    } else {
+        MmapBacking::Anonymous
+    };
+    let (dst_mem, dst_map) = region(args.size, backing)?;
+    let alias = AliasMap::for_guest(&dst_map)?.map(Arc::new);
+    let (mut fetcher, far, what) = connect(&args, &src_map, &dst_map, alias.clone())?;
 
     let mut all = PageSet::empty(&dst_map);
     all.fill();
-    let missing = Arc::new(MissingPages::new(&dst_map, &all));
-    let uffd = Arc::new(Uffd::open()?);
+    let mut state = MissingPages::new(&dst_map, &all);
+    let uffd = Arc::new(match &alias {
+        Some(a) => {
+            state = state.in_place(a.clone());
+            Uffd::open_minor()?
+        }
+        None => Uffd::open()?,
+    });
+    let missing = Arc::new(state);
     // SAFETY: the destination mapping stays alive until after the fault thread is joined and
-    // the range unregistered below.
-    unsafe { uffd.register(dst_mem.as_ptr(), dst_mem.len())? };
+    // the range unregistered below; with --memfd it is a shared memfd mapping whose pages
+    // AliasMap::for_guest allocated.
+    unsafe {
+        if alias.is_some() {
+            uffd.register_minor(dst_mem.as_ptr(), dst_mem.len())?
+        } else {
+            uffd.register(dst_mem.as_ptr(), dst_mem.len())?
+        }
+    };
     let hashes = Arc::new(PageHashes::new(&dst_map));
     let (u, m, h) = (uffd.clone(), missing.clone(), hashes.clone());
     let service = std::thread::Builder::new()
@@ -208,6 +238,7 @@ pub fn run(args: Args) -> Result<()> {
         println!(
             "{}",
             json!({
+                "zero_copy": args.memfd,
                 "transport": match args.transport {
                     FetchTransport::Tcp => "tcp",
                     FetchTransport::Rdma => "rdma",
@@ -226,7 +257,14 @@ pub fn run(args: Args) -> Result<()> {
             })
         );
     } else {
-        println!("remote fault latency over {what}, fault to resumed access, {PAGE} byte pages");
+        println!(
+            "remote fault latency over {what}, fault to resumed access, {PAGE} byte pages, {}",
+            if args.memfd {
+                "memfd memory: UFFDIO_CONTINUE (zero-copy)"
+            } else {
+                "anonymous memory: UFFDIO_COPY"
+            }
+        );
         println!(
             "{:>8} {:>11} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
             "#bytes", "#iterations", "t_min", "t_p50", "t_p90", "t_p99", "t_p99.9", "t_max"

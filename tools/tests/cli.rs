@@ -429,6 +429,17 @@ fn fault_lat_prints_percentiles_and_rdma_without_a_device_fails_clearly() {
         assert!(v[k].as_f64().is_some_and(|x| x > 0.0), "missing {k} in {v}");
     }
     assert_eq!(v["iters"], 500);
+    assert_eq!(v["zero_copy"], false);
+    if rdmig_transport::postcopy::Uffd::minor_supported() {
+        let o = bench()
+            .args(["fault-lat", "-n", "300", "-s", "4MiB", "--memfd", "--json"])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["zero_copy"], true);
+        assert!(v["p50_us"].as_f64().is_some_and(|x| x > 0.0), "{v}");
+    }
     if std::env::var_os("RDMIG_RXE_DEV").is_some() {
         return;
     }

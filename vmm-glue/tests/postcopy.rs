@@ -590,3 +590,146 @@ fn rdma_link_cut_during_postcopy_pauses_the_destination_and_counts_missing_pages
         .expect("a synthetic VM");
     assert!(!vm.running(), "the destination guest is paused");
 }
+
+// ---- zero-copy: memfd guest memory, pages fetched into a second mapping, UFFDIO_CONTINUE ----
+
+fn minor_ok() -> bool {
+    if !rdmig_transport::postcopy::Uffd::minor_supported() {
+        eprintln!("SKIP: userfaultfd minor faults on shmem (memfd) unavailable");
+        return false;
+    }
+    true
+}
+
+#[test]
+fn zero_copy_postcopy_of_memfd_memory_with_writers_on_the_destination() {
+    if !uffd_ok() || !minor_ok() {
+        return;
+    }
+    let cfg = SyntheticConfig::new(64 * MIB)
+        .with_dirtying(16 * MIB, 256 * MIB)
+        .with_memfd(true);
+    let psk = Psk::random().unwrap();
+    let mut source = SyntheticVm::start(&cfg).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let (r, d) = run(
+        &mut source,
+        cfg.clone(),
+        config(&psk, MigrationMode::Postcopy),
+    );
+    let rep = r.unwrap();
+    let (dest, drep) = d.unwrap();
+    let pages = cfg.mem_bytes / 4096;
+    assert!(
+        rep.verified && rep.postcopy && rep.postcopy_pages == pages,
+        "{rep:?}"
+    );
+    assert!(
+        drep.postcopy_zero_copy,
+        "memfd memory is installed in place"
+    );
+    assert!(
+        rep.postcopy_faults > 0,
+        "the destination writers fault on remote pages"
+    );
+    let c = dest.verify();
+    assert!(
+        c.ok() && c.pages_checked + c.pages_skipped == pages,
+        "{c:?}"
+    );
+    assert!(dest.pages_written() > source.pages_written());
+}
+
+#[test]
+fn zero_copy_hybrid_of_memfd_memory_with_64k_pages() {
+    if !uffd_ok() || !minor_ok() {
+        return;
+    }
+    let cfg = SyntheticConfig::new(128 * MIB)
+        .with_dirtying(64 * MIB, 2048 * MIB)
+        .with_regions(3)
+        .with_page_size(rdmig_transport::mem::PageSize::new(65536).unwrap())
+        .with_memfd(true);
+    let psk = Psk::random().unwrap();
+    let mut source = SyntheticVm::start(&cfg).unwrap();
+    let mcfg = config(&psk, MigrationMode::Hybrid)
+        .with_downtime_limit(Duration::from_millis(1))
+        .with_max_rounds(3);
+    let (r, d) = run(&mut source, cfg.clone(), mcfg);
+    let rep = r.unwrap();
+    let (dest, drep) = d.unwrap();
+    assert!(rep.verified && rep.postcopy && rep.rounds >= 1, "{rep:?}");
+    assert!(drep.postcopy_zero_copy);
+    let c = dest.verify();
+    assert!(c.ok(), "{c:?}");
+}
+
+#[test]
+fn rdma_zero_copy_postcopy_of_memfd_memory() {
+    let Some((opts, addr)) = rxe("rdma_zero_copy_postcopy_of_memfd_memory") else {
+        return;
+    };
+    if !uffd_ok() || !minor_ok() {
+        return;
+    }
+    let cfg = SyntheticConfig::new(64 * MIB)
+        .with_dirtying(8 * MIB, 64 * MIB)
+        .with_memfd(true);
+    let psk = Psk::random().unwrap();
+    let mut source = SyntheticVm::start(&cfg).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let mcfg = config(&psk, MigrationMode::Postcopy)
+        .with_transport(TransportKind::Rdma)
+        .with_rdma(opts);
+    let (r, d) = run_rdma(&mut source, cfg.clone(), mcfg, addr, None);
+    let rep = r.unwrap();
+    let (dest, drep) = d.unwrap();
+    let pages = cfg.mem_bytes / 4096;
+    assert!(
+        rep.verified && rep.postcopy && rep.transport == "rdma",
+        "{rep:?}"
+    );
+    assert!(
+        drep.postcopy_zero_copy,
+        "READs land in the memfd's second mapping"
+    );
+    assert!(rep.postcopy_faults > 0);
+    let c = dest.verify();
+    assert!(
+        c.ok() && c.pages_checked + c.pages_skipped == pages,
+        "{c:?}"
+    );
+    eprintln!(
+        "rdma zero-copy postcopy 64 MiB: downtime {:.3} ms, {} faults, p50 {:.1} µs, post-copy {:.1} ms",
+        rep.downtime_ms, rep.postcopy_faults, rep.fault_latency_us.p50, rep.postcopy_ms
+    );
+}
+
+#[test]
+fn rdma_zero_copy_hybrid_of_memfd_memory() {
+    let Some((opts, addr)) = rxe("rdma_zero_copy_hybrid_of_memfd_memory") else {
+        return;
+    };
+    if !uffd_ok() || !minor_ok() {
+        return;
+    }
+    let cfg = SyntheticConfig::new(64 * MIB)
+        .with_dirtying(32 * MIB, 1024 * MIB)
+        .with_memfd(true);
+    let psk = Psk::random().unwrap();
+    let mut source = SyntheticVm::start(&cfg).unwrap();
+    let mcfg = config(&psk, MigrationMode::Hybrid)
+        .with_transport(TransportKind::Rdma)
+        .with_rdma(opts)
+        .with_downtime_limit(Duration::from_millis(1))
+        .with_max_rounds(2);
+    let (r, d) = run_rdma(&mut source, cfg.clone(), mcfg, addr, None);
+    let rep = r.unwrap();
+    let (dest, drep) = d.unwrap();
+    assert!(
+        rep.verified && rep.postcopy && rep.transport == "rdma",
+        "{rep:?}"
+    );
+    assert!(drep.postcopy_zero_copy);
+    assert!(dest.verify().ok());
+}

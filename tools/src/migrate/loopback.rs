@@ -87,6 +87,7 @@ pub fn run(args: &Args, params: &VmParams) -> Result<ExitCode> {
         .args(["--page-size", &args.page_size.to_string()])
         .args(["--writers", &args.writers.to_string()])
         .args(["--regions", &args.regions.to_string()])
+        .args(args.memfd.then_some("--memfd"))
         .args([
             "--io-timeout",
             &format!("{}ms", args.io_timeout.as_millis()),

@@ -140,6 +140,10 @@ pub struct Args {
     /// Writer threads of the synthetic VM.
     #[arg(long, default_value_t = 1)]
     pub writers: u32,
+    /// Back the synthetic VM's memory with memfds (shared), so that post-copy installs pages
+    /// in place with UFFDIO_CONTINUE (zero-copy) instead of UFFDIO_COPY.
+    #[arg(long)]
+    pub memfd: bool,
     /// Longest wait for any message or round.
     #[arg(long = "io-timeout", default_value = "120s", value_parser = parse_duration)]
     pub io_timeout: Duration,
@@ -180,6 +184,7 @@ impl Args {
             page,
             regions: self.regions.max(1),
             writers: self.writers.max(1),
+            memfd: self.memfd,
         })
     }
 
@@ -229,6 +234,9 @@ pub fn run(args: Args) -> Result<ExitCode> {
         bail!("--qps must be between 1 and 64");
     }
     let params = args.params()?;
+    if args.memfd && VmKind::resolve(args.vm)?.0 == VmKind::Kvm {
+        bail!("--memfd applies to the synthetic VM (add --vm synthetic; the KVM guest's memory is private anonymous)");
+    }
     if args.loopback {
         loopback::run(&args, &params)
     } else if let Some(addr) = args.listen {

@@ -187,6 +187,7 @@ pub fn print_migration(
             "postcopy_fault_pages": rep.postcopy_fault_pages,
             "postcopy_ms": rep.postcopy_ms,
             "fault_latency_us": rep.fault_latency_us,
+            "postcopy_zero_copy": dest.and_then(|d| d.dest.as_ref()).map(|d| d.postcopy_zero_copy),
         });
         println!("{v}");
         return;

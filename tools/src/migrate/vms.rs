@@ -60,9 +60,19 @@ pub struct VmParams {
     pub regions: u32,
     /// Writer threads (synthetic).
     pub writers: u32,
+    /// memfd-backed memory (synthetic).
+    pub memfd: bool,
 }
 
 impl VmParams {
+    fn check(&self, kind: VmKind) -> Result<()> {
+        anyhow::ensure!(
+            !(self.memfd && kind == VmKind::Kvm),
+            "--memfd applies to the synthetic VM (add --vm synthetic; the KVM guest's memory is private anonymous)"
+        );
+        Ok(())
+    }
+
     fn synthetic(&self) -> SyntheticConfig {
         SyntheticConfig {
             mem_bytes: self.mem,
@@ -71,6 +81,7 @@ impl VmParams {
             page_size: self.page,
             regions: self.regions,
             writers: self.writers,
+            memfd: self.memfd,
         }
     }
 
@@ -95,6 +106,7 @@ pub enum LocalVm {
 impl LocalVm {
     /// Starts a source VM.
     pub fn start(kind: VmKind, p: &VmParams) -> Result<LocalVm> {
+        p.check(kind)?;
         match kind {
             VmKind::Synthetic => Ok(LocalVm::Synthetic(Box::new(SyntheticVm::start(
                 &p.synthetic(),
@@ -114,6 +126,7 @@ impl LocalVm {
     /// A factory for the destination side, with guest memory allocated now (before the
     /// source connects) for the layout these parameters give.
     pub fn destination_factory(kind: VmKind, p: &VmParams) -> Result<DestinationFactory<'static>> {
+        p.check(kind)?;
         match kind {
             VmKind::Synthetic => {
                 let prepared = SyntheticVm::prepare_destination(&p.synthetic())?;

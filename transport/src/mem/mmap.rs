@@ -133,7 +133,13 @@ impl MmapRegion {
     /// `self` alive for as long as the region (or any session it is handed to) is used.
     pub unsafe fn guest_region(&self, gpa: GuestAddress) -> GuestRegion {
         // SAFETY: ptr/len describe our live mapping; the caller upholds the lifetime.
-        unsafe { GuestRegion::new(gpa, self.ptr, self.len as u64) }
+        let r = unsafe { GuestRegion::new(gpa, self.ptr, self.len as u64) };
+        match &self.memfd {
+            // SAFETY: a memfd-backed MmapRegion is a MAP_SHARED mapping of the whole memfd at
+            // offset 0, and the fd lives as long as the mapping, which the caller keeps alive.
+            Some(fd) => unsafe { r.with_memfd(fd.as_raw_fd(), 0) },
+            None => r,
+        }
     }
 }
 

@@ -12,6 +12,7 @@ mod mmap;
 pub use mmap::{MmapBacking, MmapRegion};
 
 use crate::error::{Error, Result};
+use std::os::fd::RawFd;
 
 /// A guest physical address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -78,6 +79,8 @@ pub struct GuestRegion {
     gpa: GuestAddress,
     host: *mut u8,
     len: u64,
+    /// The memfd and offset behind a shared mapping, when the VMM says so.
+    memfd: Option<(RawFd, u64)>,
 }
 
 // SAFETY: a GuestRegion is a description of memory whose validity the VMM vouched for in
@@ -96,7 +99,31 @@ impl GuestRegion {
     /// dropped. The guest (or other threads) may write the memory concurrently; the transport
     /// only touches it through raw pointers and system calls.
     pub unsafe fn new(gpa: GuestAddress, host: *mut u8, len: u64) -> GuestRegion {
-        GuestRegion { gpa, host, len }
+        GuestRegion {
+            gpa,
+            host,
+            len,
+            memfd: None,
+        }
+    }
+
+    /// Says that the region is a shared mapping of `fd` at `offset`. Post-copy then maps the
+    /// memfd a second time, lands fetched pages there and maps them into the guest with
+    /// `UFFDIO_CONTINUE` (no copy).
+    ///
+    /// # Safety
+    /// The region must be a `MAP_SHARED` mapping of `len` bytes of `fd` at `offset`, and `fd`
+    /// must stay open as long as the region is used.
+    pub unsafe fn with_memfd(self, fd: RawFd, offset: u64) -> GuestRegion {
+        GuestRegion {
+            memfd: Some((fd, offset)),
+            ..self
+        }
+    }
+
+    /// The memfd and offset behind the region, if [`GuestRegion::with_memfd`] said so.
+    pub fn memfd(&self) -> Option<(RawFd, u64)> {
+        self.memfd
     }
 
     /// Guest physical start address.

@@ -77,6 +77,7 @@ pub fn fault_loop(
     stats: &mut FaultStats,
 ) -> Result<()> {
     let page = pages.page_bytes();
+    let in_place = pages.is_in_place();
     let mut addrs = Vec::with_capacity(BATCH);
     let mut keys = Vec::with_capacity(BATCH);
     let mut fetch: Vec<(PageRange, u64)> = Vec::with_capacity(BATCH);
@@ -133,11 +134,19 @@ pub fn fault_loop(
             pages.note_fault(r.region, r.first);
         }
         // Pages installed by the prefetcher since the fault only need their waiters woken.
+        // Zero-copy: a page a prefetcher is fetching is left to it (its UFFDIO_CONTINUE wakes
+        // the fault; a second fetch could land after the guest wrote the page), and a valid
+        // page whose entry is absent is mapped as it is.
         fetch.retain(|(r, n)| {
             if pages.page_missing(r.region, r.first) {
-                return true;
+                return !in_place || pages.claim(r.region, r.first);
             }
             if let Ok((ptr, len)) = pages.span(r) {
+                if in_place {
+                    if let Err(e) = uffd.continue_range(ptr, len) {
+                        tracing::warn!("mapping a valid page on a fault: {e}");
+                    }
+                }
                 if let Err(e) = uffd.wake(ptr, len) {
                     tracing::warn!("waking a fault on a present page: {e}");
                 }
@@ -149,6 +158,24 @@ pub fn fault_loop(
             }
             false
         });
+        if in_place {
+            for (r, _) in &fetch {
+                let (dst, _) = pages.alias_span(r)?;
+                // SAFETY: the page's place in the second mapping, claimed above: no other
+                // fetch writes it, and the guest cannot see it until it is installed.
+                unsafe { fetcher.start(*r, dst)? };
+            }
+            for (r, n) in &fetch {
+                let got = fetcher.complete()?;
+                debug_assert_eq!(got, *r);
+                pages.install_in_place(uffd, hashes, *r, true)?;
+                let ns = t0.elapsed().as_nanos() as u64;
+                for _ in 0..*n {
+                    stats.latency.saturating_record(ns);
+                }
+            }
+            continue;
+        }
         for group in fetch.chunks(slots) {
             for (i, (r, _)) in group.iter().enumerate() {
                 // SAFETY: slot i (< slots) of the staging memory is a page of ours, untouched

@@ -1,15 +1,22 @@
-//! The destination's post-copy page state: which pages are still missing, which the
-//! prefetcher has asked for, where the guest last faulted, and the installer shared by the
-//! fault service and the prefetcher (`UFFDIO_COPY` from a staging buffer, EEXIST handled by a
-//! wake, the installed page hashed into the digest table from the buffer, never from guest
-//! memory).
+//! The destination's post-copy page state: which pages are still missing, which a fetcher
+//! has asked for, where the guest last faulted, and the installer shared by the fault service
+//! and the prefetcher: `UFFDIO_COPY` from a staging buffer, or with memfd guest memory
+//! (zero-copy, [`MissingPages::in_place`]) `UFFDIO_CONTINUE` of the page fetched into the
+//! second mapping; EEXIST is handled by a wake; the installed page is hashed into the digest
+//! table from the buffer or the second mapping, never from guest memory.
+//!
+//! In zero-copy mode a page is fetched at most once: a fetch writes the page the guest will
+//! see, so a second one landing after the first was installed would overwrite the guest's
+//! writes. Both the fault service ([`MissingPages::claim`]) and the prefetchers
+//! ([`MissingPages::pick`]) claim pages in the same bitmap before fetching them.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use xxhash_rust::xxh3::xxh3_64;
 
+use super::alias::AliasMap;
 use super::uffd::{CopyOutcome, Uffd};
 use crate::digest::PageHashes;
 use crate::error::{Error, Result};
@@ -40,6 +47,7 @@ pub struct MissingPages {
     stop: AtomicBool,
     state: Mutex<Option<String>>,
     cv: Condvar,
+    alias: Option<Arc<AliasMap>>,
 }
 
 impl std::fmt::Debug for MissingPages {
@@ -98,7 +106,98 @@ impl MissingPages {
             stop: AtomicBool::new(false),
             state: Mutex::new(None),
             cv: Condvar::new(),
+            alias: None,
         }
+    }
+
+    /// Zero-copy mode: pages are fetched into `alias` (second mappings of the guest's memfds)
+    /// and installed with [`MissingPages::install_in_place`].
+    pub fn in_place(mut self, alias: Arc<AliasMap>) -> MissingPages {
+        self.alias = Some(alias);
+        self
+    }
+
+    /// True in zero-copy mode.
+    pub fn is_in_place(&self) -> bool {
+        self.alias.is_some()
+    }
+
+    /// Where a range is fetched to in zero-copy mode: its span in the second mapping.
+    pub fn alias_span(&self, r: &PageRange) -> Result<(*mut u8, usize)> {
+        self.alias
+            .as_ref()
+            .ok_or_else(|| Error::InvalidConfig("not in zero-copy mode".into()))?
+            .map()
+            .span(r.region, r.first, r.npages)
+    }
+
+    /// Claims a missing page for a fetch (zero-copy mode): false if a fetcher already has it.
+    pub fn claim(&self, region: RegionId, page: PageIndex) -> bool {
+        let g = self.global(region, page);
+        let mut p = self.picker.lock().unwrap_or_else(|p| p.into_inner());
+        let (w, bit) = ((g / 64) as usize, 1u64 << (g % 64));
+        if p.requested[w] & bit != 0 {
+            return false;
+        }
+        p.requested[w] |= bit;
+        true
+    }
+
+    /// Zero-copy mode: maps the pages of `range`, fetched into the second mapping, with
+    /// `UFFDIO_CONTINUE` (waking their waiters), and hashes each from the second mapping.
+    /// Returns the pages this call installed that were missing.
+    pub fn install_in_place(
+        &self,
+        uffd: &Uffd,
+        hashes: &PageHashes,
+        range: PageRange,
+        by_fault: bool,
+    ) -> Result<u64> {
+        let (dst, len) = self.map.span(range.region, range.first, range.npages)?;
+        let (src, _) = self.alias_span(&range)?;
+        let page = self.map.page_size().bytes() as usize;
+        // Hash first: once mapped, the guest may write the page (it is the same page).
+        let sums: Vec<u64> = (0..len / page)
+            .map(|i| {
+                // SAFETY: page i of the range in the second mapping, written by the completed
+                // fetch and not yet visible to the guest (its entry is absent until the
+                // UFFDIO_CONTINUE below).
+                xxh3_64(unsafe { std::slice::from_raw_parts(src.add(i * page), page) })
+            })
+            .collect();
+        let mut installed = 0;
+        let mut off = 0usize;
+        while off < len {
+            // SAFETY: dst+off..dst+len lies in the checked span, registered in minor mode.
+            let outcome = uffd.continue_range(unsafe { dst.add(off) }, len - off)?;
+            let (done, skip) = match outcome {
+                CopyOutcome::Done => (len - off, 0),
+                CopyOutcome::Partial(n) => (n.min(len - off) / page * page, 0),
+                CopyOutcome::Exists => (0, page),
+            };
+            let first = off / page;
+            for (i, &sum) in sums.iter().enumerate().skip(first).take(done / page) {
+                installed += self.mark_hashed(
+                    hashes,
+                    range.region,
+                    PageIndex(range.first.0 + i as u64),
+                    sum,
+                );
+            }
+            if skip > 0 {
+                // SAFETY: as above; the page lies inside the checked span.
+                uffd.wake(unsafe { dst.add(off) }, page)?;
+            }
+            off += done + skip;
+        }
+        if by_fault {
+            self.fault_pages.fetch_add(installed, Ordering::Relaxed);
+        }
+        if installed > 0 && self.remaining() == 0 {
+            let _g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            self.cv.notify_all();
+        }
+        Ok(installed)
     }
 
     /// Pages still missing.
@@ -329,7 +428,11 @@ impl MissingPages {
         page: PageIndex,
         bytes: &[u8],
     ) -> u64 {
-        hashes.set(region, page, xxh3_64(bytes));
+        self.mark_hashed(hashes, region, page, xxh3_64(bytes))
+    }
+
+    fn mark_hashed(&self, hashes: &PageHashes, region: RegionId, page: PageIndex, sum: u64) -> u64 {
+        hashes.set(region, page, sum);
         let g = self.global(region, page);
         let bit = 1u64 << (g % 64);
         if self.missing[(g / 64) as usize].fetch_and(!bit, Ordering::AcqRel) & bit != 0 {

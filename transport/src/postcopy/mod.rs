@@ -20,6 +20,7 @@
 //! READ per fault into a staging page (then `UFFDIO_COPY`), or zero-copy into a second memfd
 //! mapping followed by `UFFDIO_CONTINUE`.
 
+pub mod alias;
 pub mod fault;
 pub mod fetch;
 pub mod missing;
@@ -29,6 +30,7 @@ pub mod serve;
 pub mod service;
 pub mod uffd;
 
+pub use alias::AliasMap;
 pub use fetch::{PageFetcher, TcpPageFetcher};
 pub use missing::MissingPages;
 pub use remnant::{PausedGuest, PostcopyRemnant};

@@ -1,7 +1,9 @@
 //! The destination's prefetcher: pulls every page still missing over a bulk post-copy
 //! fetcher, in chunks picked from the latest fault onwards (so the pages next to what the
 //! guest touches arrive first), several chunks in flight, each installed with `UFFDIO_COPY`
-//! (EEXIST means a fault got there first: its waiters are woken and it is skipped).
+//! (EEXIST means a fault got there first: its waiters are woken and it is skipped); with
+//! memfd guest memory each chunk lands in the second mapping and is mapped with
+//! `UFFDIO_CONTINUE` instead.
 
 use std::collections::VecDeque;
 
@@ -34,6 +36,9 @@ pub fn prefetch_loop(
     fetcher: &mut dyn PageFetcher,
 ) -> Result<u64> {
     let page = pages.page_bytes();
+    if pages.is_in_place() {
+        return prefetch_in_place(uffd, pages, hashes, fetcher);
+    }
     // Chunks go to the fetcher's own staging memory when it has some (RDMA: registered).
     let mut own: Vec<u8> = Vec::new();
     let (base, chunk, depth) = match fetcher.staging() {
@@ -71,6 +76,36 @@ pub fn prefetch_loop(
         let bytes = unsafe { std::slice::from_raw_parts(base.add(s * slot), slot) };
         installed += pages.install(uffd, hashes, r, bytes, false)?;
         free.push_back(s);
+    }
+    Ok(installed)
+}
+
+/// Zero-copy prefetching: each chunk is fetched straight into its place in the second mapping
+/// and mapped with `UFFDIO_CONTINUE`.
+fn prefetch_in_place(
+    uffd: &Uffd,
+    pages: &MissingPages,
+    hashes: &PageHashes,
+    fetcher: &mut dyn PageFetcher,
+) -> Result<u64> {
+    let chunk = chunk_pages(pages.page_bytes() as u64);
+    let mut inflight = 0usize;
+    let mut installed = 0;
+    loop {
+        while !pages.stopping() && inflight < DEPTH {
+            let Some(r) = pages.pick(chunk) else { break };
+            let (dst, _) = pages.alias_span(&r)?;
+            // SAFETY: the pages' place in the second mapping; `pick` claimed them, so no other
+            // fetch writes them, and the guest cannot see them until they are installed.
+            unsafe { fetcher.start(r, dst)? };
+            inflight += 1;
+        }
+        if inflight == 0 {
+            break;
+        }
+        let r = fetcher.complete()?;
+        inflight -= 1;
+        installed += pages.install_in_place(uffd, hashes, r, false)?;
     }
     Ok(installed)
 }

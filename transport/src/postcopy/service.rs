@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use super::alias::AliasMap;
 use super::fault::{fault_loop, FaultStats};
 use super::fetch::PageFetcher;
 use super::missing::MissingPages;
@@ -115,7 +116,9 @@ impl PostcopyService {
     /// Marks `missing` missing (dropping the pages of `stale` first: those received in earlier
     /// rounds and not dropped yet), registers every region with userfaultfd and starts
     /// the fault thread; [`PostcopyService::start_prefetch`] starts one prefetcher per prefetch
-    /// fetcher. Call before the guest resumes.
+    /// fetcher. Call before the guest resumes. With `alias` (memfd guest memory, second
+    /// mappings) the regions are registered in MINOR mode and pages are fetched into `alias`
+    /// and mapped with `UFFDIO_CONTINUE` (zero-copy); without, MISSING mode and `UFFDIO_COPY`.
     pub fn start(
         map: &GuestMemoryMap,
         missing: &PageSet,
@@ -123,6 +126,7 @@ impl PostcopyService {
         fetchers: Fetchers,
         hashes: Arc<PageHashes>,
         cpu: Arc<CpuMeter>,
+        alias: Option<Arc<AliasMap>>,
     ) -> Result<PostcopyService> {
         let Fetchers {
             mut fault,
@@ -150,8 +154,16 @@ impl PostcopyService {
             stale.map_or(0, PageSet::count),
             t.elapsed()
         );
-        let uffd = Arc::new(Uffd::open()?);
-        let pages = Arc::new(MissingPages::new(map, missing));
+        let uffd = Arc::new(if alias.is_some() {
+            Uffd::open_minor()?
+        } else {
+            Uffd::open()?
+        });
+        let mut state = MissingPages::new(map, missing);
+        if let Some(a) = &alias {
+            state = state.in_place(a.clone());
+        }
+        let pages = Arc::new(state);
         tracing::debug!(
             "post-copy: userfaultfd opened, missing pages marked {:?} after the drop",
             t.elapsed()
@@ -171,8 +183,15 @@ impl PostcopyService {
         };
         for r in map.regions() {
             // SAFETY: the region is guest memory the VMM vouched for (mapped while the session
-            // runs); the service unregisters it before the session ends.
-            unsafe { uffd.register(r.host_ptr(), r.len() as usize)? };
+            // runs; in zero-copy mode a shared memfd mapping whose pages AliasMap allocated);
+            // the service unregisters it before the session ends.
+            unsafe {
+                if alias.is_some() {
+                    uffd.register_minor(r.host_ptr(), r.len() as usize)?
+                } else {
+                    uffd.register(r.host_ptr(), r.len() as usize)?
+                }
+            };
             svc.registered = true;
         }
         tracing::debug!(

@@ -1,6 +1,8 @@
-//! A userfaultfd in MISSING mode over raw ioctls: open (syscall, or `/dev/userfaultfd`),
-//! the API handshake with a check of what the kernel supports, register/unregister, batched
-//! event reads, `UFFDIO_COPY` with typed partial progress, and `UFFDIO_WAKE`.
+//! A userfaultfd over raw ioctls: open (syscall, or `/dev/userfaultfd`), the API handshake
+//! with a check of what the kernel supports, register/unregister in MISSING mode (private
+//! anonymous memory: pages installed with `UFFDIO_COPY`) or MINOR mode (memfd memory: the page
+//! is already in the page cache, written through a second mapping, and `UFFDIO_CONTINUE` maps
+//! it without a copy), batched event reads, typed partial progress, and `UFFDIO_WAKE`.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
@@ -13,12 +15,18 @@ const UFFDIO_REGISTER: libc::c_ulong = 0xC020_AA00;
 const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_AA01;
 const UFFDIO_WAKE: libc::c_ulong = 0x8010_AA02;
 const UFFDIO_COPY: libc::c_ulong = 0xC028_AA03;
+const UFFDIO_CONTINUE: libc::c_ulong = 0xC020_AA07;
+const UFFDIO_REGISTER_MODE_MINOR: u64 = 1 << 2;
+/// `UFFD_FEATURE_MINOR_SHMEM`: minor faults on shmem (memfd) mappings.
+pub const UFFD_FEATURE_MINOR_SHMEM: u64 = 1 << 10;
 const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xAA00;
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 const UFFD_FEATURE_MISSING_SHMEM: u64 = 1 << 5;
 /// Ioctl bits (`1 << _UFFDIO_*`) a registered range must support.
 const NEED_RANGE_IOCTLS: [(u64, &str); 2] = [(1 << 2, "UFFDIO_WAKE"), (1 << 3, "UFFDIO_COPY")];
+/// Ioctl bits a range registered in MINOR mode must support.
+const NEED_MINOR_IOCTLS: [(u64, &str); 2] = [(1 << 2, "UFFDIO_WAKE"), (1 << 7, "UFFDIO_CONTINUE")];
 
 #[repr(C)]
 #[derive(Default)]
@@ -41,6 +49,14 @@ struct UffdioRegister {
     range: UffdioRange,
     mode: u64,
     ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioContinue {
+    range: UffdioRange,
+    mode: u64,
+    mapped: i64,
 }
 
 #[repr(C)]
@@ -70,6 +86,7 @@ const _: () = {
     assert!(size_of::<UffdioApi>() == 24);
     assert!(size_of::<UffdioRegister>() == 32);
     assert!(size_of::<UffdioCopy>() == 40);
+    assert!(size_of::<UffdioContinue>() == 32);
     assert!(size_of::<UffdMsg>() == 32);
 };
 
@@ -130,16 +147,36 @@ fn open_fd() -> Result<OwnedFd> {
 impl Uffd {
     /// Opens a userfaultfd and completes the API handshake, failing with what is missing.
     pub fn open() -> Result<Uffd> {
+        Uffd::open_with(0)
+    }
+
+    /// Opens a userfaultfd with MINOR mode on shmem enabled (for memfd guest memory), or
+    /// fails saying the kernel lacks it.
+    pub fn open_minor() -> Result<Uffd> {
+        Uffd::open_with(UFFD_FEATURE_MINOR_SHMEM)
+    }
+
+    /// True if this kernel offers minor faults on shmem (memfd) memory.
+    pub fn minor_supported() -> bool {
+        Uffd::open().is_ok_and(|u| u.features & UFFD_FEATURE_MINOR_SHMEM != 0)
+    }
+
+    fn open_with(features: u64) -> Result<Uffd> {
         let fd = open_fd()?;
         let mut api = UffdioApi {
             api: UFFD_API,
-            features: 0,
+            features,
             ioctls: 0,
         };
         // SAFETY: UFFDIO_API reads and writes a uffdio_api we own.
         if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api) } != 0 {
             return Err(Error::PostcopyUnavailable(format!(
-                "UFFDIO_API handshake: {}",
+                "UFFDIO_API handshake (features {features:#x}{}): {}",
+                if features & UFFD_FEATURE_MINOR_SHMEM != 0 {
+                    ", minor faults on memfd memory: kernel 5.13 or later"
+                } else {
+                    ""
+                },
                 std::io::Error::last_os_error()
             )));
         }
@@ -342,6 +379,80 @@ impl Uffd {
         }
     }
 
+    /// Registers `len` bytes of a shared memfd mapping at `start` in MINOR mode: an access to
+    /// a page whose page-table entry is absent (never mapped here, or dropped with
+    /// `MADV_DONTNEED`) waits until [`Uffd::continue_range`] maps the page-cache page. Needs a
+    /// descriptor from [`Uffd::open_minor`].
+    ///
+    /// # Safety
+    /// `start..start+len` must be a page-aligned range of a shared memfd mapping that stays
+    /// mapped while registered; every page of it must exist in the page cache (an absent page
+    /// would be a MISSING fault, which this registration does not catch).
+    pub unsafe fn register_minor(&self, start: *mut u8, len: usize) -> Result<()> {
+        let mut reg = UffdioRegister {
+            range: UffdioRange {
+                start: start as u64,
+                len: len as u64,
+            },
+            mode: UFFDIO_REGISTER_MODE_MINOR,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_REGISTER reads and writes a uffdio_register we own; the caller vouches
+        // for the range.
+        if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) } != 0 {
+            return Err(Error::PostcopyUnavailable(format!(
+                "UFFDIO_REGISTER (minor mode) of {len} bytes at {start:p}: {} (memfd guest memory \
+                 mapped shared, and a kernel with UFFD_FEATURE_MINOR_SHMEM)",
+                std::io::Error::last_os_error()
+            )));
+        }
+        let missing: Vec<&str> = NEED_MINOR_IOCTLS
+            .iter()
+            .filter(|(b, _)| reg.ioctls & b == 0)
+            .map(|(_, n)| *n)
+            .collect();
+        if !missing.is_empty() {
+            return Err(Error::PostcopyUnavailable(format!(
+                "range registered in minor mode does not support {}",
+                missing.join(", ")
+            )));
+        }
+        Ok(())
+    }
+
+    /// Maps the page-cache pages behind `len` bytes at `start` (registered in MINOR mode) and
+    /// wakes the waiters: the page's contents are whatever was written through another
+    /// mapping of the memfd.
+    pub fn continue_range(&self, start: *mut u8, len: usize) -> Result<CopyOutcome> {
+        loop {
+            let mut c = UffdioContinue {
+                range: UffdioRange {
+                    start: start as u64,
+                    len: len as u64,
+                },
+                mode: 0,
+                mapped: 0,
+            };
+            // SAFETY: UFFDIO_CONTINUE reads and writes a uffdio_continue we own; it only maps
+            // existing page-cache pages into a range registered with this descriptor.
+            if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_CONTINUE, &mut c) } == 0 {
+                return Ok(CopyOutcome::Done);
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                _ if c.mapped > 0 => return Ok(CopyOutcome::Partial(c.mapped as usize)),
+                Some(libc::EEXIST) => return Ok(CopyOutcome::Exists),
+                Some(libc::EAGAIN) | Some(libc::EINTR) => continue,
+                _ => {
+                    return Err(Error::Os {
+                        op: "UFFDIO_CONTINUE",
+                        source: e,
+                    })
+                }
+            }
+        }
+    }
+
     /// Wakes threads waiting on `len` bytes at `start`.
     pub fn wake(&self, start: *mut u8, len: usize) -> Result<()> {
         let mut r = UffdioRange {
@@ -398,5 +509,40 @@ mod tests {
         u.unregister(p, len).unwrap();
         // SAFETY: unmapping the mapping created above.
         unsafe { libc::munmap(p.cast(), len) };
+    }
+
+    #[test]
+    fn minor_mode_maps_what_the_second_mapping_wrote() {
+        if !Uffd::minor_supported() {
+            eprintln!("SKIP: userfaultfd minor faults on shmem unavailable");
+            return;
+        }
+        use crate::mem::{GuestAddress, GuestMemoryMap, MmapBacking, MmapRegion, PageSize};
+        let len = 4 * 4096usize;
+        let guest = MmapRegion::new(len as u64, MmapBacking::Memfd, false).unwrap();
+        // SAFETY: `guest` outlives the map in this test.
+        let map = GuestMemoryMap::new(
+            vec![unsafe { guest.guest_region(GuestAddress(0)) }],
+            PageSize::KIB4,
+        )
+        .unwrap();
+        let alias = crate::postcopy::AliasMap::for_guest(&map)
+            .unwrap()
+            .expect("memfd-backed");
+        let view = alias.map().regions()[0].host_ptr();
+        let u = Uffd::open_minor().unwrap();
+        let p = guest.as_ptr();
+        // SAFETY: a shared memfd mapping whose pages for_guest allocated.
+        unsafe { u.register_minor(p, len) }.unwrap();
+        // SAFETY: page 2 of the second mapping, which is not registered.
+        unsafe { view.add(2 * 4096).write_bytes(9, 4096) };
+        // SAFETY: page 2 of the registered range.
+        let page2 = unsafe { p.add(2 * 4096) };
+        assert_eq!(u.continue_range(page2, 4096).unwrap(), CopyOutcome::Done);
+        // SAFETY: page 2 is mapped now: the guest sees what the second mapping wrote.
+        assert_eq!(unsafe { p.add(2 * 4096 + 17).read_volatile() }, 9);
+        let again = u.continue_range(page2, 4096).unwrap();
+        assert_eq!(again, CopyOutcome::Exists);
+        u.unregister(p, len).unwrap();
     }
 }

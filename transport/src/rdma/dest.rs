@@ -58,9 +58,9 @@ impl RdmaDestPath {
     }
 
     /// Like [`RdmaDestPath::new`] for a session that may switch to post-copy: the last
-    /// `staging.len()` of the source's QPs become [`RdmaPageFetcher`]s (the first for faults,
-    /// the others for prefetching), each with its staging buffer of the given size. The pre-copy
-    /// path gets the other QPs, and is `None` when there are none (post-copy mode: no rounds).
+    /// `fetch.len()` of the source's QPs become [`RdmaPageFetcher`]s (the first for faults,
+    /// the others for prefetching), each READing into its [`Staging`] memory. The pre-copy path
+    /// gets the other QPs, and is `None` when there are none (post-copy mode: no rounds).
     #[allow(clippy::too_many_arguments)]
     pub fn with_postcopy(
         map: &GuestMemoryMap,
@@ -69,12 +69,8 @@ impl RdmaDestPath {
         hashes: Arc<PageHashes>,
         cpu: Arc<CpuMeter>,
         limiter: Option<Arc<RateLimiter>>,
-        staging: &[usize],
+        buffers: Vec<Staging>,
     ) -> Result<(Option<Self>, Vec<RdmaPageFetcher>, Vec<u8>)> {
-        let buffers = staging
-            .iter()
-            .map(|&b| Staging::new(b, map.page_size()))
-            .collect::<Result<Vec<_>>>()?;
         let maps = buffers.iter().map(|b| b.map().clone()).collect();
         let (bulk, engines, ack) = ReadEngine::new_split(map, opts, setup, maps)?;
         let fetchers = engines

@@ -1,9 +1,12 @@
 //! Post-copy over RDMA: a [`PageFetcher`] whose fetches are one-sided READs from the source's
-//! registered guest memory, on a QP (and CQ) of its own, landing in a staging buffer registered
-//! LOCAL_WRITE that the post-copy service then installs with `UFFDIO_COPY`.
+//! registered guest memory, on a QP (and CQ) of its own, landing in memory registered
+//! LOCAL_WRITE: a staging buffer that the post-copy service then installs with `UFFDIO_COPY`,
+//! or, for memfd guest memory, the second mapping of the guest's memfds
+//! ([`crate::postcopy::AliasMap`]) whose pages `UFFDIO_CONTINUE` maps into the guest without a
+//! copy.
 //!
-//! The staging buffer, not guest memory, is the READ target: guest pages still missing must
-//! stay missing to userfaultfd until they are installed whole, and guest memory dropped with
+//! The guest's own mapping is never the READ target: guest pages still missing must stay
+//! missing to userfaultfd until they are installed whole, and private memory dropped with
 //! `MADV_DONTNEED` would leave a registration pointing at pages the mapping no longer holds.
 //!
 //! One QP per fetcher means completions come back in posting order, so [`PageFetcher::complete`]
@@ -19,16 +22,19 @@ use crate::error::{Error, Result};
 use crate::mem::RegionId;
 use crate::mem::{GuestAddress, GuestMemoryMap, GuestRegion, MmapBacking, MmapRegion, PageSize};
 use crate::pages::PageRange;
+use crate::postcopy::AliasMap;
 use crate::postcopy::PageFetcher;
 use crate::tcp::RateLimiter;
 
 /// How long the fault fetcher spins for a completion before yielding.
 pub const FAULT_SPIN: Duration = Duration::from_millis(5);
 
-/// Staging memory for one fetcher, before its engine exists.
+/// Where one fetcher's READs land: a staging buffer of its own, or the second mapping of
+/// memfd guest memory (zero-copy).
 #[derive(Debug)]
 pub struct Staging {
-    region: MmapRegion,
+    region: Option<MmapRegion>,
+    _alias: Option<Arc<AliasMap>>,
     map: GuestMemoryMap,
 }
 
@@ -41,7 +47,21 @@ impl Staging {
         // of `map` (the fetcher owns both, and drops its engine first).
         let g = unsafe { GuestRegion::new(GuestAddress(0), region.as_ptr(), len) };
         let map = GuestMemoryMap::new(vec![g], page)?;
-        Ok(Staging { region, map })
+        Ok(Staging {
+            region: Some(region),
+            _alias: None,
+            map,
+        })
+    }
+
+    /// The second mapping of memfd guest memory (zero-copy post-copy): READs land in the page
+    /// cache the guest's mapping shares.
+    pub fn alias(alias: Arc<AliasMap>) -> Staging {
+        Staging {
+            region: None,
+            map: alias.map().clone(),
+            _alias: Some(alias),
+        }
     }
 
     /// The map the engine registers (one region).
@@ -166,21 +186,30 @@ impl PageFetcher for RdmaPageFetcher {
     }
 
     fn staging(&mut self) -> Option<(*mut u8, usize)> {
-        Some((self.staging.region.as_ptr(), self.staging.region.len()))
+        self.staging.region.as_ref().map(|r| (r.as_ptr(), r.len()))
     }
 
     unsafe fn start(&mut self, range: PageRange, dst: *mut u8) -> Result<()> {
         let len = range.npages.checked_mul(self.page).ok_or_else(|| {
             Error::InvalidConfig(format!("fetch of {} pages overflows", range.npages))
         })?;
-        let base = self.staging.region.as_ptr() as usize;
-        let off = (dst as usize).wrapping_sub(base) as u64;
-        if (dst as usize) < base || off + len > self.staging.region.len() as u64 {
-            return Err(Error::InvalidConfig(format!(
-                "{}: an RDMA fetch must land in the fetcher's registered staging buffer",
-                self.label
-            )));
-        }
+        let d = dst as u64;
+        let (local, off) = self
+            .staging
+            .map
+            .regions()
+            .iter()
+            .enumerate()
+            .find_map(|(i, r)| {
+                let base = r.host_ptr() as u64;
+                (d >= base && d - base + len <= r.len()).then_some((i as u32, d - base))
+            })
+            .ok_or_else(|| {
+                Error::InvalidConfig(format!(
+                    "{}: an RDMA fetch must land in the fetcher's registered memory",
+                    self.label
+                ))
+            })?;
         let rr = *self
             .engine
             .remote_regions()
@@ -208,7 +237,7 @@ impl PageFetcher for RdmaPageFetcher {
                 self.poll_some()?;
             }
             let read = Read {
-                region: RegionId(0),
+                region: RegionId(local),
                 offset: off + k,
                 len: n as u32,
                 tag: self.next_tag,

@@ -140,6 +140,8 @@ struct Dest<'a> {
     pc_streams: Vec<TcpStream>,
     /// RDMA transport: the post-copy fetchers (fault first), on QPs of their own.
     pc_rdma: Vec<RdmaPageFetcher>,
+    /// memfd guest memory: the second mapping post-copy fetches into (zero-copy).
+    pc_alias: Option<Arc<postcopy::AliasMap>>,
     postcopy: Option<PostcopyService>,
     /// The guest was resumed here in post-copy: a failure now must not discard it.
     resumed_in_postcopy: bool,
@@ -171,6 +173,7 @@ pub fn accept(
         mode: MigrationMode::Precopy,
         pc_streams: Vec::new(),
         pc_rdma: Vec::new(),
+        pc_alias: None,
         postcopy: None,
         resumed_in_postcopy: false,
     };
@@ -334,6 +337,26 @@ impl Dest<'_> {
                 "the destination VM's memory does not match the announced layout".into(),
             ));
         }
+        if self.mode != MigrationMode::Precopy {
+            // memfd guest memory: post-copy fetches into a second mapping and maps the pages
+            // with UFFDIO_CONTINUE (zero-copy); private memory: UFFDIO_COPY.
+            self.pc_alias = postcopy::AliasMap::for_guest(&map)?.map(Arc::new);
+            if self.pc_alias.is_some() && !postcopy::Uffd::minor_supported() {
+                return Err(Error::PostcopyUnavailable(
+                    "the guest memory is memfd-backed, and post-copy of memfd memory needs \
+                     userfaultfd minor faults on shmem (UFFD_FEATURE_MINOR_SHMEM, Linux 5.13+)"
+                        .into(),
+                ));
+            }
+            tracing::info!(
+                "post-copy will install pages {}",
+                if self.pc_alias.is_some() {
+                    "in place with UFFDIO_CONTINUE (memfd guest memory: zero-copy)"
+                } else {
+                    "with UFFDIO_COPY from staging buffers (guest memory is not memfd-backed)"
+                }
+            );
+        }
         if self.mode == MigrationMode::Postcopy {
             // Every page comes after the switchover: drop what the VMM populated now, so that
             // neither this nor the stale-page drop of hybrid mode falls into the downtime.
@@ -360,14 +383,25 @@ impl Dest<'_> {
                     rdma_opts.local_addr = self.ctl.local().ok().map(|a| a.ip());
                 }
                 // Post-copy faults and prefetches READ on QPs of their own, into staging
-                // buffers of their own; the pre-copy rounds (none in post-copy mode) on the rest.
+                // buffers of their own (or the second mapping of memfd guest memory); the
+                // pre-copy rounds (none in post-copy mode) on the rest.
                 let page = map.page_size().bytes() as usize;
                 let mut staging = Vec::new();
                 if self.mode != MigrationMode::Precopy {
-                    staging.push(postcopy::fault::staging_bytes(page));
-                    let prefetchers = postcopy::stream_count(hello.streams) - 1;
-                    staging
-                        .extend((0..prefetchers).map(|_| postcopy::prefetch::staging_bytes(page)));
+                    let fetchers = usize::from(postcopy::stream_count(hello.streams));
+                    for i in 0..fetchers {
+                        staging.push(match &self.pc_alias {
+                            Some(a) => rdma::Staging::alias(a.clone()),
+                            None if i == 0 => rdma::Staging::new(
+                                postcopy::fault::staging_bytes(page),
+                                map.page_size(),
+                            )?,
+                            None => rdma::Staging::new(
+                                postcopy::prefetch::staging_bytes(page),
+                                map.page_size(),
+                            )?,
+                        });
+                    }
                 }
                 let (path, fetchers, ack) = RdmaDestPath::with_postcopy(
                     &map,
@@ -376,7 +410,7 @@ impl Dest<'_> {
                     hashes.clone(),
                     self.cpu.clone(),
                     limiter,
-                    &staging,
+                    staging,
                 )?;
                 if path.is_none() != (self.mode == MigrationMode::Postcopy) {
                     return Err(Error::Protocol(format!(
@@ -571,6 +605,7 @@ impl Dest<'_> {
             postcopy_faults: 0,
             postcopy_ms: 0.0,
             fault_latency_us: FaultLatency::default(),
+            postcopy_zero_copy: false,
         })
     }
 
@@ -625,6 +660,7 @@ impl Dest<'_> {
             fetchers,
             hashes.clone(),
             self.cpu.clone(),
+            self.pc_alias.clone(),
         )?;
         let svc = self.postcopy.insert(svc);
         vm.restore_state(&blob)
@@ -704,6 +740,7 @@ impl Dest<'_> {
             postcopy_faults: stats.faults,
             postcopy_ms: stats.duration.as_secs_f64() * 1e3,
             fault_latency_us: FaultLatency::from_ns(stats.latency_ns),
+            postcopy_zero_copy: self.pc_alias.is_some(),
         })
     }
 

@@ -135,6 +135,10 @@ pub struct DestReport {
     pub postcopy_ms: f64,
     /// Fault latency, µs.
     pub fault_latency_us: FaultLatency,
+    /// Post-copy installed pages in place with `UFFDIO_CONTINUE` (memfd guest memory), not
+    /// with `UFFDIO_COPY` from a staging buffer.
+    #[serde(default)]
+    pub postcopy_zero_copy: bool,
 }
 
 pub(crate) fn mib_s(bytes: u64, secs: f64) -> f64 {

@@ -32,6 +32,9 @@ pub struct SyntheticConfig {
     pub regions: u32,
     /// Writer threads (when `dirty_rate` > 0).
     pub writers: u32,
+    /// Back guest memory with memfds mapped shared (post-copy then installs pages in place,
+    /// zero-copy) instead of private anonymous memory.
+    pub memfd: bool,
 }
 
 impl SyntheticConfig {
@@ -44,7 +47,14 @@ impl SyntheticConfig {
             page_size: PageSize::KIB4,
             regions: 1,
             writers: 1,
+            memfd: false,
         }
+    }
+
+    /// Backs guest memory with memfds (see [`SyntheticConfig::memfd`]).
+    pub fn with_memfd(mut self, memfd: bool) -> Self {
+        self.memfd = memfd;
+        self
     }
 
     /// Sets the working set and dirty rate.
@@ -142,7 +152,12 @@ impl SyntheticVm {
                     "region of {len} bytes is not a multiple of the page size"
                 )));
             }
-            let m = MmapRegion::new(len, MmapBacking::Anonymous, true).map_err(Error::Memory)?;
+            let backing = if cfg.memfd {
+                MmapBacking::Memfd
+            } else {
+                MmapBacking::Anonymous
+            };
+            let m = MmapRegion::new(len, backing, true).map_err(Error::Memory)?;
             // SAFETY: `m` is kept in `_mem` for the VM's lifetime and the VM outlives any
             // session it is handed to (the session borrows it).
             regions.push(unsafe { m.guest_region(gpa) });
