@@ -49,11 +49,23 @@ fn run_via(
     cfg: MigrationConfig,
     relay: Option<&Relay>,
 ) -> (Result<MigrationReport, Error>, DestOutcome) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let mut addr = listener.local_addr().unwrap();
+    run_at(source, dest_cfg, cfg, [127, 0, 0, 1].into(), relay)
+}
+
+/// Source and destination in this process, the destination listening on `addr` (or behind
+/// `relay`, which then forwards to it).
+fn run_at(
+    source: &mut SyntheticVm,
+    dest_cfg: SyntheticConfig,
+    cfg: MigrationConfig,
+    addr: std::net::IpAddr,
+    relay: Option<&Relay>,
+) -> (Result<MigrationReport, Error>, DestOutcome) {
+    let listener = TcpListener::bind((addr, 0)).unwrap();
+    let mut target = listener.local_addr().unwrap();
     if let Some(r) = relay {
-        r.target(addr);
-        addr = r.addr;
+        r.target(target);
+        target = r.addr;
     }
     let dcfg = cfg.clone();
     let dest = std::thread::spawn(move || {
@@ -71,7 +83,7 @@ fn run_via(
             )
         })
     });
-    let r = migrate(source, addr, &cfg, &mut |_| {});
+    let r = migrate(source, target, &cfg, &mut |_| {});
     (r, dest.join().unwrap())
 }
 
@@ -382,41 +394,6 @@ fn rxe(test: &str) -> Option<(rdmig_transport::rdma::RdmaOptions, std::net::IpAd
     Some((opts, addr))
 }
 
-/// Source and destination over RDMA, the control channel on the device's address (or through
-/// `relay`, which then forwards to it).
-fn run_rdma(
-    source: &mut SyntheticVm,
-    dest_cfg: SyntheticConfig,
-    cfg: MigrationConfig,
-    addr: std::net::IpAddr,
-    relay: Option<&Relay>,
-) -> (Result<MigrationReport, Error>, DestOutcome) {
-    let listener = TcpListener::bind((addr, 0)).unwrap();
-    let mut target = listener.local_addr().unwrap();
-    if let Some(r) = relay {
-        r.target(target);
-        target = r.addr;
-    }
-    let dcfg = cfg.clone();
-    let dest = std::thread::spawn(move || {
-        accept(
-            &listener,
-            &dcfg,
-            synthetic_destination_factory(dest_cfg, None),
-        )
-        .map(|(vm, rep)| {
-            (
-                *vm.into_any()
-                    .downcast::<SyntheticVm>()
-                    .expect("a synthetic VM"),
-                rep,
-            )
-        })
-    });
-    let r = migrate(source, target, &cfg, &mut |_| {});
-    (r, dest.join().unwrap())
-}
-
 #[test]
 fn rdma_postcopy_with_writers_on_the_destination() {
     let Some((opts, addr)) = rxe("rdma_postcopy_with_writers_on_the_destination") else {
@@ -432,7 +409,7 @@ fn rdma_postcopy_with_writers_on_the_destination() {
     let mcfg = config(&psk, MigrationMode::Postcopy)
         .with_transport(TransportKind::Rdma)
         .with_rdma(opts);
-    let (r, d) = run_rdma(&mut source, cfg.clone(), mcfg, addr, None);
+    let (r, d) = run_at(&mut source, cfg.clone(), mcfg, addr, None);
     let rep = r.unwrap();
     let (dest, drep) = d.unwrap();
     let pages = cfg.mem_bytes / 4096;
@@ -484,7 +461,7 @@ fn rdma_postcopy_of_an_idle_vm_with_64k_pages_copies_memory_exactly() {
     let mcfg = config(&psk, MigrationMode::Postcopy)
         .with_transport(TransportKind::Rdma)
         .with_rdma(opts);
-    let (r, d) = run_rdma(&mut source, cfg.clone(), mcfg, addr, None);
+    let (r, d) = run_at(&mut source, cfg.clone(), mcfg, addr, None);
     let rep = r.unwrap();
     let (dest, _) = d.unwrap();
     assert!(
@@ -516,7 +493,7 @@ fn rdma_hybrid_finishes_in_postcopy_when_precopy_cannot_converge() {
         .with_rdma(opts)
         .with_downtime_limit(Duration::from_millis(1))
         .with_max_rounds(2);
-    let (r, d) = run_rdma(&mut source, cfg.clone(), mcfg, addr, None);
+    let (r, d) = run_at(&mut source, cfg.clone(), mcfg, addr, None);
     let rep = r.unwrap();
     let (dest, _) = d.unwrap();
     assert!(
@@ -559,7 +536,7 @@ fn rdma_link_cut_during_postcopy_pauses_the_destination_and_counts_missing_pages
         .with_transport(TransportKind::Rdma)
         .with_rdma(opts)
         .with_max_bandwidth(Some(8 * MIB));
-    let (r, d) = run_rdma(&mut source, cfg.clone(), mcfg, addr, Some(&relay));
+    let (r, d) = run_at(&mut source, cfg.clone(), mcfg, addr, Some(&relay));
     cutter.join().unwrap();
     let e = r.expect_err("the source cannot complete over a cut link");
     assert!(matches!(e, Error::SwitchoverUnknown(_)), "{e}");
@@ -681,7 +658,7 @@ fn rdma_zero_copy_postcopy_of_memfd_memory() {
     let mcfg = config(&psk, MigrationMode::Postcopy)
         .with_transport(TransportKind::Rdma)
         .with_rdma(opts);
-    let (r, d) = run_rdma(&mut source, cfg.clone(), mcfg, addr, None);
+    let (r, d) = run_at(&mut source, cfg.clone(), mcfg, addr, None);
     let rep = r.unwrap();
     let (dest, drep) = d.unwrap();
     let pages = cfg.mem_bytes / 4096;
@@ -723,7 +700,7 @@ fn rdma_zero_copy_hybrid_of_memfd_memory() {
         .with_rdma(opts)
         .with_downtime_limit(Duration::from_millis(1))
         .with_max_rounds(2);
-    let (r, d) = run_rdma(&mut source, cfg.clone(), mcfg, addr, None);
+    let (r, d) = run_at(&mut source, cfg.clone(), mcfg, addr, None);
     let rep = r.unwrap();
     let (dest, drep) = d.unwrap();
     assert!(

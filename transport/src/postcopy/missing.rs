@@ -190,13 +190,7 @@ impl MissingPages {
             }
             off += done + skip;
         }
-        if by_fault {
-            self.fault_pages.fetch_add(installed, Ordering::Relaxed);
-        }
-        if installed > 0 && self.remaining() == 0 {
-            let _g = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            self.cv.notify_all();
-        }
+        self.installed(installed, by_fault);
         Ok(installed)
     }
 
@@ -411,6 +405,12 @@ impl MissingPages {
                 continue;
             }
         }
+        self.installed(installed, by_fault);
+        Ok(installed)
+    }
+
+    /// Counts pages a fault installed and wakes the waiter after the last page.
+    fn installed(&self, installed: u64, by_fault: bool) {
         if by_fault {
             self.fault_pages.fetch_add(installed, Ordering::Relaxed);
         }
@@ -418,7 +418,6 @@ impl MissingPages {
             let _g = self.state.lock().unwrap_or_else(|p| p.into_inner());
             self.cv.notify_all();
         }
-        Ok(installed)
     }
 
     fn mark_installed(

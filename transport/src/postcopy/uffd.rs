@@ -230,36 +230,68 @@ impl Uffd {
     /// mappings that stays mapped while registered; accesses to its missing pages block until
     /// this descriptor resolves them (or is closed).
     pub unsafe fn register(&self, start: *mut u8, len: usize) -> Result<()> {
+        let shmem = if self.features & UFFD_FEATURE_MISSING_SHMEM != 0 {
+            "supported by this kernel but not requested"
+        } else {
+            "not supported by this kernel"
+        };
+        let hint = format!(
+            "private anonymous guest memory, or memfd memory declared with GuestRegion::with_memfd \
+             (shared memory in missing mode needs UFFD_FEATURE_MISSING_SHMEM, {shmem})"
+        );
+        // SAFETY: the caller's guarantees are this function's.
+        unsafe {
+            self.register_mode(
+                start,
+                len,
+                UFFDIO_REGISTER_MODE_MISSING,
+                &NEED_RANGE_IOCTLS,
+                &hint,
+            )
+        }
+    }
+
+    /// UFFDIO_REGISTER of a range in `mode`, checking the range supports the `need` ioctls.
+    ///
+    /// # Safety
+    /// As for [`Uffd::register`] (missing mode) or [`Uffd::register_minor`].
+    unsafe fn register_mode(
+        &self,
+        start: *mut u8,
+        len: usize,
+        mode: u64,
+        need: &[(u64, &str)],
+        hint: &str,
+    ) -> Result<()> {
         let mut reg = UffdioRegister {
             range: UffdioRange {
                 start: start as u64,
                 len: len as u64,
             },
-            mode: UFFDIO_REGISTER_MODE_MISSING,
+            mode,
             ioctls: 0,
+        };
+        let what = if mode == UFFDIO_REGISTER_MODE_MINOR {
+            "minor"
+        } else {
+            "missing"
         };
         // SAFETY: UFFDIO_REGISTER reads and writes a uffdio_register we own; the caller vouches
         // for the range.
         if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) } != 0 {
-            let shmem = if self.features & UFFD_FEATURE_MISSING_SHMEM != 0 {
-                "supported by this kernel but not requested"
-            } else {
-                "not supported by this kernel"
-            };
             return Err(Error::PostcopyUnavailable(format!(
-                "UFFDIO_REGISTER (missing mode) of {len} bytes at {start:p}: {} (post-copy is tested with private anonymous guest memory; \
-                 shared or memfd memory needs UFFD_FEATURE_MISSING_SHMEM, {shmem})",
+                "UFFDIO_REGISTER ({what} mode) of {len} bytes at {start:p}: {} (needs {hint})",
                 std::io::Error::last_os_error()
             )));
         }
-        let missing: Vec<&str> = NEED_RANGE_IOCTLS
+        let missing: Vec<&str> = need
             .iter()
             .filter(|(b, _)| reg.ioctls & b == 0)
             .map(|(_, n)| *n)
             .collect();
         if !missing.is_empty() {
             return Err(Error::PostcopyUnavailable(format!(
-                "registered range does not support {}",
+                "range registered in {what} mode does not support {}",
                 missing.join(", ")
             )));
         }
@@ -389,35 +421,16 @@ impl Uffd {
     /// mapped while registered; every page of it must exist in the page cache (an absent page
     /// would be a MISSING fault, which this registration does not catch).
     pub unsafe fn register_minor(&self, start: *mut u8, len: usize) -> Result<()> {
-        let mut reg = UffdioRegister {
-            range: UffdioRange {
-                start: start as u64,
-                len: len as u64,
-            },
-            mode: UFFDIO_REGISTER_MODE_MINOR,
-            ioctls: 0,
-        };
-        // SAFETY: UFFDIO_REGISTER reads and writes a uffdio_register we own; the caller vouches
-        // for the range.
-        if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) } != 0 {
-            return Err(Error::PostcopyUnavailable(format!(
-                "UFFDIO_REGISTER (minor mode) of {len} bytes at {start:p}: {} (memfd guest memory \
-                 mapped shared, and a kernel with UFFD_FEATURE_MINOR_SHMEM)",
-                std::io::Error::last_os_error()
-            )));
+        // SAFETY: the caller's guarantees are this function's.
+        unsafe {
+            self.register_mode(
+                start,
+                len,
+                UFFDIO_REGISTER_MODE_MINOR,
+                &NEED_MINOR_IOCTLS,
+                "memfd guest memory mapped shared, and a kernel with UFFD_FEATURE_MINOR_SHMEM",
+            )
         }
-        let missing: Vec<&str> = NEED_MINOR_IOCTLS
-            .iter()
-            .filter(|(b, _)| reg.ioctls & b == 0)
-            .map(|(_, n)| *n)
-            .collect();
-        if !missing.is_empty() {
-            return Err(Error::PostcopyUnavailable(format!(
-                "range registered in minor mode does not support {}",
-                missing.join(", ")
-            )));
-        }
-        Ok(())
     }
 
     /// Maps the page-cache pages behind `len` bytes at `start` (registered in MINOR mode) and
