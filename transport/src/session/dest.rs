@@ -440,7 +440,7 @@ impl Dest<'_> {
                 )?));
             }
         }
-        if self.mode != MigrationMode::Precopy {
+        if self.mode != MigrationMode::Precopy && transport != TransportKind::Rdma {
             let token = psk.postcopy_token(&hello.nonce, &nonce_d);
             self.pc_streams = accept_streams(
                 self.listener,

@@ -331,8 +331,9 @@ impl Source<'_> {
                 )?)
             }
         });
-        if mode != MigrationMode::Precopy {
-            // The page server idles until the destination asks for pages after the switchover.
+        if mode != MigrationMode::Precopy && ack.transport != TransportKind::Rdma {
+            // The page server idles until the destination asks for pages after the switchover
+            // (over RDMA the destination READs them instead).
             let token = self.config.psk.postcopy_token(&nonce_s, &ack.nonce);
             let streams = connect_streams(
                 dest,
@@ -659,7 +660,12 @@ impl Source<'_> {
             }
         }
         let page = self.map.page_size().bytes();
-        let bytes = pre.bytes + served * page;
+        // Over RDMA the destination READ the pages without this end seeing it: its count.
+        let bytes = if transport == TransportKind::Rdma.name() {
+            complete.bytes
+        } else {
+            pre.bytes + served * page
+        };
         Ok(MigrationReport {
             transport: transport.to_string(),
             transport_reason: reason,
