@@ -601,3 +601,47 @@ fn loopback_postcopy_of_a_kvm_guest() {
         "the guest's own check after resume on the destination"
     );
 }
+
+#[test]
+fn loopback_zero_copy_postcopy_of_a_kvm_guest_with_memfd_memory() {
+    if let Err(why) = rdmig_vmm::kvm::kvm_available() {
+        eprintln!("SKIP: /dev/kvm not usable: {why}");
+        return;
+    }
+    if uffd_skip() {
+        return;
+    }
+    if !rdmig_transport::postcopy::Uffd::minor_supported() {
+        eprintln!("SKIP: userfaultfd minor faults on shmem (memfd) unavailable");
+        return;
+    }
+    let o = bench()
+        .args([
+            "migrate",
+            "--loopback",
+            "--vm",
+            "kvm",
+            "--memfd",
+            "--mode",
+            "postcopy",
+            "--transport",
+            "tcp",
+            "--mem",
+            "64MiB",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((&v["vm"], &v["mode"]), (&"kvm".into(), &"postcopy".into()));
+    assert_eq!(
+        v["postcopy_zero_copy"], true,
+        "memfd guest memory is installed in place with UFFDIO_CONTINUE: {v}"
+    );
+    assert_eq!(v["verified"], true, "{v}");
+    assert_eq!(
+        v["guest_verified"], true,
+        "the guest's own check after resume on the destination"
+    );
+}

@@ -31,6 +31,7 @@ fn main() {
         working_set: arg(1, 64) << 20,
         dirty_rate: arg(2, 256) << 20,
         page_size: PageSize::KIB4,
+        memfd: false,
     };
     for run in 0..arg(3, 3) {
         let t = Instant::now();

@@ -37,6 +37,7 @@ fn config(mem_mib: u64, ws_mib: u64, rate_mib_s: u64) -> KvmConfig {
         working_set: ws_mib << 20,
         dirty_rate: rate_mib_s << 20,
         page_size: PageSize::KIB4,
+        memfd: false,
     }
 }
 

@@ -4,8 +4,10 @@
 //! destination before the last page arrives, the digest, the guest's own check of every data
 //! page after the move, identical vCPU registers across the switchover, and that a link cut
 //! during post-copy leaves the destination guest paused and handed back with the count of
-//! missing pages while the source stays paused. Skipped, with the reason, where `/dev/kvm` or
-//! userfaultfd is not usable.
+//! missing pages while the source stays paused. The same with memfd-backed guest memory, where
+//! the vCPU's faults are minor faults resolved with `UFFDIO_CONTINUE` (zero-copy). Skipped, with
+//! the reason, where `/dev/kvm` or userfaultfd (or, for memfd memory, its minor faults on shmem)
+//! is not usable.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -47,6 +49,7 @@ fn guest(mem_mib: u64, ws_mib: u64, rate_mib_s: u64) -> KvmConfig {
         working_set: ws_mib * MIB,
         dirty_rate: rate_mib_s * MIB,
         page_size: PageSize::KIB4,
+        memfd: false,
     }
 }
 
@@ -71,12 +74,17 @@ struct Dest {
 /// Accepts one migration on a thread; the factory hands out a progress probe of the VM it
 /// builds, so that the test can watch the guest while `accept` still owns it.
 fn destination(cfg: MigrationConfig) -> Dest {
+    destination_with(cfg, KvmDestConfig::default())
+}
+
+/// [`destination`] with a destination VM built from `dest_cfg`.
+fn destination_with(cfg: MigrationConfig, dest_cfg: KvmDestConfig) -> Dest {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, probe) = mpsc::channel();
     let handle = thread::spawn(move || {
         let factory: DestinationFactory<'static> = Box::new(move |layout: &MemoryLayout| {
-            let vm = KvmVm::destination(layout, &KvmDestConfig::default())?;
+            let vm = KvmVm::destination(layout, &dest_cfg)?;
             let _ = tx.send(vm.progress());
             Ok(Box::new(vm) as Box<dyn DestinationVm>)
         });
@@ -135,7 +143,16 @@ fn run(
     source: &mut KvmVm,
     cfg: MigrationConfig,
 ) -> (Result<MigrationReport, Error>, DestOutcome, Watched) {
-    let d = destination(cfg.clone());
+    run_with(source, cfg, KvmDestConfig::default())
+}
+
+/// [`run`] into a destination VM built from `dest_cfg`.
+fn run_with(
+    source: &mut KvmVm,
+    cfg: MigrationConfig,
+    dest_cfg: KvmDestConfig,
+) -> (Result<MigrationReport, Error>, DestOutcome, Watched) {
+    let d = destination_with(cfg.clone(), dest_cfg);
     let (r, watched) = thread::scope(|s| {
         let src = s.spawn(|| migrate(source, d.addr, &cfg, &mut |_| {}));
         let watched = watch(&d.probe, &d.handle);
@@ -434,5 +451,85 @@ fn source_lost_during_postcopy_leaves_the_destination_guest_paused() {
         eprintln!("the vCPU is still blocked in KVM_RUN on a page that never arrived");
     }
     vm.stop();
+    src.stop();
+}
+
+/// Like [`kvm_and_uffd_or_skip`], also skipped where userfaultfd has no minor faults on shmem
+/// (memfd guest memory needs them for zero-copy post-copy).
+fn kvm_and_minor_faults_or_skip() -> Option<MutexGuard<'static, ()>> {
+    let one = kvm_and_uffd_or_skip()?;
+    if !Uffd::minor_supported() {
+        let why = "userfaultfd minor faults on shmem (memfd) unavailable";
+        let _ = writeln!(std::io::stderr(), "SKIP: {why}");
+        eprintln!("SKIP: {why}");
+        return None;
+    }
+    Some(one)
+}
+
+#[test]
+fn zero_copy_postcopy_of_a_running_guest_with_memfd_memory() {
+    let Some(_one) = kvm_and_minor_faults_or_skip() else {
+        return;
+    };
+    let g = guest(128, 32, 256).with_memfd(true);
+    let mut src = KvmVm::start(&g).unwrap();
+    thread::sleep(Duration::from_millis(100));
+    assert!(
+        src.pages_dirtied() > 0,
+        "the source guest runs on memfd memory"
+    );
+    let psk = Psk::random().unwrap();
+    let cfg = config(&psk, MigrationMode::Postcopy).with_max_bandwidth(Some(128 * MIB));
+    let (r, d, watched) = run_with(&mut src, cfg, KvmDestConfig::default().with_memfd(true));
+    let rep = r.unwrap();
+    let (mut dest, drep) = d.unwrap();
+    assert_eq!((rep.rounds, rep.postcopy_pages), (0, g.mem_bytes / 4096));
+    assert!(
+        drep.postcopy_zero_copy,
+        "memfd guest memory is installed in place with UFFDIO_CONTINUE: {drep:?}"
+    );
+    // vCPU faults inside KVM_RUN are minor faults here, resolved without a copy.
+    check_moved(&src, &rep, &mut dest, &drep, &watched, "postcopy");
+    dest.stop();
+    src.stop();
+}
+
+#[test]
+fn zero_copy_hybrid_of_a_guest_with_memfd_memory() {
+    let Some(_one) = kvm_and_minor_faults_or_skip() else {
+        return;
+    };
+    // As hybrid_of_a_guest_precopy_cannot_converge_on, with memfd memory on both ends: the
+    // destination drops the stale pages (their page-table entries; the memfd keeps the
+    // content) and maps the refetched ones with UFFDIO_CONTINUE.
+    let g = guest(64, 32, 512).with_memfd(true);
+    let mut src = KvmVm::start(&g).unwrap();
+    thread::sleep(Duration::from_millis(50));
+    let psk = Psk::random().unwrap();
+    let cfg = config(&psk, MigrationMode::Hybrid)
+        .with_downtime_limit(Duration::from_millis(5))
+        .with_max_rounds(3)
+        .with_max_bandwidth(Some(128 * MIB));
+    let (r, d, watched) = run_with(&mut src, cfg, KvmDestConfig::default().with_memfd(true));
+    let rep = r.unwrap();
+    let (mut dest, drep) = d.unwrap();
+    assert!(
+        (1..=3).contains(&rep.rounds),
+        "{} rounds: {rep:#?}",
+        rep.rounds
+    );
+    assert!(
+        rep.postcopy_pages > 0 && rep.postcopy_pages < g.mem_bytes / 4096,
+        "{} pages left for post-copy",
+        rep.postcopy_pages
+    );
+    assert_eq!(drep.rounds, rep.rounds);
+    assert!(
+        drep.postcopy_zero_copy,
+        "memfd guest memory is installed in place with UFFDIO_CONTINUE: {drep:?}"
+    );
+    check_moved(&src, &rep, &mut dest, &drep, &watched, "hybrid");
+    dest.stop();
     src.stop();
 }

@@ -140,8 +140,9 @@ pub struct Args {
     /// Writer threads of the synthetic VM.
     #[arg(long, default_value_t = 1)]
     pub writers: u32,
-    /// Back the synthetic VM's memory with memfds (shared), so that post-copy installs pages
-    /// in place with UFFDIO_CONTINUE (zero-copy) instead of UFFDIO_COPY.
+    /// Back the guest's memory (synthetic VM or KVM guest) with memfds mapped shared, so that
+    /// post-copy installs pages in place with UFFDIO_CONTINUE (zero-copy, minor faults; needs
+    /// Linux 5.13+) instead of UFFDIO_COPY. Give it to both ends (--listen and --connect).
     #[arg(long)]
     pub memfd: bool,
     /// Longest wait for any message or round.
@@ -234,9 +235,6 @@ pub fn run(args: Args) -> Result<ExitCode> {
         bail!("--qps must be between 1 and 64");
     }
     let params = args.params()?;
-    if args.memfd && VmKind::resolve(args.vm)?.0 == VmKind::Kvm {
-        bail!("--memfd applies to the synthetic VM (add --vm synthetic; the KVM guest's memory is private anonymous)");
-    }
     if args.loopback {
         loopback::run(&args, &params)
     } else if let Some(addr) = args.listen {

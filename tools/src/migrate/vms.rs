@@ -3,6 +3,7 @@
 use anyhow::Result;
 use rdmig_transport::mem::{GuestAddress, PageSize};
 use rdmig_transport::vm::{DestinationFactory, DestinationVm, MemoryLayout, SourceVm};
+use rdmig_vmm::kvm::control::{GuestParams, GUEST_PAGE};
 use rdmig_vmm::kvm::{KvmConfig, KvmDestConfig, KvmVm};
 use rdmig_vmm::synthetic::{synthetic_destination_factory, SyntheticConfig, SyntheticVm};
 use rdmig_vmm::GuestCheck;
@@ -60,19 +61,11 @@ pub struct VmParams {
     pub regions: u32,
     /// Writer threads (synthetic).
     pub writers: u32,
-    /// memfd-backed memory (synthetic).
+    /// memfd-backed guest memory (either VM; zero-copy post-copy).
     pub memfd: bool,
 }
 
 impl VmParams {
-    fn check(&self, kind: VmKind) -> Result<()> {
-        anyhow::ensure!(
-            !(self.memfd && kind == VmKind::Kvm),
-            "--memfd applies to the synthetic VM (add --vm synthetic; the KVM guest's memory is private anonymous)"
-        );
-        Ok(())
-    }
-
     fn synthetic(&self) -> SyntheticConfig {
         SyntheticConfig {
             mem_bytes: self.mem,
@@ -86,11 +79,17 @@ impl VmParams {
     }
 
     fn kvm(&self) -> KvmConfig {
+        // The KVM guest's data pages are a little less than its memory (the program, its
+        // parameters and the generation table come first): a working set of all memory (the
+        // default for --mem 64MiB and below) means all data pages.
+        let data = GuestParams::for_memory(self.mem, 0)
+            .map_or(self.mem, |p| u64::from(p.data_pages) * GUEST_PAGE);
         KvmConfig {
             mem_bytes: self.mem,
-            working_set: self.working_set.min(self.mem),
+            working_set: self.working_set.min(data),
             dirty_rate: self.dirty_rate,
             page_size: self.page,
+            memfd: self.memfd,
         }
     }
 }
@@ -106,7 +105,6 @@ pub enum LocalVm {
 impl LocalVm {
     /// Starts a source VM.
     pub fn start(kind: VmKind, p: &VmParams) -> Result<LocalVm> {
-        p.check(kind)?;
         match kind {
             VmKind::Synthetic => Ok(LocalVm::Synthetic(Box::new(SyntheticVm::start(
                 &p.synthetic(),
@@ -126,7 +124,6 @@ impl LocalVm {
     /// A factory for the destination side, with guest memory allocated now (before the
     /// source connects) for the layout these parameters give.
     pub fn destination_factory(kind: VmKind, p: &VmParams) -> Result<DestinationFactory<'static>> {
-        p.check(kind)?;
         match kind {
             VmKind::Synthetic => {
                 let prepared = SyntheticVm::prepare_destination(&p.synthetic())?;
@@ -134,11 +131,12 @@ impl LocalVm {
             }
             VmKind::Kvm => {
                 // The KVM guest's layout is one region at 0; the guest keeps the source's rate.
+                // Its memory is backed as the source's (--memfd is given to both ends).
                 let expected = MemoryLayout {
                     page_size: p.page,
                     regions: vec![(GuestAddress(0), p.mem)],
                 };
-                let cfg = KvmDestConfig::default();
+                let cfg = KvmDestConfig::default().with_memfd(p.memfd);
                 let prepared = KvmVm::destination(&expected, &cfg)?;
                 Ok(Box::new(move |layout: &MemoryLayout| {
                     let vm = if *layout == expected {

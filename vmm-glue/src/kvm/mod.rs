@@ -16,7 +16,7 @@
 //! ```no_run
 //! use rdmig_vmm::kvm::{KvmConfig, KvmVm};
 //! use rdmig_transport::mem::PageSize;
-//! let cfg = KvmConfig { mem_bytes: 64 << 20, working_set: 8 << 20, dirty_rate: 32 << 20, page_size: PageSize::KIB4 };
+//! let cfg = KvmConfig { mem_bytes: 64 << 20, working_set: 8 << 20, dirty_rate: 32 << 20, page_size: PageSize::KIB4, memfd: false };
 //! let mut vm = KvmVm::start(&cfg)?;
 //! assert!(vm.self_check()?.ok());
 //! vm.stop();
@@ -51,6 +51,12 @@ pub struct KvmConfig {
     pub dirty_rate: u64,
     /// Page size the migration tracks and moves (KVM logs 4 KiB pages; larger sizes fold).
     pub page_size: PageSize,
+    /// Back guest memory with a memfd mapped shared instead of private anonymous memory (KVM
+    /// slots take either). Post-copy then installs pages in place: the destination fetches
+    /// them into a second mapping of the memfd and maps them with `UFFDIO_CONTINUE`, so a
+    /// vCPU fault is a minor fault (zero-copy). The destination picks its own backing
+    /// ([`KvmDestConfig::memfd`]); give both ends the same.
+    pub memfd: bool,
 }
 
 /// How the destination runs the guest it receives.
@@ -58,6 +64,18 @@ pub struct KvmConfig {
 pub struct KvmDestConfig {
     /// Dirty rate after the switchover; `None` keeps the source's (carried in the device state).
     pub dirty_rate: Option<u64>,
+    /// Back the received guest memory with a memfd (see [`KvmConfig::memfd`]); post-copy
+    /// then takes the zero-copy path (`UFFDIO_CONTINUE`), which needs userfaultfd minor
+    /// faults on shmem (Linux 5.13+).
+    pub memfd: bool,
+}
+
+impl KvmDestConfig {
+    /// Backs the received guest memory with a memfd (see [`KvmDestConfig::memfd`]).
+    pub fn with_memfd(mut self, memfd: bool) -> Self {
+        self.memfd = memfd;
+        self
+    }
 }
 
 /// Checks that KVM can run this guest here; the error says why not.
@@ -103,6 +121,12 @@ pub fn into_kvm(vm: Box<dyn DestinationVm>) -> Option<Box<KvmVm>> {
 }
 
 impl KvmConfig {
+    /// Backs guest memory with a memfd (see [`KvmConfig::memfd`]).
+    pub fn with_memfd(mut self, memfd: bool) -> Self {
+        self.memfd = memfd;
+        self
+    }
+
     /// Checks the values before anything is created.
     pub fn validate(&self) -> Result<()> {
         vm::check_page_size(self.page_size)?;
