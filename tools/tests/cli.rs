@@ -154,7 +154,7 @@ fn bad_arguments_give_one_clear_line() {
 #[test]
 fn rdma_without_a_device_fails_at_once() {
     if std::env::var_os("RDMIG_RXE_DEV").is_some() {
-        eprintln!("SKIP: an RDMA device exists here");
+        let _ = writeln!(std::io::stderr(), "SKIP: an RDMA device exists here");
         return;
     }
     let t = Instant::now();
@@ -343,7 +343,7 @@ fn uffd_skip() -> bool {
     match rdmig_transport::postcopy::Uffd::probe() {
         Ok(()) => false,
         Err(e) => {
-            eprintln!("SKIP: userfaultfd unavailable: {e}");
+            let _ = writeln!(std::io::stderr(), "SKIP: userfaultfd unavailable: {e}");
             true
         }
     }
@@ -523,7 +523,7 @@ fn source_killed_during_postcopy_leaves_the_destination_paused_with_the_missing_
 #[test]
 fn loopback_migrates_a_kvm_guest_by_default_where_kvm_works() {
     if let Err(why) = rdmig_vmm::kvm::kvm_available() {
-        eprintln!("SKIP: /dev/kvm not usable: {why}");
+        let _ = writeln!(std::io::stderr(), "SKIP: /dev/kvm not usable: {why}");
         return;
     }
     let o = bench()
@@ -555,7 +555,7 @@ fn loopback_migrates_a_kvm_guest_by_default_where_kvm_works() {
 #[test]
 fn loopback_postcopy_of_a_kvm_guest() {
     if let Err(why) = rdmig_vmm::kvm::kvm_available() {
-        eprintln!("SKIP: /dev/kvm not usable: {why}");
+        let _ = writeln!(std::io::stderr(), "SKIP: /dev/kvm not usable: {why}");
         return;
     }
     if uffd_skip() {
@@ -605,14 +605,17 @@ fn loopback_postcopy_of_a_kvm_guest() {
 #[test]
 fn loopback_zero_copy_postcopy_of_a_kvm_guest_with_memfd_memory() {
     if let Err(why) = rdmig_vmm::kvm::kvm_available() {
-        eprintln!("SKIP: /dev/kvm not usable: {why}");
+        let _ = writeln!(std::io::stderr(), "SKIP: /dev/kvm not usable: {why}");
         return;
     }
     if uffd_skip() {
         return;
     }
     if !rdmig_transport::postcopy::Uffd::minor_supported() {
-        eprintln!("SKIP: userfaultfd minor faults on shmem (memfd) unavailable");
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIP: userfaultfd minor faults on shmem (memfd) unavailable"
+        );
         return;
     }
     let o = bench()

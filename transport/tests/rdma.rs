@@ -3,7 +3,7 @@
 //! Without those every RDMA test prints a SKIP line and returns; the `auto` test then checks
 //! that `auto` falls back to TCP.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -25,7 +25,7 @@ const PAGE: u64 = 4096;
 /// The SoftRoCE environment, or `None` (after printing why the test skips).
 fn rxe(test: &str) -> Option<(RdmaOptions, IpAddr)> {
     let Some(dev) = std::env::var("RDMIG_RXE_DEV").ok() else {
-        eprintln!("SKIP: {test}: no RDMA device (RDMIG_RXE_DEV, RDMIG_RXE_ADDR are set by ci/softroce-run)");
+        let _ = writeln!(std::io::stderr(), "SKIP: {test}: no RDMA device (RDMIG_RXE_DEV, RDMIG_RXE_ADDR are set by ci/softroce-run)");
         return None;
     };
     let addr: IpAddr = std::env::var("RDMIG_RXE_ADDR")
@@ -634,7 +634,7 @@ fn rdma_destination_killed_mid_round() {
 #[test]
 fn bench_idle_rdma_migration() {
     let Ok(mib) = std::env::var("RDMIG_BENCH_MIGRATE_MIB") else {
-        eprintln!("SKIP: bench_idle_rdma_migration: set RDMIG_BENCH_MIGRATE_MIB (bench/rdma-vs-perftest does)");
+        let _ = writeln!(std::io::stderr(), "SKIP: bench_idle_rdma_migration: set RDMIG_BENCH_MIGRATE_MIB (bench/rdma-vs-perftest does)");
         return;
     };
     let Some((opts, addr)) = rxe("bench_idle_rdma_migration") else {

@@ -39,7 +39,7 @@ fn kvm_and_uffd_or_skip() -> Option<MutexGuard<'static, ()>> {
     };
     // Straight to the stderr handle: a skip must show in a plain `cargo test` run.
     let _ = writeln!(std::io::stderr(), "SKIP: {why}");
-    eprintln!("SKIP: {why}");
+    let _ = writeln!(std::io::stderr(), "SKIP: {why}");
     None
 }
 
@@ -461,7 +461,7 @@ fn kvm_and_minor_faults_or_skip() -> Option<MutexGuard<'static, ()>> {
     if !Uffd::minor_supported() {
         let why = "userfaultfd minor faults on shmem (memfd) unavailable";
         let _ = writeln!(std::io::stderr(), "SKIP: {why}");
-        eprintln!("SKIP: {why}");
+        let _ = writeln!(std::io::stderr(), "SKIP: {why}");
         return None;
     }
     Some(one)

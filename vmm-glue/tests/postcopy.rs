@@ -26,7 +26,7 @@ fn uffd_ok() -> bool {
     match Uffd::probe() {
         Ok(()) => true,
         Err(e) => {
-            eprintln!("SKIP: userfaultfd unavailable: {e}");
+            let _ = writeln!(std::io::stderr(), "SKIP: userfaultfd unavailable: {e}");
             false
         }
     }
@@ -375,7 +375,7 @@ fn postcopy_with_64k_pages_and_regions() {
 /// on, or `None` after saying why the test skips.
 fn rxe(test: &str) -> Option<(rdmig_transport::rdma::RdmaOptions, std::net::IpAddr)> {
     let Ok(dev) = std::env::var("RDMIG_RXE_DEV") else {
-        eprintln!("SKIP: {test}: no RDMA device (RDMIG_RXE_DEV and RDMIG_RXE_ADDR are set by ci/softroce-run)");
+        let _ = writeln!(std::io::stderr(), "SKIP: {test}: no RDMA device (RDMIG_RXE_DEV and RDMIG_RXE_ADDR are set by ci/softroce-run)");
         return None;
     };
     let addr: std::net::IpAddr = std::env::var("RDMIG_RXE_ADDR")
@@ -572,7 +572,10 @@ fn rdma_link_cut_during_postcopy_pauses_the_destination_and_counts_missing_pages
 
 fn minor_ok() -> bool {
     if !rdmig_transport::postcopy::Uffd::minor_supported() {
-        eprintln!("SKIP: userfaultfd minor faults on shmem (memfd) unavailable");
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIP: userfaultfd minor faults on shmem (memfd) unavailable"
+        );
         return false;
     }
     true

@@ -4,9 +4,8 @@
 //! in flight: [`PageFetcher::start`] issues the fetch of a page range into a staging buffer
 //! (TCP: a [`PageRequest`] on the stream; RDMA: one READ into a registered staging page),
 //! [`PageFetcher::complete`] waits for the oldest started fetch. The caller then installs the
-//! buffer with `UFFDIO_COPY`. A zero-copy RDMA fetcher (memfd guest memory, the READ landing
-//! in a second mapping, then `UFFDIO_CONTINUE`) fits the same shape with `dst` pointing into
-//! that second mapping.
+//! buffer with `UFFDIO_COPY`; with memfd guest memory `dst` is the page's place in the second
+//! mapping ([`super::AliasMap`]) and the caller maps it with `UFFDIO_CONTINUE` (zero-copy).
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};

@@ -16,9 +16,11 @@
 //! - [`serve`]: the source's page server, answering requests from paused guest memory.
 //! - [`service`]: the destination's service as one object with an ordered teardown.
 //!
-//! [`PageFetcher`] is the seam for other transports: an RDMA fetcher implements it with one
-//! READ per fault into a staging page (then `UFFDIO_COPY`), or zero-copy into a second memfd
-//! mapping followed by `UFFDIO_CONTINUE`.
+//! - [`alias`]: zero-copy for memfd guest memory: fetches land in a second mapping of the
+//!   memfd and `UFFDIO_CONTINUE` maps them (userfaultfd MINOR mode).
+//!
+//! [`PageFetcher`] is the seam between the service and the transports: [`TcpPageFetcher`] here,
+//! [`crate::rdma::RdmaPageFetcher`] (one READ per fault on a QP of its own) for RDMA.
 
 pub mod alias;
 pub mod fault;

@@ -483,11 +483,12 @@ impl Uffd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     #[test]
     fn copy_installs_and_exists_is_reported() {
         if let Err(e) = Uffd::probe() {
-            eprintln!("SKIP: userfaultfd unavailable: {e}");
+            let _ = writeln!(std::io::stderr(), "SKIP: userfaultfd unavailable: {e}");
             return;
         }
         let u = Uffd::open().unwrap();
@@ -527,7 +528,10 @@ mod tests {
     #[test]
     fn minor_mode_maps_what_the_second_mapping_wrote() {
         if !Uffd::minor_supported() {
-            eprintln!("SKIP: userfaultfd minor faults on shmem unavailable");
+            let _ = writeln!(
+                std::io::stderr(),
+                "SKIP: userfaultfd minor faults on shmem unavailable"
+            );
             return;
         }
         use crate::mem::{GuestAddress, GuestMemoryMap, MmapBacking, MmapRegion, PageSize};

@@ -19,11 +19,11 @@ use std::time::{Duration, Instant};
 
 use super::engine::{backoff, Read, ReadEngine};
 use crate::error::{Error, Result};
-use crate::mem::RegionId;
-use crate::mem::{GuestAddress, GuestMemoryMap, GuestRegion, MmapBacking, MmapRegion, PageSize};
+use crate::mem::{
+    GuestAddress, GuestMemoryMap, GuestRegion, MmapBacking, MmapRegion, PageSize, RegionId,
+};
 use crate::pages::PageRange;
-use crate::postcopy::AliasMap;
-use crate::postcopy::PageFetcher;
+use crate::postcopy::{AliasMap, PageFetcher};
 use crate::tcp::RateLimiter;
 
 /// How long the fault fetcher spins for a completion before yielding.
@@ -64,15 +64,16 @@ impl Staging {
         }
     }
 
-    /// The map the engine registers (one region).
+    /// The map the engine registers: one region for a staging buffer, the guest's layout for
+    /// a second mapping.
     pub fn map(&self) -> &GuestMemoryMap {
         &self.map
     }
 }
 
-/// Fetches pages with RDMA READs into its registered staging buffer.
+/// Fetches pages with RDMA READs into its registered memory ([`Staging`]).
 pub struct RdmaPageFetcher {
-    // Drop order: the engine (QP, then the staging registration) before the staging memory.
+    // Drop order: the engine (QP, then its registration) before the memory it registered.
     engine: ReadEngine,
     staging: Staging,
     page: u64,

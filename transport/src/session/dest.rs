@@ -413,11 +413,14 @@ impl Dest<'_> {
                     staging,
                 )?;
                 if path.is_none() != (self.mode == MigrationMode::Postcopy) {
-                    return Err(Error::Protocol(format!(
-                        "the source offers queue pairs for {} pre-copy rounds in {} mode",
-                        if path.is_none() { "no" } else { "" },
-                        self.mode.name()
-                    )));
+                    return Err(Error::Protocol(if path.is_none() {
+                        format!(
+                            "the source offers no queue pair for the pre-copy rounds of {} mode",
+                            self.mode.name()
+                        )
+                    } else {
+                        "the source offers queue pairs for pre-copy rounds in post-copy mode".into()
+                    }));
                 }
                 self.data = path.map(|p| Box::new(p) as Box<dyn DestDataPath>);
                 self.pc_rdma = fetchers;
