@@ -177,9 +177,8 @@ pub fn run(args: Args) -> Result<()> {
         None => Uffd::open()?,
     });
     let missing = Arc::new(state);
-    // SAFETY: the destination mapping stays alive until after the fault thread is joined and
-    // the range unregistered below; with --memfd it is a shared memfd mapping whose pages
-    // AliasMap::for_guest allocated.
+    // With --memfd it is a shared memfd mapping whose pages AliasMap::for_guest allocated.
+    // SAFETY: the mapping outlives the fault thread (joined, then unregistered below).
     unsafe {
         if alias.is_some() {
             uffd.register_minor(dst_mem.as_ptr(), dst_mem.len())?
@@ -209,8 +208,8 @@ pub fn run(args: Args) -> Result<()> {
     for i in 0..args.iters {
         let p = (i * stride) % pages;
         let t = Instant::now();
-        // SAFETY: page p lies inside the registered destination mapping; the read faults and
-        // returns once the fault service installed the page.
+        // The read faults and returns once the fault service installed the page.
+        // SAFETY: page p lies inside the registered destination mapping.
         let v = unsafe { base.add((p * PAGE) as usize).cast::<u64>().read_volatile() };
         hist.saturating_record(t.elapsed().as_nanos() as u64);
         bad += u64::from(v != pattern(p));

@@ -45,9 +45,9 @@ impl PageHashes {
     pub fn update(&self, map: &GuestMemoryMap, range: &PageRange) -> Result<()> {
         let (ptr, len) = map.span(range.region, range.first, range.npages)?;
         let page = map.page_size().bytes() as usize;
-        // SAFETY: `span` checked that ptr..ptr+len lies inside a region the VMM vouched for.
         // The guest may write it concurrently; u8 has no invalid values, and a hash computed
         // over a page being written is replaced when the (now dirty) page moves again.
+        // SAFETY: `span` checked that ptr..ptr+len lies inside a region the VMM vouched for.
         let bytes = unsafe { std::slice::from_raw_parts(ptr, len) };
         let base = self.base[range.region.0 as usize] + range.first.0 as usize;
         for (i, chunk) in bytes.chunks(page).enumerate() {

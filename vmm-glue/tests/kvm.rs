@@ -329,8 +329,8 @@ fn self_check_catches_stale_and_missing_pages() {
     let last = p.data_pages - 1;
     for (page, value) in [(5u32, rdmig_vmm::kvm::control::page_value(5, 0)), (last, 0)] {
         let gpa = u64::from(p.data_base) + u64::from(page) * 4096;
-        // SAFETY: the page lies inside the only region (checked by the guest's parameters),
-        // whose mapping lives as long as `vm`; the guest is paused.
+        // The mapping lives as long as `vm`; the guest is paused.
+        // SAFETY: the page lies inside the only region (checked by the guest's parameters).
         unsafe {
             std::slice::from_raw_parts_mut(host.add(gpa as usize).cast::<u32>(), 1024).fill(value)
         };

@@ -100,8 +100,8 @@ impl MmapRegion {
             return;
         }
         for off in (0..self.len).step_by(4096) {
-            // SAFETY: off < len, inside our writable mapping; writing zero to fresh memory
-            // changes nothing but faults the page in.
+            // Writing zero to fresh memory changes nothing but faults the page in.
+            // SAFETY: off < len, inside our writable mapping.
             unsafe { self.ptr.add(off).write_volatile(0) };
         }
     }
@@ -135,8 +135,9 @@ impl MmapRegion {
         // SAFETY: ptr/len describe our live mapping; the caller upholds the lifetime.
         let r = unsafe { GuestRegion::new(gpa, self.ptr, self.len as u64) };
         match &self.memfd {
-            // SAFETY: a memfd-backed MmapRegion is a MAP_SHARED mapping of the whole memfd at
-            // offset 0, and the fd lives as long as the mapping, which the caller keeps alive.
+            // A memfd-backed MmapRegion maps the whole memfd shared at offset 0, and the fd lives
+            // as long as the mapping, which the caller keeps alive.
+            // SAFETY: the region is exactly that mapping of that fd.
             Some(fd) => unsafe { r.with_memfd(fd.as_raw_fd(), 0) },
             None => r,
         }

@@ -165,8 +165,8 @@ impl GuestRegion {
             Some(end) if npages > 0 && end <= total => {
                 let off = first.0 << page.shift();
                 let len = (end << page.shift()).min(self.len) - off;
-                // SAFETY: off < self.len because first < total, so the pointer stays inside
-                // the mapping described by `new`'s contract.
+                // off < self.len because first < total.
+                // SAFETY: the pointer stays inside the mapping described by `new`'s contract.
                 let ptr = unsafe { self.host.add(off as usize) };
                 Ok((ptr, len as usize))
             }

@@ -45,15 +45,15 @@ impl AliasMap {
         for (r, (fd, off)) in guest.regions().iter().zip(fds) {
             let len = usize::try_from(r.len())
                 .map_err(|_| Error::InvalidConfig("region too large to map".into()))?;
-            // SAFETY: fallocate on the VMM's memfd, inside the range it maps as this region; it
-            // only allocates pages that are holes, never changes data.
+            // fallocate only allocates pages that are holes, never changes data.
+            // SAFETY: the VMM's memfd, inside the range it maps as this region.
             if unsafe { libc::fallocate(fd, 0, off as libc::off_t, len as libc::off_t) } != 0 {
                 return Err(Error::os(
                     "fallocate of memfd guest memory (zero-copy post-copy)",
                 ));
             }
-            // SAFETY: a new shared mapping of the memfd range the region maps; checked below,
-            // owned by `out` and unmapped in its Drop.
+            // Checked below, owned by `out` and unmapped in its Drop.
+            // SAFETY: a new shared mapping of the memfd range the region maps.
             let p = unsafe {
                 libc::mmap(
                     std::ptr::null_mut(),
@@ -68,8 +68,8 @@ impl AliasMap {
                 return Err(Error::os("mmap of a second view of memfd guest memory"));
             }
             out.mappings.push((p.cast(), len));
-            // SAFETY: `p` maps `len` bytes read-write and stays mapped while `out` lives; the
-            // map is only handed out through `out`.
+            // The map is only handed out through `out`.
+            // SAFETY: `p` maps `len` bytes read-write and stays mapped while `out` lives.
             regions.push(unsafe { GuestRegion::new(r.gpa(), p.cast(), r.len()) });
         }
         out.map = GuestMemoryMap::new(regions, guest.page_size())?;

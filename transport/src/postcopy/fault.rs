@@ -161,8 +161,8 @@ pub fn fault_loop(
         if in_place {
             for (r, _) in &fetch {
                 let (dst, _) = pages.alias_span(r)?;
-                // SAFETY: the page's place in the second mapping, claimed above: no other
-                // fetch writes it, and the guest cannot see it until it is installed.
+                // Claimed above: no other fetch writes it; the guest cannot see it until installed.
+                // SAFETY: the page's place in the second mapping, ours until its complete.
                 unsafe { fetcher.start(*r, dst)? };
             }
             for (r, n) in &fetch {
@@ -178,15 +178,14 @@ pub fn fault_loop(
         }
         for group in fetch.chunks(slots) {
             for (i, (r, _)) in group.iter().enumerate() {
-                // SAFETY: slot i (< slots) of the staging memory is a page of ours, untouched
-                // until its complete below.
+                // SAFETY: slot i (< slots) of the staging memory is ours until its complete.
                 unsafe { fetcher.start(*r, base.add(i * page))? };
             }
             for (i, (r, n)) in group.iter().enumerate() {
                 let got = fetcher.complete()?;
                 debug_assert_eq!(got, *r);
-                // SAFETY: slot i holds the page the completed fetch wrote; nothing writes it
-                // until the next group starts.
+                // Nothing writes slot i until the next group starts.
+                // SAFETY: slot i holds the page the completed fetch wrote.
                 let bytes = unsafe { std::slice::from_raw_parts(base.add(i * page), page) };
                 pages.install(uffd, hashes, *r, bytes, true)?;
                 let ns = t0.elapsed().as_nanos() as u64;

@@ -159,9 +159,8 @@ impl MissingPages {
         // Hash first: once mapped, the guest may write the page (it is the same page).
         let sums: Vec<u64> = (0..len / page)
             .map(|i| {
-                // SAFETY: page i of the range in the second mapping, written by the completed
-                // fetch and not yet visible to the guest (its entry is absent until the
-                // UFFDIO_CONTINUE below).
+                // Not visible to the guest: its entry is absent until the UFFDIO_CONTINUE below.
+                // SAFETY: page i of the range in the second mapping, written by the fetch.
                 xxh3_64(unsafe { std::slice::from_raw_parts(src.add(i * page), page) })
             })
             .collect();
@@ -379,8 +378,8 @@ impl MissingPages {
         let mut installed = 0;
         let mut off = 0usize;
         while off < len {
-            // SAFETY: dst+off..dst+len lies in the span checked above, which is registered with
-            // `uffd` for the whole post-copy; buf holds at least len bytes.
+            // The span is registered with `uffd` for the whole post-copy.
+            // SAFETY: dst+off..dst+len lies in the span checked above; buf holds len bytes.
             let outcome = unsafe { uffd.copy(dst.add(off), buf.as_ptr().add(off), len - off) }?;
             let (done, skip) = match outcome {
                 CopyOutcome::Done => (len - off, 0),

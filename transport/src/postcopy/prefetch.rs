@@ -71,8 +71,8 @@ pub fn prefetch_loop(
         }
         let Some(s) = inflight.pop_front() else { break };
         let r = fetcher.complete()?;
-        // SAFETY: slot s was filled by the completed fetch; no fetch writes it until it is
-        // handed out again below.
+        // No fetch writes slot s until it is handed out again below.
+        // SAFETY: slot s was filled by the completed fetch.
         let bytes = unsafe { std::slice::from_raw_parts(base.add(s * slot), slot) };
         installed += pages.install(uffd, hashes, r, bytes, false)?;
         free.push_back(s);
@@ -95,8 +95,8 @@ fn prefetch_in_place(
         while !pages.stopping() && inflight < DEPTH {
             let Some(r) = pages.pick(chunk) else { break };
             let (dst, _) = pages.alias_span(&r)?;
-            // SAFETY: the pages' place in the second mapping; `pick` claimed them, so no other
-            // fetch writes them, and the guest cannot see them until they are installed.
+            // `pick` claimed them: no other fetch writes them, and the guest cannot see them yet.
+            // SAFETY: the pages' place in the second mapping, ours until their complete.
             unsafe { fetcher.start(r, dst)? };
             inflight += 1;
         }

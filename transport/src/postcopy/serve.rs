@@ -179,8 +179,8 @@ fn serve(
                 iov_len: len,
             },
         ];
-        // SAFETY: the header lives on our stack for the call; ptr..ptr+len was checked against
-        // the region table by `span` and stays mapped for the session.
+        // ptr..ptr+len was checked against the region table by `span`.
+        // SAFETY: the header lives on our stack for the call; guest memory stays mapped.
         unsafe { writev_all(s.as_raw_fd(), &mut iov) }.map_err(|e| {
             Error::io(
                 format!("answering a page request on post-copy stream {i}"),
@@ -215,11 +215,8 @@ mod tests {
             unsafe { mem.as_ptr().add(p * 4096).write_bytes(p as u8 + 1, 4096) };
         }
         // SAFETY: `mem` outlives the map and the server (dropped at the end of the test).
-        let map = GuestMemoryMap::new(
-            vec![unsafe { mem.guest_region(GuestAddress(0)) }],
-            PageSize::KIB4,
-        )
-        .unwrap();
+        let region = unsafe { mem.guest_region(GuestAddress(0)) };
+        let map = GuestMemoryMap::new(vec![region], PageSize::KIB4).unwrap();
         let (client, served) = pair();
         let mut server = PageServer::start(
             map.clone(),
@@ -272,11 +269,8 @@ mod tests {
     fn the_server_refuses_out_of_range_requests() {
         let mem = MmapRegion::new(4 * 4096, MmapBacking::Anonymous, true).unwrap();
         // SAFETY: `mem` outlives the map and the server.
-        let map = GuestMemoryMap::new(
-            vec![unsafe { mem.guest_region(GuestAddress(0)) }],
-            PageSize::KIB4,
-        )
-        .unwrap();
+        let region = unsafe { mem.guest_region(GuestAddress(0)) };
+        let map = GuestMemoryMap::new(vec![region], PageSize::KIB4).unwrap();
         let (mut client, served) = pair();
         let mut server =
             PageServer::start(map, vec![served], None, Arc::new(CpuMeter::default())).unwrap();

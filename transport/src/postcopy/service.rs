@@ -42,8 +42,8 @@ pub struct PostcopyStats {
 pub fn drop_pages(map: &GuestMemoryMap, set: &PageSet) -> Result<()> {
     for r in set.ranges(u64::MAX) {
         let (ptr, len) = map.span(r.region, r.first, r.npages)?;
-        // SAFETY: the span lies in guest memory (checked); dropping private anonymous pages
-        // only makes them read back as missing (userfaultfd) or zero, which is the intent.
+        // Dropping pages only makes them read back as missing (userfaultfd) or zero (intended).
+        // SAFETY: the span lies in guest memory (checked).
         if unsafe { libc::madvise(ptr.cast(), len, libc::MADV_DONTNEED) } != 0 {
             return Err(Error::os("madvise(MADV_DONTNEED) of stale guest pages"));
         }
@@ -182,9 +182,9 @@ impl PostcopyService {
             finished: None,
         };
         for r in map.regions() {
-            // SAFETY: the region is guest memory the VMM vouched for (mapped while the session
-            // runs; in zero-copy mode a shared memfd mapping whose pages AliasMap allocated);
-            // the service unregisters it before the session ends.
+            // In zero-copy mode it is a shared memfd mapping whose pages AliasMap allocated.
+            // The service unregisters it before the session ends.
+            // SAFETY: guest memory the VMM vouched for, mapped while the session runs.
             unsafe {
                 if alias.is_some() {
                     uffd.register_minor(r.host_ptr(), r.len() as usize)?

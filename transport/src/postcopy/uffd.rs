@@ -276,8 +276,8 @@ impl Uffd {
         } else {
             "missing"
         };
-        // SAFETY: UFFDIO_REGISTER reads and writes a uffdio_register we own; the caller vouches
-        // for the range.
+        // The caller vouches for the range.
+        // SAFETY: UFFDIO_REGISTER reads and writes a uffdio_register we own.
         if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) } != 0 {
             return Err(Error::PostcopyUnavailable(format!(
                 "UFFDIO_REGISTER ({what} mode) of {len} bytes at {start:p}: {} (needs {hint})",
@@ -304,8 +304,8 @@ impl Uffd {
             start: start as u64,
             len: len as u64,
         };
-        // SAFETY: UFFDIO_UNREGISTER reads a uffdio_range we own; unregistering only makes the
-        // range fault normally again.
+        // Unregistering only makes the range fault normally again.
+        // SAFETY: UFFDIO_UNREGISTER reads a uffdio_range we own.
         if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_UNREGISTER, &mut r) } != 0 {
             return Err(Error::os("UFFDIO_UNREGISTER"));
         }
@@ -446,8 +446,8 @@ impl Uffd {
                 mode: 0,
                 mapped: 0,
             };
-            // SAFETY: UFFDIO_CONTINUE reads and writes a uffdio_continue we own; it only maps
-            // existing page-cache pages into a range registered with this descriptor.
+            // It only maps existing page-cache pages into a range registered with this descriptor.
+            // SAFETY: UFFDIO_CONTINUE reads and writes a uffdio_continue we own.
             if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_CONTINUE, &mut c) } == 0 {
                 return Ok(CopyOutcome::Done);
             }
@@ -538,11 +538,8 @@ mod tests {
         let len = 4 * 4096usize;
         let guest = MmapRegion::new(len as u64, MmapBacking::Memfd, false).unwrap();
         // SAFETY: `guest` outlives the map in this test.
-        let map = GuestMemoryMap::new(
-            vec![unsafe { guest.guest_region(GuestAddress(0)) }],
-            PageSize::KIB4,
-        )
-        .unwrap();
+        let region = unsafe { guest.guest_region(GuestAddress(0)) };
+        let map = GuestMemoryMap::new(vec![region], PageSize::KIB4).unwrap();
         let alias = crate::postcopy::AliasMap::for_guest(&map)
             .unwrap()
             .expect("memfd-backed");

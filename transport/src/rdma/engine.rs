@@ -361,9 +361,9 @@ impl ReadEngine {
             let h = guard
                 .construct_wr(wr_id, WorkRequestFlags::Signaled)
                 .setup_read(rkey.0, raddr);
-            // SAFETY: laddr..laddr+len lies inside a region registered LOCAL_WRITE with `lkey`
-            // (local_target checked it); the registration outlives the QPs' work because the
+            // local_target checked the range; the registration outlives the QPs' work because the
             // engine drains or flushes all work before it deregisters (close/drop order).
+            // SAFETY: laddr..laddr+len lies inside a region registered LOCAL_WRITE with `lkey`.
             unsafe { h.setup_sge(lkey, laddr, len) };
         }
         guard.post().map_err(|e| {

@@ -43,8 +43,8 @@ impl Staging {
     pub fn new(bytes: usize, page: PageSize) -> Result<Staging> {
         let len = (bytes as u64).max(1).div_ceil(page.bytes()) * page.bytes();
         let region = MmapRegion::new(len, MmapBacking::Anonymous, true)?;
-        // SAFETY: `region` maps `len` bytes read-write and is kept alive next to every user
-        // of `map` (the fetcher owns both, and drops its engine first).
+        // The fetcher owns both the mapping and `map`, and drops its engine first.
+        // SAFETY: `region` maps `len` bytes read-write and outlives every user of `map`.
         let g = unsafe { GuestRegion::new(GuestAddress(0), region.as_ptr(), len) };
         let map = GuestMemoryMap::new(vec![g], page)?;
         Ok(Staging {

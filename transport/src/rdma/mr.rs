@@ -77,9 +77,9 @@ impl Registration {
                     r.len()
                 )));
             }
-            // SAFETY: GuestRegion::new's contract: the range is mapped read/write and stays
-            // mapped while any session holding the map lives; the MR is deregistered (dropped)
-            // before the path that owns it is dropped, which is before the map's owner unmaps.
+            // The range stays mapped while any session holding the map lives; the MR is
+            // deregistered (dropped) with the path that owns it, before the map's owner unmaps.
+            // SAFETY: GuestRegion::new's contract: the range is mapped read/write.
             let mr = unsafe { pd.reg_mr(r.host_ptr() as usize, r.len() as usize, access.flags()) }
                 .map_err(|e| {
                     let os = std::error::Error::source(&e)

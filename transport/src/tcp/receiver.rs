@@ -126,8 +126,8 @@ fn receive_loop(
                     npages: u64::from(h.npages.get()),
                 };
                 let (ptr, len) = map.span(range.region, range.first, range.npages)?;
-                // SAFETY: `span` checked the range against the destination's region table; the
-                // memory is mapped for the session and nothing else writes it before resume.
+                // The memory is mapped for the session and nothing else writes it before resume.
+                // SAFETY: `span` checked the range against the destination's region table.
                 unsafe { recv_exact(s.as_raw_fd(), ptr, len) }.map_err(|e| {
                     Error::io(
                         format!("receiving pages on data stream {i}"),

@@ -178,8 +178,8 @@ fn send_pieces(
         if let Some(l) = limiter {
             l.acquire(bytes);
         }
-        // SAFETY: headers live in `headers` for the call; page spans were checked against the
-        // region table by `span`, and guest memory stays mapped for the session.
+        // Page spans were checked against the region table by `span`.
+        // SAFETY: headers live in `headers` for the call; guest memory stays mapped.
         unsafe { writev_all(stream.as_raw_fd(), &mut iov) }
             .map_err(|e| Error::io(format!("sending round {round} pages"), e, "data stream"))?;
     }

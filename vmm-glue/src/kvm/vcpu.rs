@@ -40,8 +40,8 @@ extern "C" fn on_kick(_: libc::c_int) {}
 fn install_kick_handler() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        // SAFETY: a zeroed sigaction is a valid starting value; we set a handler that does
-        // nothing (async-signal-safe) and no SA_RESTART, so KVM_RUN returns EINTR.
+        // The handler does nothing (async-signal-safe); no SA_RESTART, so KVM_RUN returns EINTR.
+        // SAFETY: a zeroed sigaction is a valid starting value.
         unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
             sa.sa_sigaction = on_kick as extern "C" fn(libc::c_int) as usize;
@@ -223,8 +223,8 @@ impl VcpuHandle {
             self.shared.immediate_exit.set(1);
             self.shared.cv.notify_all();
             if let Some(t) = &self.thread {
-                // SAFETY: the thread has not been joined (we hold its JoinHandle), so its
-                // pthread_t is valid; the signal has a no-op handler installed.
+                // The signal has a no-op handler installed.
+                // SAFETY: not joined yet (we hold its JoinHandle), so its pthread_t is valid.
                 unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
             }
         }

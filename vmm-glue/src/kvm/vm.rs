@@ -132,9 +132,9 @@ impl KvmVm {
                 memory_size: len,
                 userspace_addr: mem.as_ptr() as u64,
             };
-            // SAFETY: the mapping is `len` bytes, lives in `regions` until after the VM fd is
-            // closed (field order of KvmVm), and does not overlap another slot (the memory map
-            // below rejects overlapping layouts, and we check before the first KVM_RUN).
+            // It lives in `regions` until after the VM fd is closed (field order of KvmVm), and
+            // does not overlap another slot (the memory map rejects overlapping layouts).
+            // SAFETY: the mapping is `len` bytes.
             unsafe { vm.set_user_memory_region(region) }
                 .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
             // SAFETY: `mem` is kept in `regions` for as long as the map is used (KvmVm owns both).
@@ -192,8 +192,8 @@ impl KvmVm {
     /// writes are part of the dirty log).
     fn write_guest(&mut self, gpa: u64, bytes: &[u8]) -> Result<()> {
         let dst = self.host_range(gpa, bytes.len() as u64)?;
-        // SAFETY: `dst` has room for `bytes.len()` bytes (host_range), and `bytes` is a
-        // separate Rust allocation, so the ranges do not overlap.
+        // `bytes` is a separate Rust allocation, so the ranges do not overlap.
+        // SAFETY: `dst` has room for `bytes.len()` bytes (host_range).
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len()) };
         self.mark_dirty(gpa, bytes.len() as u64);
         Ok(())
@@ -221,9 +221,9 @@ impl KvmVm {
         let bytes = u64::from(p.data_pages) * GUEST_PAGE;
         let base = self.host_range(u64::from(p.data_base), bytes)?;
         for i in 0..p.data_pages {
-            // SAFETY: page i lies inside the data area checked by host_range; the vCPU is
-            // parked, so nothing else accesses guest memory while this slice exists; the
-            // mapping is page aligned, so u32 alignment holds.
+            // The vCPU is parked, so nothing else accesses guest memory while this slice exists;
+            // the mapping is page aligned, so u32 alignment holds.
+            // SAFETY: page i lies inside the data area checked by host_range.
             let page = unsafe {
                 std::slice::from_raw_parts_mut(
                     base.add(i as usize * GUEST_PAGE as usize).cast::<u32>(),

@@ -158,8 +158,8 @@ impl SyntheticVm {
                 MmapBacking::Anonymous
             };
             let m = MmapRegion::new(len, backing, true).map_err(Error::Memory)?;
-            // SAFETY: `m` is kept in `_mem` for the VM's lifetime and the VM outlives any
-            // session it is handed to (the session borrows it).
+            // The VM outlives any session it is handed to (the session borrows it).
+            // SAFETY: `m` is kept in `_mem` for the VM's lifetime.
             regions.push(unsafe { m.guest_region(gpa) });
             let pages = len / page;
             infos.push(RegionInfo {
