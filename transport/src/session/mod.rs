@@ -1,4 +1,9 @@
 //! The migration driver: both ends of the protocol as explicit state machines.
+//!
+//! `source` and `dest` drive the handshake, the data setup, the pre-copy rounds and the
+//! stop-and-copy switchover; their `postcopy_phase` submodules hold the post-copy switchover
+//! and service (post-copy and hybrid modes). `policy` decides when to switch over, `stats`
+//! holds the reports.
 
 mod config;
 mod dest;

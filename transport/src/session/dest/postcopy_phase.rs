@@ -1,0 +1,242 @@
+//! The destination's post-copy phase: the post-copy set, the resume with userfaultfd in place,
+//! the fault and prefetch service until the last page, and what a failure after the resume
+//! leaves (the paused guest and the count of missing pages).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{Dest, DestState};
+use crate::cpu::thread_cpu_time;
+use crate::digest::PageHashes;
+use crate::error::{Error, Result};
+use crate::mem::GuestMemoryMap;
+use crate::pages::PageSet;
+use crate::postcopy::{
+    self, Fetchers, PageFetcher, PausedGuest, PostcopyRemnant, PostcopyService, TcpPageFetcher,
+};
+use crate::rdma::RdmaPageFetcher;
+use crate::session::stats::{DestReport, FaultLatency};
+use crate::vm::DestinationVm;
+use crate::wire::{Complete, Message, PostcopyComplete, TransportKind, POSTCOPY_LAST_CHUNK};
+
+impl Dest<'_> {
+    /// Post-copy switchover and service: the set, the resume, then the rest of memory.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn run_postcopy(
+        &mut self,
+        vm: &mut dyn DestinationVm,
+        map: &GuestMemoryMap,
+        blob: Vec<u8>,
+        hashes: Arc<PageHashes>,
+        early: Option<PageSet>,
+        (rounds, pages, bytes): (u32, u64, u64),
+        cpu0: std::time::Duration,
+        transport: TransportKind,
+    ) -> Result<DestReport> {
+        let mut missing = PageSet::empty(map);
+        self.state = DestState::AwaitPostcopyMissing { chunk: 0 };
+        loop {
+            let Message::PostcopyMissing {
+                chunk,
+                flags,
+                ranges,
+            } = self.recv()?
+            else {
+                unreachable!("state checked")
+            };
+            for r in &ranges {
+                map.span(r.region, r.first, r.npages)?;
+                missing.insert_range(r);
+            }
+            if flags & POSTCOPY_LAST_CHUNK != 0 {
+                break;
+            }
+            self.state = DestState::AwaitPostcopyMissing { chunk: chunk + 1 };
+        }
+        let t = Instant::now();
+        // Pages received in a round are stale now, except those dropped early; in post-copy
+        // mode nothing was received and memory was dropped before the rounds.
+        let stale = match &early {
+            Some(e) => postcopy::difference(map, &missing, e),
+            None => missing.clone(),
+        };
+        if let Some(e) = &early {
+            missing.union_with(e);
+        }
+        let fetchers = self.postcopy_fetchers(map)?;
+        let svc = PostcopyService::start(
+            map,
+            &missing,
+            (rounds > 0).then_some(&stale),
+            fetchers,
+            hashes.clone(),
+            self.cpu.clone(),
+            self.pc_alias.clone(),
+        )?;
+        let svc = self.postcopy.insert(svc);
+        vm.restore_state(&blob)
+            .map_err(|e| Error::vmm("restore device state", e))?;
+        vm.resume().map_err(|e| Error::vmm("resume", e))?;
+        self.resumed_in_postcopy = true;
+        svc.mark_resumed();
+        let resume = t.elapsed();
+        let initial = missing.count();
+        self.ctl.send(&Message::PostcopyResumed {
+            resume_micros: resume.as_micros() as u64,
+            missing: initial,
+        })?;
+        tracing::debug!("post-copy: resumed in {resume:?} with {initial} pages missing");
+        self.postcopy
+            .as_mut()
+            .expect("set above")
+            .start_prefetch(hashes.clone(), self.cpu.clone())?;
+        if let Some(mut d) = self.data.take() {
+            // Rounds are over: release the pre-copy path (over RDMA, its QPs and the pinning
+            // registration of guest memory) now that the guest runs, outside the downtime.
+            if let Err(e) = d.close() {
+                tracing::warn!("closing the pre-copy data path: {e}");
+            }
+        }
+        self.state = DestState::Postcopy;
+        let Message::Switchover {
+            digest,
+            pages: total,
+        } = self.recv()?
+        else {
+            unreachable!("state checked")
+        };
+        let svc = self.postcopy.as_mut().expect("set above");
+        svc.wait(self.config.io_timeout)
+            .map_err(Error::PostcopyService)?;
+        let stats = self.postcopy.take().expect("set above").finish()?;
+        let mine = hashes.digest();
+        if total != hashes.pages() || mine != digest {
+            return Err(Error::DigestMismatch {
+                source_digest: digest,
+                dest_digest: mine,
+            });
+        }
+        self.cpu.add(thread_cpu_time().saturating_sub(cpu0));
+        let cpu = self.cpu.total();
+        let page = map.page_size().bytes();
+        let (pages, bytes) = (pages + stats.missing, bytes + stats.missing * page);
+        self.ctl.send(&Message::PostcopyComplete(PostcopyComplete {
+            complete: Complete {
+                digest: mine,
+                cpu_micros: cpu.as_micros() as u64,
+                resume_micros: 0,
+                pages,
+                bytes,
+            },
+            faults: stats.faults,
+            fault_pages: stats.fault_pages,
+            postcopy_micros: stats.duration.as_micros() as u64,
+            latency_ns: stats.latency_ns,
+        }))?;
+        self.state = DestState::AwaitFinish;
+        if let Err(e) = self.recv() {
+            tracing::warn!("the guest runs here, but the source did not confirm: {e}");
+        }
+        Ok(DestReport {
+            transport: transport.name().into(),
+            mem_bytes: map.total_bytes(),
+            rounds,
+            pages,
+            bytes,
+            digest: format!("{mine:032x}"),
+            cpu_ms: cpu.as_secs_f64() * 1e3,
+            resume_ms: resume.as_secs_f64() * 1e3,
+            mode: self.mode.name().into(),
+            postcopy_pages: stats.missing,
+            postcopy_faults: stats.faults,
+            postcopy_ms: stats.duration.as_secs_f64() * 1e3,
+            fault_latency_us: FaultLatency::from_ns(stats.latency_ns),
+            postcopy_zero_copy: self.pc_alias.is_some(),
+        })
+    }
+
+    /// The post-copy fetchers: over RDMA the READ fetchers set up with the data path, else
+    /// one per post-copy stream (the first for faults).
+    fn postcopy_fetchers(&mut self, map: &GuestMemoryMap) -> Result<Fetchers> {
+        let mut streams = std::mem::take(&mut self.pc_streams);
+        let clones = streams
+            .iter()
+            .map(|s| {
+                s.try_clone()
+                    .map_err(|e| Error::io("cloning a post-copy stream", e, "post-copy stream"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if !self.pc_rdma.is_empty() {
+            let mut rdma = std::mem::take(&mut self.pc_rdma);
+            let aborts = rdma.iter().map(RdmaPageFetcher::abort_flag).collect();
+            let prefetch = rdma
+                .split_off(1)
+                .into_iter()
+                .map(|f| Box::new(f) as Box<dyn PageFetcher>)
+                .collect();
+            return Ok(Fetchers {
+                fault: Box::new(rdma.remove(0)),
+                prefetch,
+                streams: clones,
+                aborts,
+            });
+        }
+        if streams.len() < 2 {
+            return Err(Error::PostcopyUnavailable(
+                "post-copy streams are not connected".into(),
+            ));
+        }
+        let prefetch = streams
+            .split_off(1)
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| {
+                TcpPageFetcher::new(s, map.clone(), format!("prefetch {i}"))
+                    .map(|f| Box::new(f) as Box<dyn PageFetcher>)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let fault = Box::new(TcpPageFetcher::new(
+            streams.remove(0),
+            map.clone(),
+            "fault",
+        )?);
+        Ok(Fetchers {
+            fault,
+            prefetch,
+            streams: clones,
+            aborts: Vec::new(),
+        })
+    }
+
+    /// After a failure once the guest runs here in post-copy: stop fetching, pause the guest,
+    /// and hand it back with its memory (missing pages stay registered) and the count of
+    /// missing pages.
+    pub(super) fn postcopy_failed(
+        &mut self,
+        vm: Option<Box<dyn DestinationVm>>,
+        e: Error,
+    ) -> Error {
+        let mut svc = self.postcopy.take();
+        // After the last page (a digest mismatch) nothing is missing.
+        let missing = svc.as_mut().map_or(0, PostcopyService::interrupt);
+        let total = vm.as_ref().map_or(0, |vm| vm.memory().total_pages());
+        tracing::error!("post-copy failed with {missing} of {total} pages missing: {e}");
+        let guest = match vm {
+            Some(mut vm) => {
+                if let Err(pe) = vm.pause() {
+                    tracing::error!(
+                        "could not pause the destination guest after post-copy failed: {pe}"
+                    );
+                }
+                PausedGuest::new(PostcopyRemnant::new(svc, vm))
+            }
+            None => PausedGuest::default(),
+        };
+        Error::PostcopyInterrupted {
+            missing,
+            total,
+            reason: e.to_string(),
+            guest,
+        }
+    }
+}

@@ -1,0 +1,208 @@
+//! The source's post-copy phase: pause, device state and the post-copy set (the destination's
+//! resume ends the downtime), then the digest of the paused memory, the page server (TCP) or
+//! nothing at all (RDMA: the destination READs) until the destination holds every page.
+
+use std::time::Instant;
+
+use super::{
+    message_chunks, PrecopyTotals, Source, SourceState, EARLY_ENOUGH_PAGES, MAX_EARLY_BATCHES,
+};
+use crate::error::{Error, Result};
+use crate::pages::{PageRange, PageSet};
+use crate::postcopy::{self, PageServer};
+use crate::session::stats::{mib_s, FaultLatency, MigrationReport};
+use crate::wire::{Message, PostcopyComplete, TransportKind, POSTCOPY_EARLY, POSTCOPY_LAST_CHUNK};
+
+impl Source<'_> {
+    /// Post-copy switchover: pause, device state, the post-copy set; the destination's resume
+    /// ends the downtime. Then re-hash the set while the destination runs, send the digest,
+    /// serve pages until the destination holds all of them, and compare its digest.
+    pub(super) fn run_postcopy(
+        &mut self,
+        mut set: PageSet,
+        pre: PrecopyTotals,
+        transport: &str,
+        reason: String,
+        started: Instant,
+    ) -> Result<MigrationReport> {
+        // Hybrid: the pages dirtied during the last round are stale on the destination; have
+        // it drop them while the guest still runs here, so that only the pages dirtied since
+        // are dropped during the downtime. Pages re-dirtied after being dropped stay missing
+        // and need nothing more, so each batch carries only newly stale pages and the batches
+        // shrink quickly.
+        let mut early: Option<PageSet> = None;
+        for batch in 0..MAX_EARLY_BATCHES {
+            if !self.logging || set.count() <= EARLY_ENOUGH_PAGES {
+                break;
+            }
+            let t = Instant::now();
+            self.send_missing(&set, POSTCOPY_EARLY)?;
+            self.state = SourceState::AwaitPostcopyDropped;
+            let Message::PostcopyDropped { micros, pages } = self.recv()? else {
+                unreachable!("state checked")
+            };
+            if pages != set.count() {
+                return Err(Error::Protocol(format!(
+                    "destination dropped {pages} pages, {} were sent",
+                    set.count()
+                )));
+            }
+            tracing::debug!("post-copy: early batch {batch}: {pages} stale pages dropped in {micros} µs ({:?} round trip)", t.elapsed());
+            let dropped = early.get_or_insert_with(|| PageSet::empty(&self.map));
+            dropped.union_with(&set);
+            let mut dirty = PageSet::empty(&self.map);
+            self.vm
+                .fetch_and_clear_dirty(&mut dirty)
+                .map_err(|e| Error::vmm("fetch dirty log", e))?;
+            set = postcopy::difference(&self.map, &dirty, dropped);
+        }
+        self.vm.pause().map_err(|e| Error::vmm("pause", e))?;
+        self.paused = true;
+        let paused_at = Instant::now();
+        if self.logging {
+            self.vm
+                .fetch_and_clear_dirty(&mut set)
+                .map_err(|e| Error::vmm("fetch dirty log", e))?;
+        }
+        tracing::debug!(
+            "post-copy: paused, dirty set fetched in {:?}",
+            paused_at.elapsed()
+        );
+        let blob = self
+            .vm
+            .save_state()
+            .map_err(|e| Error::vmm("save device state", e))?;
+        let state_bytes = blob.len() as u64;
+        self.ctl.send(&Message::DeviceState(blob))?;
+        tracing::debug!(
+            "post-copy: device state ({state_bytes} bytes) sent {:?} after pause",
+            paused_at.elapsed()
+        );
+        self.send_missing(&set, 0)?;
+        // From here the destination may resume the guest at any moment: if the answer is lost
+        // the outcome is unknown and the source stays paused; an Abort still resumes it.
+        self.switchover_sent = true;
+        tracing::debug!(
+            "post-copy: final set of {} pages sent {:?} after pause",
+            set.count(),
+            paused_at.elapsed()
+        );
+        if let Some(early) = &early {
+            set.union_with(early);
+        }
+        let ranges: Vec<PageRange> = set.ranges(u64::from(u32::MAX)).collect();
+        self.state = SourceState::AwaitPostcopyResumed;
+        let Message::PostcopyResumed {
+            missing,
+            resume_micros,
+        } = self.recv()?
+        else {
+            unreachable!("state checked")
+        };
+        let downtime = paused_at.elapsed();
+        // The guest runs on the destination from here: never resume it here.
+        self.guest_moved = true;
+        tracing::info!("post-copy: destination resumed in {resume_micros} µs; downtime {downtime:?}; {missing} pages to fetch");
+        if missing != set.count() {
+            return Err(Error::Protocol(format!(
+                "destination marked {missing} pages missing, the post-copy set has {}",
+                set.count()
+            )));
+        }
+        for r in &ranges {
+            self.hashes.update(&self.map, r)?;
+        }
+        let digest = self.hashes.digest();
+        self.ctl.send(&Message::Switchover {
+            digest,
+            pages: self.hashes.pages(),
+        })?;
+        self.state = SourceState::AwaitPostcopyComplete;
+        // Post-copy may take longer than one I/O timeout: keep waiting while pages are served.
+        let mut served = self.server.as_ref().map_or(0, PageServer::pages_served);
+        let done = loop {
+            match self.recv() {
+                Ok(Message::PostcopyComplete(done)) => break done,
+                Ok(_) => unreachable!("state checked"),
+                Err(Error::Timeout(why)) => {
+                    let now = self.server.as_ref().map_or(0, PageServer::pages_served);
+                    // Over RDMA the destination READs without this end seeing it: it bounds
+                    // its own stalls (the READ engine's timeout) and reports or aborts.
+                    if now == served && transport != TransportKind::Rdma.name() {
+                        return Err(Error::Timeout(format!(
+                            "{why}; no page requested meanwhile"
+                        )));
+                    }
+                    served = now;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let PostcopyComplete {
+            complete,
+            faults,
+            fault_pages,
+            postcopy_micros,
+            latency_ns,
+        } = done;
+        self.state = SourceState::Done;
+        if let Err(e) = self.ctl.send(&Message::Finish) {
+            tracing::warn!("the destination runs the guest, but Finish was not delivered: {e}");
+        }
+        let served = self.server.as_ref().map_or(0, PageServer::pages_served);
+        if let Some(mut server) = self.server.take() {
+            if let Err(e) = server.stop() {
+                tracing::warn!("post-copy page server: {e}");
+            }
+        }
+        let page = self.map.page_size().bytes();
+        // Over RDMA the destination READ the pages without this end seeing it: its count.
+        let bytes = if transport == TransportKind::Rdma.name() {
+            complete.bytes
+        } else {
+            pre.bytes + served * page
+        };
+        Ok(MigrationReport {
+            transport: transport.to_string(),
+            transport_reason: reason,
+            mem_bytes: self.map.total_bytes(),
+            page_size: page,
+            total_ms: started.elapsed().as_secs_f64() * 1e3,
+            downtime_ms: downtime.as_secs_f64() * 1e3,
+            rounds: pre.rounds,
+            bytes_transferred: bytes,
+            throughput_mib_s: mib_s(pre.bytes, pre.round_time.as_secs_f64()),
+            verified: complete.digest == digest,
+            digest: format!("{digest:032x}"),
+            source_cpu_ms: 0.0,
+            dest_cpu_ms: complete.cpu_micros as f64 / 1e3,
+            forced_switchover: false,
+            device_state_bytes: state_bytes,
+            per_round: pre.per_round,
+            mode: self.config.mode.name().into(),
+            postcopy: true,
+            postcopy_pages: missing,
+            postcopy_faults: faults,
+            postcopy_fault_pages: fault_pages,
+            postcopy_ms: postcopy_micros as f64 / 1e3,
+            fault_latency_us: FaultLatency::from_ns(latency_ns),
+        })
+    }
+
+    /// Sends a post-copy set in chunks (`flags` added to each; the last also carries
+    /// `POSTCOPY_LAST_CHUNK`).
+    pub(super) fn send_missing(&mut self, set: &PageSet, flags: u32) -> Result<()> {
+        let ranges: Vec<PageRange> = set.ranges(u64::from(u32::MAX)).collect();
+        let chunks = message_chunks(&ranges);
+        let n = chunks.len();
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let last = if i + 1 == n { POSTCOPY_LAST_CHUNK } else { 0 };
+            self.ctl.send(&Message::PostcopyMissing {
+                chunk: i as u32,
+                flags: flags | last,
+                ranges: chunk.to_vec(),
+            })?;
+        }
+        Ok(())
+    }
+}
