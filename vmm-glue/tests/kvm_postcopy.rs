@@ -9,10 +9,12 @@
 //! the reason, where `/dev/kvm` or userfaultfd (or, for memfd memory, its minor faults on shmem)
 //! is not usable.
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+mod support;
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -26,6 +28,8 @@ use rdmig_transport::vm::{DestinationFactory, DestinationVm, MemoryLayout, Sourc
 use rdmig_transport::wire::TransportKind;
 use rdmig_transport::Error;
 use rdmig_vmm::kvm::{into_kvm, kvm_available, GuestProgress, KvmConfig, KvmDestConfig, KvmVm};
+
+use support::relay::Relay;
 
 const MIB: u64 = 1 << 20;
 
@@ -313,64 +317,6 @@ fn hybrid_of_a_guest_precopy_cannot_converge_on() {
     src.stop();
 }
 
-/// A TCP relay that throttles every connection and can cut them all at once.
-struct Relay {
-    addr: SocketAddr,
-    target: Arc<Mutex<Option<SocketAddr>>>,
-    conns: Arc<Mutex<Vec<TcpStream>>>,
-}
-
-impl Relay {
-    fn new(bytes_per_sec: u64) -> Relay {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
-        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let target: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
-        let (c2, t2) = (conns.clone(), target.clone());
-        thread::spawn(move || {
-            for inbound in l.incoming() {
-                let Ok(a) = inbound else { return };
-                let Some(t) = *t2.lock().unwrap() else { return };
-                let Ok(b) = TcpStream::connect(t) else { return };
-                let _ = (a.set_nodelay(true), b.set_nodelay(true));
-                c2.lock()
-                    .unwrap()
-                    .extend([a.try_clone().unwrap(), b.try_clone().unwrap()]);
-                for (mut from, mut to) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)]
-                {
-                    thread::spawn(move || {
-                        let mut buf = vec![0u8; 1 << 16];
-                        let start = Instant::now();
-                        let mut total = 0u64;
-                        while let Ok(n) = from.read(&mut buf) {
-                            if n == 0 || to.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                            total += n as u64;
-                            let due = Duration::from_secs_f64(total as f64 / bytes_per_sec as f64);
-                            if let Some(wait) = due.checked_sub(start.elapsed()) {
-                                thread::sleep(wait);
-                            }
-                        }
-                        let _ = to.shutdown(Shutdown::Both);
-                    });
-                }
-            }
-        });
-        Relay {
-            addr,
-            target,
-            conns,
-        }
-    }
-
-    fn cut(&self) {
-        for c in self.conns.lock().unwrap().iter() {
-            let _ = c.shutdown(Shutdown::Both);
-        }
-    }
-}
-
 #[test]
 fn source_lost_during_postcopy_leaves_the_destination_guest_paused() {
     let Some(_one) = kvm_and_uffd_or_skip() else {
@@ -383,7 +329,7 @@ fn source_lost_during_postcopy_leaves_the_destination_guest_paused() {
     let d = destination(cfg.clone());
     // 8 MiB/s per connection: post-copy of 64 MiB takes seconds, so the cut lands inside it.
     let relay = Relay::new(8 * MIB);
-    *relay.target.lock().unwrap() = Some(d.addr);
+    relay.target(d.addr);
     let (r, watched) = thread::scope(|s| {
         let source = s.spawn(|| migrate(&mut src, relay.addr, &cfg, &mut |_| {}));
         let probe = d.probe.recv_timeout(Duration::from_secs(30)).unwrap();

@@ -5,10 +5,12 @@
 //! post-copy, and a link cut during post-copy must leave the destination paused with an error
 //! that counts the missing pages. Skipped, with the reason, where userfaultfd is unavailable.
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+mod support;
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
 
 use rdmig_transport::auth::Psk;
 use rdmig_transport::digest::full_digest;
@@ -19,6 +21,8 @@ use rdmig_transport::session::{
 use rdmig_transport::wire::TransportKind;
 use rdmig_transport::Error;
 use rdmig_vmm::synthetic::{synthetic_destination_factory, SyntheticConfig, SyntheticVm};
+
+use support::relay::Relay;
 
 const MIB: u64 = 1 << 20;
 
@@ -211,68 +215,6 @@ fn hybrid_that_converges_stays_precopy() {
     let rep = r.unwrap();
     assert!(rep.verified && !rep.postcopy && rep.mode == "hybrid");
     assert!(d.unwrap().0.verify().ok());
-}
-
-/// A TCP relay that can throttle every connection and cut them all at once.
-struct Relay {
-    addr: SocketAddr,
-    target: Arc<Mutex<Option<SocketAddr>>>,
-    conns: Arc<Mutex<Vec<TcpStream>>>,
-}
-
-impl Relay {
-    fn new(bytes_per_sec: u64) -> Relay {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
-        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let target: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
-        let (c2, t2) = (conns.clone(), target.clone());
-        std::thread::spawn(move || {
-            for inbound in l.incoming() {
-                let Ok(a) = inbound else { return };
-                let Some(t) = *t2.lock().unwrap() else { return };
-                let Ok(b) = TcpStream::connect(t) else { return };
-                let _ = (a.set_nodelay(true), b.set_nodelay(true));
-                c2.lock()
-                    .unwrap()
-                    .extend([a.try_clone().unwrap(), b.try_clone().unwrap()]);
-                for (mut from, mut to) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)]
-                {
-                    std::thread::spawn(move || {
-                        let mut buf = vec![0u8; 1 << 16];
-                        let start = Instant::now();
-                        let mut total = 0u64;
-                        while let Ok(n) = from.read(&mut buf) {
-                            if n == 0 || to.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                            total += n as u64;
-                            let due = Duration::from_secs_f64(total as f64 / bytes_per_sec as f64);
-                            if let Some(wait) = due.checked_sub(start.elapsed()) {
-                                std::thread::sleep(wait);
-                            }
-                        }
-                        let _ = to.shutdown(Shutdown::Both);
-                    });
-                }
-            }
-        });
-        Relay {
-            addr,
-            target,
-            conns,
-        }
-    }
-
-    fn target(&self, t: SocketAddr) {
-        *self.target.lock().unwrap() = Some(t);
-    }
-
-    fn cut(&self) {
-        for c in self.conns.lock().unwrap().iter() {
-            let _ = c.shutdown(Shutdown::Both);
-        }
-    }
 }
 
 #[test]

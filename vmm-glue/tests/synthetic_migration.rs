@@ -2,10 +2,11 @@
 //! several sizes, stream counts, page sizes and region layouts; and failures (link lost
 //! mid-round, non-convergence with the abort policy) that must leave the source running intact.
 
-use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+mod support;
+
+use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdmig_transport::auth::Psk;
@@ -17,6 +18,8 @@ use rdmig_transport::session::{
 use rdmig_transport::wire::TransportKind;
 use rdmig_transport::Error;
 use rdmig_vmm::synthetic::{synthetic_destination_factory, SyntheticConfig, SyntheticVm};
+
+use support::relay::Relay;
 
 const MIB: u64 = 1 << 20;
 
@@ -158,71 +161,13 @@ fn destination_writers_resume_after_migration() {
     assert!(c.ok(), "{c:?}");
 }
 
-/// A TCP relay in front of the destination that can cut every connection at once.
-struct Relay {
-    addr: SocketAddr,
-    conns: Arc<Mutex<Vec<TcpStream>>>,
-    frozen: Arc<AtomicBool>,
-}
-
-impl Relay {
-    fn new(target: SocketAddr) -> Relay {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap();
-        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let frozen = Arc::new(AtomicBool::new(false));
-        let c2 = conns.clone();
-        let f2 = frozen.clone();
-        std::thread::spawn(move || {
-            for inbound in l.incoming() {
-                let Ok(a) = inbound else { return };
-                let Ok(b) = TcpStream::connect(target) else {
-                    return;
-                };
-                c2.lock()
-                    .unwrap()
-                    .extend([a.try_clone().unwrap(), b.try_clone().unwrap()]);
-                for (mut from, mut to) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)]
-                {
-                    let frozen = f2.clone();
-                    std::thread::spawn(move || {
-                        let mut buf = vec![0u8; 1 << 16];
-                        while let Ok(n) = from.read(&mut buf) {
-                            // Frozen: stop forwarding but keep the sockets open, like a
-                            // peer that hangs without closing.
-                            while frozen.load(Ordering::Relaxed) {
-                                std::thread::sleep(Duration::from_millis(10));
-                            }
-                            if n == 0 || to.write_all(&buf[..n]).is_err() {
-                                break;
-                            }
-                        }
-                        let _ = to.shutdown(Shutdown::Both);
-                    });
-                }
-            }
-        });
-        Relay {
-            addr,
-            conns,
-            frozen,
-        }
-    }
-
-    fn cut(&self) {
-        for c in self.conns.lock().unwrap().iter() {
-            let _ = c.shutdown(Shutdown::Both);
-        }
-    }
-}
-
 #[test]
 fn link_lost_mid_round_leaves_the_source_running_and_intact() {
     let cfg = SyntheticConfig::new(128 * MIB).with_dirtying(16 * MIB, 64 * MIB);
     let psk = Psk::random().unwrap();
     let mut source = SyntheticVm::start(&cfg).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let relay = Relay::new(listener.local_addr().unwrap());
+    let relay = Relay::to(listener.local_addr().unwrap(), 0);
     // A bandwidth cap makes round 0 take about 2 s, so the cut lands inside it.
     let mcfg = config(&psk, 2).with_max_bandwidth(Some(64 * MIB));
     let dcfg = mcfg.clone();
@@ -238,13 +183,12 @@ fn link_lost_mid_round_leaves_the_source_running_and_intact() {
         b2.store(true, Ordering::SeqCst);
         r.map(|_| ())
     });
+    let relay = Arc::new(relay);
     let cutter = {
-        let conns = relay.conns.clone();
+        let relay = relay.clone();
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(700));
-            for c in conns.lock().unwrap().iter() {
-                let _ = c.shutdown(Shutdown::Both);
-            }
+            relay.cut();
         })
     };
     let mut rounds_seen = 0;
@@ -325,7 +269,7 @@ fn a_peer_that_hangs_without_closing_times_out_and_the_source_runs_on() {
     let psk = Psk::random().unwrap();
     let mut source = SyntheticVm::start(&cfg).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let relay = Relay::new(listener.local_addr().unwrap());
+    let relay = Relay::to(listener.local_addr().unwrap(), 0);
     // Round 0 takes about 1 s at this cap, well within the 2 s timeout, unless the peer hangs.
     let mcfg = config(&psk, 2)
         .with_max_bandwidth(Some(128 * MIB))
@@ -339,11 +283,14 @@ fn a_peer_that_hangs_without_closing_times_out_and_the_source_runs_on() {
         )
         .map(|_| ())
     });
-    let frozen = relay.frozen.clone();
-    let freezer = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_millis(500));
-        frozen.store(true, Ordering::Relaxed);
-    });
+    let relay = Arc::new(relay);
+    let freezer = {
+        let relay = relay.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(500));
+            relay.freeze(true);
+        })
+    };
     let t = std::time::Instant::now();
     let e = migrate(&mut source, relay.addr, &mcfg, &mut |_| {})
         .expect_err("a hung peer cannot complete");
@@ -354,7 +301,7 @@ fn a_peer_that_hangs_without_closing_times_out_and_the_source_runs_on() {
         "took {:?}",
         t.elapsed()
     );
-    relay.frozen.store(false, Ordering::Relaxed);
+    relay.freeze(false);
     relay.cut();
     assert!(dest.join().unwrap().is_err());
     assert!(source.running());

@@ -1,0 +1,6 @@
+//! Test support shared by the vmm-glue integration tests.
+
+// Each test crate uses its own subset of the support code.
+#![allow(dead_code)]
+
+pub mod relay;
