@@ -12,7 +12,7 @@ use rdmig_transport::vm::{DestinationFactory, DestinationVm, MemoryLayout, Sourc
 use rdmig_transport::VmmError;
 
 use super::content::fill_page;
-use super::state::SyntheticState;
+use super::state::{self, StateHeader};
 use super::writer::{writer, Ctl, RegionInfo, Shared};
 use crate::error::{Error, Result};
 use crate::GuestCheck;
@@ -188,6 +188,7 @@ impl SyntheticVm {
             regions: infos,
             page,
             gens: (0..first).map(|_| AtomicU64::new(0)).collect(),
+            span: AtomicU64::new(0),
             written: AtomicU64::new(0),
             pause_req: AtomicBool::new(false),
             ctl: Mutex::new(Ctl::default()),
@@ -214,6 +215,9 @@ impl SyntheticVm {
             c.stop = false;
         }
         self.shared.pause_req.store(false, Ordering::Release);
+        self.shared
+            .span
+            .fetch_max(self.shared.working_set_pages, Ordering::AcqRel);
         for i in 0..self.cfg.writers.max(1) {
             let shared = self.shared.clone();
             let seed =
@@ -308,22 +312,20 @@ impl SyntheticVm {
         }
     }
 
-    fn state(&self) -> SyntheticState {
-        SyntheticState {
+    /// The device state: the writer counters and the generations of pages `0..span` (the
+    /// writers are paused, so none is mid-write).
+    fn save(&self) -> Vec<u8> {
+        let span = self.shared.span.load(Ordering::Acquire);
+        let h = StateHeader {
             page_size: self.shared.page,
             pages_written: self.pages_written(),
             pages: self.shared.gens.len() as u64,
-            gens: self
-                .shared
-                .gens
-                .iter()
-                .enumerate()
-                .filter_map(|(p, g)| {
-                    let g = g.load(Ordering::Acquire);
-                    (g != 0).then_some((p as u64, g))
-                })
-                .collect(),
-        }
+            span,
+        };
+        let gens = self.shared.gens[..span as usize]
+            .iter()
+            .map(|g| g.load(Ordering::Acquire));
+        state::encode(&h, gens)
     }
 }
 
@@ -366,7 +368,7 @@ impl SourceVm for SyntheticVm {
     }
 
     fn save_state(&mut self) -> Result<Vec<u8>, VmmError> {
-        Ok(self.state().encode())
+        Ok(self.save())
     }
 }
 
@@ -376,23 +378,26 @@ impl DestinationVm for SyntheticVm {
     }
 
     fn restore_state(&mut self, state: &[u8]) -> Result<(), VmmError> {
-        let s = SyntheticState::decode(state, self.shared.gens.len() as u64)?;
-        if s.page_size != self.shared.page {
+        let (h, gens) = state::decode(state, self.shared.gens.len() as u64)?;
+        if h.page_size != self.shared.page {
             return Err(Error::State(format!(
                 "state for {} byte pages, VM has {}",
-                s.page_size, self.shared.page
+                h.page_size, self.shared.page
             ))
             .into());
         }
-        for g in &self.shared.gens {
+        // Pages past both spans are at 0 already.
+        let old = self.shared.span.load(Ordering::Acquire);
+        for g in &self.shared.gens[h.span as usize..old.max(h.span) as usize] {
             g.store(0, Ordering::Relaxed);
         }
-        for &(p, g) in &s.gens {
-            self.shared.gens[p as usize].store(g, Ordering::Release);
+        for (slot, g) in self.shared.gens.iter().zip(gens) {
+            slot.store(g, Ordering::Release);
         }
+        self.shared.span.store(h.span, Ordering::Release);
         self.shared
             .written
-            .store(s.pages_written, Ordering::Relaxed);
+            .store(h.pages_written, Ordering::Relaxed);
         Ok(())
     }
 

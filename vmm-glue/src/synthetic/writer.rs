@@ -35,6 +35,9 @@ pub(crate) struct Shared {
     pub regions: Vec<RegionInfo>,
     pub page: u64,
     pub gens: Vec<AtomicU64>,
+    /// Pages `0..span` may be at a generation other than 0 (the working set, and what a
+    /// restored state listed); later pages are at 0.
+    pub span: AtomicU64,
     pub dirty: Vec<Vec<AtomicU64>>,
     pub written: AtomicU64,
     pub pause_req: AtomicBool,
