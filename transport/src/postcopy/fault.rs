@@ -96,12 +96,18 @@ pub fn fault_loop(
             (own.as_mut_ptr(), BATCH)
         }
     };
-    let mut last_event = Instant::now();
+    // Set when a batch was served: the spin window then starts when the loop comes back.
+    let mut served = false;
+    let mut spin_until = Instant::now();
     while !pages.stopping() {
         addrs.clear();
-        // Right after a fault the next one usually follows within microseconds: spin on
-        // non-blocking reads for a while rather than pay a sleep and a wake-up per fault.
-        let n = if last_event.elapsed() < SPIN {
+        // Right after a fault is served the next one usually follows within microseconds (the
+        // woken thread goes on to its next access): spin on non-blocking reads for a while,
+        // counted from the end of the service, rather than pay a sleep and a wake-up per fault.
+        if std::mem::take(&mut served) {
+            spin_until = Instant::now() + SPIN;
+        }
+        let n = if Instant::now() < spin_until {
             std::hint::spin_loop();
             uffd.try_read_faults(&mut addrs, BATCH)?
         } else {
@@ -111,7 +117,7 @@ pub fn fault_loop(
             continue;
         }
         let t0 = Instant::now();
-        last_event = t0;
+        served = true;
         stats.faults += addrs.len() as u64;
         keys.clear();
         keys.extend(addrs.iter().filter_map(|&a| pages.locate(a)));
