@@ -346,6 +346,92 @@ fn rdma_deregistration_kills_the_keys() {
     assert!(matches!(e, Error::Rdma(_) | Error::Timeout(_)), "{e}");
 }
 
+/// Bytes this process has pinned (`VmPin`), as the kernel counts them against RLIMIT_MEMLOCK.
+fn pinned_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmPin:")).unwrap();
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib * 1024
+}
+
+#[test]
+fn rdma_postcopy_engines_share_one_registration() {
+    let Some((mut opts, _)) = rxe("rdma_postcopy_engines_share_one_registration") else {
+        return;
+    };
+    // One bulk QP and three post-copy engines landing in the same memory (as the fetchers of
+    // zero-copy post-copy land in the guest's second mapping), plus one with a buffer of its own.
+    opts.qps = 5;
+    let len: u64 = 8 << 20;
+    let src = MmapRegion::new(len, MmapBacking::Anonymous, true).unwrap();
+    let dst = MmapRegion::new(len, MmapBacking::Anonymous, true).unwrap();
+    let shared = MmapRegion::new(len, MmapBacking::Anonymous, true).unwrap();
+    let own = MmapRegion::new(1 << 20, MmapBacking::Anonymous, true).unwrap();
+    for i in 0..len as usize {
+        // SAFETY: inside the mapping.
+        unsafe { *src.as_ptr().add(i) = (i % 241) as u8 };
+    }
+    let map = |m: &MmapRegion| {
+        // SAFETY: every mapping outlives the engines (dropped at the end of the test).
+        let r = unsafe { m.guest_region(GuestAddress(0)) };
+        GuestMemoryMap::new(vec![r], PageSize::KIB4).unwrap()
+    };
+    let (src_map, dst_map, shared_map, own_map) = (map(&src), map(&dst), map(&shared), map(&own));
+    let (mut source, setup) = RdmaSourcePath::new(&src_map, &opts).unwrap();
+    let before = pinned_bytes();
+    let staging = vec![
+        shared_map.clone(),
+        shared_map.clone(),
+        shared_map.clone(),
+        own_map.clone(),
+    ];
+    let (bulk, mut engines, ack) = ReadEngine::new_split(&dst_map, &opts, &setup, staging).unwrap();
+    source.connect(&ack).unwrap();
+    let pinned = pinned_bytes() - before;
+    eprintln!("pinned by the split: {pinned} bytes");
+    // The bulk map once, the shared staging once, the own buffer once.
+    assert_eq!(
+        pinned,
+        2 * len + (1 << 20),
+        "the shared staging is pinned once"
+    );
+    assert!(bulk.is_some());
+    assert_eq!(engines.len(), 4);
+
+    // Each sharing engine READs its own quarter; dropping one keeps the others' keys valid.
+    let remote = engines[0].remote_regions()[0];
+    let quarter = len / 4;
+    let mut done = Vec::new();
+    let first = engines.remove(0);
+    drop(first);
+    for (i, e) in engines.iter_mut().take(2).enumerate() {
+        let off = (i as u64 + 1) * quarter;
+        for k in (0..quarter).step_by(1 << 20) {
+            let read = Read {
+                region: rdmig_transport::mem::RegionId(0),
+                offset: off + k,
+                len: 1 << 20,
+                tag: k,
+            };
+            e.post_to(read, remote.addr + off + k, remote.rkey).unwrap();
+        }
+        e.wait_all(&mut done).unwrap();
+    }
+    let (s, d) = (region_bytes(&src_map), region_bytes(&shared_map));
+    let (lo, hi) = (quarter as usize, 3 * quarter as usize);
+    assert!(
+        s[lo..hi] == d[lo..hi],
+        "the READs landed in the shared memory"
+    );
+    drop(engines);
+    drop(bulk);
+    assert_eq!(
+        pinned_bytes(),
+        before,
+        "everything unpinned with the last engine"
+    );
+}
+
 // ---- a destination killed mid-round --------------------------------------------------------
 
 /// Helper run as a child process by `rdma_destination_killed_mid_round`; does nothing otherwise.

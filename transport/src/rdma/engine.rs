@@ -10,6 +10,7 @@
 //! every later call returns the same [`Error::Rdma`] naming the status.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sideway::ibverbs::completion::PollCompletionQueueError;
@@ -19,7 +20,7 @@ use sideway::ibverbs::queue_pair::{
 
 use super::device::{self, Device};
 use super::mr::{Access, Registration};
-use super::qp::{QpSet, Role};
+use super::qp::{alloc_pd, QpSet, Role};
 use super::setup::{RemoteRegion, Setup, KIND_ACK, KIND_SETUP};
 use super::{RKey, RdmaOptions};
 use crate::error::{Error, Result};
@@ -53,9 +54,11 @@ pub struct Read {
 
 /// The initiator end of the RDMA data path.
 pub struct ReadEngine {
-    // Drop order: QPs (and CQ, PD) first, then our registration, then the device.
+    // Drop order: QPs (and CQ) first, then our registration (shared by the post-copy engines
+    // of one split, deregistered with the last of them), then the device; the PD goes with
+    // the last QP or memory region that holds it.
     qps: QpSet,
-    local: Option<Registration>,
+    local: Option<Arc<Registration>>,
     remote: Vec<RemoteRegion>,
     dev: Device,
     in_flight: Vec<u32>,
@@ -149,13 +152,42 @@ impl ReadEngine {
             .min(peer.rd_atomic)
             .clamp(1, 255);
         let bulk = (nbulk > 0)
-            .then(|| ReadEngine::connect(&dev, map, &peer, 0..nbulk, rd_atomic))
+            .then(|| -> Result<ReadEngine> {
+                let pd = alloc_pd(&dev)?;
+                let reg =
+                    Registration::register(&pd, map, Access::LocalWrite, dev.limits.max_mr_size)?;
+                ReadEngine::connect(&dev, pd, Arc::new(reg), &peer, 0..nbulk, rd_atomic)
+            })
             .transpose()?;
+        // The post-copy engines share one protection domain, and engines landing in the same
+        // memory (every fetcher of zero-copy post-copy: the guest's second mapping) share one
+        // registration of it: pinned and counted against RLIMIT_MEMLOCK once, not per fetcher.
+        let pd = if staging.is_empty() {
+            None
+        } else {
+            Some(alloc_pd(&dev)?)
+        };
+        let mut regs: Vec<(&GuestMemoryMap, Arc<Registration>)> = Vec::new();
         let mut extra = Vec::with_capacity(staging.len());
         for (i, s) in staging.iter().enumerate() {
+            let pd = pd.clone().expect("allocated when there is staging");
+            let reg = match regs.iter().find(|(m, _)| same_memory(m, s)) {
+                Some((_, r)) => r.clone(),
+                None => {
+                    let r = Arc::new(Registration::register(
+                        &pd,
+                        s,
+                        Access::LocalWrite,
+                        dev.limits.max_mr_size,
+                    )?);
+                    regs.push((s, r.clone()));
+                    r
+                }
+            };
             extra.push(ReadEngine::connect(
                 &dev,
-                s,
+                pd,
+                reg,
                 &peer,
                 nbulk + i..nbulk + i + 1,
                 rd_atomic,
@@ -193,23 +225,23 @@ impl ReadEngine {
         Ok((bulk, extra, ack.encode(KIND_ACK)))
     }
 
-    /// One engine on the source's QPs `range`, its READs landing in `local`.
+    /// One engine on the source's QPs `range`, in `pd`, its READs landing in `local`
+    /// (registered in `pd`).
     fn connect(
         dev: &Device,
-        local: &GuestMemoryMap,
+        pd: Arc<sideway::ibverbs::protection_domain::ProtectionDomain>,
+        local: Arc<Registration>,
         peer: &Setup,
         range: std::ops::Range<usize>,
         rd_atomic: u32,
     ) -> Result<ReadEngine> {
-        let mut qps = QpSet::create(dev, range.len(), DEFAULT_DEPTH, Role::Initiator)?;
-        let reg =
-            Registration::register(&qps.pd, local, Access::LocalWrite, dev.limits.max_mr_size)?;
+        let mut qps = QpSet::create_in(dev, pd, range.len(), DEFAULT_DEPTH, Role::Initiator)?;
         let mtu = dev.limits.active_mtu.min(peer.mtu);
         qps.connect(dev, &peer.qps[range], peer.gid, mtu, rd_atomic as u8)?;
         let n = qps.len();
         Ok(ReadEngine {
             qps,
-            local: Some(reg),
+            local: Some(local),
             remote: peer.regions.clone(),
             dev: dev.clone(),
             in_flight: vec![0; n],
@@ -499,6 +531,15 @@ impl Drop for ReadEngine {
     fn drop(&mut self) {
         self.close();
     }
+}
+
+/// True when two maps cover the same host memory, region by region.
+fn same_memory(a: &GuestMemoryMap, b: &GuestMemoryMap) -> bool {
+    a.regions().len() == b.regions().len()
+        && a.regions()
+            .iter()
+            .zip(b.regions())
+            .all(|(x, y)| x.host_ptr() == y.host_ptr() && x.len() == y.len())
 }
 
 /// Spin briefly, then yield: completions usually arrive within microseconds on hardware, but

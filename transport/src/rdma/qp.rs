@@ -44,6 +44,13 @@ pub struct QpSet {
     pub depth: u32,
 }
 
+/// A new protection domain on `dev`.
+pub fn alloc_pd(dev: &Device) -> Result<Arc<ProtectionDomain>> {
+    dev.ctx
+        .alloc_pd()
+        .map_err(|e| rdma_err("allocating a protection domain", e))
+}
+
 fn rdma_err(what: &str, e: impl std::error::Error) -> Error {
     let os = std::error::Error::source(&e)
         .map(|s| format!(": {s}"))
@@ -72,10 +79,18 @@ fn mtu(code: u32) -> Mtu {
 impl QpSet {
     /// Creates `n` RC QPs with `depth` send slots each (responders get a minimal queue).
     pub fn create(dev: &Device, n: usize, depth: u32, role: Role) -> Result<QpSet> {
-        let pd = dev
-            .ctx
-            .alloc_pd()
-            .map_err(|e| rdma_err("allocating a protection domain", e))?;
+        QpSet::create_in(dev, alloc_pd(dev)?, n, depth, role)
+    }
+
+    /// Like [`QpSet::create`], in an existing protection domain (QPs that share a
+    /// registration: a memory region is usable by every QP of its domain).
+    pub fn create_in(
+        dev: &Device,
+        pd: Arc<ProtectionDomain>,
+        n: usize,
+        depth: u32,
+        role: Role,
+    ) -> Result<QpSet> {
         let depth = match role {
             Role::Initiator => depth.clamp(1, dev.limits.max_qp_wr.max(1)),
             Role::Responder => 1,
