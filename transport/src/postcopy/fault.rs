@@ -84,6 +84,8 @@ pub fn fault_loop(
     // Fetch into the fetcher's own staging memory when it has some (RDMA: registered),
     // else into a buffer of ours; `slots` pages at a time.
     let mut own: Vec<u8> = Vec::new();
+    // Zero-copy: where fetched pages are copied to be hashed after they are mapped.
+    let mut aside: Vec<u8> = Vec::new();
     let (base, slots) = match fetcher.staging() {
         Some((p, len)) if len >= page => (p, len / page),
         Some((_, len)) => {
@@ -174,7 +176,7 @@ pub fn fault_loop(
             for (r, n) in &fetch {
                 let got = fetcher.complete()?;
                 debug_assert_eq!(got, *r);
-                pages.install_in_place(uffd, hashes, *r, true)?;
+                pages.install_in_place(uffd, hashes, *r, true, Some(&mut aside))?;
                 let ns = t0.elapsed().as_nanos() as u64;
                 for _ in 0..*n {
                     stats.latency.saturating_record(ns);

@@ -105,7 +105,7 @@ fn prefetch_in_place(
         }
         let r = fetcher.complete()?;
         inflight -= 1;
-        installed += pages.install_in_place(uffd, hashes, r, false)?;
+        installed += pages.install_in_place(uffd, hashes, r, false, None)?;
     }
     Ok(installed)
 }
