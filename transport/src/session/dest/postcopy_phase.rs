@@ -74,12 +74,17 @@ impl Dest<'_> {
             self.pc_alias.clone(),
         )?;
         let svc = self.postcopy.insert(svc);
+        let t_service = t.elapsed();
         vm.restore_state(&blob)
             .map_err(|e| Error::vmm("restore device state", e))?;
+        let t_restored = t.elapsed();
         vm.resume().map_err(|e| Error::vmm("resume", e))?;
         self.resumed_in_postcopy = true;
         svc.mark_resumed();
         let resume = t.elapsed();
+        tracing::debug!(
+            "post-copy: service up {t_service:?}, device state restored {t_restored:?}, guest resumed {resume:?} after the set"
+        );
         let initial = missing.count();
         self.ctl.send(&Message::PostcopyResumed {
             resume_micros: resume.as_micros() as u64,
