@@ -356,9 +356,37 @@ fn pinned_bytes() -> u64 {
 
 #[test]
 fn rdma_postcopy_engines_share_one_registration() {
-    let Some((mut opts, _)) = rxe("rdma_postcopy_engines_share_one_registration") else {
+    if rxe("rdma_postcopy_engines_share_one_registration").is_none() {
         return;
-    };
+    }
+    // VmPin counts the whole process: measure in a child of its own, alone, so that other
+    // tests' registrations running in parallel cannot change the count.
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_shared_registration",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("RDMIG_TEST_ROLE", "shared-registration")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    eprintln!("{text}");
+    assert!(out.status.success(), "the child failed: {text}");
+    assert!(
+        text.contains("pinned by the split"),
+        "the child did not run: {text}"
+    );
+}
+
+/// Helper run as a child process by `rdma_postcopy_engines_share_one_registration`.
+#[test]
+fn child_shared_registration() {
+    if std::env::var("RDMIG_TEST_ROLE").as_deref() != Ok("shared-registration") {
+        return;
+    }
+    let (mut opts, _) = rxe("child_shared_registration").expect("child needs RDMA");
     // One bulk QP and three post-copy engines landing in the same memory (as the fetchers of
     // zero-copy post-copy land in the guest's second mapping), plus one with a buffer of its own.
     opts.qps = 5;
