@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use xxhash_rust::xxh3::{xxh3_128, xxh3_64, Xxh3};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::mem::{GuestMemoryMap, PageIndex, RegionId};
 use crate::pages::PageRange;
 
@@ -83,6 +83,18 @@ impl PageHashes {
     /// Number of pages covered.
     pub fn pages(&self) -> u64 {
         self.hashes.len() as u64
+    }
+
+    /// This end's digest, checked against the source's `digest` over its `pages` pages.
+    pub fn check(&self, digest: u128, pages: u64) -> Result<u128> {
+        let mine = self.digest();
+        if pages != self.pages() || mine != digest {
+            return Err(Error::DigestMismatch {
+                source_digest: digest,
+                dest_digest: mine,
+            });
+        }
+        Ok(mine)
     }
 }
 

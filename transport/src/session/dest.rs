@@ -31,10 +31,10 @@
 
 use std::net::{TcpListener, TcpStream};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::config::{MigrationConfig, MigrationMode};
-use super::stats::{DestReport, FaultLatency};
+use super::stats::DestReport;
 use crate::auth::random_bytes;
 use crate::control::Control;
 use crate::cpu::{thread_cpu_time, CpuMeter};
@@ -565,14 +565,8 @@ impl Dest<'_> {
             unreachable!("state checked")
         };
         let t = Instant::now();
-        let mine = hashes.digest();
+        let mine = hashes.check(digest, total)?;
         tracing::debug!("digest computed in {:?}", t.elapsed());
-        if total != hashes.pages() || mine != digest {
-            return Err(Error::DigestMismatch {
-                source_digest: digest,
-                dest_digest: mine,
-            });
-        }
         let vm = vm_out.as_mut().expect("built above");
         vm.restore_state(&blob)
             .map_err(|e| Error::vmm("restore device state", e))?;
@@ -588,27 +582,40 @@ impl Dest<'_> {
             pages,
             bytes,
         }))?;
+        self.await_finish();
+        Ok(self.report(transport, &map, (rounds, pages, bytes), mine, cpu, resume))
+    }
+
+    /// Waits for the source's `Finish`; the guest runs here whatever comes.
+    fn await_finish(&mut self) {
         self.state = DestState::AwaitFinish;
-        match self.recv() {
-            Ok(_) => {}
-            Err(e) => tracing::warn!("the guest runs here, but the source did not confirm: {e}"),
+        if let Err(e) = self.recv() {
+            tracing::warn!("the guest runs here, but the source did not confirm: {e}");
         }
-        Ok(DestReport {
+    }
+
+    /// The report of a migration whose guest now runs here; the post-copy fields at zero.
+    fn report(
+        &self,
+        transport: TransportKind,
+        map: &GuestMemoryMap,
+        (rounds, pages, bytes): (u32, u64, u64),
+        digest: u128,
+        cpu: Duration,
+        resume: Duration,
+    ) -> DestReport {
+        DestReport {
             transport: transport.name().into(),
             mem_bytes: map.total_bytes(),
             rounds,
             pages,
             bytes,
-            digest: format!("{mine:032x}"),
+            digest: format!("{digest:032x}"),
             cpu_ms: cpu.as_secs_f64() * 1e3,
             resume_ms: resume.as_secs_f64() * 1e3,
             mode: self.mode.name().into(),
-            postcopy_pages: 0,
-            postcopy_faults: 0,
-            postcopy_ms: 0.0,
-            fault_latency_us: FaultLatency::default(),
-            postcopy_zero_copy: false,
-        })
+            ..DestReport::default()
+        }
     }
 
     fn choose_transport(

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use super::config::{ConvergencePolicy, MigrationConfig, MigrationMode};
 use super::policy::{Convergence, Decision};
-use super::stats::{mib_s, FaultLatency, MigrationReport, RoundStats};
+use super::stats::{mib_s, MigrationReport, RoundStats};
 use crate::auth::random_bytes;
 use crate::control::Control;
 use crate::cpu::{thread_cpu_time, CpuMeter};
@@ -520,12 +520,7 @@ impl Source<'_> {
             device_state_bytes: state_bytes,
             per_round,
             mode: mode.name().into(),
-            postcopy: false,
-            postcopy_pages: 0,
-            postcopy_faults: 0,
-            postcopy_fault_pages: 0,
-            postcopy_ms: 0.0,
-            fault_latency_us: FaultLatency::default(),
+            ..MigrationReport::default()
         })
     }
 

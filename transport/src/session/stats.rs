@@ -25,8 +25,9 @@ pub struct RoundStats {
     pub predicted_downtime_ms: f64,
 }
 
-/// The outcome of a successful migration, from the source's point of view.
-#[derive(Clone, Debug, Serialize)]
+/// The outcome of a successful migration, from the source's point of view (`Default`: the
+/// post-copy fields of a pre-copy migration).
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct MigrationReport {
     /// Transport used.
     pub transport: String,
@@ -106,8 +107,8 @@ impl FaultLatency {
     }
 }
 
-/// The outcome on the destination.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// The outcome on the destination (`Default`: the post-copy fields of a pre-copy migration).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct DestReport {
     /// Transport used.
     pub transport: String,

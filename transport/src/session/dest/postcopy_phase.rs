@@ -114,13 +114,7 @@ impl Dest<'_> {
         svc.wait(self.config.io_timeout)
             .map_err(Error::PostcopyService)?;
         let stats = self.postcopy.take().expect("set above").finish()?;
-        let mine = hashes.digest();
-        if total != hashes.pages() || mine != digest {
-            return Err(Error::DigestMismatch {
-                source_digest: digest,
-                dest_digest: mine,
-            });
-        }
+        let mine = hashes.check(digest, total)?;
         self.cpu.add(thread_cpu_time().saturating_sub(cpu0));
         let cpu = self.cpu.total();
         let page = map.page_size().bytes();
@@ -138,25 +132,14 @@ impl Dest<'_> {
             postcopy_micros: stats.duration.as_micros() as u64,
             latency_ns: stats.latency_ns,
         }))?;
-        self.state = DestState::AwaitFinish;
-        if let Err(e) = self.recv() {
-            tracing::warn!("the guest runs here, but the source did not confirm: {e}");
-        }
+        self.await_finish();
         Ok(DestReport {
-            transport: transport.name().into(),
-            mem_bytes: map.total_bytes(),
-            rounds,
-            pages,
-            bytes,
-            digest: format!("{mine:032x}"),
-            cpu_ms: cpu.as_secs_f64() * 1e3,
-            resume_ms: resume.as_secs_f64() * 1e3,
-            mode: self.mode.name().into(),
             postcopy_pages: stats.missing,
             postcopy_faults: stats.faults,
             postcopy_ms: stats.duration.as_secs_f64() * 1e3,
             fault_latency_us: FaultLatency::from_ns(stats.latency_ns),
             postcopy_zero_copy: self.pc_alias.is_some(),
+            ..self.report(transport, map, (rounds, pages, bytes), mine, cpu, resume)
         })
     }
 
