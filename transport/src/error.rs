@@ -1,6 +1,7 @@
 //! The one error type of the transport crate.
 
 use std::io;
+use std::sync::Mutex;
 
 /// Errors from the VMM side of the seam are boxed so any VMM can report its own.
 pub type VmmError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -208,6 +209,28 @@ impl Error {
         Error::Vmm {
             op,
             source: source.into(),
+        }
+    }
+}
+
+/// The first error of several worker threads, kept for the thread that collects them.
+#[derive(Debug, Default)]
+pub(crate) struct FirstError(Mutex<Option<Error>>);
+
+impl FirstError {
+    /// Keeps `e` unless an earlier error is kept already.
+    pub(crate) fn record(&self, e: Error) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert(e);
+    }
+
+    /// Hands over the kept error (once), or `Ok`.
+    pub(crate) fn take(&self) -> Result<()> {
+        match self.0.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            Some(e) => Err(e),
+            None => Ok(()),
         }
     }
 }

@@ -6,11 +6,11 @@ use std::io::Read;
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use crate::cpu::{CpuMeter, ThreadCpu};
-use crate::error::{Error, Result};
+use crate::error::{Error, FirstError, Result};
 use crate::mem::{GuestMemoryMap, PageIndex, RegionId};
 use crate::tcp::{writev_all, RateLimiter};
 use crate::wire::{DataHeader, PageRequest, DATA_POSTCOPY, MAX_REQUEST_PAGES, REQ_END, REQ_PAGES};
@@ -19,7 +19,7 @@ use crate::wire::{DataHeader, PageRequest, DATA_POSTCOPY, MAX_REQUEST_PAGES, REQ
 pub struct PageServer {
     streams: Vec<TcpStream>,
     handles: Vec<JoinHandle<()>>,
-    failure: Arc<Mutex<Option<Error>>>,
+    failure: Arc<FirstError>,
     pages: Arc<AtomicU64>,
 }
 
@@ -41,7 +41,7 @@ impl PageServer {
         limiter: Option<Arc<RateLimiter>>,
         cpu: Arc<CpuMeter>,
     ) -> Result<PageServer> {
-        let failure = Arc::new(Mutex::new(None));
+        let failure = Arc::new(FirstError::default());
         let pages = Arc::new(AtomicU64::new(0));
         let mut handles = Vec::new();
         let mut kept = Vec::new();
@@ -68,10 +68,7 @@ impl PageServer {
                     if let Err(e) = serve(i, &mut s, &map, &pages, limiter.as_deref()) {
                         // Close the stream so the destination sees the failure at once.
                         let _ = s.shutdown(std::net::Shutdown::Both);
-                        failure
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .get_or_insert(e);
+                        failure.record(e);
                     }
                 })
                 .map_err(|e| Error::io("spawning a page server thread", e, "post-copy stream"))?;
@@ -100,15 +97,7 @@ impl PageServer {
                 tracing::warn!("a post-copy page server thread panicked");
             }
         }
-        match self
-            .failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        self.failure.take()
     }
 }
 

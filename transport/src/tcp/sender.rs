@@ -4,7 +4,7 @@
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::sync::mpsc::{channel, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use super::io::writev_all;
@@ -12,7 +12,7 @@ use super::limiter::RateLimiter;
 use super::MAX_PIECE_BYTES;
 use crate::cpu::{CpuMeter, ThreadCpu};
 use crate::data::SourceDataPath;
-use crate::error::{Error, Result};
+use crate::error::{Error, FirstError, Result};
 use crate::mem::{GuestMemoryMap, PageIndex};
 use crate::pages::PageRange;
 use crate::wire::DataHeader;
@@ -34,7 +34,7 @@ struct Worker {
 /// The source's TCP data path.
 pub struct TcpSourcePath {
     workers: Vec<Worker>,
-    failure: Arc<Mutex<Option<Error>>>,
+    failure: Arc<FirstError>,
     piece_pages: u64,
     next: usize,
 }
@@ -47,7 +47,7 @@ impl TcpSourcePath {
         limiter: Option<Arc<RateLimiter>>,
         cpu: Arc<CpuMeter>,
     ) -> Result<Self> {
-        let failure = Arc::new(Mutex::new(None));
+        let failure = Arc::new(FirstError::default());
         let piece_pages = (MAX_PIECE_BYTES >> map.page_size().shift()).max(1);
         let mut workers = Vec::new();
         for (i, stream) in streams.into_iter().enumerate() {
@@ -88,10 +88,7 @@ impl TcpSourcePath {
                             }
                         };
                         if let Err(e) = r {
-                            failure
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .get_or_insert(e);
+                            failure.record(e);
                             return;
                         }
                     }
@@ -112,15 +109,7 @@ impl TcpSourcePath {
     }
 
     fn check(&self) -> Result<()> {
-        match self
-            .failure
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
-            Some(e) => Err(e),
-            None => Ok(()),
-        }
+        self.failure.take()
     }
 
     fn dispatch(&mut self, i: usize, job: Job) -> Result<()> {
