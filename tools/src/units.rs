@@ -2,17 +2,21 @@
 
 use std::time::Duration;
 
-/// Parses a byte size: a number with an optional unit (B, K/KiB/KB, M/MiB/MB, G/GiB/GB, T/TiB/TB;
-/// all binary multiples).
-pub fn parse_size(s: &str) -> Result<u64, String> {
+/// Splits `s` (trimmed) into its leading decimal number and the rest (the unit).
+fn number_and_unit(s: &str) -> Option<(f64, &str)> {
     let t = s.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let v: f64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size (examples: 4096, 64MiB, 1GiB)"))?;
+    Some((num.parse().ok()?, unit))
+}
+
+/// Parses a byte size: a number with an optional unit (B, K/KiB/KB, M/MiB/MB, G/GiB/GB, T/TiB/TB;
+/// all binary multiples).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let (v, unit) = number_and_unit(s)
+        .ok_or_else(|| format!("'{s}' is not a size (examples: 4096, 64MiB, 1GiB)"))?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
@@ -44,14 +48,8 @@ pub fn parse_rate(s: &str) -> Result<u64, String> {
 
 /// Parses a duration: a number with `us`, `ms`, `s` or `m` (a bare number is milliseconds).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let v: f64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a duration (examples: 10ms, 1.5s)"))?;
+    let (v, unit) = number_and_unit(s)
+        .ok_or_else(|| format!("'{s}' is not a duration (examples: 10ms, 1.5s)"))?;
     let secs = match unit {
         "us" | "µs" => v / 1e6,
         "" | "ms" => v / 1e3,
