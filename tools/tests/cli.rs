@@ -186,20 +186,7 @@ fn unreachable_peer_and_wrong_key_are_clear_errors() {
     let k1 = key_file(&d, "k1", b"first key, thirty-two bytes long");
     let k2 = key_file(&d, "k2", b"other key, thirty-two bytes long");
     // Nobody listens on port 1.
-    let o = bench()
-        .args([
-            "migrate",
-            "--connect",
-            "127.0.0.1:1",
-            "--vm",
-            "synthetic",
-            "--mem",
-            "8MiB",
-        ])
-        .arg("--psk-file")
-        .arg(&k1)
-        .output()
-        .unwrap();
+    let o = connect_cmd("127.0.0.1:1", "8MiB", &k1).output().unwrap();
     assert!(!o.status.success());
     assert!(
         stderr(&o).contains("connecting to the destination at 127.0.0.1:1"),
@@ -208,37 +195,13 @@ fn unreachable_peer_and_wrong_key_are_clear_errors() {
     );
 
     let port_file = d.join("port");
-    let mut dest = bench()
-        .args([
-            "migrate",
-            "--listen",
-            "127.0.0.1:0",
-            "--vm",
-            "synthetic",
-            "--mem",
-            "8MiB",
-            "--port-file",
-        ])
-        .arg(&port_file)
-        .arg("--psk-file")
-        .arg(&k1)
+    let mut dest = listen_cmd("8MiB", &port_file, &k1)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let port = wait_port(&port_file);
-    let o = bench()
-        .args([
-            "migrate",
-            "--connect",
-            &format!("127.0.0.1:{port}"),
-            "--vm",
-            "synthetic",
-            "--mem",
-            "8MiB",
-        ])
-        .arg("--psk-file")
-        .arg(&k2)
+    let o = connect_cmd(&format!("127.0.0.1:{port}"), "8MiB", &k2)
         .output()
         .unwrap();
     assert!(!o.status.success());
@@ -253,6 +216,42 @@ fn unreachable_peer_and_wrong_key_are_clear_errors() {
         !status.success(),
         "the destination must report the failed handshake"
     );
+}
+
+/// `migrate --listen` for a synthetic VM of `mem`, writing its port to `port_file`.
+fn listen_cmd(mem: &str, port_file: &std::path::Path, key: &std::path::Path) -> Command {
+    let mut c = bench();
+    c.args([
+        "migrate",
+        "--listen",
+        "127.0.0.1:0",
+        "--vm",
+        "synthetic",
+        "--mem",
+        mem,
+    ])
+    .arg("--port-file")
+    .arg(port_file)
+    .arg("--psk-file")
+    .arg(key);
+    c
+}
+
+/// `migrate --connect addr` for a synthetic VM of `mem`.
+fn connect_cmd(addr: &str, mem: &str, key: &std::path::Path) -> Command {
+    let mut c = bench();
+    c.args([
+        "migrate",
+        "--connect",
+        addr,
+        "--vm",
+        "synthetic",
+        "--mem",
+        mem,
+    ])
+    .arg("--psk-file")
+    .arg(key);
+    c
 }
 
 fn wait_port(f: &std::path::Path) -> u16 {
@@ -277,36 +276,14 @@ fn destination_killed_mid_round_leaves_the_source_running() {
     let d = scratch("kill");
     let k = key_file(&d, "k", b"a shared key of thirty-two bytes");
     let port_file = d.join("port");
-    let mut dest = bench()
-        .args([
-            "migrate",
-            "--listen",
-            "127.0.0.1:0",
-            "--vm",
-            "synthetic",
-            "--mem",
-            "256MiB",
-            "--port-file",
-        ])
-        .arg(&port_file)
-        .arg("--psk-file")
-        .arg(&k)
+    let mut dest = listen_cmd("256MiB", &port_file, &k)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let port = wait_port(&port_file);
     // 256 MiB at 64 MiB/s: round 0 takes about 4 s; kill the destination 1.5 s in.
-    let src = bench()
-        .args([
-            "migrate",
-            "--connect",
-            &format!("127.0.0.1:{port}"),
-            "--vm",
-            "synthetic",
-            "--mem",
-            "256MiB",
-        ])
+    let src = connect_cmd(&format!("127.0.0.1:{port}"), "256MiB", &k)
         .args([
             "--working-set",
             "16MiB",
@@ -315,8 +292,6 @@ fn destination_killed_mid_round_leaves_the_source_running() {
             "--max-bandwidth",
             "64MiB/s",
         ])
-        .arg("--psk-file")
-        .arg(&k)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -460,39 +435,17 @@ fn source_killed_during_postcopy_leaves_the_destination_paused_with_the_missing_
     let d = scratch("pckill");
     let k = key_file(&d, "k", b"a shared key of thirty-two bytes");
     let port_file = d.join("port");
-    let dest = bench()
-        .args([
-            "migrate",
-            "--listen",
-            "127.0.0.1:0",
-            "--vm",
-            "synthetic",
-            "--mem",
-            "128MiB",
-            "--port-file",
-        ])
-        .arg(&port_file)
-        .arg("--psk-file")
-        .arg(&k)
+    let dest = listen_cmd("128MiB", &port_file, &k)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let port = wait_port(&port_file);
     // Post-copy prefetch capped at 16 MiB/s: 128 MiB take about 8 s; kill the source 1.5 s in.
-    let mut src = bench()
+    let mut src = connect_cmd(&format!("127.0.0.1:{port}"), "128MiB", &k)
         .args([
-            "migrate",
-            "--connect",
-            &format!("127.0.0.1:{port}"),
-            "--vm",
-            "synthetic",
-            "--mem",
-            "128MiB",
             "--mode",
             "postcopy",
-        ])
-        .args([
             "--working-set",
             "16MiB",
             "--dirty-rate",
@@ -500,8 +453,6 @@ fn source_killed_during_postcopy_leaves_the_destination_paused_with_the_missing_
             "--max-bandwidth",
             "16MiB/s",
         ])
-        .arg("--psk-file")
-        .arg(&k)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

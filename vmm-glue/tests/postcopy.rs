@@ -8,21 +8,20 @@
 mod support;
 
 use std::io::Write;
-use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rdmig_transport::auth::Psk;
 use rdmig_transport::digest::full_digest;
 use rdmig_transport::postcopy::Uffd;
-use rdmig_transport::session::{
-    accept, migrate, DestReport, MigrationConfig, MigrationMode, MigrationReport,
-};
+use rdmig_transport::session::{MigrationConfig, MigrationMode, MigrationReport};
 use rdmig_transport::wire::TransportKind;
 use rdmig_transport::Error;
-use rdmig_vmm::synthetic::{synthetic_destination_factory, SyntheticConfig, SyntheticVm};
+use rdmig_vmm::synthetic::{SyntheticConfig, SyntheticVm};
 
+use support::interrupted::expect_remnant;
 use support::relay::Relay;
+use support::synthetic::{run_at, DestOutcome};
 
 const MIB: u64 = 1 << 20;
 
@@ -45,8 +44,6 @@ fn config(psk: &Psk, mode: MigrationMode) -> MigrationConfig {
         .with_io_timeout(Duration::from_secs(30))
 }
 
-type DestOutcome = Result<(SyntheticVm, DestReport), Error>;
-
 fn run_via(
     source: &mut SyntheticVm,
     dest_cfg: SyntheticConfig,
@@ -54,41 +51,6 @@ fn run_via(
     relay: Option<&Relay>,
 ) -> (Result<MigrationReport, Error>, DestOutcome) {
     run_at(source, dest_cfg, cfg, [127, 0, 0, 1].into(), relay)
-}
-
-/// Source and destination in this process, the destination listening on `addr` (or behind
-/// `relay`, which then forwards to it).
-fn run_at(
-    source: &mut SyntheticVm,
-    dest_cfg: SyntheticConfig,
-    cfg: MigrationConfig,
-    addr: std::net::IpAddr,
-    relay: Option<&Relay>,
-) -> (Result<MigrationReport, Error>, DestOutcome) {
-    let listener = TcpListener::bind((addr, 0)).unwrap();
-    let mut target = listener.local_addr().unwrap();
-    if let Some(r) = relay {
-        r.target(target);
-        target = r.addr;
-    }
-    let dcfg = cfg.clone();
-    let dest = std::thread::spawn(move || {
-        accept(
-            &listener,
-            &dcfg,
-            synthetic_destination_factory(dest_cfg, None),
-        )
-        .map(|(vm, rep)| {
-            (
-                *vm.into_any()
-                    .downcast::<SyntheticVm>()
-                    .expect("a synthetic VM"),
-                rep,
-            )
-        })
-    });
-    let r = migrate(source, target, &cfg, &mut |_| {});
-    (r, dest.join().unwrap())
 }
 
 fn run(
@@ -237,27 +199,8 @@ fn expect_interrupted(
     let Err(de) = d else {
         panic!("the destination cannot complete over a cut link")
     };
-    eprintln!("cut during post-copy: {de}");
-    assert!(de.to_string().contains("pages still on the source"), "{de}");
-    let Error::PostcopyInterrupted {
-        missing,
-        total,
-        guest,
-        ..
-    } = de
-    else {
-        panic!("not PostcopyInterrupted")
-    };
-    assert_eq!(total, cfg.mem_bytes / 4096);
-    assert!(
-        missing > 0 && missing < total,
-        "{missing} of {total} missing"
-    );
     // The destination kept the paused guest and what arrived.
-    let remnant = guest.take().expect("the paused guest is handed back");
-    assert!(guest.take().is_none(), "taken once");
-    assert_eq!(remnant.missing(), missing);
-    assert_eq!(remnant.vm().memory().total_bytes(), cfg.mem_bytes);
+    let remnant = expect_remnant(de, cfg.mem_bytes);
     let vm = *remnant
         .release()
         .into_any()
@@ -276,13 +219,7 @@ fn link_cut_during_postcopy_pauses_the_destination_and_counts_missing_pages() {
     let mut source = SyntheticVm::start(&cfg).unwrap();
     // 8 MiB/s per connection: post-copy of 128 MiB takes seconds, so the cut lands inside it.
     let relay = Arc::new(Relay::new(8 * MIB));
-    let cutter = {
-        let relay = relay.clone();
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(1500));
-            relay.cut();
-        })
-    };
+    let cutter = relay.cut_after(Duration::from_millis(1500));
     let (r, d) = run_via(
         &mut source,
         cfg.clone(),
@@ -478,13 +415,7 @@ fn rdma_link_cut_during_postcopy_pauses_the_destination_and_counts_missing_pages
     let mut source = SyntheticVm::start(&cfg).unwrap();
     // Prefetch paced at 8 MiB/s: 64 MiB take seconds; the control link is cut 1.5 s in.
     let relay = Arc::new(Relay::new(64 * MIB));
-    let cutter = {
-        let relay = relay.clone();
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(1500));
-            relay.cut();
-        })
-    };
+    let cutter = relay.cut_after(Duration::from_millis(1500));
     let mcfg = config(&psk, MigrationMode::Postcopy)
         .with_transport(TransportKind::Rdma)
         .with_rdma(opts)

@@ -20,6 +20,7 @@ use rdmig_transport::Error;
 use rdmig_vmm::synthetic::{synthetic_destination_factory, SyntheticConfig, SyntheticVm};
 
 use support::relay::Relay;
+use support::synthetic::run_at;
 
 const MIB: u64 = 1 << 20;
 
@@ -37,24 +38,8 @@ fn run(
     dest_cfg: SyntheticConfig,
     cfg: MigrationConfig,
 ) -> (Result<MigrationReport, Error>, Option<SyntheticVm>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let dcfg = cfg.clone();
-    let dest = std::thread::spawn(move || {
-        accept(
-            &listener,
-            &dcfg,
-            synthetic_destination_factory(dest_cfg, None),
-        )
-        .map(|(vm, _)| {
-            *vm.into_any()
-                .downcast::<SyntheticVm>()
-                .expect("a synthetic VM")
-        })
-    });
-    let r = migrate(source, addr, &cfg, &mut |_| {});
-    let d = dest.join().unwrap().ok();
-    (r, d)
+    let (r, d) = run_at(source, dest_cfg, cfg, [127, 0, 0, 1].into(), None);
+    (r, d.ok().map(|(vm, _)| vm))
 }
 
 fn check_migration(cfg: SyntheticConfig, streams: u16) {
@@ -184,13 +169,7 @@ fn link_lost_mid_round_leaves_the_source_running_and_intact() {
         r.map(|_| ())
     });
     let relay = Arc::new(relay);
-    let cutter = {
-        let relay = relay.clone();
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(700));
-            relay.cut();
-        })
-    };
+    let cutter = relay.cut_after(Duration::from_millis(700));
     let mut rounds_seen = 0;
     let r = migrate(&mut source, relay.addr, &mcfg, &mut |_| rounds_seen += 1);
     cutter.join().unwrap();

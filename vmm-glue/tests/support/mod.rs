@@ -3,4 +3,6 @@
 // Each test crate uses its own subset of the support code.
 #![allow(dead_code)]
 
+pub mod interrupted;
 pub mod relay;
+pub mod synthetic;

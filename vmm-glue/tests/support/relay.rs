@@ -73,6 +73,15 @@ impl Relay {
             let _ = c.shutdown(Shutdown::Both);
         }
     }
+
+    /// Cuts every connection `after` from now, on a thread of its own (join it).
+    pub fn cut_after(self: &Arc<Self>, after: Duration) -> std::thread::JoinHandle<()> {
+        let relay = self.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(after);
+            relay.cut();
+        })
+    }
 }
 
 fn forward(mut from: TcpStream, mut to: TcpStream, bytes_per_sec: u64, frozen: &AtomicBool) {
