@@ -15,6 +15,7 @@ pub mod mem;
 pub mod pages;
 pub mod postcopy;
 pub mod rdma;
+pub mod require;
 pub mod session;
 pub mod tcp;
 pub mod vm;
