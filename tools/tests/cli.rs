@@ -2,6 +2,7 @@
 //! errors for bad arguments, a wrong key, an unreachable peer and a destination killed
 //! mid-round (after which the source VM must still be running and intact).
 
+use rdmig_transport::require::{skip, Capability};
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -318,7 +319,12 @@ fn uffd_skip() -> bool {
     match rdmig_transport::postcopy::Uffd::probe() {
         Ok(()) => false,
         Err(e) => {
-            let _ = writeln!(std::io::stderr(), "SKIP: userfaultfd unavailable: {e}");
+            let test = std::thread::current().name().unwrap_or("cli").to_string();
+            skip(
+                Capability::Uffd,
+                &test,
+                format!("userfaultfd unavailable: {e}"),
+            );
             true
         }
     }
@@ -474,7 +480,12 @@ fn source_killed_during_postcopy_leaves_the_destination_paused_with_the_missing_
 #[test]
 fn loopback_migrates_a_kvm_guest_by_default_where_kvm_works() {
     if let Err(why) = rdmig_vmm::kvm::kvm_available() {
-        let _ = writeln!(std::io::stderr(), "SKIP: /dev/kvm not usable: {why}");
+        let test = std::thread::current().name().unwrap_or("cli").to_string();
+        skip(
+            Capability::Kvm,
+            &test,
+            format!("/dev/kvm not usable: {why}"),
+        );
         return;
     }
     let o = bench()
@@ -506,7 +517,12 @@ fn loopback_migrates_a_kvm_guest_by_default_where_kvm_works() {
 #[test]
 fn loopback_postcopy_of_a_kvm_guest() {
     if let Err(why) = rdmig_vmm::kvm::kvm_available() {
-        let _ = writeln!(std::io::stderr(), "SKIP: /dev/kvm not usable: {why}");
+        let test = std::thread::current().name().unwrap_or("cli").to_string();
+        skip(
+            Capability::Kvm,
+            &test,
+            format!("/dev/kvm not usable: {why}"),
+        );
         return;
     }
     if uffd_skip() {
@@ -556,16 +572,23 @@ fn loopback_postcopy_of_a_kvm_guest() {
 #[test]
 fn loopback_zero_copy_postcopy_of_a_kvm_guest_with_memfd_memory() {
     if let Err(why) = rdmig_vmm::kvm::kvm_available() {
-        let _ = writeln!(std::io::stderr(), "SKIP: /dev/kvm not usable: {why}");
+        let test = std::thread::current().name().unwrap_or("cli").to_string();
+        skip(
+            Capability::Kvm,
+            &test,
+            format!("/dev/kvm not usable: {why}"),
+        );
         return;
     }
     if uffd_skip() {
         return;
     }
     if !rdmig_transport::postcopy::Uffd::minor_supported() {
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIP: userfaultfd minor faults on shmem (memfd) unavailable"
+        let test = std::thread::current().name().unwrap_or("cli").to_string();
+        skip(
+            Capability::UffdMinor,
+            &test,
+            "userfaultfd minor faults on shmem (memfd) unavailable",
         );
         return;
     }

@@ -14,6 +14,7 @@ use rdmig_transport::auth::Psk;
 use rdmig_transport::mem::{GuestAddress, GuestMemoryMap, MmapBacking, MmapRegion, PageSize};
 use rdmig_transport::pages::PageSet;
 use rdmig_transport::rdma::{RKey, RdmaOptions, RdmaSourcePath, Read, ReadEngine};
+use rdmig_transport::require::{skip, Capability};
 use rdmig_transport::session::{accept, migrate, MigrationConfig};
 use rdmig_transport::vm::{MemoryLayout, SourceVm};
 use rdmig_transport::wire::TransportKind;
@@ -26,7 +27,11 @@ use rdma_vm::*;
 /// The SoftRoCE environment, or `None` (after printing why the test skips).
 fn rxe(test: &str) -> Option<(RdmaOptions, IpAddr)> {
     let Some(dev) = std::env::var("RDMIG_RXE_DEV").ok() else {
-        let _ = writeln!(std::io::stderr(), "SKIP: {test}: no RDMA device (RDMIG_RXE_DEV, RDMIG_RXE_ADDR are set by ci/softroce-run)");
+        skip(
+            Capability::Rdma,
+            test,
+            "no RDMA device (RDMIG_RXE_DEV, RDMIG_RXE_ADDR are set by ci/softroce-run)",
+        );
         return None;
     };
     let addr: IpAddr = std::env::var("RDMIG_RXE_ADDR")

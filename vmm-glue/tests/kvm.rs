@@ -2,6 +2,7 @@
 //! guest checking itself on the destination, and failures before switchover that must leave
 //! the source guest running and intact. Skipped, visibly, where `/dev/kvm` is not usable.
 
+use rdmig_transport::require::{skip, Capability};
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,9 +24,12 @@ use rdmig_vmm::kvm::{
 fn kvm_or_skip() -> Option<MutexGuard<'static, ()>> {
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
     if let Err(why) = kvm_available() {
-        // Straight to the stderr handle: the test harness captures `eprintln!`, and a skip
-        // must show in a plain `cargo test` run.
-        let _ = writeln!(std::io::stderr(), "SKIP: /dev/kvm not usable: {why}");
+        let test = std::thread::current().name().unwrap_or("kvm").to_string();
+        skip(
+            Capability::Kvm,
+            &test,
+            format!("/dev/kvm not usable: {why}"),
+        );
         return None;
     }
     Some(ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner()))

@@ -11,7 +11,6 @@
 
 mod support;
 
-use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::mpsc;
 use std::sync::{Mutex, MutexGuard};
@@ -21,6 +20,7 @@ use std::time::{Duration, Instant};
 use rdmig_transport::auth::Psk;
 use rdmig_transport::mem::PageSize;
 use rdmig_transport::postcopy::Uffd;
+use rdmig_transport::require::{skip, Capability};
 use rdmig_transport::session::{
     accept, migrate, DestReport, MigrationConfig, MigrationMode, MigrationReport,
 };
@@ -37,14 +37,23 @@ const MIB: u64 = 1 << 20;
 /// KVM tests run one at a time (two shared cores); skipped visibly without KVM or userfaultfd.
 fn kvm_and_uffd_or_skip() -> Option<MutexGuard<'static, ()>> {
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-    let why = match (kvm_available(), Uffd::probe()) {
-        (Err(why), _) => format!("/dev/kvm not usable: {why}"),
-        (Ok(()), Err(e)) => format!("userfaultfd unavailable: {e}"),
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("kvm post-copy")
+        .to_string();
+    match (kvm_available(), Uffd::probe()) {
+        (Err(why), _) => skip(
+            Capability::Kvm,
+            &test,
+            format!("/dev/kvm not usable: {why}"),
+        ),
+        (Ok(()), Err(e)) => skip(
+            Capability::Uffd,
+            &test,
+            format!("userfaultfd unavailable: {e}"),
+        ),
         (Ok(()), Ok(())) => return Some(ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner())),
-    };
-    // Straight to the stderr handle: a skip must show in a plain `cargo test` run.
-    let _ = writeln!(std::io::stderr(), "SKIP: {why}");
-    let _ = writeln!(std::io::stderr(), "SKIP: {why}");
+    }
     None
 }
 
@@ -387,9 +396,15 @@ fn source_lost_during_postcopy_leaves_the_destination_guest_paused() {
 fn kvm_and_minor_faults_or_skip() -> Option<MutexGuard<'static, ()>> {
     let one = kvm_and_uffd_or_skip()?;
     if !Uffd::minor_supported() {
-        let why = "userfaultfd minor faults on shmem (memfd) unavailable";
-        let _ = writeln!(std::io::stderr(), "SKIP: {why}");
-        let _ = writeln!(std::io::stderr(), "SKIP: {why}");
+        let test = std::thread::current()
+            .name()
+            .unwrap_or("kvm post-copy")
+            .to_string();
+        skip(
+            Capability::UffdMinor,
+            &test,
+            "userfaultfd minor faults on shmem (memfd) unavailable",
+        );
         return None;
     }
     Some(one)

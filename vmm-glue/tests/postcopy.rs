@@ -7,7 +7,7 @@
 
 mod support;
 
-use std::io::Write;
+use rdmig_transport::require::{skip, Capability};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,7 +29,15 @@ fn uffd_ok() -> bool {
     match Uffd::probe() {
         Ok(()) => true,
         Err(e) => {
-            let _ = writeln!(std::io::stderr(), "SKIP: userfaultfd unavailable: {e}");
+            let test = std::thread::current()
+                .name()
+                .unwrap_or("post-copy")
+                .to_string();
+            skip(
+                Capability::Uffd,
+                &test,
+                format!("userfaultfd unavailable: {e}"),
+            );
             false
         }
     }
@@ -265,7 +273,11 @@ fn postcopy_with_64k_pages_and_regions() {
 /// on, or `None` after saying why the test skips.
 fn rxe(test: &str) -> Option<(rdmig_transport::rdma::RdmaOptions, std::net::IpAddr)> {
     let Ok(dev) = std::env::var("RDMIG_RXE_DEV") else {
-        let _ = writeln!(std::io::stderr(), "SKIP: {test}: no RDMA device (RDMIG_RXE_DEV and RDMIG_RXE_ADDR are set by ci/softroce-run)");
+        skip(
+            Capability::Rdma,
+            test,
+            "no RDMA device (RDMIG_RXE_DEV and RDMIG_RXE_ADDR are set by ci/softroce-run)",
+        );
         return None;
     };
     let addr: std::net::IpAddr = std::env::var("RDMIG_RXE_ADDR")
@@ -429,9 +441,14 @@ fn rdma_link_cut_during_postcopy_pauses_the_destination_and_counts_missing_pages
 
 fn minor_ok() -> bool {
     if !rdmig_transport::postcopy::Uffd::minor_supported() {
-        let _ = writeln!(
-            std::io::stderr(),
-            "SKIP: userfaultfd minor faults on shmem (memfd) unavailable"
+        let test = std::thread::current()
+            .name()
+            .unwrap_or("post-copy")
+            .to_string();
+        skip(
+            Capability::UffdMinor,
+            &test,
+            "userfaultfd minor faults on shmem (memfd) unavailable",
         );
         return false;
     }

@@ -483,12 +483,16 @@ impl Uffd {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
+    use crate::require::{skip, Capability};
 
     #[test]
     fn copy_installs_and_exists_is_reported() {
         if let Err(e) = Uffd::probe() {
-            let _ = writeln!(std::io::stderr(), "SKIP: userfaultfd unavailable: {e}");
+            skip(
+                Capability::Uffd,
+                "copy_installs_and_exists_is_reported",
+                format!("userfaultfd unavailable: {e}"),
+            );
             return;
         }
         let u = Uffd::open().unwrap();
@@ -528,9 +532,10 @@ mod tests {
     #[test]
     fn minor_mode_maps_what_the_second_mapping_wrote() {
         if !Uffd::minor_supported() {
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIP: userfaultfd minor faults on shmem unavailable"
+            skip(
+                Capability::UffdMinor,
+                "minor_mode_maps_what_the_second_mapping_wrote",
+                "userfaultfd minor faults on shmem unavailable",
             );
             return;
         }
