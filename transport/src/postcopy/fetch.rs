@@ -13,10 +13,10 @@ use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 
 use crate::error::{Error, Result};
-use crate::mem::{GuestMemoryMap, PageIndex, RegionId};
+use crate::mem::GuestMemoryMap;
 use crate::pages::PageRange;
 use crate::tcp::recv_exact;
-use crate::wire::{DataHeader, PageRequest, DATA_POSTCOPY, MAX_REQUEST_PAGES, REQ_END, REQ_PAGES};
+use crate::wire::{DataFrame, DataHeader, PageRequest, MAX_REQUEST_PAGES};
 
 /// Fetches page ranges from the source on demand.
 pub trait PageFetcher: Send {
@@ -128,14 +128,9 @@ impl TcpPageFetcher {
 
     /// Tells the source no more requests follow on this stream (best effort).
     pub fn end(&mut self) {
-        let req = PageRequest {
-            kind: REQ_END.into(),
-            region: 0.into(),
-            npages: 0.into(),
-            reserved: 0.into(),
-            first: 0.into(),
-        };
-        let _ = self.stream.write_all(bytemuck::bytes_of(&req));
+        let _ = self
+            .stream
+            .write_all(bytemuck::bytes_of(&PageRequest::end()));
     }
 }
 
@@ -148,20 +143,14 @@ impl PageFetcher for TcpPageFetcher {
         let npages = u32::try_from(range.npages)
             .ok()
             .filter(|&n| n > 0 && n <= MAX_REQUEST_PAGES);
-        let Some(npages) = npages else {
+        let Some(_) = npages else {
             return Err(Error::InvalidConfig(format!(
                 "a page request of {} pages (1..={MAX_REQUEST_PAGES})",
                 range.npages
             )));
         };
         self.map.span(range.region, range.first, range.npages)?;
-        let req = PageRequest {
-            kind: REQ_PAGES.into(),
-            region: range.region.0.into(),
-            npages: npages.into(),
-            reserved: 0.into(),
-            first: range.first.0.into(),
-        };
+        let req = PageRequest::pages(&range);
         self.stream
             .write_all(bytemuck::bytes_of(&req))
             .map_err(|e| {
@@ -190,17 +179,12 @@ impl PageFetcher for TcpPageFetcher {
                 "post-copy stream",
             )
         })?;
-        let h: DataHeader = bytemuck::pod_read_unaligned(&b);
-        let got = PageRange {
-            region: RegionId(h.region.get()),
-            first: PageIndex(h.first.get()),
-            npages: u64::from(h.npages.get()),
-        };
-        if h.kind.get() != DATA_POSTCOPY || got != range {
+        let got = DataHeader::decode(&b)
+            .map_err(|e| Error::Protocol(format!("the {} stream answered: {e}", self.label)))?;
+        if got != (DataFrame::Postcopy { range }) {
             return Err(Error::Protocol(format!(
-                "the {} stream answered {got:?} (kind {}) to a request for {range:?}",
-                self.label,
-                h.kind.get()
+                "the {} stream answered {got:?} to a request for {range:?}",
+                self.label
             )));
         }
         let len = (range.npages << self.map.page_size().shift()) as usize;

@@ -11,9 +11,9 @@ use std::thread::JoinHandle;
 
 use crate::cpu::{CpuMeter, ThreadCpu};
 use crate::error::{Error, FirstError, Result};
-use crate::mem::{GuestMemoryMap, PageIndex, RegionId};
+use crate::mem::GuestMemoryMap;
 use crate::tcp::{writev_all, RateLimiter};
-use crate::wire::{DataHeader, PageRequest, DATA_POSTCOPY, MAX_REQUEST_PAGES, REQ_END, REQ_PAGES};
+use crate::wire::{DataHeader, PageRequest};
 
 /// Serves page requests until the destination ends every stream.
 pub struct PageServer {
@@ -130,34 +130,18 @@ fn serve(
                 ))
             }
         }
-        let req: PageRequest = bytemuck::pod_read_unaligned(&b);
-        match req.kind.get() {
-            REQ_END => return Ok(()),
-            REQ_PAGES => {}
-            k => {
-                return Err(Error::Protocol(format!(
-                    "post-copy stream {i}: unknown request kind {k}"
-                )))
+        let range = match PageRequest::decode(&b) {
+            Ok(Some(range)) => range,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                return Err(Error::Protocol(format!("post-copy stream {i}: {e}")));
             }
-        }
-        let npages = req.npages.get();
-        if npages == 0 || npages > MAX_REQUEST_PAGES {
-            return Err(Error::Protocol(format!(
-                "post-copy stream {i}: a request for {npages} pages (1..={MAX_REQUEST_PAGES})"
-            )));
-        }
-        let (region, first) = (RegionId(req.region.get()), PageIndex(req.first.get()));
-        let (ptr, len) = map.span(region, first, u64::from(npages))?;
+        };
+        let (ptr, len) = map.span(range.region, range.first, range.npages)?;
         if let Some(l) = limiter {
             l.acquire(len as u64);
         }
-        let h = DataHeader {
-            kind: DATA_POSTCOPY.into(),
-            round: 0.into(),
-            region: region.0.into(),
-            npages: npages.into(),
-            first: first.0.into(),
-        };
+        let h = DataHeader::postcopy(&range);
         let mut iov = [
             libc::iovec {
                 iov_base: (&h as *const DataHeader).cast_mut().cast(),
@@ -177,7 +161,7 @@ fn serve(
                 "post-copy stream",
             )
         })?;
-        served.fetch_add(u64::from(npages), Ordering::Relaxed);
+        served.fetch_add(range.npages, Ordering::Relaxed);
     }
 }
 
@@ -186,9 +170,10 @@ mod tests {
     use std::net::{TcpListener, TcpStream};
 
     use super::*;
-    use crate::mem::{GuestAddress, MmapBacking, MmapRegion, PageSize};
+    use crate::mem::{GuestAddress, MmapBacking, MmapRegion, PageIndex, PageSize, RegionId};
     use crate::pages::PageRange;
     use crate::postcopy::fetch::{PageFetcher, TcpPageFetcher};
+    use crate::wire::REQ_PAGES;
 
     fn pair() -> (TcpStream, TcpStream) {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();

@@ -15,9 +15,9 @@ use crate::cpu::{CpuMeter, ThreadCpu};
 use crate::data::{DestDataPath, Landed};
 use crate::digest::PageHashes;
 use crate::error::{Error, Result};
-use crate::mem::{GuestMemoryMap, PageIndex, RegionId};
+use crate::mem::GuestMemoryMap;
 use crate::pages::{total_pages, PageRange};
-use crate::wire::{DataHeader, DATA_END_OF_ROUND, DATA_PAGES};
+use crate::wire::{DataFrame, DataHeader};
 
 enum Event {
     EndOfRound {
@@ -111,20 +111,23 @@ fn receive_loop(
                 "data stream",
             ));
         }
-        let h: DataHeader = bytemuck::pod_read_unaligned(&b);
-        if h.round.get() != round {
+        let frame =
+            DataHeader::decode(&b).map_err(|e| Error::Protocol(format!("data stream {i}: {e}")))?;
+        let frame_round = match frame {
+            DataFrame::Pages { round, .. } | DataFrame::EndOfRound { round, .. } => round,
+            DataFrame::Postcopy { .. } => {
+                return Err(Error::Protocol(format!(
+                    "data stream {i} sent a post-copy header during pre-copy"
+                )))
+            }
+        };
+        if frame_round != round {
             return Err(Error::Protocol(format!(
-                "data stream {i} sent round {} while in round {round}",
-                h.round.get()
+                "data stream {i} sent round {frame_round} while in round {round}"
             )));
         }
-        match h.kind.get() {
-            DATA_PAGES => {
-                let range = PageRange {
-                    region: RegionId(h.region.get()),
-                    first: PageIndex(h.first.get()),
-                    npages: u64::from(h.npages.get()),
-                };
+        match frame {
+            DataFrame::Pages { range, .. } => {
                 let (ptr, len) = map.span(range.region, range.first, range.npages)?;
                 // The memory is mapped for the session and nothing else writes it before resume.
                 // SAFETY: `span` checked the range against the destination's region table.
@@ -139,10 +142,10 @@ fn receive_loop(
                 pages += range.npages;
                 bytes += len as u64;
             }
-            DATA_END_OF_ROUND => {
+            DataFrame::EndOfRound { pages: claimed, .. } => {
                 if !emit(Event::EndOfRound {
                     round,
-                    claimed: u64::from(h.npages.get()),
+                    claimed: u64::from(claimed),
                     pages,
                     bytes,
                 }) {
@@ -151,11 +154,7 @@ fn receive_loop(
                 round += 1;
                 (pages, bytes) = (0, 0);
             }
-            k => {
-                return Err(Error::Protocol(format!(
-                    "data stream {i} sent unknown header kind {k}"
-                )))
-            }
+            DataFrame::Postcopy { .. } => unreachable!("refused above"),
         }
     }
 }

@@ -5,9 +5,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use crate::auth::tags_equal;
 use crate::error::{Error, Result};
-use crate::wire::{StreamHello, MAC_LEN, STREAM_MAGIC};
+use crate::wire::{StreamHello, MAC_LEN};
 
 /// Connects `count` data streams to `addr`.
 pub fn connect_streams(
@@ -65,18 +64,13 @@ pub fn accept_streams(
                         tracing::warn!("data stream from {peer} sent no greeting: {e}");
                         continue;
                     }
-                    let h: StreamHello = bytemuck::pod_read_unaligned(&b);
-                    let i = h.index.get();
-                    if h.magic != STREAM_MAGIC
-                        || h.count.get() != count
-                        || i >= count
-                        || !tags_equal(&h.token, &token)
-                    {
-                        tracing::warn!(
-                            "refused a data stream from {peer}: bad magic, index or token"
-                        );
-                        continue;
-                    }
+                    let i = match StreamHello::check(&b, count, &token) {
+                        Ok(i) => i,
+                        Err(e) => {
+                            tracing::warn!("refused a data stream from {peer}: {e}");
+                            continue;
+                        }
+                    };
                     if slots[i as usize].is_some() {
                         tracing::warn!("refused a duplicate data stream {i} from {peer}");
                         continue;

@@ -359,6 +359,10 @@ fn encode_ranges(
         let npages = u32::try_from(g.npages).map_err(|_| {
             Error::InvalidConfig(format!("range of {} pages is too long", g.npages))
         })?;
+        if npages == 0 {
+            // The receiver refuses it; refuse it here, where the bug is.
+            return Err(Error::InvalidConfig("an empty page range".into()));
+        }
         out.extend_from_slice(bytemuck::bytes_of(&RangeWire {
             region: g.region.0.into(),
             npages: npages.into(),
