@@ -3,12 +3,12 @@
 //! Guest memory of a given size (one or more regions), writer threads that dirty pages of a
 //! working set at a target rate, a dirty bitmap of its own, pause/resume that stop and
 //! restart the writers, and a page content scheme that lets the destination check every page:
-//! page `p` at generation `g` holds words derived from `(p, g)` only ([`content`]), and the
+//! page `p` at generation `g` holds words derived from `(p, g)` only (module `content`), and the
 //! device state carries every page's generation. On the destination the writers resume from
 //! the generations they left off at.
 
 mod content;
-mod state;
+pub mod state;
 mod vm;
 mod writer;
 
