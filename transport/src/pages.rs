@@ -124,7 +124,7 @@ impl PageSet {
             *dst |= *src;
         }
         let n = self.pages[r];
-        if n % 64 != 0 {
+        if !n.is_multiple_of(64) {
             if let Some(last) = bm.last_mut() {
                 *last &= (1u64 << (n % 64)) - 1;
             }

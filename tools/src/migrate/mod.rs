@@ -162,7 +162,7 @@ pub struct Args {
 impl Args {
     fn params(&self) -> Result<VmParams> {
         let page = PageSize::new(self.page_size).context("--page-size")?;
-        if self.mem == 0 || self.mem % page.bytes() != 0 {
+        if self.mem == 0 || !self.mem.is_multiple_of(page.bytes()) {
             bail!(
                 "--mem must be a positive multiple of the page size ({} bytes)",
                 page.bytes()

@@ -138,7 +138,7 @@ impl PostcopyService {
         if let Some(r) = map
             .regions()
             .iter()
-            .find(|r| r.len() % page != 0 || r.host_ptr() as u64 % 4096 != 0)
+            .find(|r| r.len() % page != 0 || !(r.host_ptr() as u64).is_multiple_of(4096))
         {
             return Err(Error::PostcopyUnavailable(format!(
                 "region at {:#x} is not page-aligned for userfaultfd",

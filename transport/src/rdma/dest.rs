@@ -257,7 +257,7 @@ impl Worker {
                 // retry-exceeded): give up on READs that make no progress at all.
                 if failed.is_none()
                     && self.engine.in_flight() > 0
-                    && empty % 1024 == 0
+                    && empty.is_multiple_of(1024)
                     && last_progress.elapsed() > self.engine.stall_timeout()
                 {
                     failed = Some(Error::Timeout(format!(

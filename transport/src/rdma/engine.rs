@@ -488,7 +488,7 @@ impl ReadEngine {
             }
             empty += 1;
             backoff(empty);
-            if empty % 1024 == 0 && last.elapsed() > self.stall_timeout {
+            if empty.is_multiple_of(1024) && last.elapsed() > self.stall_timeout {
                 let msg = format!(
                     "{} RDMA READs made no progress for {:?}",
                     self.total_in_flight, self.stall_timeout

@@ -166,7 +166,7 @@ impl RdmaPageFetcher {
             } else {
                 backoff(empty);
             }
-            if empty % CLOCK_EVERY == 0 {
+            if empty.is_multiple_of(CLOCK_EVERY) {
                 let waited = t.elapsed();
                 spinning &= waited < self.spin;
                 if self.abort.load(Ordering::Relaxed) {

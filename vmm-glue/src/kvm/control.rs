@@ -75,7 +75,9 @@ impl GuestParams {
 
     /// Lays out a guest of `mem_bytes` with a working set of `working_set` bytes.
     pub fn for_memory(mem_bytes: u64, working_set: u64) -> Result<GuestParams, String> {
-        if !(MIN_MEM_BYTES..=MAX_MEM_BYTES).contains(&mem_bytes) || mem_bytes % GUEST_PAGE != 0 {
+        if !(MIN_MEM_BYTES..=MAX_MEM_BYTES).contains(&mem_bytes)
+            || !mem_bytes.is_multiple_of(GUEST_PAGE)
+        {
             return Err(format!(
                 "guest memory must be a multiple of 4 KiB between {MIN_MEM_BYTES} and {MAX_MEM_BYTES} bytes, not {mem_bytes}"
             ));

@@ -79,7 +79,7 @@ impl SyntheticConfig {
     /// The region layout this config produces: `regions` pieces, 1 MiB-aligned gaps between.
     fn layout(&self) -> Result<MemoryLayout> {
         let page = self.page_size.bytes();
-        if self.mem_bytes < page || self.mem_bytes % page != 0 {
+        if self.mem_bytes < page || !self.mem_bytes.is_multiple_of(page) {
             return Err(Error::InvalidConfig(format!(
                 "memory size {} is not a positive multiple of the {page} byte page",
                 self.mem_bytes

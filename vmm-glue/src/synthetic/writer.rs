@@ -153,7 +153,7 @@ pub(crate) fn writer(shared: &Shared, seed: u64) {
         let p = x.wrapping_mul(0x2545_F491_4F6C_DD1D) % shared.working_set_pages;
         shared.write_page(p);
         n += 1;
-        if n % 16 == 0 {
+        if n.is_multiple_of(16) {
             let due = start + Duration::from_secs_f64(n as f64 / shared.rate);
             let now = Instant::now();
             if due > now {
