@@ -40,6 +40,61 @@ impl Psk {
         Ok(Psk(bytes))
     }
 
+    /// Largest key file [`Psk::from_file`] reads.
+    pub const MAX_FILE_LEN: u64 = 4096;
+
+    /// A key from a file: a regular file of at most [`Psk::MAX_FILE_LEN`] bytes, surrounding
+    /// ASCII whitespace trimmed. Anything else (a FIFO, a device such as `/dev/zero`, a
+    /// directory, a larger file) is refused without reading it: opening does not block on a
+    /// FIFO, and no more than the bound is ever read.
+    pub fn from_file(path: &std::path::Path) -> Result<Psk> {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let what = |e: std::io::Error| Error::Io {
+            context: format!("reading the key file {}", path.display()),
+            source: e,
+        };
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(path)
+            .map_err(what)?;
+        let meta = f.metadata().map_err(what)?;
+        if !meta.file_type().is_file() {
+            return Err(Error::InvalidConfig(format!(
+                "the key file {} is not a regular file",
+                path.display()
+            )));
+        }
+        if meta.len() > Self::MAX_FILE_LEN {
+            return Err(Error::InvalidConfig(format!(
+                "the key file {} is {} bytes, at most {} are read",
+                path.display(),
+                meta.len(),
+                Self::MAX_FILE_LEN
+            )));
+        }
+        let mut bytes = Vec::new();
+        // A file that grew since the check is still read only up to the bound (plus one byte,
+        // to tell that it did).
+        f.take(Self::MAX_FILE_LEN + 1)
+            .read_to_end(&mut bytes)
+            .map_err(what)?;
+        if bytes.len() as u64 > Self::MAX_FILE_LEN {
+            return Err(Error::InvalidConfig(format!(
+                "the key file {} is larger than {} bytes",
+                path.display(),
+                Self::MAX_FILE_LEN
+            )));
+        }
+        Psk::new(bytes.trim_ascii().to_vec()).map_err(|e| match e {
+            Error::InvalidConfig(m) => {
+                Error::InvalidConfig(format!("the key file {}: {m}", path.display()))
+            }
+            e => e,
+        })
+    }
+
     /// A fresh random 32-byte key.
     pub fn random() -> Result<Psk> {
         Ok(Psk(random_bytes::<32>()?.to_vec()))
@@ -144,6 +199,37 @@ pub fn random_bytes<const N: usize>() -> Result<[u8; N]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_files_are_bounded_regular_files() {
+        let dir = std::env::temp_dir().join(format!("rdmig-psk-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("key");
+        std::fs::write(&good, b"  0123456789abcdef0123\n").unwrap();
+        assert_eq!(
+            Psk::from_file(&good).unwrap().as_bytes(),
+            b"0123456789abcdef0123"
+        );
+        // A device that never ends: refused without reading (no OOM).
+        let e = Psk::from_file(std::path::Path::new("/dev/zero")).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        // A FIFO nobody writes: refused at once, not blocking.
+        let fifo = dir.join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path; mkfifo only creates the node.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let t = std::time::Instant::now();
+        let e = Psk::from_file(&fifo).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        assert!(t.elapsed() < std::time::Duration::from_secs(5));
+        let big = dir.join("big");
+        std::fs::write(&big, vec![b'k'; 5000]).unwrap();
+        let e = Psk::from_file(&big).unwrap_err();
+        assert!(e.to_string().contains("at most 4096"), "{e}");
+        std::fs::write(&good, b"short").unwrap();
+        assert!(Psk::from_file(&good).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn proofs_check_and_are_role_bound() {

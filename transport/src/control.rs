@@ -1,11 +1,33 @@
-//! The control channel: framed [`Message`]s over one TCP connection, with bounded reads.
+//! The control channel: framed [`Message`]s over one TCP connection.
+//!
+//! Every message is bounded as a whole: its header and its payload must arrive within one
+//! I/O timeout of the first byte being awaited (a peer dripping a byte at a time is timed
+//! out like a silent one). The command is checked before any payload is read — against the
+//! receiver's state ([`Control::recv_filtered`]) and, before the peer has authenticated,
+//! against the handshake's few small messages — and a payload grows only as its bytes arrive
+//! (at most [`READ_CHUNK`] ahead), so a header announcing a large payload costs nothing until
+//! the bytes are there. Text from a peer (abort reasons) is not shown before it authenticated.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
-use crate::wire::{Header, Message};
+use crate::wire::{Command, Header, Message};
+
+/// Most payload bytes buffered ahead of what has arrived.
+pub const READ_CHUNK: usize = 1 << 20;
+
+/// Largest payload accepted before the peer has authenticated (the handshake's messages).
+pub const PRE_AUTH_MAX_PAYLOAD: usize = 8192;
+
+/// The handshake's commands: all a peer may send before it has authenticated.
+fn pre_auth(cmd: Command) -> bool {
+    matches!(
+        cmd,
+        Command::Hello | Command::HelloAck | Command::AuthProof | Command::AuthOk | Command::Abort
+    )
+}
 
 /// One end of the control connection.
 #[derive(Debug)]
@@ -14,10 +36,13 @@ pub struct Control {
     wbuf: Vec<u8>,
     rbuf: Vec<u8>,
     peer: SocketAddr,
+    timeout: Option<Duration>,
+    authenticated: bool,
 }
 
 impl Control {
     /// Wraps a connected stream (Nagle off: control messages are small and latency-bound).
+    /// `timeout` bounds each whole message received (`None`: wait for ever).
     pub fn new(stream: TcpStream, timeout: Option<Duration>) -> Result<Control> {
         let peer = stream
             .peer_addr()
@@ -25,14 +50,13 @@ impl Control {
         stream
             .set_nodelay(true)
             .map_err(|e| Error::io("TCP_NODELAY on control", e, "control"))?;
-        stream
-            .set_read_timeout(timeout)
-            .map_err(|e| Error::io("control read timeout", e, "control"))?;
         Ok(Control {
             stream,
             wbuf: Vec::new(),
             rbuf: Vec::new(),
             peer,
+            timeout,
+            authenticated: false,
         })
     }
 
@@ -48,11 +72,20 @@ impl Control {
             .map_err(|e| Error::io("control local address", e, "control"))
     }
 
-    /// Changes the read timeout.
-    pub fn set_timeout(&self, timeout: Option<Duration>) -> Result<()> {
-        self.stream
-            .set_read_timeout(timeout)
-            .map_err(|e| Error::io("control read timeout", e, "control"))
+    /// Changes the per-message timeout.
+    pub fn set_timeout(&mut self, timeout: Option<Duration>) {
+        self.timeout = timeout;
+    }
+
+    /// Records that the peer proved the key: from now on any command may arrive (subject to
+    /// the receiver's state) and the peer's text is shown.
+    pub fn set_authenticated(&mut self) {
+        self.authenticated = true;
+    }
+
+    /// Whether the peer has authenticated.
+    pub fn authenticated(&self) -> bool {
+        self.authenticated
     }
 
     /// Sends one message.
@@ -63,35 +96,128 @@ impl Control {
             .map_err(|e| Error::io(format!("sending {}", m.name()), e, "control"))
     }
 
-    /// Receives one message, including `Abort`.
+    /// Reads exactly `buf.len()` bytes before `deadline`. `started` says whether bytes of this
+    /// message arrived already: a deadline passing mid-message is a stalled peer (the stream
+    /// cannot be resynchronised), not a retryable timeout.
+    fn read_exact_by(
+        &mut self,
+        mut buf: &mut [u8],
+        deadline: Option<Instant>,
+        what: &str,
+        mut started: bool,
+    ) -> Result<()> {
+        while !buf.is_empty() {
+            let left = match deadline {
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(self.stalled(what, started));
+                    }
+                    Some(left)
+                }
+                None => None,
+            };
+            self.stream
+                .set_read_timeout(left)
+                .map_err(|e| Error::io("control read timeout", e, "control"))?;
+            match self.stream.read(buf) {
+                Ok(0) => {
+                    return Err(Error::PeerClosed {
+                        channel: "control",
+                        detail: format!(": {what}"),
+                    })
+                }
+                Ok(n) => {
+                    buf = &mut buf[n..];
+                    started = true;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Err(self.stalled(what, started))
+                }
+                Err(e) => return Err(Error::io(what.to_string(), e, "control")),
+            }
+        }
+        Ok(())
+    }
+
+    fn stalled(&self, what: &str, started: bool) -> Error {
+        let t = self.timeout.unwrap_or_default();
+        if started {
+            Error::Protocol(format!(
+                "{what}: the peer {} sent part of a message and not the rest within {t:?}",
+                self.peer
+            ))
+        } else {
+            Error::Timeout(format!(
+                "no message from {} on the control channel within {t:?}",
+                self.peer
+            ))
+        }
+    }
+
+    /// Receives one message, including `Abort`, whatever the command.
     pub fn recv_any(&mut self) -> Result<Message> {
+        self.recv_checked(&|_| true)
+    }
+
+    /// Receives one message whose command `accept` allows (`Abort` always is), refusing any
+    /// other from its header alone, before its payload is read.
+    pub fn recv_filtered(&mut self, accept: &dyn Fn(Command) -> bool) -> Result<Message> {
+        match self.recv_checked(accept)? {
+            Message::Abort(reason) => Err(Error::PeerAborted(reason)),
+            m => Ok(m),
+        }
+    }
+
+    fn recv_checked(&mut self, accept: &dyn Fn(Command) -> bool) -> Result<Message> {
+        let deadline = self.timeout.map(|t| Instant::now() + t);
         let mut hdr = [0u8; size_of::<Header>()];
-        self.stream
-            .read_exact(&mut hdr)
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => Error::Timeout(
-                    format!("no message from {} on the control channel", self.peer),
-                ),
-                _ => Error::io("reading a control header", e, "control"),
-            })?;
+        self.read_exact_by(&mut hdr, deadline, "reading a control header", false)?;
         let (cmd, len) = Message::check_header(&hdr)?;
-        self.rbuf.resize(len, 0);
-        self.stream.read_exact(&mut self.rbuf).map_err(|e| {
-            Error::io(
-                format!("reading a {cmd:?} payload of {len} bytes"),
-                e,
-                "control",
-            )
-        })?;
-        Message::decode(cmd, &self.rbuf)
+        if !self.authenticated && (!pre_auth(cmd) || len > PRE_AUTH_MAX_PAYLOAD) {
+            return Err(Error::Protocol(format!(
+                "{cmd:?} of {len} bytes before the peer authenticated (only the handshake's \
+                 small messages are accepted then)"
+            )));
+        }
+        if cmd != Command::Abort && !accept(cmd) {
+            return Err(Error::UnexpectedMessage {
+                state: "in this state",
+                got: format!("{cmd:?}"),
+            });
+        }
+        // Grow the buffer as the bytes arrive, never far ahead of them.
+        let mut buf = std::mem::take(&mut self.rbuf);
+        buf.clear();
+        let what = format!("reading a {cmd:?} payload of {len} bytes");
+        while buf.len() < len {
+            let at = buf.len();
+            let n = (len - at).min(READ_CHUNK);
+            buf.resize(at + n, 0);
+            if let Err(e) = self.read_exact_by(&mut buf[at..], deadline, &what, true) {
+                self.rbuf = buf;
+                return Err(e);
+            }
+        }
+        let m = Message::decode(cmd, &buf);
+        self.rbuf = buf;
+        match m? {
+            Message::Abort(_) if !self.authenticated => Ok(Message::Abort(
+                "(its reason is not shown: the peer had not authenticated)".into(),
+            )),
+            m => Ok(m),
+        }
     }
 
     /// Receives one message; a peer's `Abort` becomes [`Error::PeerAborted`].
     pub fn recv(&mut self) -> Result<Message> {
-        match self.recv_any()? {
-            Message::Abort(reason) => Err(Error::PeerAborted(reason)),
-            m => Ok(m),
-        }
+        self.recv_filtered(&|_| true)
     }
 
     /// Best-effort abort notice; failures are logged, not returned (the channel may be dead).

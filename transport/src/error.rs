@@ -170,6 +170,14 @@ pub enum Error {
         guest: crate::postcopy::PausedGuest,
     },
 
+    /// The guest does not fit what this end accepts or what the host can give.
+    #[error("guest too large: {0}")]
+    GuestTooLarge(String),
+
+    /// The migration was aborted on this end while work was waiting.
+    #[error("aborted: {0}")]
+    Aborted(String),
+
     /// The operation timed out.
     #[error("timed out: {0}")]
     Timeout(String),

@@ -145,9 +145,12 @@ pub struct Args {
     /// Linux 5.13+) instead of UFFDIO_COPY. Give it to both ends (--listen and --connect).
     #[arg(long)]
     pub memfd: bool,
-    /// Longest wait for any message or round.
+    /// Longest wait for any message (a whole message, not one read) or round.
     #[arg(long = "io-timeout", default_value = "120s", value_parser = parse_duration)]
     pub io_timeout: Duration,
+    /// Largest guest a --listen destination accepts (never more than the host can give).
+    #[arg(long = "max-guest-mem", default_value = "1TiB", value_parser = parse_size)]
+    pub max_guest_mem: u64,
     /// How long the destination lets the guest run after resume before its self-check.
     #[arg(long = "run-after", default_value = "200ms", value_parser = parse_duration)]
     pub run_after: Duration,
@@ -178,6 +181,19 @@ impl Args {
                 self.mem
             );
         }
+        // Guest memory is populated up front: refuse what this host cannot give, before the
+        // OOM killer does it halfway (--loopback runs both ends here, so twice the memory).
+        let copies = if self.loopback { 2 } else { 1 };
+        let what = if self.loopback {
+            "--mem (twice: --loopback runs both ends on this host)"
+        } else {
+            "--mem"
+        };
+        if let Err(why) =
+            rdmig_transport::mem::HostMemory::now().check(self.mem.saturating_mul(copies), what)
+        {
+            bail!("{why}");
+        }
         Ok(VmParams {
             mem: self.mem,
             working_set,
@@ -206,6 +222,7 @@ impl Args {
             })
             .with_max_bandwidth(self.max_bandwidth)
             .with_io_timeout(self.io_timeout)
+            .with_max_guest_bytes(self.max_guest_mem)
             .with_rdma(RdmaOptions {
                 device: self.ib_dev.clone(),
                 gid_index: self.gid_index,
@@ -219,10 +236,7 @@ impl Args {
         let Some(path) = &self.psk_file else {
             bail!("--psk-file is required with --listen/--connect: both ends need the same key of at least 16 bytes (e.g. head -c 32 /dev/urandom > key)");
         };
-        let bytes = std::fs::read(path)
-            .with_context(|| format!("reading --psk-file {}", path.display()))?;
-        let trimmed = bytes.trim_ascii();
-        Psk::new(trimmed.to_vec()).with_context(|| format!("--psk-file {}", path.display()))
+        Psk::from_file(path).context("--psk-file")
     }
 }
 
@@ -235,6 +249,16 @@ pub fn run(args: Args) -> Result<ExitCode> {
         bail!("--qps must be between 1 and 64");
     }
     let params = args.params()?;
+    // Every value is checked before any VM is built or memory is touched.
+    args.config(Psk::random()?, None)
+        .validate()
+        .context("invalid arguments")?;
+    if matches!(args.transport, TransportArg::Rdma) {
+        let opts = args.config(Psk::random()?, None).rdma;
+        if let Err(why) = rdmig_transport::rdma::probe(&opts) {
+            bail!("--transport rdma needs a usable RDMA device here: {why}");
+        }
+    }
     if args.loopback {
         loopback::run(&args, &params)
     } else if let Some(addr) = args.listen {

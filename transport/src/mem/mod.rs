@@ -7,8 +7,10 @@
 //! migration runs. [`MmapRegion`] is an owned anonymous or memfd-backed mapping that
 //! VMMs without their own allocator (and the tests) can use.
 
+mod host;
 mod mmap;
 
+pub use host::HostMemory;
 pub use mmap::{MmapBacking, MmapRegion};
 
 use crate::error::{Error, Result};

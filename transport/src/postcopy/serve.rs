@@ -139,7 +139,7 @@ fn serve(
         };
         let (ptr, len) = map.span(range.region, range.first, range.npages)?;
         if let Some(l) = limiter {
-            l.acquire(len as u64);
+            l.acquire(len as u64)?;
         }
         let h = DataHeader::postcopy(&range);
         let mut iov = [

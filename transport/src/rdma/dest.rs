@@ -285,7 +285,7 @@ impl Worker {
                 // Capped: one READ per turn, paced, so completions keep being polled meanwhile.
                 Some(l) => {
                     let mut one: VecDeque<Read> = queue.pop_front().into_iter().collect();
-                    l.acquire(one.iter().map(|r| u64::from(r.len)).sum());
+                    l.acquire(one.iter().map(|r| u64::from(r.len)).sum())?;
                     let n = self.engine.post(&mut one)?;
                     if let Some(r) = one.pop_front() {
                         queue.push_front(r);

@@ -234,7 +234,7 @@ impl PageFetcher for RdmaPageFetcher {
         }
         let remote_off = remote_off.expect("checked above");
         if let Some(l) = &self.limiter {
-            l.acquire(len);
+            l.acquire(len)?;
         }
         let max = self.engine.max_read();
         let mut reads = 0;

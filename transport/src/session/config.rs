@@ -97,6 +97,12 @@ pub struct MigrationConfig {
     pub rdma: RdmaOptions,
     /// Pre-copy, post-copy or hybrid (source); the destination follows the source.
     pub mode: MigrationMode,
+    /// Largest guest the destination accepts (and never more than the host can give).
+    pub max_guest_bytes: u64,
+    /// How long the destination serves its listener for an authenticated migration (`None`:
+    /// for ever). When it passes, `accept` returns the last refused handshake's error, or a
+    /// timeout if none was refused.
+    pub listen_timeout: Option<Duration>,
 }
 
 impl MigrationConfig {
@@ -116,7 +122,21 @@ impl MigrationConfig {
                 ..RdmaOptions::default()
             },
             mode: MigrationMode::Precopy,
+            max_guest_bytes: super::MAX_GUEST_BYTES,
+            listen_timeout: None,
         }
+    }
+
+    /// Sets how long the destination waits for an authenticated migration.
+    pub fn with_listen_timeout(mut self, t: Option<Duration>) -> Self {
+        self.listen_timeout = t;
+        self
+    }
+
+    /// Sets the largest guest the destination accepts.
+    pub fn with_max_guest_bytes(mut self, b: u64) -> Self {
+        self.max_guest_bytes = b;
+        self
     }
 
     /// Sets the transport request.
@@ -173,7 +193,14 @@ impl MigrationConfig {
         self
     }
 
-    pub(crate) fn validate(&self) -> crate::Result<()> {
+    /// Checks every value (as `migrate` and `accept` do first), so a VMM can refuse a bad
+    /// configuration before it builds or touches a VM.
+    pub fn validate(&self) -> crate::Result<()> {
+        if self.io_timeout.is_zero() {
+            return Err(crate::Error::InvalidConfig(
+                "an I/O timeout of 0 would time out every read".into(),
+            ));
+        }
         if self.streams == 0 || self.streams > 64 {
             return Err(crate::Error::InvalidConfig(format!(
                 "streams must be 1..=64, not {}",

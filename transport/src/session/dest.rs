@@ -4,8 +4,7 @@
 //!
 //! | state | accepts |
 //! | --- | --- |
-//! | `AwaitHello` | `Hello` |
-//! | `AwaitAuthProof` | `AuthProof` |
+//! | (handshake, `listen.rs`) | `Hello`, then `AuthProof` |
 //! | `AwaitRegionTable` | `RegionTable` |
 //! | `AwaitDataSetup` | `DataSetup` |
 //! | `Precopy{round, chunk}` | `Round{round, chunk}` |
@@ -35,7 +34,6 @@ use std::time::{Duration, Instant};
 
 use super::config::{MigrationConfig, MigrationMode};
 use super::stats::DestReport;
-use crate::auth::random_bytes;
 use crate::control::Control;
 use crate::cpu::{thread_cpu_time, CpuMeter};
 use crate::data::DestDataPath;
@@ -43,16 +41,19 @@ use crate::digest::PageHashes;
 use crate::error::{Error, Result};
 use crate::mem::{GuestMemoryMap, PageSize};
 use crate::pages::PageSet;
-use crate::postcopy::{self, PostcopyService, Uffd};
+use crate::postcopy::{self, PostcopyService};
 use crate::rdma::{self, RdmaDestPath, RdmaPageFetcher};
 use crate::tcp::{accept_streams, RateLimiter, TcpDestPath};
 use crate::vm::{DestinationFactory, DestinationVm, MemoryLayout};
 use crate::wire::{
-    caps, Complete, HelloAck, Message, RoundDone, TransportKind, MAX_REGIONS, POSTCOPY_EARLY,
-    POSTCOPY_LAST_CHUNK, PROTOCOL_VERSION, ROUND_FINAL, ROUND_LAST_CHUNK,
+    Command, Complete, Message, RoundDone, TransportKind, MAX_REGIONS, POSTCOPY_EARLY,
+    POSTCOPY_LAST_CHUNK, ROUND_FINAL, ROUND_LAST_CHUNK,
 };
 
+mod listen;
 mod postcopy_phase;
+
+use listen::{authenticate, pre_auth_reason, Handshake};
 
 /// Largest guest the destination accepts by default (a malicious table cannot make it map more).
 pub const MAX_GUEST_BYTES: u64 = 1 << 40;
@@ -60,8 +61,6 @@ pub const MAX_GUEST_BYTES: u64 = 1 << 40;
 /// Where the destination is in the protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum DestState {
-    AwaitHello,
-    AwaitAuthProof,
     AwaitRegionTable,
     AwaitDataSetup,
     Precopy { round: u32, chunk: u32 },
@@ -76,8 +75,6 @@ enum DestState {
 impl DestState {
     fn describe(self) -> &'static str {
         match self {
-            DestState::AwaitHello => "awaiting Hello",
-            DestState::AwaitAuthProof => "awaiting AuthProof",
             DestState::AwaitRegionTable => "awaiting RegionTable",
             DestState::AwaitDataSetup => "awaiting DataSetup",
             DestState::Precopy { .. } => "in pre-copy",
@@ -87,6 +84,27 @@ impl DestState {
             DestState::AwaitPostcopyMissing { .. } => "awaiting PostcopyMissing",
             DestState::Postcopy => "in post-copy",
             DestState::AwaitFinish => "awaiting Finish",
+        }
+    }
+
+    /// Whether a message with command `c` may be valid here (checked from its header, before
+    /// its payload is read; [`DestState::accepts`] then checks the decoded message).
+    fn may_receive(self, c: Command, postcopy: bool) -> bool {
+        use Command as C;
+        match self {
+            DestState::AwaitRegionTable => c == C::RegionTable,
+            DestState::AwaitDataSetup => c == C::DataSetup,
+            DestState::Precopy { chunk: 0, .. } if postcopy => {
+                matches!(c, C::Round | C::DeviceState | C::PostcopyMissing)
+            }
+            DestState::Precopy { .. } => c == C::Round,
+            DestState::AwaitDeviceState => c == C::DeviceState,
+            DestState::AwaitSwitchover | DestState::Postcopy => c == C::Switchover,
+            DestState::EarlyDrop { chunk: 0 } => matches!(c, C::DeviceState | C::PostcopyMissing),
+            DestState::EarlyDrop { .. } | DestState::AwaitPostcopyMissing { .. } => {
+                c == C::PostcopyMissing
+            }
+            DestState::AwaitFinish => c == C::Finish,
         }
     }
 
@@ -113,9 +131,7 @@ impl DestState {
                 },
             ) => *c == chunk && flags & POSTCOPY_EARLY == 0,
             (DestState::Postcopy, Message::Switchover { .. }) => true,
-            (DestState::AwaitHello, Message::Hello(_))
-            | (DestState::AwaitAuthProof, Message::AuthProof(_))
-            | (DestState::AwaitRegionTable, Message::RegionTable { .. })
+            (DestState::AwaitRegionTable, Message::RegionTable { .. })
             | (DestState::AwaitDataSetup, Message::DataSetup(_))
             | (DestState::AwaitDeviceState, Message::DeviceState(_))
             | (DestState::AwaitSwitchover, Message::Switchover { .. })
@@ -142,6 +158,8 @@ struct Dest<'a> {
     /// memfd guest memory: the second mapping post-copy fetches into (zero-copy).
     pc_alias: Option<Arc<postcopy::AliasMap>>,
     postcopy: Option<PostcopyService>,
+    /// The bandwidth cap's pacer, cancelled on failure so no thread sleeps through the abort.
+    limiter: Option<Arc<RateLimiter>>,
     /// The guest was resumed here in post-copy: a failure now must not discard it.
     resumed_in_postcopy: bool,
 }
@@ -156,17 +174,13 @@ pub fn accept(
     factory: DestinationFactory<'_>,
 ) -> Result<(Box<dyn DestinationVm>, DestReport)> {
     config.validate()?;
-    let (stream, peer) = listener.accept().map_err(|e| Error::Io {
-        context: "accepting the control connection".into(),
-        source: e,
-    })?;
-    tracing::info!("incoming migration from {peer}");
-    let ctl = Control::new(stream, Some(config.io_timeout))?;
+    let (ctl, hs) = authenticate(listener, config)?;
+    tracing::info!("incoming migration from {}", ctl.peer());
     let mut d = Dest {
         config,
         listener,
         ctl,
-        state: DestState::AwaitHello,
+        state: DestState::AwaitRegionTable,
         data: None,
         cpu: Arc::new(CpuMeter::default()),
         mode: MigrationMode::Precopy,
@@ -174,10 +188,16 @@ pub fn accept(
         pc_rdma: Vec::new(),
         pc_alias: None,
         postcopy: None,
+        limiter: None,
         resumed_in_postcopy: false,
     };
     let mut vm = None;
-    let result = d.run(factory, &mut vm);
+    let result = d.run(hs, factory, &mut vm);
+    if result.is_err() {
+        if let Some(l) = &d.limiter {
+            l.cancel();
+        }
+    }
     let result = match result {
         Err(e) if d.resumed_in_postcopy => Err(d.postcopy_failed(vm.take(), e)),
         r => r,
@@ -195,7 +215,13 @@ pub fn accept(
         Ok(report) => Ok((vm.expect("a completed migration has a VM"), report)),
         Err(e) => {
             if !matches!(e, Error::PeerAborted(_)) {
-                d.ctl.send_abort(&e.to_string());
+                // Before the source proved the key it learns nothing of this end's internals.
+                let reason = if d.ctl.authenticated() {
+                    e.to_string()
+                } else {
+                    pre_auth_reason(&e).to_string()
+                };
+                d.ctl.send_abort(&reason);
             }
             d.ctl.shutdown();
             Err(e)
@@ -238,8 +264,18 @@ fn check_layout(
 
 impl Dest<'_> {
     fn recv(&mut self) -> Result<Message> {
-        let m = self.ctl.recv()?;
-        if !self.state.accepts(&m, self.mode != MigrationMode::Precopy) {
+        let (state, postcopy) = (self.state, self.mode != MigrationMode::Precopy);
+        let m = self
+            .ctl
+            .recv_filtered(&|c| state.may_receive(c, postcopy))
+            .map_err(|e| match e {
+                Error::UnexpectedMessage { got, .. } => Error::UnexpectedMessage {
+                    state: state.describe(),
+                    got,
+                },
+                e => e,
+            })?;
+        if !self.state.accepts(&m, postcopy) {
             return Err(Error::UnexpectedMessage {
                 state: self.state.describe(),
                 got: describe(&m),
@@ -250,68 +286,21 @@ impl Dest<'_> {
 
     fn run(
         &mut self,
+        hs: Handshake,
         factory: DestinationFactory<'_>,
         vm_out: &mut Option<Box<dyn DestinationVm>>,
     ) -> Result<DestReport> {
-        let Message::Hello(hello) = self.recv()? else {
-            unreachable!("state checked")
-        };
-        if hello.version != PROTOCOL_VERSION {
-            return Err(Error::VersionMismatch {
-                peer: hello.version,
-                ours: PROTOCOL_VERSION,
-            });
-        }
-        if hello.streams == 0 || hello.streams > 64 {
-            return Err(Error::Protocol(format!(
-                "Hello asks for {} data streams (1..=64)",
-                hello.streams
-            )));
-        }
-        let (transport, reason, mut rdma_opts) = self.choose_transport(&hello)?;
-        self.mode = MigrationMode::from_u8(hello.mode)?;
-        if self.mode != MigrationMode::Precopy {
-            if hello.caps & caps::POSTCOPY == 0 {
-                return Err(Error::Protocol(format!(
-                    "Hello asks for {} without the post-copy capability",
-                    self.mode.name()
-                )));
-            }
-            Uffd::probe().map_err(|e| {
-                Error::PostcopyUnavailable(format!(
-                    "the destination cannot run --mode {}: {e}",
-                    self.mode.name()
-                ))
-            })?;
-        }
-        let nonce_d = random_bytes()?;
-        let psk = &self.config.psk;
-        let mut my_caps = caps::TCP
-            | if transport == TransportKind::Rdma {
-                caps::RDMA
-            } else {
-                0
-            };
-        if self.mode != MigrationMode::Precopy {
-            my_caps |= caps::POSTCOPY;
-        }
-        self.ctl.send(&Message::HelloAck(HelloAck {
-            version: PROTOCOL_VERSION,
+        let Handshake {
+            hello,
             transport,
-            caps: my_caps,
-            nonce: nonce_d,
-            mac: psk.dest_proof(&hello.nonce, &nonce_d),
-            reason: reason.clone(),
-        }))?;
-        self.state = DestState::AwaitAuthProof;
-        let Message::AuthProof(mac) = self.recv()? else {
-            unreachable!("state checked")
-        };
-        if !psk.check_source_proof(&hello.nonce, &nonce_d, &mac) {
-            return Err(Error::AuthFailed(
-                "the source did not prove the pre-shared key (different --psk-file?)".into(),
-            ));
-        }
+            detail: reason,
+            mut rdma_opts,
+            mode,
+            nonce_d,
+        } = hs;
+        self.mode = mode;
+        let psk = &self.config.psk;
+        self.ctl.set_authenticated();
         self.ctl.send(&Message::AuthOk)?;
         self.state = DestState::AwaitRegionTable;
         tracing::info!(
@@ -323,6 +312,16 @@ impl Dest<'_> {
             unreachable!("state checked")
         };
         let layout = check_layout(page_size, &regions)?;
+        let total = layout.total_bytes();
+        if total > self.config.max_guest_bytes {
+            return Err(Error::GuestTooLarge(format!(
+                "the source announces a guest of {total} bytes, more than the {} this destination accepts",
+                self.config.max_guest_bytes
+            )));
+        }
+        crate::mem::HostMemory::now()
+            .check(total, "the announced guest")
+            .map_err(Error::GuestTooLarge)?;
         let t = Instant::now();
         let vm = factory(&layout).map_err(|e| Error::vmm("create destination VM", e))?;
         tracing::debug!(
@@ -374,6 +373,7 @@ impl Dest<'_> {
         };
         let limiter =
             (hello.max_bandwidth > 0).then(|| Arc::new(RateLimiter::new(hello.max_bandwidth)));
+        self.limiter = limiter.clone();
         match transport {
             TransportKind::Rdma => {
                 rdma_opts.qps = hello.qps.max(1);
@@ -616,53 +616,6 @@ impl Dest<'_> {
             mode: self.mode.name().into(),
             ..DestReport::default()
         }
-    }
-
-    fn choose_transport(
-        &mut self,
-        hello: &crate::wire::Hello,
-    ) -> Result<(TransportKind, String, crate::rdma::RdmaOptions)> {
-        let opts = self.config.rdma.clone();
-        let local = match self.config.transport {
-            TransportKind::Tcp => Err("the destination is configured for TCP only".to_string()),
-            _ => rdma::probe(&opts),
-        };
-        let source_rdma = hello.caps & caps::RDMA != 0;
-        Ok(match hello.transport {
-            TransportKind::Tcp => (TransportKind::Tcp, "the source requested TCP".into(), opts),
-            TransportKind::Rdma => match local {
-                Ok(dev) => (
-                    TransportKind::Rdma,
-                    format!("RDMA requested; destination device {}", dev.name),
-                    opts,
-                ),
-                Err(why) => {
-                    return Err(Error::RdmaUnavailable(format!(
-                        "the source requested RDMA but the destination cannot: {why}"
-                    )))
-                }
-            },
-            TransportKind::Auto => match (source_rdma, local) {
-                (true, Ok(dev)) => (
-                    TransportKind::Rdma,
-                    format!(
-                        "both ends have a usable RDMA device (destination: {} port {})",
-                        dev.name, dev.port
-                    ),
-                    opts,
-                ),
-                (false, _) => (
-                    TransportKind::Tcp,
-                    "the source has no usable RDMA device".into(),
-                    opts,
-                ),
-                (true, Err(why)) => (
-                    TransportKind::Tcp,
-                    format!("the destination has no usable RDMA device: {why}"),
-                    opts,
-                ),
-            },
-        })
     }
 }
 

@@ -52,8 +52,8 @@ use crate::rdma::{self, RdmaSourcePath};
 use crate::tcp::{connect_streams, RateLimiter, TcpSourcePath};
 use crate::vm::SourceVm;
 use crate::wire::{
-    caps, Hello, Message, Round, TransportKind, MAX_RANGES_PER_MSG, PROTOCOL_VERSION, ROUND_FINAL,
-    ROUND_LAST_CHUNK,
+    caps, Command, Hello, Message, Round, TransportKind, MAX_RANGES_PER_MSG, PROTOCOL_VERSION,
+    ROUND_FINAL, ROUND_LAST_CHUNK,
 };
 
 mod postcopy_phase;
@@ -95,6 +95,23 @@ impl SourceState {
             SourceState::AwaitPostcopyResumed => "awaiting PostcopyResumed",
             SourceState::AwaitPostcopyComplete => "awaiting PostcopyComplete",
             SourceState::Done => "done",
+        }
+    }
+
+    /// Whether a message with command `c` may be valid here (from its header alone).
+    fn may_receive(self, c: Command) -> bool {
+        use Command as C;
+        c == match self {
+            SourceState::AwaitHelloAck => C::HelloAck,
+            SourceState::AwaitAuthOk => C::AuthOk,
+            SourceState::AwaitSetupAck => C::DataSetupAck,
+            SourceState::AwaitReady => C::Ready,
+            SourceState::AwaitRoundDone(_) => C::RoundDone,
+            SourceState::AwaitComplete => C::Complete,
+            SourceState::AwaitPostcopyDropped => C::PostcopyDropped,
+            SourceState::AwaitPostcopyResumed => C::PostcopyResumed,
+            SourceState::AwaitPostcopyComplete => C::PostcopyComplete,
+            SourceState::Done => return false,
         }
     }
 
@@ -149,6 +166,8 @@ struct Source<'a> {
     paused: bool,
     switchover_sent: bool,
     server: Option<PageServer>,
+    /// The bandwidth cap's pacer, cancelled on failure so no thread sleeps through the abort.
+    limiter: Option<Arc<RateLimiter>>,
     /// The destination resumed the guest in post-copy: the source must stay paused whatever happens.
     guest_moved: bool,
 }
@@ -197,6 +216,7 @@ pub fn migrate(
         paused: false,
         switchover_sent: false,
         server: None,
+        limiter: None,
         guest_moved: false,
     };
     let result = s.run(dest, rdma_probe.is_ok(), started, progress);
@@ -216,10 +236,28 @@ pub fn migrate(
 
 impl Source<'_> {
     fn recv(&mut self) -> Result<Message> {
-        let m = self.ctl.recv()?;
-        if !self.state.accepts(&m) {
+        let state = self.state;
+        let m = self
+            .ctl
+            .recv_filtered(&|c| state.may_receive(c))
+            .map_err(|e| match e {
+                Error::UnexpectedMessage { got, .. } => Error::UnexpectedMessage {
+                    state: state.describe(),
+                    got,
+                },
+                e => e,
+            })?;
+        if let (SourceState::AwaitRoundDone(want), Message::RoundDone(d)) = (state, &m) {
+            if d.round != want {
+                return Err(Error::Protocol(format!(
+                    "RoundDone for round {} while awaiting round {want}",
+                    d.round
+                )));
+            }
+        }
+        if !state.accepts(&m) {
             return Err(Error::UnexpectedMessage {
-                state: self.state.describe(),
+                state: state.describe(),
                 got: m.name(),
             });
         }
@@ -262,9 +300,11 @@ impl Source<'_> {
             .check_dest_proof(&nonce_s, &ack.nonce, &ack.mac)
         {
             return Err(Error::AuthFailed(
-                "the destination did not prove the pre-shared key (different --psk-file?)".into(),
+                "the destination did not prove the pre-shared key (not the same key?)".into(),
             ));
         }
+        // The destination proved the key: its text may be shown from now on.
+        self.ctl.set_authenticated();
         if mode != MigrationMode::Precopy && ack.caps & caps::POSTCOPY == 0 {
             return Err(Error::PostcopyUnavailable(format!(
                 "the destination does not offer post-copy (needed for --mode {})",
@@ -296,6 +336,7 @@ impl Source<'_> {
             .config
             .max_bandwidth
             .map(|b| Arc::new(RateLimiter::new(b)));
+        self.limiter = limiter.clone();
         let mut rdma_path = None;
         let setup = match ack.transport {
             TransportKind::Rdma => {
@@ -498,6 +539,15 @@ impl Source<'_> {
             unreachable!("state checked")
         };
         let downtime = paused_at.map(|t| t.elapsed()).unwrap_or_default();
+        if done.digest != digest {
+            // An honest destination compares the digests itself and aborts on a mismatch; one
+            // that claims success with another digest is broken or hostile. No Finish: the
+            // source VM is kept (paused, the outcome unknown) rather than dropped.
+            return Err(Error::DigestMismatch {
+                source_digest: digest,
+                dest_digest: done.digest,
+            });
+        }
         self.state = SourceState::Done;
         if let Err(e) = self.ctl.send(&Message::Finish) {
             tracing::warn!("the destination runs the guest, but Finish was not delivered: {e}");
@@ -512,7 +562,7 @@ impl Source<'_> {
             rounds: round + 1,
             bytes_transferred: total_bytes,
             throughput_mib_s: mib_s(total_bytes, round_time.as_secs_f64()),
-            verified: done.digest == digest,
+            verified: true,
             digest: format!("{digest:032x}"),
             source_cpu_ms: 0.0,
             dest_cpu_ms: done.cpu_micros as f64 / 1e3,
@@ -586,10 +636,19 @@ impl Source<'_> {
 
     /// Cleans up after an error and returns the error to report.
     fn fail(&mut self, e: Error) -> Error {
+        if let Some(l) = &self.limiter {
+            l.cancel();
+        }
         let keep_paused =
             self.guest_moved || (self.switchover_sent && !matches!(e, Error::PeerAborted(_)));
         if !matches!(e, Error::PeerAborted(_)) {
-            self.ctl.send_abort(&e.to_string());
+            // A destination that has not proved the key learns nothing of this end.
+            let reason = if self.ctl.authenticated() {
+                e.to_string()
+            } else {
+                "the source ended the handshake".to_string()
+            };
+            self.ctl.send_abort(&reason);
         }
         self.teardown();
         if keep_paused {

@@ -165,7 +165,7 @@ fn send_pieces(
             });
         }
         if let Some(l) = limiter {
-            l.acquire(bytes);
+            l.acquire(bytes)?;
         }
         // Page spans were checked against the region table by `span`.
         // SAFETY: headers live in `headers` for the call; guest memory stays mapped.

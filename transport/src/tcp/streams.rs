@@ -34,8 +34,17 @@ pub fn connect_streams(
         .collect()
 }
 
+/// Longest a connection may take to send its greeting. Each greeting is read on a thread of
+/// its own, so a silent or dripping connection costs a thread for this long at most and
+/// never delays the real streams behind it.
+pub const GREETING_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Most connections whose greeting is awaited at once; more are closed at once.
+const MAX_PENDING: usize = 64;
+
 /// Accepts `count` data streams on `listener`, in index order. Connections with a wrong token
-/// or index are dropped (logged) and do not count; gives up at `timeout`.
+/// or index, or that send no greeting within [`GREETING_TIMEOUT`], are dropped (logged) and do
+/// not count; gives up at `timeout`.
 pub fn accept_streams(
     listener: &TcpListener,
     count: u16,
@@ -47,37 +56,43 @@ pub fn accept_streams(
     listener
         .set_nonblocking(true)
         .map_err(|e| Error::io("listener non-blocking", e, "data stream"))?;
+    let (tx, rx) = std::sync::mpsc::channel::<(u16, TcpStream)>();
+    let pending = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let result = (|| {
         while slots.iter().any(Option::is_none) {
+            while let Ok((i, s)) = rx.try_recv() {
+                if slots[usize::from(i)].is_some() {
+                    tracing::warn!("refused a duplicate data stream {i}");
+                    continue;
+                }
+                slots[usize::from(i)] = Some(s);
+            }
+            if slots.iter().all(Option::is_some) {
+                break;
+            }
             match listener.accept() {
-                Ok((mut s, peer)) => {
-                    s.set_nonblocking(false)
-                        .map_err(|e| Error::io("stream blocking mode", e, "data stream"))?;
-                    s.set_read_timeout(Some(
-                        deadline
-                            .saturating_duration_since(Instant::now())
-                            .max(Duration::from_millis(10)),
-                    ))
-                    .map_err(|e| Error::io("stream timeout", e, "data stream"))?;
-                    let mut b = [0u8; size_of::<StreamHello>()];
-                    if let Err(e) = s.read_exact(&mut b) {
-                        tracing::warn!("data stream from {peer} sent no greeting: {e}");
+                Ok((s, peer)) => {
+                    use std::sync::atomic::Ordering;
+                    if pending.load(Ordering::Acquire) >= MAX_PENDING {
+                        tracing::warn!("refused a data stream from {peer}: too many pending");
                         continue;
                     }
-                    let i = match StreamHello::check(&b, count, &token) {
-                        Ok(i) => i,
-                        Err(e) => {
-                            tracing::warn!("refused a data stream from {peer}: {e}");
-                            continue;
-                        }
-                    };
-                    if slots[i as usize].is_some() {
-                        tracing::warn!("refused a duplicate data stream {i} from {peer}");
-                        continue;
+                    pending.fetch_add(1, Ordering::AcqRel);
+                    let (tx, pending) = (tx.clone(), pending.clone());
+                    let spawned = std::thread::Builder::new()
+                        .name("rdmig-greeting".into())
+                        .spawn(move || {
+                            match greeting(s, count, &token) {
+                                Ok((i, s)) => {
+                                    let _ = tx.send((i, s));
+                                }
+                                Err(e) => tracing::warn!("refused a data stream from {peer}: {e}"),
+                            }
+                            pending.fetch_sub(1, Ordering::AcqRel);
+                        });
+                    if let Err(e) = spawned {
+                        return Err(Error::io("spawning a greeting reader", e, "data stream"));
                     }
-                    s.set_read_timeout(None)
-                        .map_err(|e| Error::io("stream timeout", e, "data stream"))?;
-                    slots[i as usize] = Some(s);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     if Instant::now() >= deadline {
@@ -86,16 +101,51 @@ pub fn accept_streams(
                             "only {got} of {count} data streams connected"
                         )));
                     }
-                    std::thread::sleep(Duration::from_millis(2));
+                    std::thread::sleep(Duration::from_millis(1));
                 }
                 Err(e) => return Err(Error::io("accepting a data stream", e, "data stream")),
             }
         }
         Ok(())
     })();
-    listener
+    let restore = listener
         .set_nonblocking(false)
-        .map_err(|e| Error::io("listener blocking mode", e, "data stream"))?;
+        .map_err(|e| Error::io("listener blocking mode", e, "data stream"));
     result?;
+    restore?;
     Ok(slots.into_iter().flatten().collect())
+}
+
+/// Reads and checks one connection's greeting within [`GREETING_TIMEOUT`] (as a whole).
+fn greeting(mut s: TcpStream, count: u16, token: &[u8; MAC_LEN]) -> Result<(u16, TcpStream)> {
+    s.set_nonblocking(false)
+        .map_err(|e| Error::io("stream blocking mode", e, "data stream"))?;
+    let deadline = Instant::now() + GREETING_TIMEOUT;
+    let mut b = [0u8; size_of::<StreamHello>()];
+    let mut got = 0;
+    while got < b.len() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Error::Timeout(format!(
+                "no complete greeting within {GREETING_TIMEOUT:?}"
+            )));
+        }
+        s.set_read_timeout(Some(left))
+            .map_err(|e| Error::io("stream timeout", e, "data stream"))?;
+        match s.read(&mut b[got..]) {
+            Ok(0) => {
+                return Err(Error::PeerClosed {
+                    channel: "data stream",
+                    detail: ": before its greeting".into(),
+                })
+            }
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io("reading a greeting", e, "data stream")),
+        }
+    }
+    let i = StreamHello::check(&b, count, token)?;
+    s.set_read_timeout(None)
+        .map_err(|e| Error::io("stream timeout", e, "data stream"))?;
+    Ok((i, s))
 }

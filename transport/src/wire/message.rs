@@ -372,6 +372,22 @@ fn encode_ranges(
     Ok(())
 }
 
+/// Text from the peer made safe for a log line or a terminal: control characters (newlines,
+/// escapes, carriage returns) and the Unicode bidirectional controls are written as `\u{..}`
+/// escapes, so a peer cannot forge a line or move the cursor. Printable text is kept.
+pub fn peer_text(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        let bidi = matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}');
+        if c.is_control() || bidi {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn text(s: &str) -> &[u8] {
     let b = s.as_bytes();
     let mut n = b.len().min(MAX_TEXT);
@@ -554,6 +570,12 @@ impl Message {
                 ours: PROTOCOL_VERSION,
             });
         }
+        if h.reserved.get() != 0 {
+            return Err(Error::Protocol(format!(
+                "header reserved field is {:#x}, not 0",
+                h.reserved.get()
+            )));
+        }
         let cmd = Command::from_u16(h.command.get())?;
         if cmd == Command::Invalid {
             return Err(Error::Protocol("command 0 (invalid)".into()));
@@ -648,7 +670,7 @@ impl Message {
                     caps: w.caps.get(),
                     nonce: w.nonce,
                     mac: w.mac,
-                    reason: String::from_utf8_lossy(rest).into_owned(),
+                    reason: peer_text(&String::from_utf8_lossy(rest)),
                 })
             }
             Command::AuthProof => Message::AuthProof(fixed(cmd, p)?),
@@ -756,7 +778,7 @@ impl Message {
                     bytes: w.bytes.get(),
                 })
             }
-            Command::Abort => Message::Abort(String::from_utf8_lossy(p).into_owned()),
+            Command::Abort => Message::Abort(peer_text(&String::from_utf8_lossy(p))),
         })
     }
 

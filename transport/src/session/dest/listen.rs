@@ -1,0 +1,284 @@
+//! The destination's listener: unauthenticated connections never end it and never delay a
+//! real migration.
+//!
+//! Each incoming control connection runs its handshake (Hello, HelloAck, AuthProof) on a
+//! thread of its own, every message bounded by [`HANDSHAKE_TIMEOUT`] (a silent or dripping peer
+//! is dropped when it passes), at most [`MAX_PENDING`] at once (more are closed at once). The
+//! first connection that proves the key wins and the migration goes on over it; the others
+//! are dropped as their handshakes end. A refused connection is logged and the listener keeps
+//! serving — until the configured listen timeout, after which `accept` returns the last
+//! refusal (or a timeout when there was none).
+
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::super::config::{MigrationConfig, MigrationMode};
+use crate::auth::random_bytes;
+use crate::control::Control;
+use crate::error::{Error, Result};
+use crate::postcopy::Uffd;
+use crate::rdma::{self, RdmaOptions};
+use crate::wire::{
+    caps, Command, Hello, HelloAck, Message, TransportKind, NONCE_LEN, PROTOCOL_VERSION,
+};
+
+/// Longest any one handshake message may take (shorter when the I/O timeout is).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most handshakes in progress at once.
+pub const MAX_PENDING: usize = 16;
+
+/// What an authenticated handshake settled.
+pub(super) struct Handshake {
+    pub hello: Hello,
+    pub transport: TransportKind,
+    /// Why that transport, in full (logged here; the source got [`public_reason`]).
+    pub detail: String,
+    pub rdma_opts: RdmaOptions,
+    pub mode: MigrationMode,
+    pub nonce_d: [u8; NONCE_LEN],
+}
+
+/// Serves `listener` until a source proves the key; returns its control connection (AuthOk
+/// not yet sent) and what the handshake settled.
+pub(super) fn authenticate(
+    listener: &TcpListener,
+    config: &MigrationConfig,
+) -> Result<(Control, Handshake)> {
+    let until = config.listen_timeout.map(|t| Instant::now() + t);
+    let config = Arc::new(config.clone());
+    let (tx, rx) = mpsc::channel::<Result<(Control, Handshake)>>();
+    let pending = Arc::new(AtomicUsize::new(0));
+    let mut last_refusal: Option<Error> = None;
+    let restore = |r| {
+        listener
+            .set_nonblocking(false)
+            .map_err(|e| Error::io("listener blocking mode", e, "control"))?;
+        r
+    };
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| Error::io("listener non-blocking", e, "control"))?;
+    loop {
+        while let Ok(r) = rx.try_recv() {
+            match r {
+                Ok(won) => return restore(Ok(won)),
+                Err(e) => last_refusal = Some(e),
+            }
+        }
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                if pending.load(Ordering::Acquire) >= MAX_PENDING {
+                    tracing::warn!(
+                        "refused a connection from {peer}: {MAX_PENDING} handshakes pending"
+                    );
+                    continue;
+                }
+                pending.fetch_add(1, Ordering::AcqRel);
+                let (tx, pending, config) = (tx.clone(), pending.clone(), config.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("rdmig-handshake".into())
+                    .spawn(move || {
+                        let r = serve_handshake(stream, &config);
+                        if let Err(e) = &r {
+                            tracing::warn!("refused a migration from {peer}: {e}");
+                        }
+                        pending.fetch_sub(1, Ordering::AcqRel);
+                        let _ = tx.send(r);
+                    });
+                if let Err(e) = spawned {
+                    return restore(Err(Error::io("spawning a handshake", e, "control")));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if until.is_some_and(|t| Instant::now() >= t) {
+                    let t = config.listen_timeout.unwrap_or_default();
+                    return restore(Err(last_refusal.unwrap_or_else(|| {
+                        Error::Timeout(format!("no migration arrived within {t:?}"))
+                    })));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => {
+                return restore(Err(Error::io(
+                    "accepting the control connection",
+                    e,
+                    "control",
+                )))
+            }
+        }
+    }
+}
+
+/// One connection's handshake; on failure the peer is told only the kind of failure.
+fn serve_handshake(
+    stream: std::net::TcpStream,
+    config: &MigrationConfig,
+) -> Result<(Control, Handshake)> {
+    stream
+        .set_nonblocking(false)
+        .map_err(|e| Error::io("control blocking mode", e, "control"))?;
+    let mut ctl = Control::new(stream, Some(config.io_timeout.min(HANDSHAKE_TIMEOUT)))?;
+    match handshake(&mut ctl, config) {
+        Ok(h) => {
+            ctl.set_timeout(Some(config.io_timeout));
+            Ok((ctl, h))
+        }
+        Err(e) => {
+            if !matches!(e, Error::PeerAborted(_)) {
+                ctl.send_abort(pre_auth_reason(&e));
+            }
+            ctl.shutdown();
+            Err(e)
+        }
+    }
+}
+
+/// Hello, HelloAck, AuthProof: checks the source's request and its proof of the key.
+fn handshake(ctl: &mut Control, config: &MigrationConfig) -> Result<Handshake> {
+    let Message::Hello(hello) = ctl.recv_filtered(&|c| c == Command::Hello)? else {
+        unreachable!("filtered")
+    };
+    if hello.version != PROTOCOL_VERSION {
+        return Err(Error::VersionMismatch {
+            peer: hello.version,
+            ours: PROTOCOL_VERSION,
+        });
+    }
+    if hello.streams == 0 || hello.streams > 64 {
+        return Err(Error::Protocol(format!(
+            "Hello asks for {} data streams (1..=64)",
+            hello.streams
+        )));
+    }
+    let (transport, detail, rdma_opts) = choose_transport(config, &hello)?;
+    let mode = MigrationMode::from_u8(hello.mode)?;
+    if mode != MigrationMode::Precopy {
+        if hello.caps & caps::POSTCOPY == 0 {
+            return Err(Error::Protocol(format!(
+                "Hello asks for {} without the post-copy capability",
+                mode.name()
+            )));
+        }
+        Uffd::probe().map_err(|e| {
+            Error::PostcopyUnavailable(format!(
+                "the destination cannot run --mode {}: {e}",
+                mode.name()
+            ))
+        })?;
+    }
+    let nonce_d = random_bytes()?;
+    let psk = &config.psk;
+    let mut my_caps = caps::TCP;
+    if transport == TransportKind::Rdma {
+        my_caps |= caps::RDMA;
+    }
+    if mode != MigrationMode::Precopy {
+        my_caps |= caps::POSTCOPY;
+    }
+    ctl.send(&Message::HelloAck(HelloAck {
+        version: PROTOCOL_VERSION,
+        transport,
+        caps: my_caps,
+        nonce: nonce_d,
+        mac: psk.dest_proof(&hello.nonce, &nonce_d),
+        // The source has not proved the key yet: it is told which case applies, never the
+        // detail (device names, driver errors), which stays in this end's log.
+        reason: public_reason(&detail).to_string(),
+    }))?;
+    let Message::AuthProof(mac) = ctl.recv_filtered(&|c| c == Command::AuthProof)? else {
+        unreachable!("filtered")
+    };
+    if !psk.check_source_proof(&hello.nonce, &nonce_d, &mac) {
+        return Err(Error::AuthFailed(
+            "the source did not prove the pre-shared key (not the same key?)".into(),
+        ));
+    }
+    Ok(Handshake {
+        hello,
+        transport,
+        detail,
+        rdma_opts,
+        mode,
+        nonce_d,
+    })
+}
+
+/// What an unauthenticated source is told when the destination refuses it: the kind of
+/// failure, never its internal detail (device names, paths, library errors).
+pub(super) fn pre_auth_reason(e: &Error) -> &'static str {
+    match e {
+        Error::VersionMismatch { .. } => "protocol version mismatch",
+        Error::AuthFailed(_) => "authentication failed",
+        Error::RdmaUnavailable(_) => "the destination cannot use RDMA",
+        Error::PostcopyUnavailable(_) => "the destination cannot run post-copy",
+        Error::Timeout(_) => "handshake timed out",
+        Error::Protocol(_) | Error::UnexpectedMessage { .. } => "protocol error in the handshake",
+        _ => "the destination refused the migration",
+    }
+}
+
+/// The transport choice as the source is told it (the start of `choose_transport`'s texts).
+fn public_reason(detail: &str) -> &'static str {
+    const CASES: [&str; 5] = [
+        "the source requested TCP",
+        "RDMA requested",
+        "both ends have a usable RDMA device",
+        "the source has no usable RDMA device",
+        "the destination has no usable RDMA device",
+    ];
+    CASES
+        .into_iter()
+        .find(|c| detail.starts_with(c))
+        .unwrap_or("chosen by the destination")
+}
+
+fn choose_transport(
+    config: &MigrationConfig,
+    hello: &Hello,
+) -> Result<(TransportKind, String, RdmaOptions)> {
+    let opts = config.rdma.clone();
+    let local = match config.transport {
+        TransportKind::Tcp => Err("the destination is configured for TCP only".to_string()),
+        _ => rdma::probe(&opts),
+    };
+    let source_rdma = hello.caps & caps::RDMA != 0;
+    Ok(match hello.transport {
+        TransportKind::Tcp => (TransportKind::Tcp, "the source requested TCP".into(), opts),
+        TransportKind::Rdma => match local {
+            Ok(dev) => (
+                TransportKind::Rdma,
+                format!("RDMA requested; destination device {}", dev.name),
+                opts,
+            ),
+            Err(why) => {
+                return Err(Error::RdmaUnavailable(format!(
+                    "the source requested RDMA but the destination cannot: {why}"
+                )))
+            }
+        },
+        TransportKind::Auto => match (source_rdma, local) {
+            (true, Ok(dev)) => (
+                TransportKind::Rdma,
+                format!(
+                    "both ends have a usable RDMA device (destination: {} port {})",
+                    dev.name, dev.port
+                ),
+                opts,
+            ),
+            (false, _) => (
+                TransportKind::Tcp,
+                "the source has no usable RDMA device".into(),
+                opts,
+            ),
+            (true, Err(why)) => (
+                TransportKind::Tcp,
+                format!("the destination has no usable RDMA device: {why}"),
+                opts,
+            ),
+        },
+    })
+}
