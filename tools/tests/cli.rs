@@ -143,6 +143,81 @@ fn bad_arguments_give_one_clear_line() {
             vec!["migrate", "--connect", "127.0.0.1:1", "--vm", "synthetic"],
             "--psk-file is required",
         ),
+        // Limits that could never work are refused before any VM is built.
+        (
+            vec![
+                "migrate",
+                "--loopback",
+                "--vm",
+                "synthetic",
+                "--max-rounds",
+                "0",
+            ],
+            "max rounds must be at least 1",
+        ),
+        (
+            vec![
+                "migrate",
+                "--loopback",
+                "--vm",
+                "synthetic",
+                "--max-bandwidth",
+                "0",
+            ],
+            "bandwidth cap of 0",
+        ),
+        (
+            vec![
+                "migrate",
+                "--loopback",
+                "--vm",
+                "synthetic",
+                "--io-timeout",
+                "0s",
+            ],
+            "I/O timeout of 0",
+        ),
+        // More memory than the host has: refused up front, not killed by the OOM killer.
+        (
+            vec![
+                "migrate",
+                "--loopback",
+                "--vm",
+                "synthetic",
+                "--mem",
+                "64TiB",
+            ],
+            "this host can give",
+        ),
+        (
+            vec![
+                "migrate",
+                "--listen",
+                "127.0.0.1:0",
+                "--vm",
+                "synthetic",
+                "--mem",
+                "64TiB",
+                "--psk-file",
+                "/dev/null",
+            ],
+            "this host can give",
+        ),
+        // A key "file" that never ends or never answers is refused without reading it.
+        (
+            vec![
+                "migrate",
+                "--connect",
+                "127.0.0.1:1",
+                "--vm",
+                "synthetic",
+                "--mem",
+                "8MiB",
+                "--psk-file",
+                "/dev/zero",
+            ],
+            "not a regular file",
+        ),
     ] {
         let o = bench().args(&args).output().unwrap();
         assert!(!o.status.success(), "{args:?} succeeded");
@@ -196,7 +271,9 @@ fn unreachable_peer_and_wrong_key_are_clear_errors() {
     );
 
     let port_file = d.join("port");
-    let mut dest = listen_cmd("8MiB", &port_file, &k1)
+    // The listener keeps serving after a refused handshake, until --listen-timeout.
+    let dest = listen_cmd("8MiB", &port_file, &k1)
+        .args(["--listen-timeout", "3s"])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -212,11 +289,13 @@ fn unreachable_peer_and_wrong_key_are_clear_errors() {
         e.contains("source VM is running") && e.contains("self-check passed"),
         "{e}"
     );
-    let status = dest.wait().unwrap();
+    let out = dest.wait_with_output().unwrap();
     assert!(
-        !status.success(),
+        !out.status.success(),
         "the destination must report the failed handshake"
     );
+    let de = String::from_utf8_lossy(&out.stderr);
+    assert!(de.contains("authentication failed"), "{de}");
 }
 
 /// `migrate --listen` for a synthetic VM of `mem`, writing its port to `port_file`.

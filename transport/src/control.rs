@@ -1,8 +1,8 @@
 //! The control channel: framed [`Message`]s over one TCP connection.
 //!
-//! Every message is bounded as a whole: its header and its payload must arrive within one
-//! I/O timeout of the first byte being awaited (a peer dripping a byte at a time is timed
-//! out like a silent one). The command is checked before any payload is read — against the
+//! Every message is bounded as a whole: a message must begin within one I/O timeout, and its
+//! header and payload must then arrive within one I/O timeout of its first byte (a peer
+//! dripping a byte at a time is timed out like a silent one). The command is checked before any payload is read — against the
 //! receiver's state ([`Control::recv_filtered`]) and, before the peer has authenticated,
 //! against the handshake's few small messages — and a payload grows only as its bytes arrive
 //! (at most [`READ_CHUNK`] ahead), so a header announcing a large payload costs nothing until
@@ -20,6 +20,32 @@ pub const READ_CHUNK: usize = 1 << 20;
 
 /// Largest payload accepted before the peer has authenticated (the handshake's messages).
 pub const PRE_AUTH_MAX_PAYLOAD: usize = 8192;
+
+/// What an end tells an unauthenticated peer when it ends the handshake: the kind of failure
+/// from this fixed list, never its detail (device names, paths, library errors). The same
+/// list is all of an unauthenticated peer's abort text that is shown.
+pub const PRE_AUTH_REASONS: [&str; 7] = [
+    "protocol version mismatch",
+    "authentication failed",
+    "RDMA cannot be used",
+    "post-copy cannot be run",
+    "handshake timed out",
+    "protocol error in the handshake",
+    "the migration was refused",
+];
+
+/// The entry of [`PRE_AUTH_REASONS`] for `e`.
+pub fn pre_auth_reason(e: &Error) -> &'static str {
+    PRE_AUTH_REASONS[match e {
+        Error::VersionMismatch { .. } => 0,
+        Error::AuthFailed(_) => 1,
+        Error::RdmaUnavailable(_) => 2,
+        Error::PostcopyUnavailable(_) => 3,
+        Error::Timeout(_) => 4,
+        Error::Protocol(_) | Error::UnexpectedMessage { .. } => 5,
+        _ => 6,
+    }]
+}
 
 /// The handshake's commands: all a peer may send before it has authenticated.
 fn pre_auth(cmd: Command) -> bool {
@@ -176,9 +202,12 @@ impl Control {
     }
 
     fn recv_checked(&mut self, accept: &dyn Fn(Command) -> bool) -> Result<Message> {
-        let deadline = self.timeout.map(|t| Instant::now() + t);
+        // Up to one timeout for a message to begin, then one timeout for all of it.
         let mut hdr = [0u8; size_of::<Header>()];
-        self.read_exact_by(&mut hdr, deadline, "reading a control header", false)?;
+        let wait = self.timeout.map(|t| Instant::now() + t);
+        self.read_exact_by(&mut hdr[..1], wait, "reading a control header", false)?;
+        let deadline = self.timeout.map(|t| Instant::now() + t);
+        self.read_exact_by(&mut hdr[1..], deadline, "reading a control header", true)?;
         let (cmd, len) = Message::check_header(&hdr)?;
         if !self.authenticated && (!pre_auth(cmd) || len > PRE_AUTH_MAX_PAYLOAD) {
             return Err(Error::Protocol(format!(
@@ -208,9 +237,11 @@ impl Control {
         let m = Message::decode(cmd, &buf);
         self.rbuf = buf;
         match m? {
-            Message::Abort(_) if !self.authenticated => Ok(Message::Abort(
-                "(its reason is not shown: the peer had not authenticated)".into(),
-            )),
+            Message::Abort(r) if !self.authenticated && !PRE_AUTH_REASONS.contains(&r.as_str()) => {
+                Ok(Message::Abort(
+                    "(its reason is not shown: the peer had not authenticated)".into(),
+                ))
+            }
             m => Ok(m),
         }
     }

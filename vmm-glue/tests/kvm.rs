@@ -59,9 +59,10 @@ fn destination(psk: Psk) -> (SocketAddr, thread::JoinHandle<DestResult>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let h = thread::spawn(move || {
+        // A refused handshake does not end the listener; the listen timeout does.
         let (vm, report) = accept(
             &listener,
-            &tcp(psk),
+            &tcp(psk).with_listen_timeout(Some(Duration::from_secs(5))),
             kvm_destination_factory(KvmDestConfig::default()),
         )?;
         Ok((into_kvm(vm).expect("the destination VM is a KvmVm"), report))

@@ -148,6 +148,11 @@ pub struct Args {
     /// Longest wait for any message (a whole message, not one read) or round.
     #[arg(long = "io-timeout", default_value = "120s", value_parser = parse_duration)]
     pub io_timeout: Duration,
+    /// How long --listen serves for an authenticated migration (default: for ever). Refused
+    /// connections (wrong key, silent, malformed) do not end it; when it passes, the last
+    /// refusal is reported.
+    #[arg(long = "listen-timeout", value_parser = parse_duration)]
+    pub listen_timeout: Option<Duration>,
     /// Largest guest a --listen destination accepts (never more than the host can give).
     #[arg(long = "max-guest-mem", default_value = "1TiB", value_parser = parse_size)]
     pub max_guest_mem: u64,
@@ -223,6 +228,7 @@ impl Args {
             .with_max_bandwidth(self.max_bandwidth)
             .with_io_timeout(self.io_timeout)
             .with_max_guest_bytes(self.max_guest_mem)
+            .with_listen_timeout(self.listen_timeout)
             .with_rdma(RdmaOptions {
                 device: self.ib_dev.clone(),
                 gid_index: self.gid_index,
@@ -256,7 +262,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     if matches!(args.transport, TransportArg::Rdma) {
         let opts = args.config(Psk::random()?, None).rdma;
         if let Err(why) = rdmig_transport::rdma::probe(&opts) {
-            bail!("--transport rdma needs a usable RDMA device here: {why}");
+            bail!("RDMA unavailable: --transport rdma needs a usable RDMA device here: {why}");
         }
     }
     if args.loopback {

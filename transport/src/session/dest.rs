@@ -43,7 +43,7 @@ use crate::mem::{GuestMemoryMap, PageSize};
 use crate::pages::PageSet;
 use crate::postcopy::{self, PostcopyService};
 use crate::rdma::{self, RdmaDestPath, RdmaPageFetcher};
-use crate::tcp::{accept_streams, RateLimiter, TcpDestPath};
+use crate::tcp::{accept_stream_sets, RateLimiter, TcpDestPath};
 use crate::vm::{DestinationFactory, DestinationVm, MemoryLayout};
 use crate::wire::{
     Command, Complete, Message, RoundDone, TransportKind, MAX_REGIONS, POSTCOPY_EARLY,
@@ -53,7 +53,8 @@ use crate::wire::{
 mod listen;
 mod postcopy_phase;
 
-use listen::{authenticate, pre_auth_reason, Handshake};
+use crate::control::pre_auth_reason;
+use listen::{authenticate, Handshake};
 
 /// Largest guest the destination accepts by default (a malicious table cannot make it map more).
 pub const MAX_GUEST_BYTES: u64 = 1 << 40;
@@ -430,9 +431,20 @@ impl Dest<'_> {
                     return Err(Error::Protocol("TCP DataSetup carries a payload".into()));
                 }
                 self.ctl.send(&Message::DataSetupAck(Vec::new()))?;
-                let token = psk.stream_token(&hello.nonce, &nonce_d);
-                let streams =
-                    accept_streams(self.listener, hello.streams, token, self.config.io_timeout)?;
+                // The pre-copy and (post-copy, hybrid) the post-copy streams, accepted together:
+                // the source opens them back to back.
+                let mut sets = vec![(hello.streams, psk.stream_token(&hello.nonce, &nonce_d))];
+                if self.mode != MigrationMode::Precopy {
+                    sets.push((
+                        postcopy::stream_count(hello.streams),
+                        psk.postcopy_token(&hello.nonce, &nonce_d),
+                    ));
+                }
+                let mut got = accept_stream_sets(self.listener, &sets, self.config.io_timeout)?;
+                if self.mode != MigrationMode::Precopy {
+                    self.pc_streams = got.pop().expect("the post-copy set");
+                }
+                let streams = got.pop().expect("the pre-copy set");
                 self.data = Some(Box::new(TcpDestPath::new(
                     map.clone(),
                     streams,
@@ -441,15 +453,6 @@ impl Dest<'_> {
                     self.config.io_timeout,
                 )?));
             }
-        }
-        if self.mode != MigrationMode::Precopy && transport != TransportKind::Rdma {
-            let token = psk.postcopy_token(&hello.nonce, &nonce_d);
-            self.pc_streams = accept_streams(
-                self.listener,
-                postcopy::stream_count(hello.streams),
-                token,
-                self.config.io_timeout,
-            )?;
         }
         self.ctl.send(&Message::Ready)?;
 

@@ -646,7 +646,7 @@ impl Source<'_> {
             let reason = if self.ctl.authenticated() {
                 e.to_string()
             } else {
-                "the source ended the handshake".to_string()
+                crate::control::pre_auth_reason(&e).to_string()
             };
             self.ctl.send_abort(&reason);
         }

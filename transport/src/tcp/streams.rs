@@ -51,21 +51,43 @@ pub fn accept_streams(
     token: [u8; MAC_LEN],
     timeout: Duration,
 ) -> Result<Vec<TcpStream>> {
+    let mut sets = accept_stream_sets(listener, &[(count, token)], timeout)?;
+    Ok(sets.pop().expect("one set"))
+}
+
+/// Accepts several sets of streams at once (the pre-copy and the post-copy streams, which the
+/// source opens back to back), each set `(count, token)` in index order; a greeting belongs
+/// to the set whose token it carries. Otherwise as [`accept_streams`].
+pub fn accept_stream_sets(
+    listener: &TcpListener,
+    sets: &[(u16, [u8; MAC_LEN])],
+    timeout: Duration,
+) -> Result<Vec<Vec<TcpStream>>> {
     let deadline = Instant::now() + timeout;
+    let count: usize = sets.iter().map(|&(n, _)| usize::from(n)).sum();
+    let firsts: Vec<usize> = sets
+        .iter()
+        .scan(0usize, |at, &(n, _)| {
+            let first = *at;
+            *at += usize::from(n);
+            Some(first)
+        })
+        .collect();
+    let sets_owned: std::sync::Arc<Vec<(u16, [u8; MAC_LEN])>> = std::sync::Arc::new(sets.to_vec());
     let mut slots: Vec<Option<TcpStream>> = (0..count).map(|_| None).collect();
     listener
         .set_nonblocking(true)
         .map_err(|e| Error::io("listener non-blocking", e, "data stream"))?;
-    let (tx, rx) = std::sync::mpsc::channel::<(u16, TcpStream)>();
+    let (tx, rx) = std::sync::mpsc::channel::<(usize, TcpStream)>();
     let pending = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let result = (|| {
         while slots.iter().any(Option::is_none) {
             while let Ok((i, s)) = rx.try_recv() {
-                if slots[usize::from(i)].is_some() {
+                if slots[i].is_some() {
                     tracing::warn!("refused a duplicate data stream {i}");
                     continue;
                 }
-                slots[usize::from(i)] = Some(s);
+                slots[i] = Some(s);
             }
             if slots.iter().all(Option::is_some) {
                 break;
@@ -78,13 +100,18 @@ pub fn accept_streams(
                         continue;
                     }
                     pending.fetch_add(1, Ordering::AcqRel);
-                    let (tx, pending) = (tx.clone(), pending.clone());
+                    let (tx, pending, sets, firsts) = (
+                        tx.clone(),
+                        pending.clone(),
+                        sets_owned.clone(),
+                        firsts.clone(),
+                    );
                     let spawned = std::thread::Builder::new()
                         .name("rdmig-greeting".into())
                         .spawn(move || {
-                            match greeting(s, count, &token) {
-                                Ok((i, s)) => {
-                                    let _ = tx.send((i, s));
+                            match greeting(s, &sets) {
+                                Ok((set, i, s)) => {
+                                    let _ = tx.send((firsts[set] + usize::from(i), s));
                                 }
                                 Err(e) => tracing::warn!("refused a data stream from {peer}: {e}"),
                             }
@@ -113,11 +140,16 @@ pub fn accept_streams(
         .map_err(|e| Error::io("listener blocking mode", e, "data stream"));
     result?;
     restore?;
-    Ok(slots.into_iter().flatten().collect())
+    let mut all = slots.into_iter().flatten();
+    Ok(sets
+        .iter()
+        .map(|&(n, _)| all.by_ref().take(usize::from(n)).collect())
+        .collect())
 }
 
-/// Reads and checks one connection's greeting within [`GREETING_TIMEOUT`] (as a whole).
-fn greeting(mut s: TcpStream, count: u16, token: &[u8; MAC_LEN]) -> Result<(u16, TcpStream)> {
+/// Reads and checks one connection's greeting within [`GREETING_TIMEOUT`] (as a whole):
+/// which set it belongs to, and its index there.
+fn greeting(mut s: TcpStream, sets: &[(u16, [u8; MAC_LEN])]) -> Result<(usize, u16, TcpStream)> {
     s.set_nonblocking(false)
         .map_err(|e| Error::io("stream blocking mode", e, "data stream"))?;
     let deadline = Instant::now() + GREETING_TIMEOUT;
@@ -144,8 +176,16 @@ fn greeting(mut s: TcpStream, count: u16, token: &[u8; MAC_LEN]) -> Result<(u16,
             Err(e) => return Err(Error::io("reading a greeting", e, "data stream")),
         }
     }
-    let i = StreamHello::check(&b, count, token)?;
-    s.set_read_timeout(None)
-        .map_err(|e| Error::io("stream timeout", e, "data stream"))?;
-    Ok((i, s))
+    let mut refusal = None;
+    for (set, (count, token)) in sets.iter().enumerate() {
+        match StreamHello::check(&b, *count, token) {
+            Ok(i) => {
+                s.set_read_timeout(None)
+                    .map_err(|e| Error::io("stream timeout", e, "data stream"))?;
+                return Ok((set, i, s));
+            }
+            Err(e) => refusal = Some(e),
+        }
+    }
+    Err(refusal.unwrap_or_else(|| Error::Protocol("no stream set expected".into())))
 }

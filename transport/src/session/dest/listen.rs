@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use super::super::config::{MigrationConfig, MigrationMode};
 use crate::auth::random_bytes;
-use crate::control::Control;
+use crate::control::{pre_auth_reason, Control};
 use crate::error::{Error, Result};
 use crate::postcopy::Uffd;
 use crate::rdma::{self, RdmaOptions};
@@ -205,20 +205,6 @@ fn handshake(ctl: &mut Control, config: &MigrationConfig) -> Result<Handshake> {
         mode,
         nonce_d,
     })
-}
-
-/// What an unauthenticated source is told when the destination refuses it: the kind of
-/// failure, never its internal detail (device names, paths, library errors).
-pub(super) fn pre_auth_reason(e: &Error) -> &'static str {
-    match e {
-        Error::VersionMismatch { .. } => "protocol version mismatch",
-        Error::AuthFailed(_) => "authentication failed",
-        Error::RdmaUnavailable(_) => "the destination cannot use RDMA",
-        Error::PostcopyUnavailable(_) => "the destination cannot run post-copy",
-        Error::Timeout(_) => "handshake timed out",
-        Error::Protocol(_) | Error::UnexpectedMessage { .. } => "protocol error in the handshake",
-        _ => "the destination refused the migration",
-    }
 }
 
 /// The transport choice as the source is told it (the start of `choose_transport`'s texts).
