@@ -127,11 +127,20 @@ mod tests {
         assert_eq!(
             reports(SRC),
             vec![
-                GuestReport { ok: 4097, bad: 0, gen: 1 },
-                GuestReport { ok: 8193, bad: 0, gen: 2 }
+                GuestReport {
+                    ok: 4097,
+                    bad: 0,
+                    gen: 1
+                },
+                GuestReport {
+                    ok: 8193,
+                    bad: 0,
+                    gen: 2
+                }
             ]
         );
-        let good = "RDMIG-GUEST ok=9000 bad=0 gen=2 ws=8192\nRDMIG-GUEST ok=13000 bad=0 gen=3 ws=8192\n";
+        let good =
+            "RDMIG-GUEST ok=9000 bad=0 gen=2 ws=8192\nRDMIG-GUEST ok=13000 bad=0 gen=3 ws=8192\n";
         let c = check_continuation(SRC, good, 2).unwrap();
         assert_eq!((c.source_gen, c.dest_last_gen), (2, 3));
         // Restarted counters, bad pages, no progress: each refused.

@@ -106,10 +106,11 @@ pub struct SoftDirty {
 impl SoftDirty {
     /// Tracks the QEMU `pid` whose RAM `ram` maps.
     pub fn new(pid: Pid, ram: &SharedRam) -> Result<SoftDirty> {
-        let pagemap = File::open(format!("/proc/{}/pagemap", pid.0)).map_err(|e| Error::QemuIo {
-            context: format!("opening /proc/{}/pagemap", pid.0),
-            source: e,
-        })?;
+        let pagemap =
+            File::open(format!("/proc/{}/pagemap", pid.0)).map_err(|e| Error::QemuIo {
+                context: format!("opening /proc/{}/pagemap", pid.0),
+                source: e,
+            })?;
         Ok(SoftDirty {
             pid,
             pagemap,
@@ -232,7 +233,8 @@ impl ContentShadow {
         let mut shadow = Vec::new();
         let mut regions = Vec::new();
         for r in live.regions() {
-            let m = MmapRegion::new(r.len(), MmapBacking::Anonymous, true).map_err(Error::Memory)?;
+            let m =
+                MmapRegion::new(r.len(), MmapBacking::Anonymous, true).map_err(Error::Memory)?;
             // SAFETY: `m` is kept in `self.shadow` as long as the map built from it.
             regions.push(unsafe { m.guest_region(r.gpa()) });
             shadow.push(m);

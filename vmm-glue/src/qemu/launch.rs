@@ -195,7 +195,9 @@ impl QemuProcess {
                 )));
             }
             if Instant::now() > deadline {
-                return Err(Error::QemuTimeout(format!("{name}: no QMP socket after 20 s")));
+                return Err(Error::QemuTimeout(format!(
+                    "{name}: no QMP socket after 20 s"
+                )));
             }
             std::thread::sleep(Duration::from_millis(10));
         }
