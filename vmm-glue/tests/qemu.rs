@@ -47,6 +47,7 @@ fn spec(incoming: bool) -> GuestSpec {
         rate_mib: 8,
         backing: RamBacking::ShmFile,
         incoming,
+        paused: false,
     }
 }
 

@@ -50,6 +50,7 @@ pub fn loopback(args: &Args, params: &VmParams) -> Result<ExitCode> {
         rate_mib: mib("--dirty-rate", params.dirty_rate)?,
         backing: RamBacking::ShmFile,
         incoming: false,
+        paused: false,
     };
     let dir = RunDir::new("qemu-loopback")?;
     let mut src = QemuProcess::launch(&image, &spec, dir.path(), "src")?;

@@ -74,6 +74,8 @@ pub struct GuestSpec {
     pub backing: RamBacking,
     /// Wait for an incoming migration (`-incoming defer -S`) instead of booting.
     pub incoming: bool,
+    /// Start paused (`-S`, run state `prelaunch`): no guest code runs until `cont`.
+    pub paused: bool,
 }
 
 /// A private directory on /dev/shm (tmpfs: it holds sockets and the RAM files, even inside the
@@ -167,6 +169,8 @@ impl QemuProcess {
             ));
         if spec.incoming {
             cmd.args(["-incoming", "defer", "-S"]);
+        } else if spec.paused {
+            cmd.arg("-S");
         }
         let err_file = File::create(&stderr).map_err(|e| Error::QemuIo {
             context: format!("creating {}", stderr.display()),

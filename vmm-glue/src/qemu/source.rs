@@ -80,7 +80,7 @@ impl QemuSource {
     pub fn attach(qmp_path: &Path, opts: &QemuSourceOptions) -> Result<QemuSource> {
         let mut qmp = Qmp::connect(qmp_path, opts.timeout)?;
         let state = qmp.run_state()?;
-        if !matches!(state.as_str(), "running" | "paused") {
+        if !matches!(state.as_str(), "running" | "paused" | "prelaunch") {
             return Err(Error::QemuSetup(format!(
                 "the source QEMU is {state}; rdmig migrates a running or paused guest"
             )));
