@@ -206,7 +206,7 @@ fn paused_with_known_content(cfg: MigrationConfig, ip: IpAddr) {
     assert_eq!(vm.qmp().run_state().unwrap(), "prelaunch");
     let r = vm.live_memory().regions()[0];
     let words = r.len() as usize / 8;
-    let pattern = |i: usize| (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x5244_4d49_47;
+    let pattern = |i: usize| (i as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0x0052_444d_4947;
     for i in 0..words {
         // SAFETY: inside the mapped region; the guest is paused (prelaunch) and never ran.
         unsafe { r.host_ptr().cast::<u64>().add(i).write_volatile(pattern(i)) };
