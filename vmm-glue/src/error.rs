@@ -39,4 +39,35 @@ pub enum Error {
     /// A VM thread failed or panicked.
     #[error("VM thread: {0}")]
     Thread(String),
+
+    /// QEMU answered a QMP command with an error.
+    #[error("QEMU {command}: {desc}")]
+    Qmp {
+        /// The QMP command.
+        command: String,
+        /// QEMU's error class and description.
+        desc: String,
+    },
+
+    /// Talking to QEMU (its QMP socket, its migration stream) failed.
+    #[error("QEMU {context}: {source}")]
+    QemuIo {
+        /// What was being done.
+        context: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// QEMU is set up in a way rdmig cannot migrate (the message says what to change).
+    #[error("QEMU setup: {0}")]
+    QemuSetup(String),
+
+    /// The QEMU process went away (its QMP socket closed).
+    #[error("QEMU exited: {0}")]
+    QemuExited(String),
+
+    /// QEMU did not answer or finish in time.
+    #[error("QEMU timed out: {0}")]
+    QemuTimeout(String),
 }

@@ -5,12 +5,15 @@
 //!   destination checks page by page after the migration.
 //! - [`kvm`]: a minimal real VMM (kvm-ioctls) running a small protected-mode guest that dirties
 //!   memory and checks itself; migrated with KVM's dirty log and its vCPU state.
+//! - [`qemu`]: an unmodified QEMU (QMP): rdmig moves the guest RAM of its shared memory
+//!   backends, QEMU its device state (`x-ignore-shared`).
 //!
 //! Both implement [`rdmig_transport::vm::SourceVm`] and [`rdmig_transport::vm::DestinationVm`],
 //! and [`GuestCheck`] reports a guest's own verification of its memory.
 
 mod error;
 pub mod kvm;
+pub mod qemu;
 pub mod synthetic;
 
 pub use error::{Error, Result};

@@ -104,6 +104,9 @@ pub fn run(args: &Args, params: &VmParams) -> Result<ExitCode> {
     if let Some(vm) = args.vm {
         cmd.args(["--vm", vm.name()]);
     }
+    if let Some(q) = &args.qemu_dest_qmp {
+        cmd.arg("--qemu-qmp").arg(q);
+    }
     if let Some(d) = &args.ib_dev {
         cmd.args(["--ib-dev", d]);
     }

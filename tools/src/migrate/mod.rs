@@ -2,6 +2,7 @@
 //! end each on two hosts (`--listen` / `--connect`).
 
 mod loopback;
+mod qemu;
 mod report;
 mod vms;
 
@@ -18,6 +19,7 @@ use rdmig_transport::session::{self, ConvergencePolicy, MigrationConfig, Migrati
 use rdmig_transport::wire::TransportKind;
 
 use crate::units::{parse_duration, parse_rate, parse_size};
+use rdmig_vmm::GuestCheck;
 pub use report::DestOutcome;
 use vms::{LocalVm, VmKind, VmParams};
 
@@ -52,6 +54,17 @@ impl ModeArg {
             ModeArg::Hybrid => MigrationMode::Hybrid,
         }
     }
+}
+
+/// Dirty tracking of a QEMU source on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum TrackingArg {
+    /// Soft-dirty where it works, else content comparison.
+    Auto,
+    /// Soft-dirty bits of QEMU's page tables (needs CONFIG_MEM_SOFT_DIRTY).
+    SoftDirty,
+    /// Compare every page with a shadow copy (any kernel; the final pass scans all memory).
+    Content,
 }
 
 /// Non-convergence policy on the command line.
@@ -159,6 +172,18 @@ pub struct Args {
     /// How long the destination lets the guest run after resume before its self-check.
     #[arg(long = "run-after", default_value = "200ms", value_parser = parse_duration)]
     pub run_after: Duration,
+    /// The QMP socket of this end's QEMU (--vm qemu with --listen or --connect): on the source
+    /// the running QEMU, on the destination one started with -incoming defer -S and the same
+    /// RAM backends (share=on). See docs/qemu.md.
+    #[arg(long = "qemu-qmp", value_name = "PATH")]
+    pub qemu_qmp: Option<PathBuf>,
+    /// Dirty tracking of a QEMU source: soft-dirty when a probe write shows it works, else
+    /// content comparison against a shadow copy.
+    #[arg(long = "dirty-tracking", value_enum, default_value = "auto")]
+    pub dirty_tracking: TrackingArg,
+    /// (internal) the destination QEMU's QMP socket for the --loopback child.
+    #[arg(long = "qemu-dest-qmp", hide = true)]
+    pub qemu_dest_qmp: Option<PathBuf>,
     /// (internal) write the listening port here.
     #[arg(long = "port-file", hide = true)]
     pub port_file: Option<PathBuf>,
@@ -207,6 +232,13 @@ impl Args {
             regions: self.regions.max(1),
             writers: self.writers.max(1),
             memfd: self.memfd,
+            qemu_qmp: self.qemu_qmp.clone(),
+            tracking: match self.dirty_tracking {
+                TrackingArg::Auto => rdmig_vmm::qemu::TrackingChoice::Auto,
+                TrackingArg::SoftDirty => rdmig_vmm::qemu::TrackingChoice::SoftDirty,
+                TrackingArg::Content => rdmig_vmm::qemu::TrackingChoice::Content,
+            },
+            qemu_consoles: None,
         })
     }
 
@@ -265,6 +297,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
             bail!("RDMA unavailable: --transport rdma needs a usable RDMA device here: {why}");
         }
     }
+    if args.vm == Some(VmKind::Qemu) {
+        qemu::check_mode(args.migration_mode.mode())?;
+        if args.loopback && args.qemu_qmp.is_none() {
+            return qemu::loopback(&args, &params);
+        }
+    }
     if args.loopback {
         loopback::run(&args, &params)
     } else if let Some(addr) = args.listen {
@@ -298,14 +336,14 @@ fn listen(args: &Args, params: &VmParams, addr: SocketAddr) -> Result<DestOutcom
         Ok((vm, dest)) => {
             let mut vm = LocalVm::from_destination(kind, vm)?;
             std::thread::sleep(args.run_after);
-            let check = vm.self_check()?;
+            let check = vm.self_check()?.map(Into::into);
             let running = vm.running();
             DestOutcome {
                 ok: true,
                 error: None,
                 vm: kind.name().into(),
                 dest: Some(dest),
-                guest_check: Some(check.into()),
+                guest_check: check,
                 guest_running: running,
             }
         }
@@ -351,24 +389,42 @@ fn connect(
     progress.finish();
     match result {
         Ok(rep) => {
+            let qemu = vm
+                .qemu_source()
+                .map(|s| qemu::facts(s, params.qemu_consoles.as_ref()));
             drop(vm);
             let dest = dest_result.and_then(|f| f());
-            report::print_migration(&rep, kind, dest.as_ref(), args.json);
+            report::print_migration(&rep, kind, dest.as_ref(), qemu.as_ref(), args.json);
             let guest_ok = dest
                 .as_ref()
                 .and_then(|d| d.guest_check.as_ref())
-                .is_none_or(|c| c.ok());
+                .is_none_or(|c| c.ok())
+                && qemu.as_ref().and_then(|q| q.guest_verified) != Some(false);
             Ok(if rep.verified && guest_ok {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE
             })
         }
+        Err(e) if kind == VmKind::Qemu => {
+            let state = if vm.running() {
+                "running"
+            } else {
+                "NOT running"
+            };
+            eprintln!("rdma-bench: migration failed; the source QEMU is {state}");
+            Err(anyhow::Error::new(e).context("migration failed"))
+        }
         Err(e) => {
             let before = vm.pages_written();
             std::thread::sleep(Duration::from_millis(100));
             let wrote = vm.pages_written() - before;
-            let check = vm.self_check()?;
+            let check = vm.self_check()?.unwrap_or(GuestCheck {
+                pages_checked: 0,
+                pages_skipped: 0,
+                pages_bad: 0,
+                first_bad: None,
+            });
             let state = if vm.running() { "running" } else { "paused" };
             eprintln!(
                 "rdma-bench: migration failed; the source VM is {state} (wrote {wrote} pages in the last 100 ms), its self-check {} ({} pages checked, {} bad)",

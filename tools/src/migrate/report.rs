@@ -9,6 +9,7 @@ use rdmig_vmm::GuestCheck;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use super::qemu::QemuFacts;
 use super::vms::{VmKind, VmParams};
 use crate::units::human_bytes;
 
@@ -156,9 +157,13 @@ pub fn print_migration(
     rep: &MigrationReport,
     kind: VmKind,
     dest: Option<&DestOutcome>,
+    qemu: Option<&QemuFacts>,
     json: bool,
 ) {
     let check = dest.and_then(|d| d.guest_check.clone());
+    let guest_verified = qemu
+        .and_then(|q| q.guest_verified)
+        .or(check.as_ref().map(|c| c.ok()));
     if json {
         let v = json!({
             "transport": rep.transport,
@@ -173,7 +178,10 @@ pub fn print_migration(
             "throughput_mib_s": rep.throughput_mib_s,
             "verified": rep.verified,
             "digest": rep.digest,
-            "guest_verified": check.as_ref().map(|c| c.ok()),
+            "guest_verified": guest_verified,
+            "dirty_tracking": qemu.map(|q| q.dirty_tracking),
+            "qemu_state_bytes": qemu.map(|q| q.qemu_state_bytes),
+            "qemu": qemu,
             "guest_check": check,
             "source_cpu_ms": rep.source_cpu_ms,
             "dest_cpu_ms": rep.dest_cpu_ms,
@@ -276,7 +284,29 @@ pub fn print_migration(
         },
         rep.digest
     );
+    if let Some(q) = qemu {
+        println!(
+            "{:<18} {} ({}); final fetch after stop {:.1} ms; QEMU's own stream {} bytes",
+            "dirty tracking",
+            q.dirty_tracking,
+            q.tracking_reason,
+            q.final_fetch_ms.unwrap_or(0.0),
+            q.qemu_state_bytes
+        );
+        match (&q.guest, &q.guest_error) {
+            (Some(c), _) => println!(
+                "{:<18} passed: bad=0 on the destination, generation {} -> {} ({} reports)",
+                "guest self-check", c.source_gen, c.dest_last_gen, c.dest_reports
+            ),
+            (None, Some(e)) => println!("{:<18} FAILED: {e}", "guest self-check"),
+            (None, None) => println!(
+                "{:<18} not available (the destination's console is on another host)",
+                "guest self-check"
+            ),
+        }
+    }
     match &check {
+        _ if qemu.is_some() => {}
         Some(c) => println!(
             "{:<18} {} ({} pages checked, {} rewritten meanwhile, {} bad)",
             "guest self-check",

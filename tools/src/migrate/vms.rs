@@ -1,10 +1,17 @@
-//! The VMs `migrate` can move: the synthetic VM, and (where /dev/kvm works) a real KVM guest.
+//! The VMs `migrate` can move: the synthetic VM, (where /dev/kvm works) a real KVM guest, and
+//! an unmodified QEMU reached through its QMP socket.
 
-use anyhow::Result;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
 use rdmig_transport::mem::{GuestAddress, PageSize};
 use rdmig_transport::vm::{DestinationFactory, DestinationVm, MemoryLayout, SourceVm};
 use rdmig_vmm::kvm::control::{GuestParams, GUEST_PAGE};
 use rdmig_vmm::kvm::{KvmConfig, KvmDestConfig, KvmVm};
+use rdmig_vmm::qemu::{
+    qemu_destination_factory, QemuDest, QemuDestOptions, QemuSource, QemuSourceOptions,
+    TrackingChoice,
+};
 use rdmig_vmm::synthetic::{synthetic_destination_factory, SyntheticConfig, SyntheticVm};
 use rdmig_vmm::GuestCheck;
 
@@ -15,6 +22,8 @@ pub enum VmKind {
     Kvm,
     /// An in-process synthetic VM with writer threads.
     Synthetic,
+    /// A QEMU (its QMP socket with --qemu-qmp; --loopback starts two with the test guest).
+    Qemu,
 }
 
 impl VmKind {
@@ -23,6 +32,7 @@ impl VmKind {
         match self {
             VmKind::Kvm => "kvm",
             VmKind::Synthetic => "synthetic",
+            VmKind::Qemu => "qemu",
         }
     }
 
@@ -34,6 +44,7 @@ impl VmKind {
                 Ok((VmKind::Kvm, "requested".into()))
             }
             Some(VmKind::Synthetic) => Ok((VmKind::Synthetic, "requested".into())),
+            Some(VmKind::Qemu) => Ok((VmKind::Qemu, "requested".into())),
             None => match kvm_available() {
                 Ok(()) => Ok((VmKind::Kvm, "/dev/kvm works here".into())),
                 Err(why) => Ok((VmKind::Synthetic, format!("no KVM guest: {why}"))),
@@ -63,6 +74,13 @@ pub struct VmParams {
     pub writers: u32,
     /// memfd-backed guest memory (either VM; zero-copy post-copy).
     pub memfd: bool,
+    /// The QMP socket of this end's QEMU (`--vm qemu`).
+    pub qemu_qmp: Option<PathBuf>,
+    /// Dirty tracking of a QEMU source.
+    pub tracking: TrackingChoice,
+    /// The two QEMUs' consoles, when this program started them (`--loopback`): the source then
+    /// checks the test guest's own verdict after the move.
+    pub qemu_consoles: Option<(PathBuf, PathBuf)>,
 }
 
 impl VmParams {
@@ -100,6 +118,16 @@ pub enum LocalVm {
     Synthetic(Box<SyntheticVm>),
     /// A KVM guest.
     Kvm(Box<KvmVm>),
+    /// A source QEMU.
+    Qemu(Box<QemuSource>),
+    /// A destination QEMU (after the migration).
+    QemuDest(Box<QemuDest>),
+}
+
+fn qmp_path(p: &VmParams) -> Result<&PathBuf> {
+    p.qemu_qmp.as_ref().context(
+        "--vm qemu needs --qemu-qmp PATH (this end's QEMU QMP socket; see docs/qemu.md), or --loopback",
+    )
 }
 
 impl LocalVm {
@@ -110,6 +138,16 @@ impl LocalVm {
                 &p.synthetic(),
             )?))),
             VmKind::Kvm => Ok(LocalVm::Kvm(Box::new(KvmVm::start(&p.kvm())?))),
+            VmKind::Qemu => {
+                let opts = QemuSourceOptions {
+                    tracking: p.tracking,
+                    ..QemuSourceOptions::default()
+                };
+                Ok(LocalVm::Qemu(Box::new(QemuSource::attach(
+                    qmp_path(p)?,
+                    &opts,
+                )?)))
+            }
         }
     }
 
@@ -118,6 +156,8 @@ impl LocalVm {
         match self {
             LocalVm::Synthetic(v) => v.as_mut(),
             LocalVm::Kvm(v) => v.as_mut(),
+            LocalVm::Qemu(v) => v.as_mut(),
+            LocalVm::QemuDest(_) => unreachable!("only LocalVm::start makes a source"),
         }
     }
 
@@ -147,6 +187,10 @@ impl LocalVm {
                     Ok(Box::new(vm) as Box<dyn DestinationVm>)
                 }))
             }
+            VmKind::Qemu => Ok(qemu_destination_factory(
+                qmp_path(p)?,
+                &QemuDestOptions::default(),
+            )?),
         }
     }
 
@@ -162,30 +206,47 @@ impl LocalVm {
                 .downcast::<KvmVm>()
                 .map(LocalVm::Kvm)
                 .map_err(|_| anyhow::anyhow!("the destination VM is not a KVM VM")),
+            VmKind::Qemu => any
+                .downcast::<QemuDest>()
+                .map(LocalVm::QemuDest)
+                .map_err(|_| anyhow::anyhow!("the destination VM is not a QEMU")),
         }
     }
 
-    /// The guest's own check of its memory.
-    pub fn self_check(&mut self) -> Result<GuestCheck> {
+    /// The guest's own check of its memory (`None` for QEMU: its test guest checks itself and
+    /// says so on its console, see `--vm qemu --loopback`).
+    pub fn self_check(&mut self) -> Result<Option<GuestCheck>> {
         match self {
-            LocalVm::Synthetic(v) => Ok(v.verify()),
-            LocalVm::Kvm(v) => Ok(v.self_check()?),
+            LocalVm::Synthetic(v) => Ok(Some(v.verify())),
+            LocalVm::Kvm(v) => Ok(Some(v.self_check()?)),
+            LocalVm::Qemu(_) | LocalVm::QemuDest(_) => Ok(None),
         }
     }
 
     /// True while the guest runs.
-    pub fn running(&self) -> bool {
+    pub fn running(&mut self) -> bool {
         match self {
             LocalVm::Synthetic(v) => v.running() || v.config().dirty_rate == 0,
             LocalVm::Kvm(v) => !v.is_paused(),
+            LocalVm::Qemu(v) => v.qmp().run_state().is_ok_and(|s| s == "running"),
+            LocalVm::QemuDest(v) => v.qmp().run_state().is_ok_and(|s| s == "running"),
         }
     }
 
-    /// Pages the guest has written.
+    /// Pages the guest has written (0 where the VMM does not count them).
     pub fn pages_written(&self) -> u64 {
         match self {
             LocalVm::Synthetic(v) => v.pages_written(),
             LocalVm::Kvm(v) => v.pages_dirtied(),
+            LocalVm::Qemu(_) | LocalVm::QemuDest(_) => 0,
+        }
+    }
+
+    /// The QEMU source, if this is one.
+    pub fn qemu_source(&mut self) -> Option<&mut QemuSource> {
+        match self {
+            LocalVm::Qemu(v) => Some(v.as_mut()),
+            _ => None,
         }
     }
 }
