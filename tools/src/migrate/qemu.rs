@@ -33,7 +33,7 @@ pub fn check_mode(mode: MigrationMode) -> Result<()> {
 }
 
 fn mib(what: &str, bytes: u64) -> Result<u64> {
-    if bytes % (1 << 20) != 0 {
+    if !bytes.is_multiple_of(1 << 20) {
         bail!("--vm qemu needs {what} in whole MiB, not {bytes} bytes");
     }
     Ok(bytes >> 20)
