@@ -12,7 +12,7 @@ pub(crate) use io::{recv_exact, writev_all};
 pub use limiter::RateLimiter;
 pub use receiver::TcpDestPath;
 pub use sender::TcpSourcePath;
-pub use streams::{accept_stream_sets, accept_streams, connect_streams};
+pub use streams::{accept_stream_sets, accept_streams, connect_streams, GREETING_TIMEOUT};
 
 /// Largest run of page data sent after one header: big enough to amortise the header and
 /// the system call, small enough to balance rounds across streams.
