@@ -184,6 +184,12 @@ fn bad_headers_are_rejected_before_reading_the_payload() {
     assert!(Message::check_header(&h).is_err(), "command 0 is invalid");
     h[6] = 200;
     assert!(Message::check_header(&h).is_err(), "unknown command");
+    let mut h: [u8; 16] = good[..16].try_into().unwrap();
+    h[12] = 1;
+    assert!(
+        matches!(Message::check_header(&h), Err(Error::Protocol(s)) if s.contains("reserved")),
+        "a header whose reserved field is not zero"
+    );
     // oversized: a Round announcing 2 GiB of payload
     let mut h: [u8; 16] = Message::Round(Round {
         round: 0,
