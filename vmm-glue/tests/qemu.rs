@@ -85,7 +85,9 @@ fn destination(qmp: &std::path::Path, key: Psk) -> (SocketAddr, thread::JoinHand
     let addr = listener.local_addr().unwrap();
     let factory = qemu_destination_factory(qmp, &QemuDestOptions::default()).unwrap();
     let h = thread::spawn(move || {
-        let (vm, report) = accept(&listener, &tcp(key), factory)?;
+        // A refused handshake does not end the listener; the listen timeout does.
+        let cfg = tcp(key).with_listen_timeout(Some(Duration::from_secs(10)));
+        let (vm, report) = accept(&listener, &cfg, factory)?;
         Ok((into_qemu(vm).expect("a QemuDest"), report))
     });
     (addr, h)
