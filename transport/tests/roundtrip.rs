@@ -201,3 +201,26 @@ fn every_encoded_message_decodes_to_itself() {
         assert!(*n > 100, "message kind {kind} round-tripped only {n} times");
     }
 }
+
+/// Escaped peer text stays within the protocol's bound and is stable: a text of control
+/// characters (each escaped to several bytes) decodes to at most `MAX_TEXT` bytes, which
+/// encode and decode back unchanged (found by the `message` fuzz target).
+#[test]
+fn escaped_peer_text_is_bounded_and_stable() {
+    let raw: String = "\u{7}\n\u{1b}[2K".repeat(2000);
+    let m = Message::Abort(raw);
+    let bytes = m.encode().unwrap();
+    let hdr: &[u8; size_of::<Header>()] = bytes[..size_of::<Header>()].try_into().unwrap();
+    let (cmd, _) = Message::check_header(hdr).unwrap();
+    let Message::Abort(once) = Message::decode(cmd, &bytes[size_of::<Header>()..]).unwrap() else {
+        panic!("not an Abort")
+    };
+    assert!(once.len() <= rdmig_transport::wire::MAX_TEXT, "{}", once.len());
+    assert!(!once.contains('\n') && !once.contains('\u{1b}'));
+    assert_eq!(peer_text(&once), once, "escaping is idempotent");
+    let again = Message::Abort(once.clone()).encode().unwrap();
+    assert_eq!(
+        Message::decode(cmd, &again[size_of::<Header>()..]).unwrap(),
+        Message::Abort(once)
+    );
+}

@@ -374,12 +374,23 @@ fn encode_ranges(
 
 /// Text from the peer made safe for a log line or a terminal: control characters (newlines,
 /// escapes, carriage returns) and the Unicode bidirectional controls are written as `\u{..}`
-/// escapes, so a peer cannot forge a line or move the cursor. Printable text is kept.
+/// escapes, so a peer cannot forge a line or move the cursor. Printable text is kept. The result
+/// is cut to [`MAX_TEXT`] bytes like the text on the wire, so it encodes back unchanged.
 pub fn peer_text(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
+    let mut out = String::with_capacity(s.len().min(MAX_TEXT));
     for c in s.chars() {
         let bidi = matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}');
-        if c.is_control() || bidi {
+        let escape = c.is_control() || bidi;
+        let len = if escape {
+            c.escape_unicode().len()
+        } else {
+            c.len_utf8()
+        };
+        if out.len() + len > MAX_TEXT {
+            // Never an escape or a character cut in two.
+            break;
+        }
+        if escape {
             out.extend(c.escape_unicode());
         } else {
             out.push(c);
