@@ -215,7 +215,11 @@ fn escaped_peer_text_is_bounded_and_stable() {
     let Message::Abort(once) = Message::decode(cmd, &bytes[size_of::<Header>()..]).unwrap() else {
         panic!("not an Abort")
     };
-    assert!(once.len() <= rdmig_transport::wire::MAX_TEXT, "{}", once.len());
+    assert!(
+        once.len() <= rdmig_transport::wire::MAX_TEXT,
+        "{}",
+        once.len()
+    );
     assert!(!once.contains('\n') && !once.contains('\u{1b}'));
     assert_eq!(peer_text(&once), once, "escaping is idempotent");
     let again = Message::Abort(once.clone()).encode().unwrap();
