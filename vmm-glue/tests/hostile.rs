@@ -94,10 +94,11 @@ fn silent_dripping_and_unauthenticated_connections_neither_end_nor_delay_the_lis
     let t0 = Instant::now();
     let psk = Psk::random().unwrap();
     let (addr, dest) = destination(config(&psk).with_listen_timeout(Some(Duration::from_secs(60))));
-    // Before the real source: silent connections, connections that drip a byte every 300 ms
-    // (each read well within the 3 s I/O timeout), garbage, and a source with the wrong key.
+    // Before the real source: more silent connections than the listener serves handshakes at
+    // once (the oldest are evicted, never the newest), connections that drip a byte every
+    // 300 ms (each read well within the 3 s I/O timeout), garbage, and a source with the wrong key.
     let stop = Arc::new(AtomicBool::new(false));
-    let silent: Vec<TcpStream> = (0..6).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    let silent: Vec<TcpStream> = (0..80).map(|_| TcpStream::connect(addr).unwrap()).collect();
     let drippers: Vec<_> = (0..3)
         .map(|_| dripper(addr, Duration::from_millis(300), stop.clone()))
         .collect();
@@ -119,7 +120,7 @@ fn silent_dripping_and_unauthenticated_connections_neither_end_nor_delay_the_lis
     // land among its data streams).
     let late = thread::spawn(move || {
         thread::sleep(Duration::from_millis(20));
-        (0..6)
+        (0..80)
             .map(|_| TcpStream::connect(addr).unwrap())
             .collect::<Vec<_>>()
     });

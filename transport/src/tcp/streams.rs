@@ -3,6 +3,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -39,7 +40,7 @@ pub fn connect_streams(
 /// never delays the real streams behind it.
 pub const GREETING_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Most connections whose greeting is awaited at once; more are closed at once.
+/// Most connections whose greeting is awaited at once; a new one beyond that evicts the oldest.
 const MAX_PENDING: usize = 64;
 
 /// Accepts `count` data streams on `listener`, in index order. Connections with a wrong token
@@ -79,7 +80,9 @@ pub fn accept_stream_sets(
         .set_nonblocking(true)
         .map_err(|e| Error::io("listener non-blocking", e, "data stream"))?;
     let (tx, rx) = std::sync::mpsc::channel::<(usize, TcpStream)>();
-    let pending = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // Each pending greeting: a handle on its stream (to evict it) and whether it has ended.
+    let mut pending: std::collections::VecDeque<(TcpStream, std::sync::Arc<AtomicBool>)> =
+        std::collections::VecDeque::new();
     let result = (|| {
         while slots.iter().any(Option::is_none) {
             while let Ok((i, s)) = rx.try_recv() {
@@ -94,18 +97,24 @@ pub fn accept_stream_sets(
             }
             match listener.accept() {
                 Ok((s, peer)) => {
-                    use std::sync::atomic::Ordering;
-                    if pending.load(Ordering::Acquire) >= MAX_PENDING {
-                        tracing::warn!("refused a data stream from {peer}: too many pending");
-                        continue;
+                    // Beyond MAX_PENDING the oldest pending connection goes, not the new one: a
+                    // flood of silent connections cannot lock the real streams out.
+                    pending.retain(|(_, done)| !done.load(Ordering::Acquire));
+                    if pending.len() >= MAX_PENDING {
+                        if let Some((oldest, _)) = pending.pop_front() {
+                            tracing::warn!("{MAX_PENDING} greetings pending: dropping the oldest");
+                            let _ = oldest.shutdown(std::net::Shutdown::Both);
+                        }
                     }
-                    pending.fetch_add(1, Ordering::AcqRel);
-                    let (tx, pending, sets, firsts) = (
-                        tx.clone(),
-                        pending.clone(),
-                        sets_owned.clone(),
-                        firsts.clone(),
-                    );
+                    let Ok(handle) = s.try_clone() else {
+                        tracing::warn!(
+                            "refused a data stream from {peer}: cannot clone its socket"
+                        );
+                        continue;
+                    };
+                    let done = std::sync::Arc::new(AtomicBool::new(false));
+                    pending.push_back((handle, done.clone()));
+                    let (tx, sets, firsts) = (tx.clone(), sets_owned.clone(), firsts.clone());
                     let spawned = std::thread::Builder::new()
                         .name("rdmig-greeting".into())
                         .spawn(move || {
@@ -115,7 +124,7 @@ pub fn accept_stream_sets(
                                 }
                                 Err(e) => tracing::warn!("refused a data stream from {peer}: {e}"),
                             }
-                            pending.fetch_sub(1, Ordering::AcqRel);
+                            done.store(true, Ordering::Release);
                         });
                     if let Err(e) = spawned {
                         return Err(Error::io("spawning a greeting reader", e, "data stream"));

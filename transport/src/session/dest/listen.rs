@@ -3,14 +3,18 @@
 //!
 //! Each incoming control connection runs its handshake (Hello, HelloAck, AuthProof) on a
 //! thread of its own, every message bounded by [`HANDSHAKE_TIMEOUT`] (a silent or dripping peer
-//! is dropped when it passes), at most [`MAX_PENDING`] at once (more are closed at once). The
+//! is dropped when it passes), at most [`MAX_PENDING`] at once: a new connection beyond that
+//! evicts the oldest pending one (a flood of silent connections cannot lock a real source out:
+//! a real handshake takes milliseconds, so only [`MAX_PENDING`] newer connections arriving within
+//! those milliseconds could evict it). The
 //! first connection that proves the key wins and the migration goes on over it; the others
 //! are dropped as their handshakes end. A refused connection is logged and the listener keeps
 //! serving — until the configured listen timeout, after which `accept` returns the last
 //! refusal (or a timeout when there was none).
 
-use std::net::TcpListener;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::VecDeque;
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,7 +33,7 @@ use crate::wire::{
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Most handshakes in progress at once.
-pub const MAX_PENDING: usize = 16;
+pub const MAX_PENDING: usize = 64;
 
 /// What an authenticated handshake settled.
 pub(super) struct Handshake {
@@ -51,7 +55,8 @@ pub(super) fn authenticate(
     let until = config.listen_timeout.map(|t| Instant::now() + t);
     let config = Arc::new(config.clone());
     let (tx, rx) = mpsc::channel::<Result<(Control, Handshake)>>();
-    let pending = Arc::new(AtomicUsize::new(0));
+    // Each pending handshake: a handle on its stream (to evict it) and whether it has ended.
+    let mut pending: VecDeque<(TcpStream, Arc<AtomicBool>)> = VecDeque::new();
     let mut last_refusal: Option<Error> = None;
     let restore = |r| {
         listener
@@ -71,14 +76,25 @@ pub(super) fn authenticate(
         }
         match listener.accept() {
             Ok((stream, peer)) => {
-                if pending.load(Ordering::Acquire) >= MAX_PENDING {
-                    tracing::warn!(
-                        "refused a connection from {peer}: {MAX_PENDING} handshakes pending"
-                    );
-                    continue;
+                pending.retain(|(_, done)| !done.load(Ordering::Acquire));
+                if pending.len() >= MAX_PENDING {
+                    if let Some((oldest, _)) = pending.pop_front() {
+                        tracing::warn!(
+                            "{MAX_PENDING} handshakes pending: dropping the oldest, from {}",
+                            oldest
+                                .peer_addr()
+                                .map_or_else(|_| "?".to_string(), |a| a.to_string())
+                        );
+                        let _ = oldest.shutdown(std::net::Shutdown::Both);
+                    }
                 }
-                pending.fetch_add(1, Ordering::AcqRel);
-                let (tx, pending, config) = (tx.clone(), pending.clone(), config.clone());
+                let Ok(handle) = stream.try_clone() else {
+                    tracing::warn!("refused a connection from {peer}: cannot clone its socket");
+                    continue;
+                };
+                let done = Arc::new(AtomicBool::new(false));
+                pending.push_back((handle, done.clone()));
+                let (tx, config) = (tx.clone(), config.clone());
                 let spawned = std::thread::Builder::new()
                     .name("rdmig-handshake".into())
                     .spawn(move || {
@@ -86,7 +102,7 @@ pub(super) fn authenticate(
                         if let Err(e) = &r {
                             tracing::warn!("refused a migration from {peer}: {e}");
                         }
-                        pending.fetch_sub(1, Ordering::AcqRel);
+                        done.store(true, Ordering::Release);
                         let _ = tx.send(r);
                     });
                 if let Err(e) = spawned {
@@ -114,10 +130,7 @@ pub(super) fn authenticate(
 }
 
 /// One connection's handshake; on failure the peer is told only the kind of failure.
-fn serve_handshake(
-    stream: std::net::TcpStream,
-    config: &MigrationConfig,
-) -> Result<(Control, Handshake)> {
+fn serve_handshake(stream: TcpStream, config: &MigrationConfig) -> Result<(Control, Handshake)> {
     stream
         .set_nonblocking(false)
         .map_err(|e| Error::io("control blocking mode", e, "control"))?;
