@@ -169,6 +169,10 @@ struct Dest<'a> {
 ///
 /// `factory` builds the destination VM once the source has authenticated and announced its
 /// memory layout. On failure nothing of the guest is kept.
+///
+/// Connections that fail the handshake (wrong key, silence, garbage) are refused and logged
+/// while `accept` keeps serving `listener`, until a source authenticates or
+/// [`MigrationConfig::listen_timeout`] passes; it then returns the last refusal (or a timeout).
 pub fn accept(
     listener: &TcpListener,
     config: &MigrationConfig,
