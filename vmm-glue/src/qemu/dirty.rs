@@ -251,9 +251,9 @@ impl ContentShadow {
     /// Copies all of `live` into the shadow (round 0 sends it all).
     pub fn start(&mut self, live: &GuestMemoryMap) {
         for (l, s) in live.regions().iter().zip(&self.shadow) {
-            // SAFETY: both ranges are live mappings of the same length (the shadow was made for
-            // this region); the guest may write the source concurrently: bytes have no invalid
-            // values and a torn copy differs from the live page, so the next fetch carries it.
+            // The guest may write the source concurrently: bytes have no invalid values and a
+            // torn copy differs from the live page, so the next fetch carries it.
+            // SAFETY: both ranges are live mappings of the same length (shadow made for it).
             unsafe { libc::memcpy(s.as_ptr().cast(), l.host_ptr().cast(), l.len() as usize) };
         }
     }
@@ -273,9 +273,10 @@ fn compare_region(live: &GuestRegion, shadow: &MmapRegion, id: RegionId, into: &
     let mut off = 0usize;
     while off < len {
         let n = PAGE.min(len - off);
-        // SAFETY: off + n <= len, inside both live mappings; memcmp and memcpy go through raw
-        // pointers only (no reference to memory the guest writes concurrently). A page the guest
-        // writes during the copy differs from the torn shadow and is carried again next fetch.
+        // memcmp and memcpy go through raw pointers only (no reference to memory the guest
+        // writes concurrently). A page the guest writes during the copy differs from the torn
+        // shadow and is carried again next fetch.
+        // SAFETY: off + n <= len, inside both live mappings.
         unsafe {
             if libc::memcmp(lp.add(off).cast(), sp.add(off).cast(), n) != 0 {
                 libc::memcpy(sp.add(off).cast(), lp.add(off).cast(), n);

@@ -238,8 +238,8 @@ impl SharedRam {
             }
             let len = usize::try_from(b.size)
                 .map_err(|_| Error::QemuSetup(format!("backend {:?} is too big", b.id)))?;
-            // SAFETY: a new shared mapping at an address the kernel picks, of a file checked to
-            // be long enough; the result is checked.
+            // The file was checked to be long enough; the result is checked below.
+            // SAFETY: a new shared mapping at an address the kernel picks.
             let ptr = unsafe {
                 libc::mmap(
                     std::ptr::null_mut(),
@@ -288,9 +288,9 @@ impl SharedRam {
             .zip(&self.maps)
             .map(|(b, (ptr, len, file))| {
                 let fd: RawFd = file.as_raw_fd();
-                // SAFETY: ptr..ptr+len is our live shared mapping of `file` at `file_offset`;
-                // it and the fd stay until `self` drops, which the owner of the map outlives
-                // (QemuSource and QemuDest keep both).
+                // The mapping and the fd stay until `self` drops, which the owner of the map
+                // outlives (QemuSource and QemuDest keep both).
+                // SAFETY: ptr..ptr+len is our live shared mapping of `file` at `file_offset`.
                 unsafe {
                     GuestRegion::new(GuestAddress(b.offset), *ptr, *len as u64)
                         .with_memfd(fd, b.file_offset)
