@@ -189,19 +189,27 @@ impl Control {
 
     /// Receives one message, including `Abort`, whatever the command.
     pub fn recv_any(&mut self) -> Result<Message> {
-        self.recv_checked(&|_| true)
+        self.recv_checked("receiving", &|_| true)
     }
 
     /// Receives one message whose command `accept` allows (`Abort` always is), refusing any
-    /// other from its header alone, before its payload is read.
-    pub fn recv_filtered(&mut self, accept: &dyn Fn(Command) -> bool) -> Result<Message> {
-        match self.recv_checked(accept)? {
+    /// other from its header alone, before its payload is read, as unexpected while `state`.
+    pub fn recv_filtered(
+        &mut self,
+        state: &'static str,
+        accept: &dyn Fn(Command) -> bool,
+    ) -> Result<Message> {
+        match self.recv_checked(state, accept)? {
             Message::Abort(reason) => Err(Error::PeerAborted(reason)),
             m => Ok(m),
         }
     }
 
-    fn recv_checked(&mut self, accept: &dyn Fn(Command) -> bool) -> Result<Message> {
+    fn recv_checked(
+        &mut self,
+        state: &'static str,
+        accept: &dyn Fn(Command) -> bool,
+    ) -> Result<Message> {
         // Up to one timeout for a message to begin, then one timeout for all of it.
         let mut hdr = [0u8; size_of::<Header>()];
         let wait = self.timeout.map(|t| Instant::now() + t);
@@ -217,7 +225,7 @@ impl Control {
         }
         if cmd != Command::Abort && !accept(cmd) {
             return Err(Error::UnexpectedMessage {
-                state: "in this state",
+                state,
                 got: format!("{cmd:?}"),
             });
         }
@@ -248,7 +256,7 @@ impl Control {
 
     /// Receives one message; a peer's `Abort` becomes [`Error::PeerAborted`].
     pub fn recv(&mut self) -> Result<Message> {
-        self.recv_filtered(&|_| true)
+        self.recv_filtered("receiving", &|_| true)
     }
 
     /// Best-effort abort notice; failures are logged, not returned (the channel may be dead).

@@ -13,6 +13,7 @@ pub mod digest;
 mod error;
 pub mod mem;
 pub mod pages;
+mod pending;
 pub mod postcopy;
 pub mod rdma;
 pub mod require;

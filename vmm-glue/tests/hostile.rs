@@ -240,7 +240,9 @@ fn a_huge_announced_payload_allocates_nothing_before_the_bytes_arrive() {
     ctl.set_authenticated();
     peer.write_all(&raw_header(Command::DeviceState, 256 << 20))
         .unwrap();
-    let e = ctl.recv_filtered(&|c| c == Command::RoundDone).unwrap_err();
+    let e = ctl
+        .recv_filtered("awaiting RoundDone", &|c| c == Command::RoundDone)
+        .unwrap_err();
     assert!(matches!(e, Error::UnexpectedMessage { .. }), "{e}");
     // Where it is expected, the buffer grows with what arrives: 1 MiB sent, then silence.
     peer.write_all(&raw_header(Command::DeviceState, 256 << 20))

@@ -288,12 +288,10 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
     let params = args.params()?;
     // Every value is checked before any VM is built or memory is touched.
-    args.config(Psk::random()?, None)
-        .validate()
-        .context("invalid arguments")?;
+    let checked = args.config(Psk::random()?, None);
+    checked.validate().context("invalid arguments")?;
     if matches!(args.transport, TransportArg::Rdma) {
-        let opts = args.config(Psk::random()?, None).rdma;
-        if let Err(why) = rdmig_transport::rdma::probe(&opts) {
+        if let Err(why) = rdmig_transport::rdma::probe(&checked.rdma) {
             bail!("RDMA unavailable: --transport rdma needs a usable RDMA device here: {why}");
         }
     }

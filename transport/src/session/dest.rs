@@ -272,14 +272,7 @@ impl Dest<'_> {
         let (state, postcopy) = (self.state, self.mode != MigrationMode::Precopy);
         let m = self
             .ctl
-            .recv_filtered(&|c| state.may_receive(c, postcopy))
-            .map_err(|e| match e {
-                Error::UnexpectedMessage { got, .. } => Error::UnexpectedMessage {
-                    state: state.describe(),
-                    got,
-                },
-                e => e,
-            })?;
+            .recv_filtered(state.describe(), &|c| state.may_receive(c, postcopy))?;
         if !self.state.accepts(&m, postcopy) {
             return Err(Error::UnexpectedMessage {
                 state: self.state.describe(),

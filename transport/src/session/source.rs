@@ -239,14 +239,7 @@ impl Source<'_> {
         let state = self.state;
         let m = self
             .ctl
-            .recv_filtered(&|c| state.may_receive(c))
-            .map_err(|e| match e {
-                Error::UnexpectedMessage { got, .. } => Error::UnexpectedMessage {
-                    state: state.describe(),
-                    got,
-                },
-                e => e,
-            })?;
+            .recv_filtered(state.describe(), &|c| state.may_receive(c))?;
         if let (SourceState::AwaitRoundDone(want), Message::RoundDone(d)) = (state, &m) {
             if d.round != want {
                 return Err(Error::Protocol(format!(

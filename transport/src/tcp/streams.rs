@@ -3,10 +3,10 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
+use crate::pending::{self, Pending};
 use crate::wire::{StreamHello, MAC_LEN};
 
 /// Connects `count` data streams to `addr`.
@@ -80,9 +80,7 @@ pub fn accept_stream_sets(
         .set_nonblocking(true)
         .map_err(|e| Error::io("listener non-blocking", e, "data stream"))?;
     let (tx, rx) = std::sync::mpsc::channel::<(usize, TcpStream)>();
-    // Each pending greeting: a handle on its stream (to evict it) and whether it has ended.
-    let mut pending: std::collections::VecDeque<(TcpStream, std::sync::Arc<AtomicBool>)> =
-        std::collections::VecDeque::new();
+    let mut pending = Pending::new(MAX_PENDING);
     let result = (|| {
         while slots.iter().any(Option::is_none) {
             while let Ok((i, s)) = rx.try_recv() {
@@ -97,23 +95,12 @@ pub fn accept_stream_sets(
             }
             match listener.accept() {
                 Ok((s, peer)) => {
-                    // Beyond MAX_PENDING the oldest pending connection goes, not the new one: a
-                    // flood of silent connections cannot lock the real streams out.
-                    pending.retain(|(_, done)| !done.load(Ordering::Acquire));
-                    if pending.len() >= MAX_PENDING {
-                        if let Some((oldest, _)) = pending.pop_front() {
-                            tracing::warn!("{MAX_PENDING} greetings pending: dropping the oldest");
-                            let _ = oldest.shutdown(std::net::Shutdown::Both);
-                        }
-                    }
-                    let Ok(handle) = s.try_clone() else {
+                    let Some(done) = pending.admit(&s, "greetings") else {
                         tracing::warn!(
-                            "refused a data stream from {peer}: cannot clone its socket"
+                            "refused a data stream from {peer}: cannot track its socket"
                         );
                         continue;
                     };
-                    let done = std::sync::Arc::new(AtomicBool::new(false));
-                    pending.push_back((handle, done.clone()));
                     let (tx, sets, firsts) = (tx.clone(), sets_owned.clone(), firsts.clone());
                     let spawned = std::thread::Builder::new()
                         .name("rdmig-greeting".into())
@@ -124,7 +111,7 @@ pub fn accept_stream_sets(
                                 }
                                 Err(e) => tracing::warn!("refused a data stream from {peer}: {e}"),
                             }
-                            done.store(true, Ordering::Release);
+                            pending::done(&done);
                         });
                     if let Err(e) = spawned {
                         return Err(Error::io("spawning a greeting reader", e, "data stream"));

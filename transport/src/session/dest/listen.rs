@@ -12,9 +12,7 @@
 //! serving — until the configured listen timeout, after which `accept` returns the last
 //! refusal (or a timeout when there was none).
 
-use std::collections::VecDeque;
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,6 +21,7 @@ use super::super::config::{MigrationConfig, MigrationMode};
 use crate::auth::random_bytes;
 use crate::control::{pre_auth_reason, Control};
 use crate::error::{Error, Result};
+use crate::pending::{self, Pending};
 use crate::postcopy::Uffd;
 use crate::rdma::{self, RdmaOptions};
 use crate::wire::{
@@ -39,7 +38,7 @@ pub const MAX_PENDING: usize = 64;
 pub(super) struct Handshake {
     pub hello: Hello,
     pub transport: TransportKind,
-    /// Why that transport, in full (logged here; the source got [`public_reason`]).
+    /// Why that transport, in full (logged here; the source got only the fixed case).
     pub detail: String,
     pub rdma_opts: RdmaOptions,
     pub mode: MigrationMode,
@@ -55,8 +54,7 @@ pub(super) fn authenticate(
     let until = config.listen_timeout.map(|t| Instant::now() + t);
     let config = Arc::new(config.clone());
     let (tx, rx) = mpsc::channel::<Result<(Control, Handshake)>>();
-    // Each pending handshake: a handle on its stream (to evict it) and whether it has ended.
-    let mut pending: VecDeque<(TcpStream, Arc<AtomicBool>)> = VecDeque::new();
+    let mut pending = Pending::new(MAX_PENDING);
     let mut last_refusal: Option<Error> = None;
     let restore = |r| {
         listener
@@ -76,24 +74,10 @@ pub(super) fn authenticate(
         }
         match listener.accept() {
             Ok((stream, peer)) => {
-                pending.retain(|(_, done)| !done.load(Ordering::Acquire));
-                if pending.len() >= MAX_PENDING {
-                    if let Some((oldest, _)) = pending.pop_front() {
-                        tracing::warn!(
-                            "{MAX_PENDING} handshakes pending: dropping the oldest, from {}",
-                            oldest
-                                .peer_addr()
-                                .map_or_else(|_| "?".to_string(), |a| a.to_string())
-                        );
-                        let _ = oldest.shutdown(std::net::Shutdown::Both);
-                    }
-                }
-                let Ok(handle) = stream.try_clone() else {
-                    tracing::warn!("refused a connection from {peer}: cannot clone its socket");
+                let Some(done) = pending.admit(&stream, "handshakes") else {
+                    tracing::warn!("refused a connection from {peer}: cannot track its socket");
                     continue;
                 };
-                let done = Arc::new(AtomicBool::new(false));
-                pending.push_back((handle, done.clone()));
                 let (tx, config) = (tx.clone(), config.clone());
                 let spawned = std::thread::Builder::new()
                     .name("rdmig-handshake".into())
@@ -102,7 +86,7 @@ pub(super) fn authenticate(
                         if let Err(e) = &r {
                             tracing::warn!("refused a migration from {peer}: {e}");
                         }
-                        done.store(true, Ordering::Release);
+                        pending::done(&done);
                         let _ = tx.send(r);
                     });
                 if let Err(e) = spawned {
@@ -152,7 +136,8 @@ fn serve_handshake(stream: TcpStream, config: &MigrationConfig) -> Result<(Contr
 
 /// Hello, HelloAck, AuthProof: checks the source's request and its proof of the key.
 fn handshake(ctl: &mut Control, config: &MigrationConfig) -> Result<Handshake> {
-    let Message::Hello(hello) = ctl.recv_filtered(&|c| c == Command::Hello)? else {
+    let Message::Hello(hello) = ctl.recv_filtered("awaiting Hello", &|c| c == Command::Hello)?
+    else {
         unreachable!("filtered")
     };
     if hello.version != PROTOCOL_VERSION {
@@ -167,7 +152,7 @@ fn handshake(ctl: &mut Control, config: &MigrationConfig) -> Result<Handshake> {
             hello.streams
         )));
     }
-    let (transport, detail, rdma_opts) = choose_transport(config, &hello)?;
+    let (transport, public, detail, rdma_opts) = choose_transport(config, &hello)?;
     let mode = MigrationMode::from_u8(hello.mode)?;
     if mode != MigrationMode::Precopy {
         if hello.caps & caps::POSTCOPY == 0 {
@@ -198,11 +183,11 @@ fn handshake(ctl: &mut Control, config: &MigrationConfig) -> Result<Handshake> {
         caps: my_caps,
         nonce: nonce_d,
         mac: psk.dest_proof(&hello.nonce, &nonce_d),
-        // The source has not proved the key yet: it is told which case applies, never the
-        // detail (device names, driver errors), which stays in this end's log.
-        reason: public_reason(&detail).to_string(),
+        reason: public.to_string(),
     }))?;
-    let Message::AuthProof(mac) = ctl.recv_filtered(&|c| c == Command::AuthProof)? else {
+    let Message::AuthProof(mac) =
+        ctl.recv_filtered("awaiting AuthProof", &|c| c == Command::AuthProof)?
+    else {
         unreachable!("filtered")
     };
     if !psk.check_source_proof(&hello.nonce, &nonce_d, &mac) {
@@ -220,25 +205,13 @@ fn handshake(ctl: &mut Control, config: &MigrationConfig) -> Result<Handshake> {
     })
 }
 
-/// The transport choice as the source is told it (the start of `choose_transport`'s texts).
-fn public_reason(detail: &str) -> &'static str {
-    const CASES: [&str; 5] = [
-        "the source requested TCP",
-        "RDMA requested",
-        "both ends have a usable RDMA device",
-        "the source has no usable RDMA device",
-        "the destination has no usable RDMA device",
-    ];
-    CASES
-        .into_iter()
-        .find(|c| detail.starts_with(c))
-        .unwrap_or("chosen by the destination")
-}
-
+/// The transport for `hello`: the choice, what the source is told of why (fixed text, no
+/// device names or driver errors: it has not proved the key yet), the full reason for this
+/// end's log, and the RDMA options.
 fn choose_transport(
     config: &MigrationConfig,
     hello: &Hello,
-) -> Result<(TransportKind, String, RdmaOptions)> {
+) -> Result<(TransportKind, &'static str, String, RdmaOptions)> {
     let opts = config.rdma.clone();
     let local = match config.transport {
         TransportKind::Tcp => Err("the destination is configured for TCP only".to_string()),
@@ -246,10 +219,16 @@ fn choose_transport(
     };
     let source_rdma = hello.caps & caps::RDMA != 0;
     Ok(match hello.transport {
-        TransportKind::Tcp => (TransportKind::Tcp, "the source requested TCP".into(), opts),
+        TransportKind::Tcp => (
+            TransportKind::Tcp,
+            "the source requested TCP",
+            "the source requested TCP".into(),
+            opts,
+        ),
         TransportKind::Rdma => match local {
             Ok(dev) => (
                 TransportKind::Rdma,
+                "RDMA requested",
                 format!("RDMA requested; destination device {}", dev.name),
                 opts,
             ),
@@ -262,6 +241,7 @@ fn choose_transport(
         TransportKind::Auto => match (source_rdma, local) {
             (true, Ok(dev)) => (
                 TransportKind::Rdma,
+                "both ends have a usable RDMA device",
                 format!(
                     "both ends have a usable RDMA device (destination: {} port {})",
                     dev.name, dev.port
@@ -270,11 +250,13 @@ fn choose_transport(
             ),
             (false, _) => (
                 TransportKind::Tcp,
+                "the source has no usable RDMA device",
                 "the source has no usable RDMA device".into(),
                 opts,
             ),
             (true, Err(why)) => (
                 TransportKind::Tcp,
+                "the destination has no usable RDMA device",
                 format!("the destination has no usable RDMA device: {why}"),
                 opts,
             ),
