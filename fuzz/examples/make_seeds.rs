@@ -150,6 +150,8 @@ fn main() {
         pages_written: 100,
         pages: 64,
         span: 16,
+        populated: 48,
+        zero_share: 10,
     };
     let mut b = 64u32.to_le_bytes().to_vec();
     b.extend(state::encode(&h, (0..16u64).map(|g| g * 300)));

@@ -8,6 +8,12 @@
 //! describe the paused guest. The digest is xxh3-128 over the table, so it covers every page
 //! of guest memory while costing only the pages of the final round in the downtime.
 //! [`full_digest`] hashes the memory itself, for checks outside the downtime.
+//!
+//! Zero pages ride on the same pass: [`PageHashes::classify`] hashes a round's pages and sorts
+//! them into data and zero runs. A page is zero only if its hash is the zero page's *and* a
+//! check of its bytes finds nothing but zeroes (a hash alone is never trusted), so the check
+//! costs a second read of zero pages only. The destination records the zero page's hash for
+//! the zero pages it is told of, so the digest covers them exactly as any other page.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -22,6 +28,8 @@ use crate::pages::PageRange;
 pub struct PageHashes {
     base: Vec<usize>,
     hashes: Vec<AtomicU64>,
+    /// xxh3-64 of an all-zero page.
+    zero: u64,
 }
 
 impl PageHashes {
@@ -38,6 +46,49 @@ impl PageHashes {
         PageHashes {
             base,
             hashes: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            zero: zero_page_hash(map.page_size().bytes() as usize),
+        }
+    }
+
+    /// The hash of an all-zero page.
+    pub fn zero_hash(&self) -> u64 {
+        self.zero
+    }
+
+    /// Hashes the pages of `range` into the table (as [`PageHashes::update`]) and appends them
+    /// to `data` or `zero` as coalesced runs: a page goes to `zero` when its hash is the zero
+    /// page's and its bytes are all zero.
+    pub fn classify(
+        &self,
+        map: &GuestMemoryMap,
+        range: &PageRange,
+        data: &mut Vec<PageRange>,
+        zero: &mut Vec<PageRange>,
+    ) -> Result<()> {
+        let (ptr, len) = map.span(range.region, range.first, range.npages)?;
+        let page = map.page_size().bytes() as usize;
+        // As in `update`: a page torn by a racing write is dirty and moves again.
+        // SAFETY: `span` checked that ptr..ptr+len lies inside a region the VMM vouched for.
+        let bytes = unsafe { std::slice::from_raw_parts(ptr, len) };
+        let base = self.base[range.region.0 as usize] + range.first.0 as usize;
+        for (i, chunk) in bytes.chunks(page).enumerate() {
+            let h = xxh3_64(chunk);
+            self.hashes[base + i].store(h, Ordering::Relaxed);
+            let out = if h == self.zero && is_zero(chunk) {
+                &mut *zero
+            } else {
+                &mut *data
+            };
+            push_page(out, range.region, PageIndex(range.first.0 + i as u64));
+        }
+        Ok(())
+    }
+
+    /// Records the zero page's hash for every page of `range` (pages known to be zero).
+    pub fn set_zero(&self, range: &PageRange) {
+        let base = self.base[range.region.0 as usize] + range.first.0 as usize;
+        for h in &self.hashes[base..base + range.npages as usize] {
+            h.store(self.zero, Ordering::Relaxed);
         }
     }
 
@@ -109,6 +160,46 @@ pub fn full_digest(map: &GuestMemoryMap) -> u128 {
     }
     h.digest128()
 }
+
+/// Appends page `page` of `region` to `runs`, extending the last run when it is contiguous.
+pub fn push_page(runs: &mut Vec<PageRange>, region: RegionId, page: PageIndex) {
+    if let Some(last) = runs.last_mut() {
+        if last.region == region && last.end() == page.0 && last.npages < u64::from(u32::MAX) {
+            last.npages += 1;
+            return;
+        }
+    }
+    runs.push(PageRange {
+        region,
+        first: page,
+        npages: 1,
+    });
+}
+
+/// True if every byte of `b` is zero.
+pub fn is_zero(b: &[u8]) -> bool {
+    let (head, mid, tail) = bytemuck::pod_align_to::<u8, u128>(b);
+    head.iter().all(|&x| x == 0)
+        && tail.iter().all(|&x| x == 0)
+        && mid.chunks(8).all(|c| c.iter().fold(0, |a, &x| a | x) == 0)
+}
+
+/// xxh3-64 of an all-zero page of `bytes` bytes (streamed, no page-sized buffer).
+pub fn zero_page_hash(bytes: usize) -> u64 {
+    if bytes <= 1 << 16 {
+        return xxh3_64(&ZEROES[..bytes]);
+    }
+    let mut h = Xxh3::new();
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(ZEROES.len());
+        h.update(&ZEROES[..n]);
+        left -= n;
+    }
+    h.digest()
+}
+
+static ZEROES: [u8; 1 << 16] = [0; 1 << 16];
 
 /// xxh3-128 of a byte string (device state, tests).
 pub fn digest_bytes(b: &[u8]) -> u128 {

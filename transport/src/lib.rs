@@ -21,5 +21,6 @@ pub mod session;
 pub mod tcp;
 pub mod vm;
 pub mod wire;
+pub mod zero;
 
 pub use error::{Error, Result, VmmError};

@@ -105,6 +105,18 @@ impl PageSet {
         }
     }
 
+    /// Removes one page; returns whether it was in the set.
+    pub fn take(&mut self, region: RegionId, page: PageIndex) -> bool {
+        let r = region.0 as usize;
+        if r >= self.bitmaps.len() || page.0 >= self.pages[r] {
+            return false;
+        }
+        let (w, bit) = ((page.0 / 64) as usize, 1u64 << (page.0 % 64));
+        let was = self.bitmaps[r][w] & bit != 0;
+        self.bitmaps[r][w] &= !bit;
+        was
+    }
+
     /// True if the page is in the set.
     pub fn contains(&self, region: RegionId, page: PageIndex) -> bool {
         let r = region.0 as usize;

@@ -59,6 +59,15 @@ pub trait DestinationVm: Send {
         Err("this VMM cannot pause a destination guest".into())
     }
 
+    /// True if every page of [`DestinationVm::memory`] reads zero until the migration writes
+    /// it (fresh anonymous or memfd memory that nothing loaded firmware or images into). Zero
+    /// pages the source announces are then left untouched where this end wrote nothing, so
+    /// they cost no memory; without the promise (the default) each is checked, and zeroed if
+    /// it is not.
+    fn memory_starts_zero(&self) -> bool {
+        false
+    }
+
     /// The concrete VM, for the VMM that built it (after `session::accept` hands it back).
     fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send>;
 }

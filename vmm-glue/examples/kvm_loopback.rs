@@ -32,6 +32,7 @@ fn main() {
         dirty_rate: arg(2, 256) << 20,
         page_size: PageSize::KIB4,
         memfd: false,
+        populated: None,
     };
     for run in 0..arg(3, 3) {
         let t = Instant::now();

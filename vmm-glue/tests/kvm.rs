@@ -42,6 +42,7 @@ fn config(mem_mib: u64, ws_mib: u64, rate_mib_s: u64) -> KvmConfig {
         dirty_rate: rate_mib_s << 20,
         page_size: PageSize::KIB4,
         memfd: false,
+        populated: None,
     }
 }
 

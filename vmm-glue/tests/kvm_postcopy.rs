@@ -64,6 +64,7 @@ fn guest(mem_mib: u64, ws_mib: u64, rate_mib_s: u64) -> KvmConfig {
         dirty_rate: rate_mib_s * MIB,
         page_size: PageSize::KIB4,
         memfd: false,
+        populated: None,
     }
 }
 

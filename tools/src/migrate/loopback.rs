@@ -88,6 +88,7 @@ pub fn run(args: &Args, params: &VmParams) -> Result<ExitCode> {
         .args(["--writers", &args.writers.to_string()])
         .args(["--regions", &args.regions.to_string()])
         .args(args.memfd.then_some("--memfd"))
+        .args(args.no_zero_pages.then_some("--no-zero-pages"))
         .args([
             "--io-timeout",
             &format!("{}ms", args.io_timeout.as_millis()),

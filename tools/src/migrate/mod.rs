@@ -108,6 +108,17 @@ pub struct Args {
     /// How fast the guest dirties its working set (e.g. 128MiB/s; 0 = idle).
     #[arg(long = "dirty-rate", default_value = "64MiB/s", value_parser = parse_rate)]
     pub dirty_rate: u64,
+    /// Part of guest memory the guest has written when it starts (synthetic VM, KVM guest)
+    /// [default: all of it]. The rest stays zero and untouched, as in a freshly booted guest.
+    #[arg(long, value_parser = parse_size)]
+    pub populated: Option<u64>,
+    /// Percent of the synthetic guest's writes that write a zero page (a guest freeing and
+    /// zeroing memory), so that pages turn zero and non-zero between rounds.
+    #[arg(long = "zero-writes", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+    pub zero_writes: u8,
+    /// Move zero pages as page data too (by default they travel as ranges, never as bytes).
+    #[arg(long = "no-zero-pages")]
+    pub no_zero_pages: bool,
     /// Page size for dirty tracking and transfer.
     #[arg(long = "page-size", default_value = "4KiB", value_parser = parse_size)]
     pub page_size: u64,
@@ -211,6 +222,11 @@ impl Args {
                 self.mem
             );
         }
+        if let Some(p) = self.populated {
+            if p > self.mem {
+                bail!("--populated ({p}) is larger than --mem ({})", self.mem);
+            }
+        }
         // Guest memory is populated up front: refuse what this host cannot give, before the
         // OOM killer does it halfway (--loopback runs both ends here, so twice the memory).
         let copies = if self.loopback { 2 } else { 1 };
@@ -232,6 +248,8 @@ impl Args {
             regions: self.regions.max(1),
             writers: self.writers.max(1),
             memfd: self.memfd,
+            populated: self.populated,
+            zero_share: self.zero_writes,
             qemu_qmp: self.qemu_qmp.clone(),
             tracking: match self.dirty_tracking {
                 TrackingArg::Auto => rdmig_vmm::qemu::TrackingChoice::Auto,
@@ -261,6 +279,7 @@ impl Args {
             .with_io_timeout(self.io_timeout)
             .with_max_guest_bytes(self.max_guest_mem)
             .with_listen_timeout(self.listen_timeout)
+            .with_zero_pages(!self.no_zero_pages)
             .with_rdma(RdmaOptions {
                 device: self.ib_dev.clone(),
                 gid_index: self.gid_index,

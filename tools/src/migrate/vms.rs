@@ -74,6 +74,10 @@ pub struct VmParams {
     pub writers: u32,
     /// memfd-backed guest memory (either VM; zero-copy post-copy).
     pub memfd: bool,
+    /// Bytes the guest wrote at start (`None`: all; synthetic and KVM).
+    pub populated: Option<u64>,
+    /// Percent of writes that write a zero page (synthetic).
+    pub zero_share: u8,
     /// The QMP socket of this end's QEMU (`--vm qemu`).
     pub qemu_qmp: Option<PathBuf>,
     /// Dirty tracking of a QEMU source.
@@ -93,6 +97,8 @@ impl VmParams {
             regions: self.regions,
             writers: self.writers,
             memfd: self.memfd,
+            populated: self.populated,
+            zero_share: self.zero_share,
         }
     }
 
@@ -108,6 +114,7 @@ impl VmParams {
             dirty_rate: self.dirty_rate,
             page_size: self.page,
             memfd: self.memfd,
+            populated: self.populated,
         }
     }
 }

@@ -94,11 +94,10 @@ impl MmapRegion {
     /// (Transparent huge pages are not requested: on the paravirtual hosts this runs on,
     /// populating with THP measured twice as slow as with 4 KiB pages.)
     fn populate(&self) {
-        const MADV_POPULATE_WRITE: libc::c_int = 23;
-        // SAFETY: advice on our own mapping; on kernels without it (EINVAL) we touch pages.
-        if unsafe { libc::madvise(self.ptr.cast(), self.len, MADV_POPULATE_WRITE) } == 0 {
+        if prefault(self.ptr, self.len) {
             return;
         }
+        // Kernels without MADV_POPULATE_WRITE (before 5.14): touch the pages.
         for off in (0..self.len).step_by(4096) {
             // Writing zero to fresh memory changes nothing but faults the page in.
             // SAFETY: off < len, inside our writable mapping.
@@ -154,4 +153,14 @@ impl Drop for MmapRegion {
             );
         }
     }
+}
+
+/// Faults `len` bytes of writable memory at `ptr` in (`MADV_POPULATE_WRITE`, Linux 5.14+)
+/// without changing a byte. Returns false where the kernel cannot (the pages then fault on
+/// first use, as without it).
+pub fn prefault(ptr: *mut u8, len: usize) -> bool {
+    const MADV_POPULATE_WRITE: libc::c_int = 23;
+    // Advice only: populating never changes memory contents; a bad range fails with an error.
+    // SAFETY: madvise validates the range itself and writes no byte of it.
+    unsafe { libc::madvise(ptr.cast(), len, MADV_POPULATE_WRITE) == 0 }
 }

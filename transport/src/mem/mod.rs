@@ -11,7 +11,7 @@ mod host;
 mod mmap;
 
 pub use host::HostMemory;
-pub use mmap::{MmapBacking, MmapRegion};
+pub use mmap::{prefault, MmapBacking, MmapRegion};
 
 use crate::error::{Error, Result};
 use std::os::fd::RawFd;

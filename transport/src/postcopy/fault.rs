@@ -11,7 +11,7 @@ use hdrhistogram::Histogram;
 
 use super::fetch::PageFetcher;
 use super::missing::MissingPages;
-use super::uffd::Uffd;
+use super::uffd::{CopyOutcome, Uffd};
 use crate::digest::PageHashes;
 use crate::error::Result;
 use crate::pages::PageRange;
@@ -153,6 +153,14 @@ pub fn fault_loop(
                 if in_place {
                     if let Err(e) = uffd.continue_range(ptr, len) {
                         tracing::warn!("mapping a valid page on a fault: {e}");
+                    }
+                } else {
+                    // Not missing and absent: a page no round wrote (zero pages stay
+                    // untouched) gets the zero page; an installed one reports EEXIST.
+                    match uffd.zeropage(ptr, len) {
+                        Ok(CopyOutcome::Exists) => {}
+                        Ok(_) => return false,
+                        Err(e) => tracing::warn!("zero page on a fault: {e}"),
                     }
                 }
                 if let Err(e) = uffd.wake(ptr, len) {

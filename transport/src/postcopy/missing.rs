@@ -421,6 +421,75 @@ impl MissingPages {
         Ok(installed)
     }
 
+    /// Resolves the missing pages of `range`, zero at the source, without a fetch: with
+    /// `UFFDIO_ZEROPAGE` (the shared zero page is mapped; a write later allocates as for any
+    /// fresh page), or in zero-copy mode by zeroing the page in the second mapping and mapping
+    /// it with `UFFDIO_CONTINUE`. Pages no longer missing, or claimed by a fetcher, are left to
+    /// it. Returns the pages this call installed.
+    pub fn install_zero(&self, uffd: &Uffd, hashes: &PageHashes, range: PageRange) -> Result<u64> {
+        let (dst, _) = self.map.span(range.region, range.first, range.npages)?;
+        let page = self.map.page_size().bytes() as usize;
+        let mut installed = 0;
+        let mut i = 0u64;
+        while i < range.npages {
+            // The next run of pages still missing (and, zero-copy, claimed for this call).
+            let take = |p: u64| {
+                let pi = PageIndex(range.first.0 + p);
+                self.page_missing(range.region, pi)
+                    && (!self.is_in_place() || self.claim(range.region, pi))
+            };
+            if !take(i) {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            i += 1;
+            while i < range.npages && take(i) {
+                i += 1;
+            }
+            let run = PageRange {
+                region: range.region,
+                first: PageIndex(range.first.0 + start),
+                npages: i - start,
+            };
+            if self.is_in_place() {
+                let (src, len) = self.alias_span(&run)?;
+                // Claimed above: no fetch writes these pages, and the guest cannot see them
+                // until they are mapped.
+                // SAFETY: the run's span in the second mapping.
+                unsafe { std::ptr::write_bytes(src, 0, len) };
+                installed += self.install_in_place(uffd, hashes, run, false, None)?;
+                continue;
+            }
+            let len = run.npages as usize * page;
+            let mut off = 0usize;
+            while off < len {
+                // SAFETY: the run lies in the span checked above, registered for the post-copy.
+                let at = unsafe { dst.add(start as usize * page + off) };
+                let (done, skip) = match uffd.zeropage(at, len - off)? {
+                    CopyOutcome::Done => (len - off, 0),
+                    CopyOutcome::Partial(n) => (n.min(len - off) / page * page, 0),
+                    // Someone installed it first and hashes it; wake any waiter.
+                    CopyOutcome::Exists => (0, page),
+                };
+                for k in (off / page)..((off + done) / page) {
+                    installed += self.mark_hashed(
+                        hashes,
+                        range.region,
+                        PageIndex(run.first.0 + k as u64),
+                        hashes.zero_hash(),
+                    );
+                }
+                if skip > 0 {
+                    uffd.wake(at, page)?;
+                }
+                off += done + skip;
+            }
+        }
+        self.installed(installed, false);
+        Ok(installed)
+    }
+
     /// Counts pages a fault installed and wakes the waiter after the last page.
     fn installed(&self, installed: u64, by_fault: bool) {
         if by_fault {

@@ -19,7 +19,7 @@ use crate::cpu::{CpuMeter, ThreadCpu};
 use crate::digest::PageHashes;
 use crate::error::{Error, Result};
 use crate::mem::{GuestMemoryMap, RegionId};
-use crate::pages::PageSet;
+use crate::pages::{PageRange, PageSet};
 
 /// What post-copy measured on the destination.
 #[derive(Clone, Debug, Default)]
@@ -262,6 +262,17 @@ impl PostcopyService {
     /// Pages still missing.
     pub fn remaining(&self) -> u64 {
         self.pages.remaining()
+    }
+
+    /// Resolves the missing pages of `ranges` (checked against the region table), zero at
+    /// the source, without fetching them. Returns the pages installed (the rest were present
+    /// already or being fetched).
+    pub fn install_zero(&self, hashes: &PageHashes, ranges: &[PageRange]) -> Result<u64> {
+        let mut n = 0;
+        for r in ranges {
+            n += self.pages.install_zero(&self.uffd, hashes, *r)?;
+        }
+        Ok(n)
     }
 
     /// Pages of the guest.

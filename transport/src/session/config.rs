@@ -103,6 +103,9 @@ pub struct MigrationConfig {
     /// for ever). When it passes, `accept` returns the last refused handshake's error, or a
     /// timeout if none was refused.
     pub listen_timeout: Option<Duration>,
+    /// Send zero pages as ranges, never as page bytes (when the peer supports it; on by
+    /// default). Off moves every page as data, for comparisons.
+    pub zero_pages: bool,
 }
 
 impl MigrationConfig {
@@ -124,7 +127,14 @@ impl MigrationConfig {
             mode: MigrationMode::Precopy,
             max_guest_bytes: super::MAX_GUEST_BYTES,
             listen_timeout: None,
+            zero_pages: true,
         }
+    }
+
+    /// Sets whether zero pages travel as ranges (see [`MigrationConfig::zero_pages`]).
+    pub fn with_zero_pages(mut self, on: bool) -> Self {
+        self.zero_pages = on;
+        self
     }
 
     /// Sets how long the destination waits for an authenticated migration.

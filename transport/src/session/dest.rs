@@ -12,7 +12,7 @@
 //! | `AwaitSwitchover` | `Switchover` |
 //! | `EarlyDrop{chunk}` | `PostcopyMissing{chunk, early}` |
 //! | `AwaitPostcopyMissing{chunk}` | `PostcopyMissing{chunk}` (not early) |
-//! | `Postcopy` | `Switchover` |
+//! | `Postcopy{chunk}` | `PostcopyMissing{chunk, zero}`, `Switchover` |
 //! | `AwaitFinish` | `Finish` |
 //!
 //! In post-copy and hybrid sessions `Precopy{round, 0}` also accepts `DeviceState`: the source
@@ -36,7 +36,7 @@ use super::config::{MigrationConfig, MigrationMode};
 use super::stats::DestReport;
 use crate::control::Control;
 use crate::cpu::{thread_cpu_time, CpuMeter};
-use crate::data::DestDataPath;
+use crate::data::{DestDataPath, Landed};
 use crate::digest::PageHashes;
 use crate::error::{Error, Result};
 use crate::mem::{GuestMemoryMap, PageSize};
@@ -47,8 +47,9 @@ use crate::tcp::{accept_stream_sets, RateLimiter, TcpDestPath};
 use crate::vm::{DestinationFactory, DestinationVm, MemoryLayout};
 use crate::wire::{
     Command, Complete, Message, RoundDone, TransportKind, MAX_REGIONS, POSTCOPY_EARLY,
-    POSTCOPY_LAST_CHUNK, ROUND_FINAL, ROUND_LAST_CHUNK,
+    POSTCOPY_LAST_CHUNK, POSTCOPY_ZERO, ROUND_FINAL, ROUND_LAST_CHUNK, ROUND_ZERO,
 };
+use crate::zero::DestZero;
 
 mod listen;
 mod postcopy_phase;
@@ -64,12 +65,22 @@ pub const MAX_GUEST_BYTES: u64 = 1 << 40;
 enum DestState {
     AwaitRegionTable,
     AwaitDataSetup,
-    Precopy { round: u32, chunk: u32 },
+    Precopy {
+        round: u32,
+        chunk: u32,
+    },
     AwaitDeviceState,
     AwaitSwitchover,
-    EarlyDrop { chunk: u32 },
-    AwaitPostcopyMissing { chunk: u32 },
-    Postcopy,
+    EarlyDrop {
+        chunk: u32,
+    },
+    AwaitPostcopyMissing {
+        chunk: u32,
+    },
+    /// The guest runs here; `chunk` is the next `POSTCOPY_ZERO` chunk's number.
+    Postcopy {
+        chunk: u32,
+    },
     AwaitFinish,
 }
 
@@ -83,7 +94,7 @@ impl DestState {
             DestState::AwaitSwitchover => "awaiting Switchover",
             DestState::EarlyDrop { .. } => "dropping stale pages early",
             DestState::AwaitPostcopyMissing { .. } => "awaiting PostcopyMissing",
-            DestState::Postcopy => "in post-copy",
+            DestState::Postcopy { .. } => "in post-copy",
             DestState::AwaitFinish => "awaiting Finish",
         }
     }
@@ -100,7 +111,8 @@ impl DestState {
             }
             DestState::Precopy { .. } => c == C::Round,
             DestState::AwaitDeviceState => c == C::DeviceState,
-            DestState::AwaitSwitchover | DestState::Postcopy => c == C::Switchover,
+            DestState::AwaitSwitchover => c == C::Switchover,
+            DestState::Postcopy { .. } => matches!(c, C::Switchover | C::PostcopyMissing),
             DestState::EarlyDrop { chunk: 0 } => matches!(c, C::DeviceState | C::PostcopyMissing),
             DestState::EarlyDrop { .. } | DestState::AwaitPostcopyMissing { .. } => {
                 c == C::PostcopyMissing
@@ -131,7 +143,13 @@ impl DestState {
                     chunk: c, flags, ..
                 },
             ) => *c == chunk && flags & POSTCOPY_EARLY == 0,
-            (DestState::Postcopy, Message::Switchover { .. }) => true,
+            (DestState::Postcopy { .. }, Message::Switchover { .. }) => true,
+            (
+                DestState::Postcopy { chunk },
+                Message::PostcopyMissing {
+                    chunk: c, flags, ..
+                },
+            ) => *c == chunk && flags & POSTCOPY_ZERO != 0,
             (DestState::AwaitRegionTable, Message::RegionTable { .. })
             | (DestState::AwaitDataSetup, Message::DataSetup(_))
             | (DestState::AwaitDeviceState, Message::DeviceState(_))
@@ -163,6 +181,10 @@ struct Dest<'a> {
     limiter: Option<Arc<RateLimiter>>,
     /// The guest was resumed here in post-copy: a failure now must not discard it.
     resumed_in_postcopy: bool,
+    /// Both ends send zero pages as ranges.
+    zero_pages: bool,
+    /// Which pages may hold data, for installing announced zero pages.
+    zero: Option<DestZero>,
 }
 
 /// Accepts one incoming migration on `listener` and returns the running guest.
@@ -195,6 +217,8 @@ pub fn accept(
         postcopy: None,
         limiter: None,
         resumed_in_postcopy: false,
+        zero_pages: false,
+        zero: None,
     };
     let mut vm = None;
     let result = d.run(hs, factory, &mut vm);
@@ -295,8 +319,10 @@ impl Dest<'_> {
             mut rdma_opts,
             mode,
             nonce_d,
+            zero_pages,
         } = hs;
         self.mode = mode;
+        self.zero_pages = zero_pages;
         let psk = &self.config.psk;
         self.ctl.set_authenticated();
         self.ctl.send(&Message::AuthOk)?;
@@ -360,6 +386,7 @@ impl Dest<'_> {
             all.fill();
             postcopy::drop_pages(&map, &all)?;
         }
+        self.zero = Some(DestZero::new(&map, vm.memory_starts_zero()));
         *vm_out = Some(vm);
         // Building the VM is the VMM's work, not the migration's.
         let cpu0 = thread_cpu_time();
@@ -460,6 +487,7 @@ impl Dest<'_> {
         let mut final_flag = None;
         let mut early: Option<PageSet> = None;
         let (mut early_pages, mut early_micros) = (0u64, 0u64);
+        let (mut round_zero, mut round_data) = (0u64, false);
         loop {
             let r = match self.recv()? {
                 Message::Round(r) => r,
@@ -520,10 +548,22 @@ impl Dest<'_> {
             for range in &r.ranges {
                 map.span(range.region, range.first, range.npages)?;
             }
-            let data = self.data.as_mut().ok_or_else(|| {
-                Error::Protocol("a pre-copy round in a session without a pre-copy path".into())
-            })?;
-            data.receive_chunk(r.round, &r.ranges)?;
+            let zero = self.zero.as_mut().expect("set with the VM");
+            if r.flags & ROUND_ZERO != 0 {
+                if !self.zero_pages {
+                    return Err(Error::Protocol(
+                        "zero pages announced without the zero-page capability".into(),
+                    ));
+                }
+                round_zero += zero.install(&map, &hashes, &r.ranges)?;
+            } else if !r.ranges.is_empty() {
+                let data = self.data.as_mut().ok_or_else(|| {
+                    Error::Protocol("a pre-copy round in a session without a pre-copy path".into())
+                })?;
+                zero.landed(&map, &r.ranges);
+                data.receive_chunk(r.round, &r.ranges)?;
+                round_data = true;
+            }
             if r.flags & ROUND_LAST_CHUNK == 0 {
                 self.state = DestState::Precopy {
                     round: r.round,
@@ -531,13 +571,20 @@ impl Dest<'_> {
                 };
                 continue;
             }
-            let landed = data.finish_round(r.round)?;
+            // A round without data pages needs nothing of the data path on either end.
+            let landed = match self.data.as_mut() {
+                Some(data) if std::mem::take(&mut round_data) => data.finish_round(r.round)?,
+                _ => Landed::default(),
+            };
             pages += landed.pages;
             bytes += landed.bytes;
-            rounds += 1;
+            // Post-copy mode's only round is the source's zero-page scan, not a pre-copy round.
+            if self.mode != MigrationMode::Postcopy {
+                rounds += 1;
+            }
             self.ctl.send(&Message::RoundDone(RoundDone {
                 round: r.round,
-                pages: landed.pages,
+                pages: landed.pages + std::mem::take(&mut round_zero),
                 bytes: landed.bytes,
                 micros: round_start.elapsed().as_micros() as u64,
             }))?;
@@ -614,6 +661,8 @@ impl Dest<'_> {
             cpu_ms: cpu.as_secs_f64() * 1e3,
             resume_ms: resume.as_secs_f64() * 1e3,
             mode: self.mode.name().into(),
+            zero_pages: self.zero.as_ref().map_or(0, DestZero::announced),
+            zeroed_pages: self.zero.as_ref().map_or(0, DestZero::zeroed),
             ..DestReport::default()
         }
     }

@@ -52,11 +52,11 @@ use crate::rdma::{self, RdmaSourcePath};
 use crate::tcp::{connect_streams, RateLimiter, TcpSourcePath};
 use crate::vm::SourceVm;
 use crate::wire::{
-    caps, Command, Hello, Message, Round, TransportKind, MAX_RANGES_PER_MSG, PROTOCOL_VERSION,
-    ROUND_FINAL, ROUND_LAST_CHUNK,
+    caps, Command, Hello, Message, TransportKind, MAX_RANGES_PER_MSG, PROTOCOL_VERSION,
 };
 
 mod postcopy_phase;
+mod round;
 
 /// Ranges split into the chunks of one message each (at least one chunk, maybe empty).
 fn message_chunks(ranges: &[PageRange]) -> Vec<&[PageRange]> {
@@ -148,6 +148,11 @@ const EARLY_ENOUGH_PAGES: u64 = 2048;
 /// What the pre-copy rounds before a post-copy switchover moved.
 struct PrecopyTotals {
     rounds: u32,
+    /// Post-copy mode's metadata-only round ran: every page is hashed, and only the pages
+    /// dirtied since need hashing again.
+    scanned: bool,
+    /// Hybrid mode (the pre-copy rounds ran with the guest dirtying pages).
+    hybrid: bool,
     bytes: u64,
     round_time: Duration,
     per_round: Vec<RoundStats>,
@@ -170,6 +175,10 @@ struct Source<'a> {
     limiter: Option<Arc<RateLimiter>>,
     /// The destination resumed the guest in post-copy: the source must stay paused whatever happens.
     guest_moved: bool,
+    /// Both ends send zero pages as ranges.
+    zero_pages: bool,
+    /// Zero pages announced so far.
+    zero_total: u64,
 }
 
 /// Migrates `vm` to the destination listening at `dest`. Calls `progress` after each round.
@@ -218,6 +227,8 @@ pub fn migrate(
         server: None,
         limiter: None,
         guest_moved: false,
+        zero_pages: false,
+        zero_total: 0,
     };
     let result = s.run(dest, rdma_probe.is_ok(), started, progress);
     let result = match result {
@@ -274,6 +285,9 @@ impl Source<'_> {
         if mode != MigrationMode::Precopy {
             my_caps |= caps::POSTCOPY;
         }
+        if self.config.zero_pages {
+            my_caps |= caps::ZERO_PAGES;
+        }
         self.ctl.send(&Message::Hello(Hello {
             version: PROTOCOL_VERSION,
             transport: self.config.transport,
@@ -298,6 +312,7 @@ impl Source<'_> {
         }
         // The destination proved the key: its text may be shown from now on.
         self.ctl.set_authenticated();
+        self.zero_pages = self.config.zero_pages && ack.caps & caps::ZERO_PAGES != 0;
         if mode != MigrationMode::Precopy && ack.caps & caps::POSTCOPY == 0 {
             return Err(Error::PostcopyUnavailable(format!(
                 "the destination does not offer post-copy (needed for --mode {})",
@@ -396,8 +411,11 @@ impl Source<'_> {
         self.state = SourceState::AwaitReady;
         self.recv()?;
 
-        // Pre-copy (post-copy mode runs no round: every page is in the post-copy set).
-        if mode != MigrationMode::Postcopy {
+        // Pre-copy. Post-copy mode runs no round that moves pages: every page is in the
+        // post-copy set, except (with zero pages) those a metadata-only round found zero
+        // while the guest ran, with the dirty log on to catch the ones written since.
+        let scan = mode == MigrationMode::Postcopy && self.zero_pages;
+        if mode != MigrationMode::Postcopy || scan {
             self.vm
                 .start_dirty_log()
                 .map_err(|e| Error::vmm("start dirty log", e))?;
@@ -405,6 +423,20 @@ impl Source<'_> {
         }
         let page = self.map.page_size().bytes();
         let mut set = PageSet::full(&self.map);
+        let mut scanned = None;
+        if scan {
+            let t = Instant::now();
+            let sent = self.send_round(0, &set, false, true)?;
+            self.zero_total += sent.zero_pages;
+            tracing::info!(
+                "post-copy: {} of {} pages are zero (scanned in {:?})",
+                sent.zero_pages,
+                set.count(),
+                t.elapsed()
+            );
+            set = sent.data_set.expect("asked for");
+            scanned = Some(sent.zero_pages);
+        }
         let mut conv = Convergence::new(self.config.downtime_limit, self.config.max_rounds);
         let mut per_round = Vec::new();
         let (mut total_bytes, mut round_time) = (0u64, Duration::ZERO);
@@ -427,8 +459,10 @@ impl Source<'_> {
                 );
             }
             let t = Instant::now();
-            let pages = self.send_round(round, &set, final_round)?;
+            let sent = self.send_round(round, &set, final_round, false)?;
             let elapsed = t.elapsed();
+            let pages = sent.data_pages;
+            self.zero_total += sent.zero_pages;
             let bytes = pages * page;
             total_bytes += bytes;
             round_time += elapsed;
@@ -436,6 +470,7 @@ impl Source<'_> {
                 round,
                 final_round,
                 pages,
+                zero_pages: sent.zero_pages,
                 bytes,
                 ms: elapsed.as_secs_f64() * 1e3,
                 mib_s: mib_s(bytes, elapsed.as_secs_f64()),
@@ -494,6 +529,8 @@ impl Source<'_> {
 
         if go_postcopy {
             let precopy = PrecopyTotals {
+                scanned: scanned.is_some(),
+                hybrid: mode == MigrationMode::Hybrid,
                 rounds: if mode == MigrationMode::Postcopy {
                     0
                 } else {
@@ -554,6 +591,7 @@ impl Source<'_> {
             downtime_ms: downtime.as_secs_f64() * 1e3,
             rounds: round + 1,
             bytes_transferred: total_bytes,
+            zero_pages: self.zero_total,
             throughput_mib_s: mib_s(total_bytes, round_time.as_secs_f64()),
             verified: true,
             digest: format!("{digest:032x}"),
@@ -565,47 +603,6 @@ impl Source<'_> {
             mode: mode.name().into(),
             ..MigrationReport::default()
         })
-    }
-
-    /// Announces one round in chunks, hands it to the data path, hashes it, and waits for the
-    /// destination to confirm it. Returns the pages moved.
-    fn send_round(&mut self, round: u32, set: &PageSet, final_round: bool) -> Result<u64> {
-        let ranges: Vec<PageRange> = set.ranges(u64::from(u32::MAX)).collect();
-        let chunks = message_chunks(&ranges);
-        let data = self
-            .data
-            .as_mut()
-            .expect("data path is set up before rounds");
-        let n = chunks.len();
-        for (i, chunk) in chunks.into_iter().enumerate() {
-            let mut flags = if final_round { ROUND_FINAL } else { 0 };
-            if i + 1 == n {
-                flags |= ROUND_LAST_CHUNK;
-            }
-            self.ctl.send(&Message::Round(Round {
-                round,
-                chunk: i as u32,
-                flags,
-                ranges: chunk.to_vec(),
-            }))?;
-            data.send_chunk(round, chunk)?;
-            for r in chunk {
-                self.hashes.update(&self.map, r)?;
-            }
-        }
-        data.finish_round(round)?;
-        self.state = SourceState::AwaitRoundDone(round);
-        let Message::RoundDone(done) = self.recv()? else {
-            unreachable!("state checked")
-        };
-        let pages = crate::pages::total_pages(&ranges);
-        if done.pages != pages {
-            return Err(Error::Protocol(format!(
-                "round {round}: destination landed {} pages, {pages} were sent",
-                done.pages
-            )));
-        }
-        Ok(pages)
     }
 
     fn teardown(&mut self) {

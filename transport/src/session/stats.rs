@@ -9,8 +9,10 @@ pub struct RoundStats {
     pub round: u32,
     /// True for the stop-and-copy round.
     pub final_round: bool,
-    /// Pages moved.
+    /// Pages moved as data.
     pub pages: u64,
+    /// Pages found zero, announced as ranges (no bytes moved).
+    pub zero_pages: u64,
     /// Bytes moved.
     pub bytes: u64,
     /// Wall time of the round, ms.
@@ -45,6 +47,8 @@ pub struct MigrationReport {
     pub rounds: u32,
     /// Bytes of page data moved.
     pub bytes_transferred: u64,
+    /// Zero pages announced as ranges instead of moved (every round, and post-copy).
+    pub zero_pages: u64,
     /// Bytes moved divided by the time spent in rounds, MiB/s.
     pub throughput_mib_s: f64,
     /// Digests of both ends matched.
@@ -116,10 +120,16 @@ pub struct DestReport {
     pub mem_bytes: u64,
     /// Rounds received.
     pub rounds: u32,
-    /// Pages received.
+    /// Pages received as data.
     pub pages: u64,
     /// Bytes received.
     pub bytes: u64,
+    /// Zero pages announced by the source (installed without page bytes).
+    #[serde(default)]
+    pub zero_pages: u64,
+    /// Of those, pages this end had to zero (its copy held data); the others were untouched.
+    #[serde(default)]
+    pub zeroed_pages: u64,
     /// Digest.
     pub digest: String,
     /// CPU time of the migration threads, ms.
@@ -140,6 +150,9 @@ pub struct DestReport {
     /// with `UFFDIO_COPY` from a staging buffer.
     #[serde(default)]
     pub postcopy_zero_copy: bool,
+    /// Missing pages resolved as zero without a fetch (`UFFDIO_ZEROPAGE`, or zeroed in place).
+    #[serde(default)]
+    pub postcopy_zero_pages: u64,
 }
 
 pub(crate) fn mib_s(bytes: u64, secs: f64) -> f64 {

@@ -86,6 +86,9 @@ pub struct RegionWire {
 pub const ROUND_LAST_CHUNK: u32 = 1;
 /// Round flag: the stop-and-copy round (the source VM is paused).
 pub const ROUND_FINAL: u32 = 2;
+/// Round flag: this chunk's ranges are zero pages. No page bytes follow on the data path; the
+/// destination makes them zero where its copy may not be (only with [`super::caps::ZERO_PAGES`]).
+pub const ROUND_ZERO: u32 = 4;
 
 /// `Round` fixed part; followed by `count` [`RangeWire`].
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
@@ -162,6 +165,10 @@ pub const POSTCOPY_LAST_CHUNK: u32 = 1;
 /// `PostcopyMissing` flag: sent while the source still runs (hybrid): drop these pages now,
 /// answer `PostcopyDropped`; the rest of the set follows the device state.
 pub const POSTCOPY_EARLY: u32 = 2;
+/// `PostcopyMissing` flag: sent after the destination resumed; these missing pages are zero at
+/// the source: resolve them without a fetch (`UFFDIO_ZEROPAGE`, or zeroed in place for memfd
+/// memory). Chunks are numbered from 0 and precede the source's digest (`Switchover`).
+pub const POSTCOPY_ZERO: u32 = 4;
 
 /// `PostcopyResumed` payload (also `PostcopyDropped`: µs to drop, pages dropped).
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]

@@ -36,6 +36,9 @@ pub mod caps {
     pub const RDMA: u32 = 1 << 1;
     /// Post-copy page requests.
     pub const POSTCOPY: u32 = 1 << 2;
+    /// Zero pages travel as ranges ([`super::ROUND_ZERO`], [`super::POSTCOPY_ZERO`]), never as
+    /// page bytes.
+    pub const ZERO_PAGES: u32 = 1 << 3;
 }
 
 /// Transport request (in `Hello`) or choice (in `HelloAck`).

@@ -75,6 +75,17 @@ impl GuestParams {
 
     /// Lays out a guest of `mem_bytes` with a working set of `working_set` bytes.
     pub fn for_memory(mem_bytes: u64, working_set: u64) -> Result<GuestParams, String> {
+        Self::for_populated(mem_bytes, working_set, None)
+    }
+
+    /// As [`GuestParams::for_memory`], with data pages for only about `populated` bytes of
+    /// memory (`None`: all of it; at least one page): the VMM fills only those, and the rest
+    /// of guest memory stays zero and untouched, as in a freshly booted guest.
+    pub fn for_populated(
+        mem_bytes: u64,
+        working_set: u64,
+        populated: Option<u64>,
+    ) -> Result<GuestParams, String> {
         if !(MIN_MEM_BYTES..=MAX_MEM_BYTES).contains(&mem_bytes)
             || !mem_bytes.is_multiple_of(GUEST_PAGE)
         {
@@ -92,11 +103,22 @@ impl GuestParams {
             }
             data_pages -= 1;
         };
+        if let Some(p) = populated {
+            let want = (p.saturating_sub(data_base) / GUEST_PAGE).max(1);
+            if want < data_pages {
+                data_pages = want;
+            }
+        }
         let ws_pages = (working_set / GUEST_PAGE).min(data_pages);
         if working_set > data_pages * GUEST_PAGE {
             return Err(format!(
-                "working set of {working_set} bytes does not fit in the {} bytes of data pages",
-                data_pages * GUEST_PAGE
+                "working set of {working_set} bytes does not fit in the {} bytes of data pages{}",
+                data_pages * GUEST_PAGE,
+                if populated.is_some() {
+                    " (the populated part of memory)"
+                } else {
+                    ""
+                }
             ));
         }
         Ok(GuestParams {

@@ -16,7 +16,7 @@
 //! ```no_run
 //! use rdmig_vmm::kvm::{KvmConfig, KvmVm};
 //! use rdmig_transport::mem::PageSize;
-//! let cfg = KvmConfig { mem_bytes: 64 << 20, working_set: 8 << 20, dirty_rate: 32 << 20, page_size: PageSize::KIB4, memfd: false };
+//! let cfg = KvmConfig { mem_bytes: 64 << 20, working_set: 8 << 20, dirty_rate: 32 << 20, page_size: PageSize::KIB4, memfd: false, populated: None };
 //! let mut vm = KvmVm::start(&cfg)?;
 //! assert!(vm.self_check()?.ok());
 //! vm.stop();
@@ -57,6 +57,10 @@ pub struct KvmConfig {
     /// vCPU fault is a minor fault (zero-copy). The destination picks its own backing
     /// ([`KvmDestConfig::memfd`]); give both ends the same.
     pub memfd: bool,
+    /// About how many bytes of guest memory hold data when the guest starts (`None`: all of
+    /// it): the guest's data pages end there, and the rest of memory stays zero and
+    /// untouched, as in a freshly booted guest.
+    pub populated: Option<u64>,
 }
 
 /// How the destination runs the guest it receives.
@@ -130,7 +134,7 @@ impl KvmConfig {
     /// Checks the values before anything is created.
     pub fn validate(&self) -> Result<()> {
         vm::check_page_size(self.page_size)?;
-        control::GuestParams::for_memory(self.mem_bytes, self.working_set)
+        control::GuestParams::for_populated(self.mem_bytes, self.working_set, self.populated)
             .map_err(Error::InvalidConfig)?;
         Ok(())
     }

@@ -182,6 +182,11 @@ impl DestinationVm for KvmVm {
         Ok(self.do_pause_destination()?)
     }
 
+    fn memory_starts_zero(&self) -> bool {
+        // A destination's memory is fresh and unwritten until the migration lands pages.
+        true
+    }
+
     fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
         self
     }

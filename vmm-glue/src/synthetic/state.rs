@@ -7,14 +7,16 @@
 //! few dozen times saves about 16 KiB: the state is saved, sent and restored inside the
 //! downtime, so its size is part of it.
 //!
-//! Layout (version 2): magic `SYNV`, version u32, page size u64, pages written u64, page count
-//! u64, span u64, then `span` varints and nothing after them.
+//! Layout (version 3): magic `SYNV`, version u32, page size u64, pages written u64, page count
+//! u64, span u64, populated pages u64, zero share u64, then `span` varints and nothing after
+//! them. The content scheme needs the last two (which pages start zero, which generations are
+//! zero pages) to check the guest on the destination.
 
 use crate::error::{Error, Result};
 
 const MAGIC: [u8; 4] = *b"SYNV";
-const VERSION: u32 = 2;
-const HEADER: usize = 4 + 4 + 8 + 8 + 8 + 8;
+const VERSION: u32 = 3;
+const HEADER: usize = 4 + 4 + 8 + 8 + 8 + 8 + 8 + 8;
 /// Longest LEB128 encoding of a u64.
 const MAX_VARINT: usize = 10;
 
@@ -29,6 +31,10 @@ pub struct StateHeader {
     pub pages: u64,
     /// Pages whose generations the state lists (pages `0..span`); later pages are at 0.
     pub span: u64,
+    /// Pages the guest wrote at start (generation 0 of later pages is a zero page).
+    pub populated: u64,
+    /// Percent of writes that write a zero page.
+    pub zero_share: u64,
 }
 
 /// Serializes `h` and the `h.span` generations `gens` yields (checked).
@@ -36,7 +42,14 @@ pub fn encode(h: &StateHeader, gens: impl Iterator<Item = u64>) -> Vec<u8> {
     let mut v = Vec::with_capacity(HEADER + h.span as usize);
     v.extend_from_slice(&MAGIC);
     v.extend_from_slice(&VERSION.to_le_bytes());
-    for x in [h.page_size, h.pages_written, h.pages, h.span] {
+    for x in [
+        h.page_size,
+        h.pages_written,
+        h.pages,
+        h.span,
+        h.populated,
+        h.zero_share,
+    ] {
         v.extend_from_slice(&x.to_le_bytes());
     }
     let mut n = 0u64;
@@ -76,7 +89,15 @@ pub fn decode(b: &[u8], expect_pages: u64) -> Result<(StateHeader, Gens<'_>)> {
         pages_written: u64_at(16),
         pages: u64_at(24),
         span: u64_at(32),
+        populated: u64_at(40),
+        zero_share: u64_at(48),
     };
+    if h.populated > h.pages || h.zero_share > 100 {
+        return Err(Error::State(format!(
+            "synthetic state: {} populated of {} pages, zero share {}",
+            h.populated, h.pages, h.zero_share
+        )));
+    }
     if h.pages != expect_pages {
         return Err(Error::State(format!(
             "synthetic state is for {} pages; the VM has {expect_pages}",
@@ -154,6 +175,8 @@ mod tests {
             pages_written: 9,
             pages: 5,
             span,
+            populated: 5,
+            zero_share: 0,
         }
     }
 

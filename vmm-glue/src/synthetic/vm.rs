@@ -35,6 +35,12 @@ pub struct SyntheticConfig {
     /// Back guest memory with memfds mapped shared (post-copy then installs pages in place,
     /// zero-copy) instead of private anonymous memory.
     pub memfd: bool,
+    /// Bytes at the start of guest memory written when the VM starts (`None`: all of it). The
+    /// rest stays zero and untouched, as in a freshly booted guest.
+    pub populated: Option<u64>,
+    /// Percent (0..=100) of the writers' writes that write a zero page (a guest freeing and
+    /// zeroing memory).
+    pub zero_share: u8,
 }
 
 impl SyntheticConfig {
@@ -48,7 +54,27 @@ impl SyntheticConfig {
             regions: 1,
             writers: 1,
             memfd: false,
+            populated: None,
+            zero_share: 0,
         }
+    }
+
+    /// Sets how much memory the guest wrote at start (see [`SyntheticConfig::populated`]).
+    pub fn with_populated(mut self, bytes: Option<u64>) -> Self {
+        self.populated = bytes;
+        self
+    }
+
+    /// Sets the share of writes that write zero pages (see [`SyntheticConfig::zero_share`]).
+    pub fn with_zero_share(mut self, percent: u8) -> Self {
+        self.zero_share = percent;
+        self
+    }
+
+    /// Pages written at start, for `pages` pages of memory.
+    fn populated_pages(&self, pages: u64) -> u64 {
+        self.populated
+            .map_or(pages, |b| (b / self.page_size.bytes()).min(pages))
     }
 
     /// Backs guest memory with memfds (see [`SyntheticConfig::memfd`]).
@@ -123,8 +149,22 @@ impl SyntheticVm {
     /// Builds a source VM: memory filled with generation-0 content, writers running.
     pub fn start(cfg: &SyntheticConfig) -> Result<SyntheticVm> {
         let layout = cfg.layout()?;
-        let mut vm = Self::build(cfg, &layout)?;
-        for p in 0..vm.shared.gens.len() as u64 {
+        if cfg.zero_share > 100 {
+            return Err(Error::InvalidConfig(format!(
+                "a zero-page share of {} %: at most 100",
+                cfg.zero_share
+            )));
+        }
+        let pages = layout.total_bytes() / layout.page_size.bytes();
+        let populated = cfg.populated_pages(pages);
+        // A fully populated guest is faulted in up front (cheaper than page by page); a sparse
+        // one writes only its populated prefix, the rest never touched.
+        let mut vm = Self::build(cfg, &layout, populated == pages)?;
+        vm.shared.populated.store(populated, Ordering::Relaxed);
+        vm.shared
+            .zero_share
+            .store(u64::from(cfg.zero_share), Ordering::Relaxed);
+        for p in 0..populated {
             let (_, _, ptr) = vm.shared.locate(p);
             // SAFETY: ptr is a page of our own guest memory; no writer runs yet.
             unsafe { fill_page(ptr, vm.shared.page as usize, p, 0) };
@@ -133,7 +173,7 @@ impl SyntheticVm {
         Ok(vm)
     }
 
-    fn build(cfg: &SyntheticConfig, layout: &MemoryLayout) -> Result<SyntheticVm> {
+    fn build(cfg: &SyntheticConfig, layout: &MemoryLayout, populate: bool) -> Result<SyntheticVm> {
         let page = layout.page_size.bytes();
         let total: u64 = layout.total_bytes();
         if cfg.dirty_rate > 0 && (cfg.working_set < page || cfg.working_set > total) {
@@ -157,7 +197,7 @@ impl SyntheticVm {
             } else {
                 MmapBacking::Anonymous
             };
-            let m = MmapRegion::new(len, backing, true).map_err(Error::Memory)?;
+            let m = MmapRegion::new(len, backing, populate).map_err(Error::Memory)?;
             // The VM outlives any session it is handed to (the session borrows it).
             // SAFETY: `m` is kept in `_mem` for the VM's lifetime.
             regions.push(unsafe { m.guest_region(gpa) });
@@ -195,6 +235,8 @@ impl SyntheticVm {
             cv: Condvar::new(),
             working_set_pages: (cfg.working_set / page).max(1),
             rate: cfg.dirty_rate as f64 / page as f64 / f64::from(writers.max(1)),
+            populated: AtomicU64::new(first),
+            zero_share: AtomicU64::new(0),
         });
         Ok(SyntheticVm {
             cfg: cfg.clone(),
@@ -321,6 +363,8 @@ impl SyntheticVm {
             pages_written: self.pages_written(),
             pages: self.shared.gens.len() as u64,
             span,
+            populated: self.shared.populated.load(Ordering::Relaxed),
+            zero_share: self.shared.zero_share.load(Ordering::Relaxed),
         };
         let gens = self.shared.gens[..span as usize]
             .iter()
@@ -398,6 +442,10 @@ impl DestinationVm for SyntheticVm {
         self.shared
             .written
             .store(h.pages_written, Ordering::Relaxed);
+        self.shared.populated.store(h.populated, Ordering::Relaxed);
+        self.shared
+            .zero_share
+            .store(h.zero_share, Ordering::Relaxed);
         Ok(())
     }
 
@@ -416,6 +464,12 @@ impl DestinationVm for SyntheticVm {
         Ok(())
     }
 
+    fn memory_starts_zero(&self) -> bool {
+        // Fresh mappings, never written before the migration (a destination is built without
+        // populating it, so that pages the source announces as zero cost no memory here).
+        true
+    }
+
     fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send> {
         self
     }
@@ -426,7 +480,7 @@ impl SyntheticVm {
     /// incoming migration allocates guest memory from its own configuration before the source
     /// connects. Pass it to [`synthetic_destination_factory`].
     pub fn prepare_destination(cfg: &SyntheticConfig) -> Result<SyntheticVm> {
-        Self::build(cfg, &cfg.layout()?)
+        Self::build(cfg, &cfg.layout()?, false)
     }
 }
 
@@ -449,7 +503,7 @@ pub fn synthetic_destination_factory(
             page_size: layout.page_size,
             ..cfg
         };
-        let vm = SyntheticVm::build(&cfg, layout)?;
+        let vm = SyntheticVm::build(&cfg, layout, false)?;
         Ok(Box::new(vm) as Box<dyn DestinationVm>)
     })
 }

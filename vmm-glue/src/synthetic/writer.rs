@@ -10,7 +10,7 @@ use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::content::{fill_page, page_matches};
+use super::content::Scheme;
 use crate::GuestCheck;
 
 /// Generation bit set while a page is being written.
@@ -46,6 +46,10 @@ pub(crate) struct Shared {
     pub working_set_pages: u64,
     /// Pages per second per writer.
     pub rate: f64,
+    /// [`Scheme::populated`] (restored with the device state on the destination).
+    pub populated: AtomicU64,
+    /// [`Scheme::zero_share`] (as `populated`).
+    pub zero_share: AtomicU64,
 }
 
 // SAFETY: the raw region pointers refer to guest memory owned by the SyntheticVm, which joins
@@ -57,6 +61,14 @@ unsafe impl Sync for Shared {}
 impl Shared {
     pub fn lock(&self) -> MutexGuard<'_, Ctl> {
         self.ctl.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Which generations are zero pages.
+    pub fn scheme(&self) -> Scheme {
+        Scheme {
+            populated: self.populated.load(Ordering::Relaxed),
+            zero_share: self.zero_share.load(Ordering::Relaxed),
+        }
     }
 
     /// Region index, page within it, and host pointer of global page `p`.
@@ -75,7 +87,7 @@ impl Shared {
         self.gens[p as usize].store(g | BUSY, Ordering::Relaxed);
         fence(Ordering::Release);
         // SAFETY: ptr is page-aligned inside the region (locate), writable for a page.
-        unsafe { fill_page(ptr, self.page as usize, p, g) };
+        unsafe { self.scheme().fill(ptr, self.page as usize, p, g) };
         self.gens[p as usize].store(g, Ordering::Release);
         self.dirty[r][(local / 64) as usize].fetch_or(1 << (local % 64), Ordering::Release);
         self.written.fetch_add(1, Ordering::Relaxed);
@@ -89,6 +101,7 @@ impl Shared {
             pages_bad: 0,
             first_bad: None,
         };
+        let scheme = self.scheme();
         for p in 0..self.gens.len() as u64 {
             let g1 = self.gens[p as usize].load(Ordering::Acquire);
             if g1 & BUSY != 0 {
@@ -97,7 +110,7 @@ impl Shared {
             }
             let (_, _, ptr) = self.locate(p);
             // SAFETY: ptr is a page inside guest memory (locate), readable.
-            let ok = unsafe { page_matches(ptr, self.page as usize, p, g1) };
+            let ok = unsafe { scheme.matches(ptr, self.page as usize, p, g1) };
             fence(Ordering::Acquire);
             if self.gens[p as usize].load(Ordering::Relaxed) != g1 {
                 c.pages_skipped += 1;

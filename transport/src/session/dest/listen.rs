@@ -43,6 +43,8 @@ pub(super) struct Handshake {
     pub rdma_opts: RdmaOptions,
     pub mode: MigrationMode,
     pub nonce_d: [u8; NONCE_LEN],
+    /// Both ends send zero pages as ranges.
+    pub zero_pages: bool,
 }
 
 /// Serves `listener` until a source proves the key; returns its control connection (AuthOk
@@ -177,6 +179,10 @@ fn handshake(ctl: &mut Control, config: &MigrationConfig) -> Result<Handshake> {
     if mode != MigrationMode::Precopy {
         my_caps |= caps::POSTCOPY;
     }
+    let zero_pages = config.zero_pages && hello.caps & caps::ZERO_PAGES != 0;
+    if zero_pages {
+        my_caps |= caps::ZERO_PAGES;
+    }
     ctl.send(&Message::HelloAck(HelloAck {
         version: PROTOCOL_VERSION,
         transport,
@@ -202,6 +208,7 @@ fn handshake(ctl: &mut Control, config: &MigrationConfig) -> Result<Handshake> {
         rdma_opts,
         mode,
         nonce_d,
+        zero_pages,
     })
 }
 

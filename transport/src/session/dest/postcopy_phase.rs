@@ -102,14 +102,32 @@ impl Dest<'_> {
                 tracing::warn!("closing the pre-copy data path: {e}");
             }
         }
-        self.state = DestState::Postcopy;
-        let Message::Switchover {
-            digest,
-            pages: total,
-        } = self.recv()?
-        else {
-            unreachable!("state checked")
+        // Zero pages of the missing set, as the source finds them re-hashing it, then its digest.
+        self.state = DestState::Postcopy { chunk: 0 };
+        let (mut zero_installed, mut announced) = (0, 0);
+        let (digest, total) = loop {
+            match self.recv()? {
+                Message::PostcopyMissing { chunk, ranges, .. } => {
+                    if !self.zero_pages {
+                        return Err(Error::Protocol(
+                            "zero pages announced without the zero-page capability".into(),
+                        ));
+                    }
+                    for r in &ranges {
+                        map.span(r.region, r.first, r.npages)?;
+                    }
+                    let svc = self.postcopy.as_ref().expect("set above");
+                    zero_installed += svc.install_zero(&hashes, &ranges)?;
+                    announced += crate::pages::total_pages(&ranges);
+                    self.state = DestState::Postcopy { chunk: chunk + 1 };
+                }
+                Message::Switchover { digest, pages } => break (digest, pages),
+                _ => unreachable!("state checked"),
+            }
         };
+        tracing::debug!(
+            "post-copy: {announced} zero pages announced, {zero_installed} resolved without a fetch"
+        );
         let svc = self.postcopy.as_mut().expect("set above");
         svc.wait(self.config.io_timeout)
             .map_err(Error::PostcopyService)?;
@@ -133,13 +151,16 @@ impl Dest<'_> {
             latency_ns: stats.latency_ns,
         }))?;
         self.await_finish();
+        let base = self.report(transport, map, (rounds, pages, bytes), mine, cpu, resume);
         Ok(DestReport {
+            zero_pages: base.zero_pages + announced,
             postcopy_pages: stats.missing,
             postcopy_faults: stats.faults,
             postcopy_ms: stats.duration.as_secs_f64() * 1e3,
             fault_latency_us: FaultLatency::from_ns(stats.latency_ns),
             postcopy_zero_copy: self.pc_alias.is_some(),
-            ..self.report(transport, map, (rounds, pages, bytes), mine, cpu, resume)
+            postcopy_zero_pages: zero_installed,
+            ..base
         })
     }
 

@@ -4,6 +4,7 @@
 
 use std::time::Instant;
 
+use super::round::PIECE_PAGES;
 use super::{
     message_chunks, PrecopyTotals, Source, SourceState, EARLY_ENOUGH_PAGES, MAX_EARLY_BATCHES,
 };
@@ -11,7 +12,10 @@ use crate::error::{Error, Result};
 use crate::pages::{PageRange, PageSet};
 use crate::postcopy::{self, PageServer};
 use crate::session::stats::{mib_s, FaultLatency, MigrationReport};
-use crate::wire::{Message, PostcopyComplete, TransportKind, POSTCOPY_EARLY, POSTCOPY_LAST_CHUNK};
+use crate::wire::{
+    Message, PostcopyComplete, TransportKind, MAX_RANGES_PER_MSG, POSTCOPY_EARLY,
+    POSTCOPY_LAST_CHUNK, POSTCOPY_ZERO,
+};
 
 impl Source<'_> {
     /// Post-copy switchover: pause, device state, the post-copy set; the destination's resume
@@ -32,7 +36,7 @@ impl Source<'_> {
         // shrink quickly.
         let mut early: Option<PageSet> = None;
         for batch in 0..MAX_EARLY_BATCHES {
-            if !self.logging || set.count() <= EARLY_ENOUGH_PAGES {
+            if !pre.hybrid || set.count() <= EARLY_ENOUGH_PAGES {
                 break;
             }
             let t = Instant::now();
@@ -59,10 +63,14 @@ impl Source<'_> {
         self.vm.pause().map_err(|e| Error::vmm("pause", e))?;
         self.paused = true;
         let paused_at = Instant::now();
+        // What needs hashing again after the resume: everything in the set, or after post-copy
+        // mode's scan only what the guest wrote since.
+        let mut dirty = PageSet::empty(&self.map);
         if self.logging {
             self.vm
-                .fetch_and_clear_dirty(&mut set)
+                .fetch_and_clear_dirty(&mut dirty)
                 .map_err(|e| Error::vmm("fetch dirty log", e))?;
+            set.union_with(&dirty);
         }
         tracing::debug!(
             "post-copy: paused, dirty set fetched in {:?}",
@@ -109,9 +117,12 @@ impl Source<'_> {
                 set.count()
             )));
         }
-        for r in &ranges {
-            self.hashes.update(&self.map, r)?;
-        }
+        let rehash = if pre.scanned {
+            dirty.ranges(u64::from(u32::MAX)).collect()
+        } else {
+            ranges
+        };
+        self.hash_postcopy_set(&rehash)?;
         let digest = self.hashes.digest();
         self.ctl.send(&Message::Switchover {
             digest,
@@ -178,6 +189,7 @@ impl Source<'_> {
             downtime_ms: downtime.as_secs_f64() * 1e3,
             rounds: pre.rounds,
             bytes_transferred: bytes,
+            zero_pages: self.zero_total,
             throughput_mib_s: mib_s(pre.bytes, pre.round_time.as_secs_f64()),
             verified: true,
             digest: format!("{digest:032x}"),
@@ -194,6 +206,56 @@ impl Source<'_> {
             postcopy_ms: postcopy_micros as f64 / 1e3,
             fault_latency_us: FaultLatency::from_ns(latency_ns),
         })
+    }
+
+    /// Hashes the post-copy pages of `ranges` into the digest table while the destination
+    /// runs; with zero pages, tells it which of them are zero (`POSTCOPY_ZERO` chunks, sent
+    /// piece by piece so that its fetchers skip them as early as possible).
+    fn hash_postcopy_set(&mut self, ranges: &[PageRange]) -> Result<()> {
+        if !self.zero_pages {
+            for r in ranges {
+                self.hashes.update(&self.map, r)?;
+            }
+            return Ok(());
+        }
+        let (mut data, mut zero) = (Vec::new(), Vec::new());
+        let mut chunk = 0u32;
+        let mut pending = 0u64;
+        for r in ranges {
+            let mut first = r.first.0;
+            while first < r.end() {
+                let piece = PageRange {
+                    region: r.region,
+                    first: crate::mem::PageIndex(first),
+                    npages: (r.end() - first).min(PIECE_PAGES),
+                };
+                first += piece.npages;
+                self.hashes
+                    .classify(&self.map, &piece, &mut data, &mut zero)?;
+                data.clear();
+                pending += piece.npages;
+                if pending >= PIECE_PAGES || zero.len() >= MAX_RANGES_PER_MSG / 2 {
+                    pending = 0;
+                    self.send_zero(&mut chunk, &mut zero)?;
+                }
+            }
+        }
+        self.send_zero(&mut chunk, &mut zero)
+    }
+
+    /// Sends `zero` (if any) as the next `POSTCOPY_ZERO` chunk and empties it.
+    fn send_zero(&mut self, chunk: &mut u32, zero: &mut Vec<PageRange>) -> Result<()> {
+        if zero.is_empty() {
+            return Ok(());
+        }
+        self.zero_total += crate::pages::total_pages(zero);
+        self.ctl.send(&Message::PostcopyMissing {
+            chunk: *chunk,
+            flags: POSTCOPY_ZERO,
+            ranges: std::mem::take(zero),
+        })?;
+        *chunk += 1;
+        Ok(())
     }
 
     /// Sends a post-copy set in chunks (`flags` added to each; the last also carries
