@@ -205,3 +205,63 @@ static ZEROES: [u8; 1 << 16] = [0; 1 << 16];
 pub fn digest_bytes(b: &[u8]) -> u128 {
     xxh3_128(b)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mem::{GuestAddress, MmapBacking, MmapRegion, PageSize};
+
+    #[test]
+    fn the_zero_hash_streamed_matches_a_zero_page() {
+        for n in [4096usize, 1 << 16, 2 << 20] {
+            assert_eq!(zero_page_hash(n), xxh3_64(&vec![0u8; n]), "{n} bytes");
+        }
+        assert!(is_zero(&[0u8; 4096]));
+        let mut p = vec![0u8; 4099];
+        assert!(is_zero(&p[1..4097]));
+        for i in [0, 1, 2048, 4098] {
+            p[i] = 1;
+            assert!(!is_zero(&p), "byte {i}");
+            p[i] = 0;
+        }
+    }
+
+    #[test]
+    fn classify_sorts_pages_into_runs_and_hashes_every_one() {
+        let m = MmapRegion::new(8 * 4096, MmapBacking::Anonymous, false).unwrap();
+        // SAFETY: `m` outlives the map.
+        let map = GuestMemoryMap::new(
+            vec![unsafe { m.guest_region(GuestAddress(0)) }],
+            PageSize::KIB4,
+        )
+        .unwrap();
+        for p in [1u64, 2, 6] {
+            // SAFETY: page p of our own mapping.
+            unsafe { m.as_ptr().add(p as usize * 4096 + 17).write(9) };
+        }
+        let h = PageHashes::new(&map);
+        let (mut data, mut zero) = (Vec::new(), Vec::new());
+        let all = PageRange {
+            region: RegionId(0),
+            first: PageIndex(0),
+            npages: 8,
+        };
+        h.classify(&map, &all, &mut data, &mut zero).unwrap();
+        let runs = |v: &[PageRange]| v.iter().map(|r| (r.first.0, r.npages)).collect::<Vec<_>>();
+        assert_eq!(runs(&data), [(1, 2), (6, 1)]);
+        assert_eq!(runs(&zero), [(0, 1), (3, 3), (7, 1)]);
+        let other = PageHashes::new(&map);
+        other.update(&map, &all).unwrap();
+        assert_eq!(h.digest(), other.digest(), "classify hashes as update does");
+        let z = PageHashes::new(&map);
+        z.update(&map, &all).unwrap();
+        for r in &zero {
+            z.set_zero(r);
+        }
+        assert_eq!(
+            z.digest(),
+            h.digest(),
+            "set_zero records what hashing finds"
+        );
+    }
+}

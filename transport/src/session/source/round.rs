@@ -161,7 +161,7 @@ mod tests {
             r(6000, 1),
         ];
         let p = pieces(&ranges);
-        assert_eq!(p.len(), 3);
+        assert_eq!(p.len(), 4);
         for piece in &p {
             assert!(crate::pages::total_pages(piece) <= PIECE_PAGES);
         }
