@@ -635,10 +635,14 @@ fn loopback_postcopy_of_a_kvm_guest() {
         (&"postcopy".into(), &true.into())
     );
     assert_eq!(v["rounds"], 0, "{v}");
-    assert_eq!(
-        v["postcopy_pages"],
-        64 * 256,
-        "every page moves after the switchover"
+    // Every page moves after the switchover, but for the zero pages found before it.
+    let (fetched, zero) = (
+        v["postcopy_pages"].as_u64().unwrap(),
+        v["zero_pages"].as_u64().unwrap(),
+    );
+    assert!(
+        fetched <= 64 * 256 && fetched + zero >= 64 * 256,
+        "{fetched} fetched, {zero} zero: {v}"
     );
     assert!(v["postcopy_faults"].is_u64(), "{v}");
     assert_eq!(v["verified"], true);

@@ -175,6 +175,8 @@ pub fn print_migration(
             "downtime_ms": rep.downtime_ms,
             "rounds": rep.rounds,
             "bytes_transferred": rep.bytes_transferred,
+            "zero_pages": rep.zero_pages,
+            "dest_zeroed_pages": dest.and_then(|d| d.dest.as_ref()).map(|d| d.zeroed_pages),
             "throughput_mib_s": rep.throughput_mib_s,
             "verified": rep.verified,
             "digest": rep.digest,
@@ -211,8 +213,8 @@ pub fn print_migration(
         println!("  (no pre-copy round: every page moved after the switchover)");
     } else {
         println!(
-            "{:>6} {:>9} {:>11} {:>9} {:>9} {:>12} {:>13}",
-            "round", "pages", "MiB", "ms", "MiB/s", "dirty MiB/s", "predicted ms"
+            "{:>6} {:>9} {:>9} {:>11} {:>9} {:>9} {:>12} {:>13}",
+            "round", "pages", "zero", "MiB", "ms", "MiB/s", "dirty MiB/s", "predicted ms"
         );
     }
     for r in &rep.per_round {
@@ -222,9 +224,10 @@ pub fn print_migration(
             r.round.to_string()
         };
         println!(
-            "{:>6} {:>9} {:>11.1} {:>9.1} {:>9.0} {:>12.0} {:>13.1}",
+            "{:>6} {:>9} {:>9} {:>11.1} {:>9.1} {:>9.0} {:>12.0} {:>13.1}",
             name,
             r.pages,
+            r.zero_pages,
             r.bytes as f64 / (1u64 << 20) as f64,
             r.ms,
             r.mib_s,
@@ -268,11 +271,12 @@ pub fn print_migration(
         }
     );
     println!(
-        "{:<18} {} in {} rounds, {:.0} MiB/s",
+        "{:<18} {} in {} rounds, {:.0} MiB/s; {} zero pages sent as ranges",
         "transferred",
         human_bytes(rep.bytes_transferred),
         rep.rounds,
-        rep.throughput_mib_s
+        rep.throughput_mib_s,
+        rep.zero_pages
     );
     println!(
         "{:<18} {} (xxh3-128 {})",
