@@ -2,95 +2,27 @@
 //! with a check of what the kernel supports, register/unregister in MISSING mode (private
 //! anonymous memory: pages installed with `UFFDIO_COPY`) or MINOR mode (memfd memory: the page
 //! is already in the page cache, written through a second mapping, and `UFFDIO_CONTINUE` maps
-//! it without a copy), batched event reads, typed partial progress, and `UFFDIO_WAKE`.
+//! it without a copy), zero pages with `UFFDIO_ZEROPAGE`, batched event reads, typed partial
+//! progress, and `UFFDIO_WAKE`. The kernel's definitions (ioctl codes, structs) are in
+//! `uffd/sys.rs`.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
 
-const UFFD_API: u64 = 0xAA;
-const UFFDIO_API: libc::c_ulong = 0xC018_AA3F;
-const UFFDIO_REGISTER: libc::c_ulong = 0xC020_AA00;
-const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_AA01;
-const UFFDIO_WAKE: libc::c_ulong = 0x8010_AA02;
-const UFFDIO_COPY: libc::c_ulong = 0xC028_AA03;
-const UFFDIO_CONTINUE: libc::c_ulong = 0xC020_AA07;
-const UFFDIO_REGISTER_MODE_MINOR: u64 = 1 << 2;
-/// `UFFD_FEATURE_MINOR_SHMEM`: minor faults on shmem (memfd) mappings.
-pub const UFFD_FEATURE_MINOR_SHMEM: u64 = 1 << 10;
-const USERFAULTFD_IOC_NEW: libc::c_ulong = 0xAA00;
-const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
-const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
-const UFFD_FEATURE_MISSING_SHMEM: u64 = 1 << 5;
-/// Ioctl bits (`1 << _UFFDIO_*`) a registered range must support.
-const NEED_RANGE_IOCTLS: [(u64, &str); 2] = [(1 << 2, "UFFDIO_WAKE"), (1 << 3, "UFFDIO_COPY")];
-/// Ioctl bits a range registered in MINOR mode must support.
-const NEED_MINOR_IOCTLS: [(u64, &str); 2] = [(1 << 2, "UFFDIO_WAKE"), (1 << 7, "UFFDIO_CONTINUE")];
+mod sys;
 
-#[repr(C)]
-#[derive(Default)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioRegister {
-    range: UffdioRange,
-    mode: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioContinue {
-    range: UffdioRange,
-    mode: u64,
-    mapped: i64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioCopy {
-    dst: u64,
-    src: u64,
-    len: u64,
-    mode: u64,
-    copy: i64,
-}
-
-/// One `struct uffd_msg` (32 bytes) as read from the descriptor.
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct UffdMsg {
-    event: u8,
-    reserved1: u8,
-    reserved2: u16,
-    reserved3: u32,
-    flags: u64,
-    address: u64,
-    feat: u64,
-}
-
-const _: () = {
-    assert!(size_of::<UffdioApi>() == 24);
-    assert!(size_of::<UffdioRegister>() == 32);
-    assert!(size_of::<UffdioCopy>() == 40);
-    assert!(size_of::<UffdioContinue>() == 32);
-    assert!(size_of::<UffdMsg>() == 32);
+pub use sys::UFFD_FEATURE_MINOR_SHMEM;
+use sys::{
+    UffdMsg, UffdioApi, UffdioContinue, UffdioCopy, UffdioRange, UffdioRegister, UffdioZeropage,
+    NEED_API_IOCTLS, NEED_MINOR_IOCTLS, NEED_MISSING_IOCTLS, UFFDIO_API, UFFDIO_CONTINUE,
+    UFFDIO_COPY, UFFDIO_REGISTER, UFFDIO_REGISTER_MODE_MINOR, UFFDIO_REGISTER_MODE_MISSING,
+    UFFDIO_UNREGISTER, UFFDIO_WAKE, UFFDIO_ZEROPAGE, UFFD_API, UFFD_EVENT_PAGEFAULT,
+    UFFD_FEATURE_MISSING_SHMEM, USERFAULTFD_IOC_NEW,
 };
 
-/// Outcome of one `UFFDIO_COPY`.
+/// Outcome of one `UFFDIO_COPY` (or `UFFDIO_ZEROPAGE`, `UFFDIO_CONTINUE`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CopyOutcome {
     /// Every byte was installed.
@@ -180,8 +112,7 @@ impl Uffd {
                 std::io::Error::last_os_error()
             )));
         }
-        let need = (1u64 << 0x3F) | (1 << 0) | (1 << 1); // UFFDIO_API, REGISTER, UNREGISTER
-        if api.ioctls & need != need {
+        if api.ioctls & NEED_API_IOCTLS != NEED_API_IOCTLS {
             return Err(Error::PostcopyUnavailable(format!(
                 "the kernel's userfaultfd lacks register/unregister (ioctls {:#x})",
                 api.ioctls
@@ -223,7 +154,8 @@ impl Uffd {
         self.features
     }
 
-    /// Registers `len` bytes at `start` in MISSING mode, checking COPY and WAKE are supported.
+    /// Registers `len` bytes at `start` in MISSING mode, checking COPY, ZEROPAGE and WAKE are
+    /// supported.
     ///
     /// # Safety
     /// `start..start+len` must be a page-aligned range of this process's anonymous private
@@ -245,7 +177,7 @@ impl Uffd {
                 start,
                 len,
                 UFFDIO_REGISTER_MODE_MISSING,
-                &NEED_RANGE_IOCTLS,
+                &NEED_MISSING_IOCTLS,
                 &hint,
             )
         }
@@ -411,6 +343,45 @@ impl Uffd {
         }
     }
 
+    /// Maps zero pages over `len` bytes at `dst` (page-aligned, in a range registered with
+    /// this descriptor in MISSING mode) and wakes the waiters: the pages read as zeros, with
+    /// nothing copied. The outcomes are [`Uffd::copy`]'s: a page already present at `dst` is
+    /// [`CopyOutcome::Exists`] (wake its waiters), one found after some pages were mapped ends a
+    /// [`CopyOutcome::Partial`], and an interrupted call (`EAGAIN`/`EINTR` with nothing mapped)
+    /// is retried.
+    ///
+    /// Safe, unlike [`Uffd::copy`]: it reads no caller memory, and it fills only pages of a
+    /// registered range that have none yet, so no memory that anything holds changes.
+    pub fn zeropage(&self, dst: *mut u8, len: usize) -> Result<CopyOutcome> {
+        loop {
+            let mut z = UffdioZeropage {
+                range: UffdioRange {
+                    start: dst as u64,
+                    len: len as u64,
+                },
+                mode: 0,
+                zeropage: 0,
+            };
+            // It maps zero pages only where a range registered with this descriptor has none.
+            // SAFETY: UFFDIO_ZEROPAGE reads and writes a uffdio_zeropage we own.
+            if unsafe { libc::ioctl(self.fd.as_raw_fd(), UFFDIO_ZEROPAGE, &mut z) } == 0 {
+                return Ok(CopyOutcome::Done);
+            }
+            let e = std::io::Error::last_os_error();
+            match e.raw_os_error() {
+                _ if z.zeropage > 0 => return Ok(CopyOutcome::Partial(z.zeropage as usize)),
+                Some(libc::EEXIST) => return Ok(CopyOutcome::Exists),
+                Some(libc::EAGAIN) | Some(libc::EINTR) => continue,
+                _ => {
+                    return Err(Error::Os {
+                        op: "UFFDIO_ZEROPAGE",
+                        source: e,
+                    })
+                }
+            }
+        }
+    }
+
     /// Registers `len` bytes of a shared memfd mapping at `start` in MINOR mode: an access to
     /// a page whose page-table entry is absent (never mapped here, or dropped with
     /// `MADV_DONTNEED`) waits until [`Uffd::continue_range`] maps the page-cache page. Needs a
@@ -524,6 +495,60 @@ mod tests {
         // SAFETY: page 1 was installed above; reading it does not fault.
         assert_eq!(unsafe { p.add(4096).read_volatile() }, 7);
         u.wake(p, len).unwrap();
+        u.unregister(p, len).unwrap();
+        // SAFETY: unmapping the mapping created above.
+        unsafe { libc::munmap(p.cast(), len) };
+    }
+
+    #[test]
+    fn zeropage_resolves_a_fault_and_exists_is_reported() {
+        if let Err(e) = Uffd::probe() {
+            skip(
+                Capability::Uffd,
+                "zeropage_resolves_a_fault_and_exists_is_reported",
+                format!("userfaultfd unavailable: {e}"),
+            );
+            return;
+        }
+        let u = Uffd::open().unwrap();
+        let len = 2 * 4096;
+        // SAFETY: a fresh private anonymous mapping, unmapped at the end of the test.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        }
+        .cast::<u8>();
+        // SAFETY: our own mapping.
+        unsafe { u.register(p, len) }.unwrap();
+        // SAFETY: page 1 of the mapping.
+        let page1 = unsafe { p.add(4096) };
+        let at = page1 as usize + 100;
+        // SAFETY: page 1 is mapped for the whole test; the read blocks until it is resolved.
+        let reader = std::thread::spawn(move || unsafe { (at as *const u8).read_volatile() });
+        let mut faults = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while faults.is_empty() && std::time::Instant::now() < deadline {
+            u.read_faults(&mut faults, 8, Duration::from_millis(100))
+                .unwrap();
+        }
+        let first = u.zeropage(page1, 4096);
+        if first.as_ref().ok() != Some(&CopyOutcome::Done) {
+            // Release the reader (unregistering wakes it) before the asserts below fail.
+            u.unregister(p, len).unwrap();
+        }
+        let read = reader.join().unwrap();
+        assert_eq!(faults.first().map(|a| a & !4095), Some(page1 as u64));
+        assert_eq!(first.unwrap(), CopyOutcome::Done);
+        assert_eq!(read, 0);
+        assert_eq!(u.zeropage(page1, 4096).unwrap(), CopyOutcome::Exists);
+        // SAFETY: page 1 is present now.
+        assert_eq!(unsafe { page1.add(4095).read_volatile() }, 0);
         u.unregister(p, len).unwrap();
         // SAFETY: unmapping the mapping created above.
         unsafe { libc::munmap(p.cast(), len) };
