@@ -9,6 +9,9 @@
 //! [`SourceVm::fetch_and_clear_dirty`] returns must be reported by a later call. The driver
 //! fetches-and-clears *before* it announces a round, so a write racing a transfer of the same
 //! page is always carried again later.
+//!
+//! Throttling ([`SourceVm::throttle`]) is how a VMM helps a migration converge: the guest runs
+//! only part of each time slice, so it dirties less per round.
 
 use crate::error::VmmError;
 use crate::mem::{GuestAddress, GuestMemoryMap, PageSize};
@@ -39,6 +42,42 @@ pub trait SourceVm: Send {
 
     /// Saves the device state (vCPUs, devices) of the paused guest as an opaque blob.
     fn save_state(&mut self) -> Result<Vec<u8>, VmmError>;
+
+    /// Throttles the running guest so that it dirties memory more slowly, for pre-copy rounds
+    /// that stop shrinking (QEMU's `auto-converge`): whatever runs the guest sleeps `percent` %
+    /// of each time slice (QEMU's `cpu-throttle`), so the guest's dirty rate falls to about
+    /// `100 - percent` % of what it was. 0 removes the throttle; a value above
+    /// [`MAX_THROTTLE_PERCENT`] is refused ([`check_throttle`]). The throttle stays set across
+    /// pause and resume until changed. Default: an error saying this VMM cannot throttle.
+    fn throttle(&mut self, percent: u8) -> Result<(), VmmError> {
+        Err(format!("throttling not supported by this VMM (asked for {percent}%)").into())
+    }
+}
+
+/// The largest throttle [`SourceVm::throttle`] accepts: at 100 % the guest would not run.
+pub const MAX_THROTTLE_PERCENT: u8 = 99;
+
+/// Checks a throttle for [`SourceVm::throttle`] implementations: refuses more than
+/// [`MAX_THROTTLE_PERCENT`].
+pub fn check_throttle(percent: u8) -> Result<(), VmmError> {
+    if percent > MAX_THROTTLE_PERCENT {
+        return Err(format!(
+            "throttle of {percent}% refused: at most {MAX_THROTTLE_PERCENT}% (0 removes it)"
+        )
+        .into());
+    }
+    Ok(())
+}
+
+/// How long a guest throttled by `percent` % sleeps after running for `ran`: the sleep is
+/// `percent` % of the slice that `ran` and the sleep make up together (QEMU's cpu-throttle
+/// formula, `ran * percent / (100 - percent)`). Zero for 0 and for values above
+/// [`MAX_THROTTLE_PERCENT`] (which [`check_throttle`] refuses).
+pub fn throttle_sleep(ran: std::time::Duration, percent: u8) -> std::time::Duration {
+    if percent == 0 || percent > MAX_THROTTLE_PERCENT {
+        return std::time::Duration::ZERO;
+    }
+    ran * u32::from(percent) / u32::from(100 - percent)
 }
 
 /// The VM being built on the destination.
@@ -99,3 +138,23 @@ impl MemoryLayout {
 /// Builds the destination VM for a layout; called once the source is authenticated.
 pub type DestinationFactory<'a> =
     Box<dyn FnOnce(&MemoryLayout) -> Result<Box<dyn DestinationVm>, VmmError> + Send + 'a>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn throttle_checks_and_sleeps() {
+        assert!(check_throttle(0).is_ok());
+        assert!(check_throttle(99).is_ok());
+        let e = check_throttle(100).unwrap_err().to_string();
+        assert!(e.contains("at most 99%"), "{e}");
+        let ms = Duration::from_millis;
+        assert_eq!(throttle_sleep(ms(10), 0), Duration::ZERO);
+        assert_eq!(throttle_sleep(ms(10), 50), ms(10));
+        assert_eq!(throttle_sleep(ms(10), 90), ms(90));
+        assert_eq!(throttle_sleep(ms(10), 99), ms(990));
+        assert_eq!(throttle_sleep(ms(10), 100), Duration::ZERO);
+    }
+}

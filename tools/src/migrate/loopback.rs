@@ -1,8 +1,13 @@
 //! `--loopback`: the destination runs as a child process of this one (`migrate --listen` on
 //! an ephemeral port), with a fresh random key shared through a private file.
+//!
+//! The child dies with this process: it asks for SIGTERM when its parent dies
+//! (`PR_SET_PDEATHSIG`), so a signal sent to this process alone (a supervisor's SIGTERM)
+//! does not leave a destination listening for ever or holding the guest's memory.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -49,6 +54,28 @@ impl Drop for KillOnDrop {
             let _ = c.wait();
         }
     }
+}
+
+/// Makes the process `cmd` starts get SIGTERM when this one dies. The kernel sends it when the
+/// thread that forked the child exits: `run` is called on the main thread, which lives as long
+/// as the process.
+fn die_with_parent(cmd: &mut Command) {
+    let parent = std::process::id() as libc::pid_t;
+    let arm = move || {
+        // SAFETY: prctl(PR_SET_PDEATHSIG) takes the signal number as its only argument.
+        if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // The parent may have died between the fork and the prctl: the signal would never come.
+        // SAFETY: getppid has no preconditions.
+        if unsafe { libc::getppid() } != parent {
+            return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+        }
+        Ok(())
+    };
+    // SAFETY: the closure runs in the forked child before exec; it only makes two system
+    // calls (async-signal-safe) and builds io::Errors from errnos, which does not allocate.
+    unsafe { cmd.pre_exec(arm) };
 }
 
 fn write_key(path: &Path, psk: &Psk) -> Result<()> {
@@ -117,6 +144,7 @@ pub fn run(args: &Args, params: &VmParams) -> Result<ExitCode> {
     if let Some(i) = args.ib_port {
         cmd.args(["--ib-port", &i.to_string()]);
     }
+    die_with_parent(&mut cmd);
     let child = std::cell::RefCell::new(KillOnDrop(Some(
         cmd.spawn().context("starting the destination process")?,
     )));

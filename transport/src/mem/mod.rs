@@ -5,10 +5,14 @@
 //! [`GuestRegion`] (guest physical address, host address, length); the constructor is
 //! `unsafe` because the VMM vouches that the host range stays mapped while the
 //! migration runs. [`MmapRegion`] is an owned anonymous or memfd-backed mapping that
-//! VMMs without their own allocator (and the tests) can use.
+//! VMMs without their own allocator (and the tests) can use. With the cargo feature
+//! `vm-memory`, `GuestMemoryMap::from_vm_memory` builds the map from the `GuestMemoryMmap`
+//! that rust-vmm VMMs hold.
 
 mod host;
 mod mmap;
+#[cfg(feature = "vm-memory")]
+mod rust_vmm;
 
 pub use host::HostMemory;
 pub use mmap::{prefault, MmapBacking, MmapRegion};

@@ -10,15 +10,17 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use sideway::ibverbs::device::{DeviceInfo, DeviceList, GetDeviceListErrorKind};
-use sideway::ibverbs::device_context::DeviceContext;
+use sideway::ibverbs::device_context::{DeviceContext, LinkLayer, PortState};
 
 use super::{DeviceSummary, Gid, RdmaOptions};
 
-/// `ibv_port_state::IBV_PORT_ACTIVE`.
-const PORT_ACTIVE: u32 = 4;
-/// `IBV_LINK_LAYER_ETHERNET`.
-const LINK_ETHERNET: u8 = 2;
-/// `IBV_GID_TYPE_SYSFS_ROCE_V2` as `ibv_query_gid_type` reports it.
+/// `IBV_PORT_ACTIVE`, compared with the raw attribute (sideway's `From` panics on unknowns).
+const PORT_ACTIVE: u32 = PortState::Active as u32;
+/// `IBV_LINK_LAYER_ETHERNET`, likewise.
+const LINK_ETHERNET: u8 = LinkLayer::Ethernet as u8;
+/// `IBV_GID_TYPE_SYSFS_ROCE_V2` as `ibv_query_gid_type` reports it: the sysfs numbering, which
+/// is not sideway's `GidType` (there RoCE v2 is 2); sideway documents the value but exports no
+/// constant for it.
 const GID_TYPE_ROCE_V2: u32 = 1;
 
 /// Limits of the device and port, as the data path uses them.

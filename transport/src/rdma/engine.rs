@@ -13,7 +13,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sideway::ibverbs::completion::PollCompletionQueueError;
+use sideway::ibverbs::completion::{PollCompletionQueueError, WorkCompletionStatus};
 use sideway::ibverbs::queue_pair::{
     PostSendGuard, QueuePair, SetScatterGatherEntry, WorkRequestFlags,
 };
@@ -81,27 +81,34 @@ impl std::fmt::Debug for ReadEngine {
     }
 }
 
-/// Name and verbs constant of a work-completion status.
-pub fn wc_status_name(status: u32) -> &'static str {
-    match status {
-        0 => "success (IBV_WC_SUCCESS)",
-        1 => "local length error (IBV_WC_LOC_LEN_ERR)",
-        2 => "local QP operation error (IBV_WC_LOC_QP_OP_ERR)",
-        4 => "local protection error (IBV_WC_LOC_PROT_ERR)",
-        5 => "work request flushed (IBV_WC_WR_FLUSH_ERR)",
-        7 => "bad response (IBV_WC_BAD_RESP_ERR)",
-        8 => "local access error (IBV_WC_LOC_ACCESS_ERR)",
-        9 => "remote invalid request (IBV_WC_REM_INV_REQ_ERR)",
-        10 => "remote access error (IBV_WC_REM_ACCESS_ERR)",
-        11 => "remote operation error (IBV_WC_REM_OP_ERR)",
-        12 => "transport retry counter exceeded (IBV_WC_RETRY_EXC_ERR)",
-        13 => "RNR retry counter exceeded (IBV_WC_RNR_RETRY_EXC_ERR)",
-        16 => "remote aborted (IBV_WC_REM_ABORT_ERR)",
-        19 => "fatal error (IBV_WC_FATAL_ERR)",
-        20 => "response timeout (IBV_WC_RESP_TIMEOUT_ERR)",
-        21 => "general error (IBV_WC_GENERAL_ERR)",
-        _ => "unknown status",
+/// `IBV_WC_SUCCESS`.
+const WC_SUCCESS: u32 = WorkCompletionStatus::Success as u32;
+/// `IBV_WC_WR_FLUSH_ERR`: the QP went to the error state (after an earlier failure).
+const WC_FLUSHED: u32 = WorkCompletionStatus::WorkRequestFlushedError as u32;
+
+/// `status` as sideway's [`WorkCompletionStatus`], or `None` for a value this sideway does not
+/// know (its `From<u32>` panics on those, and a provider newer than it may report one). The
+/// statuses are the contiguous `ibv_wc_status` values up to the last variant.
+pub fn wc_status(status: u32) -> Option<WorkCompletionStatus> {
+    (status <= WorkCompletionStatus::TagMatchingRendezvousIncomplete as u32)
+        .then(|| WorkCompletionStatus::from(status))
+}
+
+/// A work-completion status for messages: sideway's variant in words, then the variant and
+/// the raw `ibv_wc_status` value, as in "remote access error (RemoteAccessError, ibv_wc_status 10)".
+pub fn wc_status_name(status: u32) -> String {
+    let Some(s) = wc_status(status) else {
+        return format!("unknown work-completion status {status}");
+    };
+    let variant = format!("{s:?}");
+    let mut words = String::with_capacity(variant.len() + 8);
+    for (i, c) in variant.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 {
+            words.push(' ');
+        }
+        words.push(c.to_ascii_lowercase());
     }
+    format!("{words} ({variant}, ibv_wc_status {status})")
 }
 
 impl ReadEngine {
@@ -431,9 +438,9 @@ impl ReadEngine {
                 *c = c.saturating_sub(1);
                 self.total_in_flight = self.total_in_flight.saturating_sub(1);
             }
-            if status == 0 {
+            if status == WC_SUCCESS {
                 done.push(wr_id & ((1 << TAG_BITS) - 1));
-            } else if !matches!(failure, Some((s, ..)) if s != 5 || status == 5) {
+            } else if !matches!(failure, Some((s, ..)) if s != WC_FLUSHED || status == WC_FLUSHED) {
                 // Keep the first real error; a flush only says an earlier one happened.
                 failure = Some((status, vendor, qi, wr_id & ((1 << TAG_BITS) - 1)));
             }
@@ -441,7 +448,7 @@ impl ReadEngine {
         if let Some((status, vendor, qi, tag)) = failure {
             let qpn = self.qps.local().get(qi).map(|q| q.qpn.0).unwrap_or(0);
             let msg = format!(
-                "RDMA READ (tag {tag}) on QP {qpn:#x} failed: {} [status {status}, vendor error {vendor:#x}]",
+                "RDMA READ (tag {tag}) on QP {qpn:#x} failed: {} [vendor error {vendor:#x}]",
                 wc_status_name(status)
             );
             self.failed = Some(msg.clone());
@@ -471,7 +478,11 @@ impl ReadEngine {
             (
                 wc.wr_id(),
                 wc.status(),
-                if wc.status() != 0 { wc.vendor_err() } else { 0 },
+                if wc.status() != WC_SUCCESS {
+                    wc.vendor_err()
+                } else {
+                    0
+                },
             )
         }))
     }
@@ -623,6 +634,21 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("region 1"));
-        assert!(wc_status_name(10).contains("remote access"));
+    }
+
+    #[test]
+    fn work_completion_statuses_are_sideways_and_named() {
+        // Every value up to the last variant converts without a panic and round-trips.
+        for v in 0..=WorkCompletionStatus::TagMatchingRendezvousIncomplete as u32 {
+            assert_eq!(wc_status(v).map(|s| s as u32), Some(v));
+        }
+        assert_eq!(wc_status(9999), None);
+        assert_eq!(
+            wc_status_name(10),
+            "remote access error (RemoteAccessError, ibv_wc_status 10)"
+        );
+        assert!(wc_status_name(12).starts_with("retry counter exceeded error"));
+        assert!(wc_status_name(5).starts_with("work request flushed error"));
+        assert_eq!(wc_status_name(9999), "unknown work-completion status 9999");
     }
 }

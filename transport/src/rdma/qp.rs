@@ -66,13 +66,17 @@ fn random_psn() -> Psn {
     Psn(u32::from_le_bytes(b) & 0xff_ffff)
 }
 
+/// Verbs MTU codes sideway's [`Mtu`] knows (its `From<u32>` panics on others).
+pub(crate) const MTU_CODES: std::ops::RangeInclusive<u32> =
+    Mtu::Mtu256 as u32..=Mtu::Mtu4096 as u32;
+
+/// The verbs MTU `code` as sideway's [`Mtu`]; an unknown code (the setup check rejects them
+/// from the peer) means 4096.
 fn mtu(code: u32) -> Mtu {
-    match code {
-        1 => Mtu::Mtu256,
-        2 => Mtu::Mtu512,
-        3 => Mtu::Mtu1024,
-        4 => Mtu::Mtu2048,
-        _ => Mtu::Mtu4096,
+    if MTU_CODES.contains(&code) {
+        Mtu::from(code)
+    } else {
+        Mtu::Mtu4096
     }
 }
 

@@ -14,6 +14,7 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use super::qp::MTU_CODES;
 use super::{Gid, Psn, Qpn, RKey};
 use crate::error::{Error, Result};
 use crate::wire::{Le16, Le32, Le64, MAX_REGIONS, MAX_SETUP};
@@ -214,8 +215,12 @@ impl Setup {
             )));
         }
         let mtu = h.mtu.get();
-        if !(1..=5).contains(&mtu) {
-            return Err(Error::Protocol(format!("{what}: MTU code {mtu} (1..=5)")));
+        if !MTU_CODES.contains(&mtu) {
+            return Err(Error::Protocol(format!(
+                "{what}: MTU code {mtu} ({}..={})",
+                MTU_CODES.start(),
+                MTU_CODES.end()
+            )));
         }
         let rd_atomic = h.rd_atomic.get();
         if rd_atomic == 0 || rd_atomic > 255 {

@@ -67,6 +67,12 @@ impl Pacer {
         self.handed = 0;
     }
 
+    /// Moves the schedule on by `d` (the guest was throttled for that long): the pages it
+    /// would have been handed meanwhile are not caught up.
+    pub fn delay(&mut self, d: Duration) {
+        self.base += d;
+    }
+
     /// Pages per batch: about one millisecond's worth.
     fn batch(&self) -> u32 {
         let per_ms = self.rate / GUEST_PAGE / 1000;
@@ -124,6 +130,20 @@ mod tests {
             Pacer::new(1 << 30, 0).next(Instant::now()),
             Pace::Wait(_)
         ));
+    }
+
+    #[test]
+    fn a_delay_is_not_caught_up() {
+        let mut p = Pacer::new(4096 * 1000, 10); // 1000 pages/s, batches of 1
+        let t0 = p.base;
+        assert_eq!(p.next(t0), Pace::Go(1));
+        p.delay(Duration::from_millis(50));
+        // Due again 1 ms after the start plus the delay, not at once.
+        assert_eq!(
+            p.next(t0 + Duration::from_millis(40)),
+            Pace::Wait(Duration::from_millis(11))
+        );
+        assert_eq!(p.next(t0 + Duration::from_millis(51)), Pace::Go(1));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use rdmig_transport::mem::{GuestMemoryMap, RegionId};
 use rdmig_transport::pages::PageSet;
-use rdmig_transport::vm::{DestinationVm, SourceVm};
+use rdmig_transport::vm::{check_throttle, DestinationVm, SourceVm};
 use rdmig_transport::VmmError;
 
 use super::control::GuestParams;
@@ -162,6 +162,13 @@ impl SourceVm for KvmVm {
 
     fn save_state(&mut self) -> Result<Vec<u8>, VmmError> {
         Ok(self.do_save()?)
+    }
+
+    /// vCPU pacing: the vCPU thread sleeps `percent` % of each time slice (see `vcpu`).
+    fn throttle(&mut self, percent: u8) -> Result<(), VmmError> {
+        check_throttle(percent)?;
+        self.vcpu.set_throttle(percent);
+        Ok(())
     }
 }
 

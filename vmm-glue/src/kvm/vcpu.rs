@@ -7,6 +7,12 @@
 //! `immediate_exit` set so KVM completes a pending port read without entering the guest (the
 //! documented way to reach a state that can be saved), and parks. While parked it serves
 //! commands: save or restore the registers, resume, stop. All vCPU ioctls run on this thread.
+//!
+//! Throttling (vCPU pacing, as QEMU's cpu-throttle): once the guest has run for a time slice
+//! of [`THROTTLE_SLICE`] or more, the thread sleeps `percent` % of the slice before it enters
+//! the guest again (the slice ends at the next exit to the VMM, about every millisecond for
+//! the pacing guest), and the pacer's schedule moves on by the time slept so that the guest
+//! does not catch up. A pause or a new throttle cuts the sleep short.
 
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -15,6 +21,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use rdmig_transport::vm::throttle_sleep;
 
 use super::control::{CMD_VERIFY, PORT_BAD, PORT_CHECKED, PORT_CMD};
 use super::pacer::{Pace, Pacer};
@@ -29,6 +36,8 @@ const PARK_TIMEOUT: Duration = Duration::from_secs(2);
 const EFAULT_RETRY: Duration = Duration::from_secs(5);
 /// The wait between two such retries (cut short by a pause request).
 const EFAULT_BACKOFF: Duration = Duration::from_millis(1);
+/// The time slice a throttled vCPU runs before it sleeps its share (QEMU's is 10 ms too).
+const THROTTLE_SLICE: Duration = Duration::from_millis(10);
 
 /// The signal that kicks a vCPU thread out of `KVM_RUN` (a no-op handler is installed).
 pub fn kick_signal() -> libc::c_int {
@@ -102,6 +111,8 @@ struct Ctl {
     report: CheckReport,
     check: Option<CheckReport>,
     pacer: Pacer,
+    /// Percent of each time slice the vCPU sleeps (0: not throttled).
+    throttle: u8,
     cmd: Option<Cmd>,
     reply: Option<Result<VcpuState>>,
 }
@@ -166,6 +177,7 @@ impl VcpuHandle {
                 report: CheckReport::default(),
                 check: None,
                 pacer,
+                throttle: 0,
                 cmd: None,
                 reply: None,
             }),
@@ -318,6 +330,14 @@ impl VcpuHandle {
             .ok_or_else(|| Error::Thread("no state returned".into()))
     }
 
+    /// Sets the throttle (percent of each time slice the vCPU sleeps; 0 removes it) and wakes
+    /// a vCPU sleeping at the old one. The caller checks the value.
+    pub fn set_throttle(&self, percent: u8) {
+        let mut g = self.shared.lock();
+        g.throttle = percent;
+        self.shared.cv.notify_all();
+    }
+
     /// Runs `f` on the pacer.
     pub fn with_pacer<T>(&self, f: impl FnOnce(&mut Pacer) -> T) -> T {
         f(&mut self.shared.lock().pacer)
@@ -431,10 +451,19 @@ fn retry_after_fault(sh: &Shared, since: Instant, e: &kvm_ioctls::Error) -> Opti
 /// The thread body: run until asked to park, serve commands while parked.
 fn vcpu_thread(mut vcpu: VcpuFd, sh: Arc<Shared>) {
     let mut efault_since: Option<Instant> = None;
+    let mut slice = Instant::now();
     loop {
         let pause = sh.lock().pause_req;
-        if pause && !park(&mut vcpu, &sh, true) {
-            return;
+        if pause {
+            if !park(&mut vcpu, &sh, true) {
+                return;
+            }
+            slice = Instant::now();
+        }
+        let ran = slice.elapsed();
+        if ran >= THROTTLE_SLICE {
+            throttle_pause(&sh, ran);
+            slice = Instant::now();
         }
         let run = vcpu.run();
         if run.is_ok() {
@@ -473,6 +502,23 @@ fn vcpu_thread(mut vcpu: VcpuFd, sh: Arc<Shared>) {
             }
         }
     }
+}
+
+/// After the guest ran for `ran`, sleeps the throttle's share of it (cut short by a pause
+/// request or a new throttle), and moves the pacer's schedule on by the time slept.
+fn throttle_pause(sh: &Shared, ran: Duration) {
+    let g = sh.lock();
+    let percent = g.throttle;
+    let d = throttle_sleep(ran, percent);
+    if d.is_zero() || g.pause_req {
+        return;
+    }
+    let t = Instant::now();
+    let (mut g, _) = sh
+        .cv
+        .wait_timeout_while(g, d, |c| !c.pause_req && c.throttle == percent)
+        .unwrap_or_else(|p| p.into_inner());
+    g.pacer.delay(t.elapsed());
 }
 
 /// Parks the thread; returns false when it must exit.

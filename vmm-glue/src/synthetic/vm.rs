@@ -1,6 +1,6 @@
 //! The synthetic VM itself: memory, writers, and both sides of the migration seam.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
@@ -8,7 +8,9 @@ use rdmig_transport::mem::{
     GuestAddress, GuestMemoryMap, MmapBacking, MmapRegion, PageSize, RegionId,
 };
 use rdmig_transport::pages::PageSet;
-use rdmig_transport::vm::{DestinationFactory, DestinationVm, MemoryLayout, SourceVm};
+use rdmig_transport::vm::{
+    check_throttle, DestinationFactory, DestinationVm, MemoryLayout, SourceVm,
+};
 use rdmig_transport::VmmError;
 
 use super::content::fill_page;
@@ -237,6 +239,7 @@ impl SyntheticVm {
             rate: cfg.dirty_rate as f64 / page as f64 / f64::from(writers.max(1)),
             populated: AtomicU64::new(first),
             zero_share: AtomicU64::new(0),
+            throttle: AtomicU8::new(0),
         });
         Ok(SyntheticVm {
             cfg: cfg.clone(),
@@ -413,6 +416,13 @@ impl SourceVm for SyntheticVm {
 
     fn save_state(&mut self) -> Result<Vec<u8>, VmmError> {
         Ok(self.save())
+    }
+
+    /// The writers sleep `percent` % of each time slice (see the writer module).
+    fn throttle(&mut self, percent: u8) -> Result<(), VmmError> {
+        check_throttle(percent)?;
+        self.shared.set_throttle(percent);
+        Ok(())
     }
 }
 

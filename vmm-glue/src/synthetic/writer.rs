@@ -5,13 +5,23 @@
 //! new generation, then set its dirty bit (release). Because the bit is set after the write,
 //! a fetch-and-clear that misses the bit happened before the write started, and the page is
 //! reported by the next fetch.
+//!
+//! Throttling (`SourceVm::throttle`): after each time slice of about [`THROTTLE_SLICE`] a
+//! writer sleeps `percent` % of the slice (`ran * percent / (100 - percent)`), and its pacing
+//! schedule moves on by the time slept, so that it does not catch the lost writes up.
 
-use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use rdmig_transport::vm::throttle_sleep;
+
 use super::content::Scheme;
 use crate::GuestCheck;
+
+/// The time slice a throttled writer runs before it sleeps its share (QEMU's cpu-throttle
+/// uses 10 ms too).
+pub(crate) const THROTTLE_SLICE: Duration = Duration::from_millis(10);
 
 /// Generation bit set while a page is being written.
 pub(crate) const BUSY: u64 = 1 << 63;
@@ -50,6 +60,8 @@ pub(crate) struct Shared {
     pub populated: AtomicU64,
     /// [`Scheme::zero_share`] (as `populated`).
     pub zero_share: AtomicU64,
+    /// Percent of each time slice the writers sleep (0: not throttled).
+    pub throttle: AtomicU8,
 }
 
 // SAFETY: the raw region pointers refer to guest memory owned by the SyntheticVm, which joins
@@ -136,6 +148,30 @@ impl Shared {
         !c.stop
     }
 
+    /// Sets the throttle and wakes writers sleeping at the old one.
+    pub fn set_throttle(&self, percent: u8) {
+        self.throttle.store(percent, Ordering::Release);
+        let _c = self.lock();
+        self.cv.notify_all();
+    }
+
+    /// After a slice that `ran`, sleeps the throttle's share of it, waking early on a pause
+    /// request or a change of throttle. Returns how long it slept.
+    fn throttle_pause(&self, ran: Duration) -> Duration {
+        let percent = self.throttle.load(Ordering::Acquire);
+        let d = throttle_sleep(ran, percent);
+        if d.is_zero() {
+            return Duration::ZERO;
+        }
+        let t = Instant::now();
+        let c = self.lock();
+        let _ = self.cv.wait_timeout_while(c, d, |_| {
+            !self.pause_req.load(Ordering::Acquire)
+                && self.throttle.load(Ordering::Acquire) == percent
+        });
+        t.elapsed()
+    }
+
     /// Sleeps up to `d`, waking early on a pause request.
     fn pace(&self, d: Duration) {
         let c = self.lock();
@@ -149,6 +185,7 @@ impl Shared {
 pub(crate) fn writer(shared: &Shared, seed: u64) {
     let mut x = seed | 1;
     let mut start = Instant::now();
+    let mut slice = start;
     let mut n = 0u64;
     loop {
         if shared.pause_req.load(Ordering::Acquire) {
@@ -156,6 +193,7 @@ pub(crate) fn writer(shared: &Shared, seed: u64) {
                 return;
             }
             start = Instant::now();
+            slice = start;
             n = 0;
             continue;
         }
@@ -167,6 +205,12 @@ pub(crate) fn writer(shared: &Shared, seed: u64) {
         shared.write_page(p);
         n += 1;
         if n.is_multiple_of(16) {
+            let ran = slice.elapsed();
+            if ran >= THROTTLE_SLICE {
+                // The schedule moves on by the sleep: the writes it skipped stay skipped.
+                start += shared.throttle_pause(ran);
+                slice = Instant::now();
+            }
             let due = start + Duration::from_secs_f64(n as f64 / shared.rate);
             let now = Instant::now();
             if due > now {
