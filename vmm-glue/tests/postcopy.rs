@@ -21,6 +21,7 @@ use rdmig_vmm::synthetic::{SyntheticConfig, SyntheticVm};
 
 use support::interrupted::expect_remnant;
 use support::relay::Relay;
+use support::rxe::rxe;
 use support::synthetic::{run_at, DestOutcome};
 
 const MIB: u64 = 1 << 20;
@@ -268,33 +269,6 @@ fn postcopy_with_64k_pages_and_regions() {
 }
 
 // ---- over RDMA (SoftRoCE in ci/test-rdma): faults and prefetches are READs ----------------
-
-/// The SoftRoCE device `ci/softroce-run` sets up, as RDMA options and the address to listen
-/// on, or `None` after saying why the test skips.
-fn rxe(test: &str) -> Option<(rdmig_transport::rdma::RdmaOptions, std::net::IpAddr)> {
-    let Ok(dev) = std::env::var("RDMIG_RXE_DEV") else {
-        skip(
-            Capability::Rdma,
-            test,
-            "no RDMA device (RDMIG_RXE_DEV and RDMIG_RXE_ADDR are set by ci/softroce-run)",
-        );
-        return None;
-    };
-    let addr: std::net::IpAddr = std::env::var("RDMIG_RXE_ADDR")
-        .expect("RDMIG_RXE_ADDR with RDMIG_RXE_DEV")
-        .parse()
-        .expect("RDMIG_RXE_ADDR is an address");
-    let opts = rdmig_transport::rdma::RdmaOptions {
-        device: Some(dev),
-        gid_index: std::env::var("RDMIG_RXE_GID_INDEX")
-            .ok()
-            .and_then(|g| g.parse().ok()),
-        port: None,
-        qps: 2,
-        local_addr: Some(addr),
-    };
-    Some((opts, addr))
-}
 
 #[test]
 fn rdma_postcopy_with_writers_on_the_destination() {

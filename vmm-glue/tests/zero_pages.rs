@@ -7,17 +7,20 @@
 
 mod support;
 
+use std::net::IpAddr;
 use std::time::Duration;
 
 use rdmig_transport::auth::Psk;
 use rdmig_transport::digest::full_digest;
 use rdmig_transport::mem::GuestMemoryMap;
 use rdmig_transport::postcopy::Uffd;
+use rdmig_transport::rdma::RdmaOptions;
 use rdmig_transport::require::{skip, Capability};
 use rdmig_transport::session::{DestReport, MigrationConfig, MigrationMode, MigrationReport};
 use rdmig_transport::wire::TransportKind;
 use rdmig_vmm::synthetic::{SyntheticConfig, SyntheticVm};
 
+use support::rxe::rxe;
 use support::synthetic::run_at;
 
 const MIB: u64 = 1 << 20;
@@ -70,11 +73,33 @@ fn migrate_sparse(
     populated: u64,
     zero_share: u8,
 ) -> (MigrationReport, DestReport) {
+    migrate_sparse_via(mode, mem, populated, zero_share, None, false)
+}
+
+/// As [`migrate_sparse`], over RDMA with `rdma` (options, address) given.
+fn migrate_sparse_via(
+    mode: MigrationMode,
+    mem: u64,
+    populated: u64,
+    zero_share: u8,
+    rdma: Option<&(RdmaOptions, IpAddr)>,
+    memfd: bool,
+) -> (MigrationReport, DestReport) {
     let psk = Psk::random().unwrap();
+    let (mig, addr) = match rdma {
+        Some((opts, addr)) => (
+            config(&psk, mode)
+                .with_transport(TransportKind::Rdma)
+                .with_rdma(opts.clone()),
+            *addr,
+        ),
+        None => (config(&psk, mode), [127, 0, 0, 1].into()),
+    };
     let cfg = SyntheticConfig::new(mem)
         .with_dirtying(8 * MIB, 64 * MIB)
         .with_populated(Some(populated))
-        .with_zero_share(zero_share);
+        .with_zero_share(zero_share)
+        .with_memfd(memfd);
     let mut source = SyntheticVm::start(&cfg).unwrap();
     std::thread::sleep(Duration::from_millis(40));
     let dest_rate = if mode == MigrationMode::Precopy {
@@ -85,11 +110,12 @@ fn migrate_sparse(
     let (r, d) = run_at(
         &mut source,
         cfg.clone().with_dirtying(8 * MIB, dest_rate),
-        config(&psk, mode),
-        [127, 0, 0, 1].into(),
+        mig,
+        addr,
         None,
     );
     let rep = r.unwrap_or_else(|e| panic!("{mode:?}, {populated} populated: {e}"));
+    assert_eq!(rep.transport, if rdma.is_some() { "rdma" } else { "tcp" });
     let (mut dest, drep) = d.unwrap();
     assert!(rep.verified);
     if mode == MigrationMode::Precopy {
@@ -185,6 +211,38 @@ fn sparse_guests_migrate_in_post_copy_and_hybrid() {
 }
 
 #[test]
+fn sparse_memfd_guests_migrate_in_post_copy_and_hybrid() {
+    // memfd memory: post-copy installs in place, and zero pages are zeroed in the second
+    // mapping and mapped with UFFDIO_CONTINUE.
+    if !uffd_ok("sparse_memfd_guests_migrate_in_post_copy_and_hybrid") || !minor_ok() {
+        return;
+    }
+    let mem = 32 * MIB;
+    for mode in [MigrationMode::Postcopy, MigrationMode::Hybrid] {
+        for populated in [0, mem / 4] {
+            let (rep, drep) = migrate_sparse_via(mode, mem, populated, 50, None, true);
+            assert!(
+                drep.postcopy_zero_copy || !rep.postcopy,
+                "{mode:?}, {populated} populated: post-copy did not install in place"
+            );
+            assert!(rep.zero_pages >= (mem - populated) / 4096 - 8 * MIB / 4096);
+        }
+    }
+}
+
+fn minor_ok() -> bool {
+    if Uffd::minor_supported() {
+        return true;
+    }
+    skip(
+        Capability::UffdMinor,
+        "sparse_memfd_guests_migrate_in_post_copy_and_hybrid",
+        "userfaultfd minor faults on shmem are unavailable",
+    );
+    false
+}
+
+#[test]
 fn without_zero_pages_every_page_moves_as_data() {
     let psk = Psk::random().unwrap();
     let cfg = SyntheticConfig::new(16 * MIB).with_populated(Some(0));
@@ -230,4 +288,39 @@ fn a_sparse_guest_costs_the_destination_only_its_populated_memory() {
     assert_eq!(rep.zero_pages, (mem - populated) / 4096);
     assert_eq!(rep.bytes_transferred, populated);
     assert!(dest.verify().ok());
+}
+
+#[test]
+fn rdma_sparse_guests_migrate_in_every_mode() {
+    let Some(rdma) = rxe("rdma_sparse_guests_migrate_in_every_mode") else {
+        return;
+    };
+    let mem = 32 * MIB;
+    for mode in [
+        MigrationMode::Precopy,
+        MigrationMode::Postcopy,
+        MigrationMode::Hybrid,
+    ] {
+        if mode != MigrationMode::Precopy && !uffd_ok("rdma_sparse_guests_migrate_in_every_mode") {
+            return;
+        }
+        for populated in [0, mem / 4, mem] {
+            let memfd = populated == mem / 4;
+            let (rep, drep) = migrate_sparse_via(mode, mem, populated, 30, Some(&rdma), memfd);
+            let unpopulated = (mem - populated) / 4096;
+            assert!(
+                rep.zero_pages >= unpopulated.saturating_sub(8 * MIB / 4096),
+                "{mode:?}, {populated} populated: {} zero pages",
+                rep.zero_pages
+            );
+            assert_eq!(drep.zero_pages, rep.zero_pages);
+            if mode == MigrationMode::Precopy {
+                // The destination READ only the data pages of each round.
+                assert_eq!(
+                    drep.bytes,
+                    rep.per_round.iter().map(|r| r.pages * 4096).sum::<u64>()
+                );
+            }
+        }
+    }
 }

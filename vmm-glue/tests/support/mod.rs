@@ -5,4 +5,5 @@
 
 pub mod interrupted;
 pub mod relay;
+pub mod rxe;
 pub mod synthetic;
