@@ -57,11 +57,13 @@ impl PageHashes {
 
     /// Hashes the pages of `range` into the table (as [`PageHashes::update`]) and appends them
     /// to `data` or `zero` as coalesced runs: a page goes to `zero` when its hash is the zero
-    /// page's and its bytes are all zero.
+    /// page's and its bytes are all zero, or (not read at all) when `holes` (one entry per page
+    /// of `range`, from [`crate::mem::holes`]) says the kernel holds no data for it.
     pub fn classify(
         &self,
         map: &GuestMemoryMap,
         range: &PageRange,
+        holes: Option<&[bool]>,
         data: &mut Vec<PageRange>,
         zero: &mut Vec<PageRange>,
     ) -> Result<()> {
@@ -72,6 +74,11 @@ impl PageHashes {
         let bytes = unsafe { std::slice::from_raw_parts(ptr, len) };
         let base = self.base[range.region.0 as usize] + range.first.0 as usize;
         for (i, chunk) in bytes.chunks(page).enumerate() {
+            if holes.is_some_and(|h| h[i]) {
+                self.hashes[base + i].store(self.zero, Ordering::Relaxed);
+                push_page(zero, range.region, PageIndex(range.first.0 + i as u64));
+                continue;
+            }
             let h = xxh3_64(chunk);
             self.hashes[base + i].store(h, Ordering::Relaxed);
             let out = if h == self.zero && is_zero(chunk) {
@@ -246,7 +253,7 @@ mod tests {
             first: PageIndex(0),
             npages: 8,
         };
-        h.classify(&map, &all, &mut data, &mut zero).unwrap();
+        h.classify(&map, &all, None, &mut data, &mut zero).unwrap();
         let runs = |v: &[PageRange]| v.iter().map(|r| (r.first.0, r.npages)).collect::<Vec<_>>();
         assert_eq!(runs(&data), [(1, 2), (6, 1)]);
         assert_eq!(runs(&zero), [(0, 1), (3, 3), (7, 1)]);

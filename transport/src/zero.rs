@@ -43,15 +43,10 @@ impl DestZero {
     }
 
     /// A round will land data in `ranges` (checked against the region table): they may hold
-    /// data from now on. Their pages are faulted in now, in bulk (`MADV_POPULATE_WRITE`), so
-    /// that the data path does not pay a page fault per page: the VMM need not populate guest
-    /// memory up front, and pages that only ever receive zero pages stay untouched.
-    pub fn landed(&mut self, map: &GuestMemoryMap, ranges: &[PageRange]) {
+    /// data from now on.
+    pub fn landed(&mut self, ranges: &[PageRange]) {
         for r in ranges {
             self.maybe_data.insert_range(r);
-            if let Ok((ptr, len)) = map.span(r.region, r.first, r.npages) {
-                crate::mem::prefault(ptr, len);
-            }
         }
     }
 
@@ -129,7 +124,7 @@ mod tests {
         // Page 3 landed data, then became zero at the source.
         // SAFETY: page 3 of our own mapping.
         unsafe { std::ptr::write_bytes(m.as_ptr().add(3 * 4096), 0xab, 4096) };
-        z.landed(&map, &[range(3, 1)]);
+        z.landed(&[range(3, 1)]);
         assert_eq!(z.install(&map, &hashes, &[range(0, 8)]).unwrap(), 8);
         assert_eq!(z.zeroed(), 1, "only the page that landed data is written");
         // SAFETY: page 3, readable.

@@ -116,6 +116,7 @@ pub fn run(args: &Args, params: &VmParams) -> Result<ExitCode> {
         .args(["--regions", &args.regions.to_string()])
         .args(args.memfd.then_some("--memfd"))
         .args(args.no_zero_pages.then_some("--no-zero-pages"))
+        .args(args.prealloc.then_some("--prealloc"))
         .args([
             "--io-timeout",
             &format!("{}ms", args.io_timeout.as_millis()),

@@ -116,6 +116,11 @@ pub struct Args {
     /// zeroing memory), so that pages turn zero and non-zero between rounds.
     #[arg(long = "zero-writes", default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
     pub zero_writes: u8,
+    /// On the destination (synthetic VM, KVM guest): allocate all guest memory before the
+    /// migration, as QEMU's -mem-prealloc does. Pages then need no allocation while they
+    /// arrive, but every page costs memory, zero or not.
+    #[arg(long)]
+    pub prealloc: bool,
     /// Move zero pages as page data too (by default they travel as ranges, never as bytes).
     #[arg(long = "no-zero-pages")]
     pub no_zero_pages: bool,
@@ -250,6 +255,7 @@ impl Args {
             memfd: self.memfd,
             populated: self.populated,
             zero_share: self.zero_writes,
+            prealloc: self.prealloc,
             qemu_qmp: self.qemu_qmp.clone(),
             tracking: match self.dirty_tracking {
                 TrackingArg::Auto => rdmig_vmm::qemu::TrackingChoice::Auto,

@@ -78,6 +78,8 @@ pub struct VmParams {
     pub populated: Option<u64>,
     /// Percent of writes that write a zero page (synthetic).
     pub zero_share: u8,
+    /// A destination allocates all guest memory before the migration.
+    pub prealloc: bool,
     /// The QMP socket of this end's QEMU (`--vm qemu`).
     pub qemu_qmp: Option<PathBuf>,
     /// Dirty tracking of a QEMU source.
@@ -99,6 +101,7 @@ impl VmParams {
             memfd: self.memfd,
             populated: self.populated,
             zero_share: self.zero_share,
+            prealloc: self.prealloc,
         }
     }
 
@@ -183,7 +186,9 @@ impl LocalVm {
                     page_size: p.page,
                     regions: vec![(GuestAddress(0), p.mem)],
                 };
-                let cfg = KvmDestConfig::default().with_memfd(p.memfd);
+                let cfg = KvmDestConfig::default()
+                    .with_memfd(p.memfd)
+                    .with_prealloc(p.prealloc);
                 let prepared = KvmVm::destination(&expected, &cfg)?;
                 Ok(Box::new(move |layout: &MemoryLayout| {
                     let vm = if *layout == expected {

@@ -138,7 +138,8 @@ impl MmapRegion {
             // as long as the mapping, which the caller keeps alive.
             // SAFETY: the region is exactly that mapping of that fd.
             Some(fd) => unsafe { r.with_memfd(fd.as_raw_fd(), 0) },
-            None => r,
+            // SAFETY: without a memfd the mapping is MAP_PRIVATE | MAP_ANONYMOUS (`new`).
+            None => unsafe { r.with_anonymous() },
         }
     }
 }

@@ -9,6 +9,7 @@
 //! `vm-memory`, `GuestMemoryMap::from_vm_memory` builds the map from the `GuestMemoryMmap`
 //! that rust-vmm VMMs hold.
 
+pub mod holes;
 mod host;
 mod mmap;
 #[cfg(feature = "vm-memory")]
@@ -87,6 +88,8 @@ pub struct GuestRegion {
     len: u64,
     /// The memfd and offset behind a shared mapping, when the VMM says so.
     memfd: Option<(RawFd, u64)>,
+    /// A private anonymous mapping, when the VMM says so.
+    anonymous: bool,
 }
 
 // SAFETY: a GuestRegion is a description of memory whose validity the VMM vouched for in
@@ -110,7 +113,26 @@ impl GuestRegion {
             host,
             len,
             memfd: None,
+            anonymous: false,
         }
+    }
+
+    /// Says that the region is a private anonymous mapping: a page that is neither mapped
+    /// (`/proc/self/pagemap`) nor swapped out reads zero, so the source finds such pages zero
+    /// without reading them ([`holes`]).
+    ///
+    /// # Safety
+    /// The region must be part of a `MAP_PRIVATE | MAP_ANONYMOUS` mapping.
+    pub unsafe fn with_anonymous(self) -> GuestRegion {
+        GuestRegion {
+            anonymous: true,
+            ..self
+        }
+    }
+
+    /// True if [`GuestRegion::with_anonymous`] said so.
+    pub fn is_anonymous(&self) -> bool {
+        self.anonymous
     }
 
     /// Says that the region is a shared mapping of `fd` at `offset`. Post-copy then maps the

@@ -560,7 +560,7 @@ impl Dest<'_> {
                 let data = self.data.as_mut().ok_or_else(|| {
                     Error::Protocol("a pre-copy round in a session without a pre-copy path".into())
                 })?;
-                zero.landed(&map, &r.ranges);
+                zero.landed(&r.ranges);
                 data.receive_chunk(r.round, &r.ranges)?;
                 round_data = true;
             }

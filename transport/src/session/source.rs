@@ -45,6 +45,7 @@ use crate::cpu::{thread_cpu_time, CpuMeter};
 use crate::data::SourceDataPath;
 use crate::digest::PageHashes;
 use crate::error::{Error, Result};
+use crate::mem::holes::Holes;
 use crate::mem::GuestMemoryMap;
 use crate::pages::{PageRange, PageSet};
 use crate::postcopy::{self, PageServer};
@@ -179,6 +180,10 @@ struct Source<'a> {
     zero_pages: bool,
     /// Zero pages announced so far.
     zero_total: u64,
+    /// Finds pages the kernel holds no data for (zero without reading them).
+    holes: Holes,
+    /// One entry per page of the range being classified: a hole.
+    hole_buf: Vec<bool>,
 }
 
 /// Migrates `vm` to the destination listening at `dest`. Calls `progress` after each round.
@@ -229,6 +234,8 @@ pub fn migrate(
         guest_moved: false,
         zero_pages: false,
         zero_total: 0,
+        holes: Holes::new(),
+        hole_buf: Vec::new(),
     };
     let result = s.run(dest, rdma_probe.is_ok(), started, progress);
     let result = match result {

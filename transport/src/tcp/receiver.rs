@@ -129,6 +129,9 @@ fn receive_loop(
         match frame {
             DataFrame::Pages { range, .. } => {
                 let (ptr, len) = map.span(range.region, range.first, range.npages)?;
+                // Fault the piece in with one call rather than a fault per page in the receive
+                // (guest memory need not be populated up front: zero pages never touch it).
+                crate::mem::prefault(ptr, len);
                 // The memory is mapped for the session and nothing else writes it before resume.
                 // SAFETY: `span` checked the range against the destination's region table.
                 unsafe { recv_exact(s.as_raw_fd(), ptr, len) }.map_err(|e| {

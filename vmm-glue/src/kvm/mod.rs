@@ -72,9 +72,18 @@ pub struct KvmDestConfig {
     /// then takes the zero-copy path (`UFFDIO_CONTINUE`), which needs userfaultfd minor
     /// faults on shmem (Linux 5.13+).
     pub memfd: bool,
+    /// Allocate all guest memory before the migration (QEMU's `-mem-prealloc`): no page
+    /// allocation during the transfer, but memory for every page, zero or not.
+    pub prealloc: bool,
 }
 
 impl KvmDestConfig {
+    /// Allocates guest memory up front (see [`KvmDestConfig::prealloc`]).
+    pub fn with_prealloc(mut self, on: bool) -> Self {
+        self.prealloc = on;
+        self
+    }
+
     /// Backs the received guest memory with a memfd (see [`KvmDestConfig::memfd`]).
     pub fn with_memfd(mut self, memfd: bool) -> Self {
         self.memfd = memfd;

@@ -89,13 +89,13 @@ impl KvmVm {
                 "guest memory reaches {end:#x}, past this VMM's {MAX_MEM_BYTES:#x}"
             )));
         }
-        // Not populated: the migration faults in the pages it lands data in (in bulk, as they
-        // are announced), and the zero pages it is told of stay untouched.
+        // Unless preallocated, the migration faults in only the pages it lands data in, and
+        // the zero pages it is told of stay untouched.
         let mut vm = KvmVm::build(
             layout,
             Pacer::new(cfg.dirty_rate.unwrap_or(0), 0),
             backing(cfg.memfd),
-            false,
+            cfg.prealloc,
         )?;
         vm.rate_override = cfg.dirty_rate;
         Ok(vm)

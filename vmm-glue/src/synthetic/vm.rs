@@ -43,6 +43,10 @@ pub struct SyntheticConfig {
     /// Percent (0..=100) of the writers' writes that write a zero page (a guest freeing and
     /// zeroing memory).
     pub zero_share: u8,
+    /// A destination allocates all of its memory before the migration (QEMU's
+    /// `-mem-prealloc`): no page allocation during the transfer, at the cost of memory for
+    /// every page, zero or not. Off: only the pages that receive data are ever allocated.
+    pub prealloc: bool,
 }
 
 impl SyntheticConfig {
@@ -58,7 +62,15 @@ impl SyntheticConfig {
             memfd: false,
             populated: None,
             zero_share: 0,
+            prealloc: false,
         }
+    }
+
+    /// Sets whether a destination allocates its memory up front (see
+    /// [`SyntheticConfig::prealloc`]).
+    pub fn with_prealloc(mut self, on: bool) -> Self {
+        self.prealloc = on;
+        self
     }
 
     /// Sets how much memory the guest wrote at start (see [`SyntheticConfig::populated`]).
@@ -475,8 +487,8 @@ impl DestinationVm for SyntheticVm {
     }
 
     fn memory_starts_zero(&self) -> bool {
-        // Fresh mappings, never written before the migration (a destination is built without
-        // populating it, so that pages the source announces as zero cost no memory here).
+        // Fresh mappings, never written before the migration (preallocating faults zero pages
+        // in, and without it pages the source announces as zero cost no memory here).
         true
     }
 
@@ -490,7 +502,7 @@ impl SyntheticVm {
     /// incoming migration allocates guest memory from its own configuration before the source
     /// connects. Pass it to [`synthetic_destination_factory`].
     pub fn prepare_destination(cfg: &SyntheticConfig) -> Result<SyntheticVm> {
-        Self::build(cfg, &cfg.layout()?, false)
+        Self::build(cfg, &cfg.layout()?, cfg.prealloc)
     }
 }
 
@@ -513,7 +525,7 @@ pub fn synthetic_destination_factory(
             page_size: layout.page_size,
             ..cfg
         };
-        let vm = SyntheticVm::build(&cfg, layout, false)?;
+        let vm = SyntheticVm::build(&cfg, layout, cfg.prealloc)?;
         Ok(Box::new(vm) as Box<dyn DestinationVm>)
     })
 }

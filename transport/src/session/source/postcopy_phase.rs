@@ -230,8 +230,10 @@ impl Source<'_> {
                     npages: (r.end() - first).min(PIECE_PAGES),
                 };
                 first += piece.npages;
+                let known = self.holes.find(&self.map, &piece, &mut self.hole_buf);
+                let holes = known.then_some(&self.hole_buf[..]);
                 self.hashes
-                    .classify(&self.map, &piece, &mut data, &mut zero)?;
+                    .classify(&self.map, &piece, holes, &mut data, &mut zero)?;
                 data.clear();
                 pending += piece.npages;
                 if pending >= PIECE_PAGES || zero.len() >= MAX_RANGES_PER_MSG / 2 {

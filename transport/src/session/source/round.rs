@@ -67,7 +67,10 @@ impl Source<'_> {
             zero.clear();
             for r in piece {
                 if self.zero_pages {
-                    self.hashes.classify(&self.map, r, &mut data, &mut zero)?;
+                    let known = self.holes.find(&self.map, r, &mut self.hole_buf);
+                    let holes = known.then_some(&self.hole_buf[..]);
+                    self.hashes
+                        .classify(&self.map, r, holes, &mut data, &mut zero)?;
                 } else {
                     self.hashes.update(&self.map, r)?;
                     data.push(*r);
