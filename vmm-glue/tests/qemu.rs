@@ -23,6 +23,7 @@ use rdmig_transport::wire::TransportKind;
 use rdmig_vmm::qemu::console::{check_continuation, reports};
 use rdmig_vmm::qemu::launch::{GuestImage, GuestSpec, QemuProcess, RamBacking, RunDir};
 use rdmig_vmm::qemu::qmp::Qmp;
+use rdmig_vmm::qemu::relay::STATE_HEADER_LEN;
 use rdmig_vmm::qemu::{
     accept_into, DirtyTracking, QemuDest, QemuDestOptions, QemuSource, QemuSourceOptions,
     TrackingChoice,
@@ -167,7 +168,11 @@ fn running_linux_guest_migrates_over_tcp_with_content_comparison() {
         "QEMU state {} bytes",
         vm.state_bytes()
     );
-    assert_eq!(report.device_state_bytes, vm.state_bytes());
+    assert_eq!(
+        report.device_state_bytes,
+        vm.state_bytes() + STATE_HEADER_LEN as u64
+    );
+    assert_eq!(dvm.source_was_running(), Some(true));
     assert_eq!(dvm.state_bytes(), vm.state_bytes());
     assert_eq!(vm.qmp().run_state().unwrap(), "postmigrate");
     assert_eq!(dvm.qmp().run_state().unwrap(), "running");

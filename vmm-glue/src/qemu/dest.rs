@@ -60,6 +60,8 @@ pub struct QemuDest {
     state_bytes: u64,
     /// The console file and its length at attach (what came before is not this guest's run here).
     console: Option<(PathBuf, u64)>,
+    /// From the device state's header.
+    source_was_running: Option<bool>,
 }
 
 impl std::fmt::Debug for QemuDest {
@@ -102,6 +104,7 @@ impl QemuDest {
         let map = ram.memory_map()?;
         Ok(QemuDest {
             console,
+            source_was_running: None,
             run_dir: opts
                 .run_dir
                 .clone()
@@ -124,7 +127,7 @@ impl QemuDest {
         &mut self.qmp
     }
 
-    /// Bytes of device state loaded.
+    /// Bytes of QEMU's device state loaded (without rdmig's header).
     pub fn state_bytes(&self) -> u64 {
         self.state_bytes
     }
@@ -167,18 +170,34 @@ impl QemuDest {
         }
     }
 
-    fn do_restore(&mut self, state: &[u8]) -> Result<()> {
-        relay::restore(&mut self.qmp, &self.run_dir, state, self.timeout)?;
-        self.state_bytes = state.len() as u64;
+    fn do_restore(&mut self, blob: &[u8]) -> Result<()> {
+        let (was_running, stream) = relay::unwrap(blob)?;
+        relay::restore(&mut self.qmp, &self.run_dir, stream, self.timeout)?;
+        self.state_bytes = stream.len() as u64;
+        self.source_was_running = Some(was_running);
         Ok(())
     }
 
     fn do_resume(&mut self) -> Result<()> {
+        if self.source_was_running == Some(false) {
+            tracing::info!(
+                "the source guest was paused before the migration: it stays paused here ({}); \
+                 `cont` starts it",
+                self.qmp.run_state()?
+            );
+            return Ok(());
+        }
         // Without -S QEMU starts the guest by itself once the state is loaded.
         if self.qmp.run_state()? != "running" {
             self.qmp.execute("cont", None)?;
         }
         Ok(())
+    }
+
+    /// Whether the source guest was running before the migration (known once the device
+    /// state is loaded); a paused one stays paused here.
+    pub fn source_was_running(&self) -> Option<bool> {
+        self.source_was_running
     }
 }
 
