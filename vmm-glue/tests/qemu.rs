@@ -3,9 +3,10 @@
 //! memory digest and by the guest's own console (bad=0 after the move, its counters going on
 //! from where the source stopped), and by the destination's console alone (what the destination
 //! host reports); failures that must leave the source QEMU running with its guest intact: a
-//! destination QEMU killed mid-round (noticed at once, not at the switchover), a wrong key, RAM
-//! that is not shared; and what a fresh destination QEMU's RAM holds before any migration (all
-//! zero for a new file or memfd backend; a file that existed keeps its bytes).
+//! destination QEMU killed mid-round (noticed at once, not at the switchover) or before any
+//! source connected (the listener ends), a wrong key, RAM that is not shared; and what a fresh
+//! destination QEMU's RAM holds before any migration (all zero for a new file or memfd backend;
+//! a file that existed keeps its bytes).
 //!
 //! Needs `RDMIG_QEMU`, `RDMIG_QEMU_KERNEL`, `RDMIG_QEMU_INITRD`; skipped visibly without them
 //! (`Capability::Qemu`; a failure where `RDMIG_REQUIRE` names qemu).
@@ -271,6 +272,29 @@ fn destination_qemu_killed_mid_round_fails_the_migration_at_once() {
     // The source never stopped its guest (no switchover began), and it runs on intact.
     assert_eq!(vm.final_fetch_time(), None);
     assert_runs_on_intact(&mut src, Some(vm.qmp()));
+}
+
+#[test]
+fn destination_qemu_dying_before_the_source_connects_ends_the_listener() {
+    let Some((img, _one)) =
+        image_or_skip("destination_qemu_dying_before_the_source_connects_ends_the_listener")
+    else {
+        return;
+    };
+    let dir = RunDir::new("qemu-test").unwrap();
+    let mut dst = QemuProcess::launch(&img, &spec(true), dir.path(), "dst").unwrap();
+    let vm = QemuDest::attach(dst.qmp_path(), &QemuDestOptions::default()).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    // No listen timeout: only the dead QEMU can end this accept.
+    let h =
+        thread::spawn(move || accept_into(vm, &listener, &tcp(psk(4)).with_listen_timeout(None)));
+    thread::sleep(Duration::from_millis(500));
+    dst.kill();
+    let killed = Instant::now();
+    let err = h.join().unwrap().unwrap_err();
+    eprintln!("{:?} after the kill: {err}", killed.elapsed());
+    assert!(err.to_string().contains("QEMU exited"), "{err}");
+    assert!(killed.elapsed() < Duration::from_secs(5));
 }
 
 /// Offsets of the non-zero 4 KiB pages of `map`.
