@@ -136,6 +136,9 @@ pub fn run(args: &Args, params: &VmParams) -> Result<ExitCode> {
     if let Some(q) = &args.qemu_dest_qmp {
         cmd.arg("--qemu-qmp").arg(q);
     }
+    if let Some(c) = &args.qemu_dest_console {
+        cmd.arg("--qemu-console").arg(c);
+    }
     if let Some(d) = &args.ib_dev {
         cmd.args(["--ib-dev", d]);
     }

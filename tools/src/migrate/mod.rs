@@ -197,9 +197,17 @@ pub struct Args {
     /// content comparison against a shadow copy.
     #[arg(long = "dirty-tracking", value_enum, default_value = "auto")]
     pub dirty_tracking: TrackingArg,
+    /// The file the destination QEMU's serial console goes to (-serial file:PATH; --vm qemu
+    /// with --listen): the test guest's own verdict after the resume is read from it and
+    /// reported as guest_verified (QMP does not tell a file chardev's path).
+    #[arg(long = "qemu-console", value_name = "PATH")]
+    pub qemu_console: Option<PathBuf>,
     /// (internal) the destination QEMU's QMP socket for the --loopback child.
     #[arg(long = "qemu-dest-qmp", hide = true)]
     pub qemu_dest_qmp: Option<PathBuf>,
+    /// (internal) the destination QEMU's console file for the --loopback child.
+    #[arg(long = "qemu-dest-console", hide = true)]
+    pub qemu_dest_console: Option<PathBuf>,
     /// (internal) write the listening port here.
     #[arg(long = "port-file", hide = true)]
     pub port_file: Option<PathBuf>,
@@ -341,7 +349,12 @@ pub fn run(args: Args) -> Result<ExitCode> {
 fn listen(args: &Args, params: &VmParams, addr: SocketAddr) -> Result<DestOutcome> {
     let (kind, why) = VmKind::resolve(args.vm)?;
     let psk = args.psk()?;
-    let factory = LocalVm::destination_factory(kind, params)?;
+    // A QEMU is attached now and watched while the migration comes in (qemu::accept).
+    let (factory, qemu_dest) = if kind == VmKind::Qemu {
+        (None, Some(qemu::attach_destination(args, params)?))
+    } else {
+        (Some(LocalVm::destination_factory(kind, params)?), None)
+    };
     let listener = TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
     let local = listener.local_addr()?;
     if let Some(f) = &args.port_file {
@@ -354,29 +367,43 @@ fn listen(args: &Args, params: &VmParams, addr: SocketAddr) -> Result<DestOutcom
         );
     }
     let config = args.config(psk, Some(local.ip()));
-    let result = session::accept(&listener, &config, factory);
+    let result = match (factory, qemu_dest) {
+        (Some(factory), _) => session::accept(&listener, &config, factory)
+            .map_err(anyhow::Error::new)
+            .and_then(|(vm, dest)| Ok((LocalVm::from_destination(kind, vm)?, dest))),
+        (None, Some(q)) => rdmig_vmm::qemu::accept_into(q, &listener, &config)
+            .map(|(vm, dest)| (LocalVm::QemuDest(vm), dest))
+            .map_err(anyhow::Error::new),
+        (None, None) => unreachable!("one of the two is prepared"),
+    };
     let outcome = match result {
-        Ok((vm, dest)) => {
-            let mut vm = LocalVm::from_destination(kind, vm)?;
+        Ok((mut vm, dest)) => {
             std::thread::sleep(args.run_after);
-            let check = vm.self_check()?.map(Into::into);
+            let check: Option<report::GuestCheckWire> = vm.self_check()?.map(Into::into);
+            let qemu = vm.qemu_dest().map(qemu::destination_facts);
             let running = vm.running();
             DestOutcome {
                 ok: true,
                 error: None,
                 vm: kind.name().into(),
                 dest: Some(dest),
+                guest_verified: qemu
+                    .as_ref()
+                    .map_or(check.as_ref().map(|c| c.ok()), |q| q.guest_verified),
                 guest_check: check,
                 guest_running: running,
+                qemu,
             }
         }
         Err(e) => DestOutcome {
             ok: false,
-            error: Some(e.to_string()),
+            error: Some(format!("{e:#}")),
             vm: kind.name().into(),
             dest: None,
             guest_check: None,
             guest_running: false,
+            guest_verified: None,
+            qemu: None,
         },
     };
     if let Some(f) = &args.result_file {
@@ -422,7 +449,8 @@ fn connect(
                 .as_ref()
                 .and_then(|d| d.guest_check.as_ref())
                 .is_none_or(|c| c.ok())
-                && qemu.as_ref().and_then(|q| q.guest_verified) != Some(false);
+                && qemu.as_ref().and_then(|q| q.guest_verified) != Some(false)
+                && dest.as_ref().and_then(|d| d.guest_verified) != Some(false);
             Ok(if rep.verified && guest_ok {
                 ExitCode::SUCCESS
             } else {

@@ -1,6 +1,8 @@
 //! `migrate --vm qemu`: refusing post-copy, starting two QEMUs with the project's test guest for
-//! `--loopback`, and the QEMU facts of the report (dirty tracking, QEMU's device-state bytes, the
-//! test guest's own verdict read from both consoles).
+//! `--loopback`, attaching to the destination QEMU (watched while the migration comes in), and
+//! the QEMU facts of the reports: on the source dirty tracking, QEMU's device-state bytes and the
+//! test guest's verdict read from both consoles (when this host has both); on the destination the
+//! guest's verdict read from its own console (`--qemu-console`).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -8,10 +10,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use rdmig_transport::session::MigrationMode;
-use rdmig_vmm::qemu::console::{check_continuation, reports, Continuation};
+use rdmig_vmm::qemu::console::{check_continuation, reports, Continuation, Resumed};
 use rdmig_vmm::qemu::launch::{GuestImage, GuestSpec, QemuProcess, RamBacking, RunDir};
-use rdmig_vmm::qemu::QemuSource;
-use serde::Serialize;
+use rdmig_vmm::qemu::{QemuDest, QemuDestOptions, QemuSource};
+use serde::{Deserialize, Serialize};
 
 use super::vms::VmParams;
 use super::Args;
@@ -75,6 +77,7 @@ pub fn loopback(args: &Args, params: &VmParams) -> Result<ExitCode> {
     let mut args = args.clone();
     args.qemu_qmp = Some(src.qmp_path().to_path_buf());
     args.qemu_dest_qmp = Some(dst.qmp_path().to_path_buf());
+    args.qemu_dest_console = Some(dst.console_path().to_path_buf());
     let mut params = params.clone();
     params.qemu_qmp = args.qemu_qmp.clone();
     params.qemu_consoles = Some((
@@ -137,4 +140,46 @@ pub fn facts(src: &QemuSource, consoles: Option<&(PathBuf, PathBuf)>) -> QemuFac
         }
     }
     f
+}
+
+/// The destination QEMU of `--listen --vm qemu`, attached before the listener opens (so setup
+/// mistakes show at once).
+pub fn attach_destination(args: &Args, params: &VmParams) -> Result<QemuDest> {
+    let qmp = params.qemu_qmp.as_ref().context(
+        "--vm qemu needs --qemu-qmp PATH (this end's QEMU QMP socket; see docs/qemu.md), or --loopback",
+    )?;
+    let opts = QemuDestOptions {
+        console: args.qemu_console.clone(),
+        ..QemuDestOptions::default()
+    };
+    QemuDest::attach(qmp, &opts)
+        .with_context(|| format!("attaching to the destination QEMU at {}", qmp.display()))
+}
+
+/// What a destination QEMU adds to the destination's report.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DestQemuFacts {
+    /// Bytes of QEMU's own stream loaded (device state, ROMs).
+    pub qemu_state_bytes: u64,
+    /// The console file read (`--qemu-console`).
+    pub console: Option<PathBuf>,
+    /// The test guest's verdict from this end's console alone (`None`: no console given).
+    pub guest_verified: Option<bool>,
+    /// What the console showed.
+    pub guest: Option<Resumed>,
+    /// Why it is not verified.
+    pub guest_error: Option<String>,
+}
+
+/// The facts of a finished incoming migration; with a console, waits (bounded) for the
+/// guest's reports and checks them.
+pub fn destination_facts(d: &mut QemuDest) -> DestQemuFacts {
+    let verdict = d.guest_verdict(GUEST_REPORTS, Duration::from_secs(30));
+    DestQemuFacts {
+        qemu_state_bytes: d.state_bytes(),
+        console: d.console_path().map(Path::to_path_buf),
+        guest_verified: verdict.as_ref().map(Result::is_ok),
+        guest: verdict.as_ref().and_then(|v| v.as_ref().ok().copied()),
+        guest_error: verdict.and_then(Result::err),
+    }
 }

@@ -9,7 +9,7 @@ use rdmig_vmm::GuestCheck;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::qemu::QemuFacts;
+use super::qemu::{DestQemuFacts, QemuFacts};
 use super::vms::{VmKind, VmParams};
 use crate::units::human_bytes;
 
@@ -28,6 +28,13 @@ pub struct DestOutcome {
     pub guest_check: Option<GuestCheckJson>,
     /// The guest was running when checked.
     pub guest_running: bool,
+    /// The guest's own verdict on its resume, as this end saw it: its self-check, or (QEMU) the
+    /// test guest's console reports. `None`: nothing here to tell it by.
+    #[serde(default)]
+    pub guest_verified: Option<bool>,
+    /// The destination QEMU's facts (`--vm qemu`).
+    #[serde(default)]
+    pub qemu: Option<DestQemuFacts>,
 }
 
 /// [`GuestCheck`] as it crosses the process boundary.
@@ -161,9 +168,19 @@ pub fn print_migration(
     json: bool,
 ) {
     let check = dest.and_then(|d| d.guest_check.clone());
-    let guest_verified = qemu
-        .and_then(|q| q.guest_verified)
-        .or(check.as_ref().map(|c| c.ok()));
+    // Every verdict this end knows: the source's from both consoles (QEMU, loopback), the
+    // destination's own (its self-check, or its console alone).
+    let dest_verified = dest.and_then(|d| d.guest_verified);
+    let verdicts: Vec<bool> = [
+        qemu.and_then(|q| q.guest_verified),
+        dest_verified,
+        check.as_ref().map(|c| c.ok()),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let guest_verified = (!verdicts.is_empty()).then(|| verdicts.iter().all(|&v| v));
+    let dest_qemu = dest.and_then(|d| d.qemu.as_ref());
     if json {
         let v = json!({
             "transport": rep.transport,
@@ -181,6 +198,8 @@ pub fn print_migration(
             "verified": rep.verified,
             "digest": rep.digest,
             "guest_verified": guest_verified,
+            "dest_guest_verified": dest_verified,
+            "dest_qemu": dest_qemu,
             "dirty_tracking": qemu.map(|q| q.dirty_tracking),
             "qemu_state_bytes": qemu.map(|q| q.qemu_state_bytes),
             "qemu": qemu,
@@ -304,9 +323,13 @@ pub fn print_migration(
             ),
             (None, Some(e)) => println!("{:<18} FAILED: {e}", "guest self-check"),
             (None, None) => println!(
-                "{:<18} not available (the destination's console is on another host)",
+                "{:<18} not available here (the destination's console is on another host; \
+                 the destination reports its own verdict)",
                 "guest self-check"
             ),
+        }
+        if let Some(d) = dest_qemu {
+            print_dest_guest(d);
         }
     }
     match &check {
@@ -341,6 +364,20 @@ pub fn print_destination(o: &DestOutcome, json: bool) {
         return;
     }
     match (&o.dest, &o.guest_check) {
+        (Some(d), None) if o.qemu.is_some() => {
+            println!(
+                "incoming migration complete ({}): {} in {} rounds over {}, resume took {:.2} ms",
+                d.mode,
+                human_bytes(d.bytes),
+                d.rounds,
+                d.transport,
+                d.resume_ms
+            );
+            if let Some(q) = &o.qemu {
+                println!("QEMU's own stream: {} bytes", q.qemu_state_bytes);
+                print_dest_guest(q);
+            }
+        }
         (Some(d), Some(c)) => {
             println!(
                 "incoming migration complete ({}): {} in {} rounds over {}, resume took {:.2} ms; guest self-check {} ({} pages)",
@@ -363,6 +400,21 @@ pub fn print_destination(o: &DestOutcome, json: bool) {
         _ => println!(
             "incoming migration failed: {}",
             o.error.as_deref().unwrap_or("unknown")
+        ),
+    }
+}
+
+/// The destination's own verdict on a QEMU test guest.
+fn print_dest_guest(q: &DestQemuFacts) {
+    match (&q.guest, &q.guest_error) {
+        (Some(r), _) => println!(
+            "{:<18} passed on the destination's console: bad=0, generation {} -> {}, {} -> {} pages verified ({} reports)",
+            "destination check", r.first_gen, r.last_gen, r.first_ok, r.last_ok, r.reports
+        ),
+        (None, Some(e)) => println!("{:<18} FAILED: {e}", "destination check"),
+        (None, None) => println!(
+            "{:<18} not available (no --qemu-console on the destination)",
+            "destination check"
         ),
     }
 }

@@ -254,6 +254,14 @@ impl LocalVm {
         }
     }
 
+    /// The destination QEMU, if this is one.
+    pub fn qemu_dest(&mut self) -> Option<&mut QemuDest> {
+        match self {
+            LocalVm::QemuDest(v) => Some(v.as_mut()),
+            _ => None,
+        }
+    }
+
     /// The QEMU source, if this is one.
     pub fn qemu_source(&mut self) -> Option<&mut QemuSource> {
         match self {

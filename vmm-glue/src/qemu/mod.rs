@@ -17,6 +17,7 @@
 //! - [`dest`]: [`QemuDest`], a [`rdmig_transport::vm::DestinationVm`], and its factory.
 //! - [`launch`]: starting a QEMU with the project's Linux test guest (tests, `--loopback`).
 //! - [`console`]: the test guest's console reports and the check that it ran on intact.
+//! - [`watch`]: noticing a destination QEMU that exits while its migration comes in.
 //!
 //! Post-copy needs userfaultfd registered inside QEMU's process, which rdmig cannot do from
 //! outside: QEMU guests migrate in pre-copy only.
@@ -29,10 +30,11 @@ pub mod qmp;
 pub mod ram;
 pub mod relay;
 pub mod source;
+pub mod watch;
 
 use std::path::{Path, PathBuf};
 
-pub use dest::{into_qemu, qemu_destination_factory, QemuDest, QemuDestOptions};
+pub use dest::{accept_into, into_qemu, qemu_destination_factory, QemuDest, QemuDestOptions};
 pub use dirty::DirtyTracking;
 pub use source::{QemuSource, QemuSourceOptions};
 

@@ -87,6 +87,15 @@ impl Qmp {
         &self.version
     }
 
+    /// A second handle on the QMP socket, for watching it (see [`super::watch::ExitWatch`]);
+    /// never read from or written to, so the connection's messages stay in order.
+    pub fn try_clone_socket(&self) -> Result<UnixStream> {
+        self.stream.try_clone().map_err(|e| Error::QemuIo {
+            context: format!("cloning the QMP socket {}", self.path.display()),
+            source: e,
+        })
+    }
+
     /// The socket path.
     pub fn path(&self) -> &Path {
         &self.path

@@ -91,13 +91,15 @@ pub fn discover(qmp: &mut Qmp) -> Result<Vec<RamBlock>> {
             )
             .ok()
             .and_then(|v| v.as_str().map(PathBuf::from));
-        let map = find_mapping(&maps, &id, size, mem_path.as_ref()).ok_or_else(|| {
-            Error::QemuSetup(format!(
-                "cannot find QEMU's mapping of memory backend {id:?} ({size} bytes) in \
-                 /proc/{}/maps",
-                qmp.pid().0
-            ))
-        })?;
+        let map = find_mapping(&maps, &id, size, mem_path.as_ref())
+            .map_err(Error::QemuSetup)?
+            .ok_or_else(|| {
+                Error::QemuSetup(format!(
+                    "cannot find QEMU's mapping of memory backend {id:?} ({size} bytes) in \
+                     /proc/{}/maps",
+                    qmp.pid().0
+                ))
+            })?;
         if !map.shared {
             return Err(Error::QemuSetup(format!(
                 "QEMU maps memory backend {id:?} private: the backend needs share=on"
@@ -152,35 +154,69 @@ struct Mapping {
     path: Option<PathBuf>,
 }
 
-fn find_mapping(maps: &str, id: &str, size: u64, mem_path: Option<&PathBuf>) -> Option<Mapping> {
+/// The name QEMU (7.2, and every release since memfd backends exist) gives the memfds of
+/// `memory-backend-memfd` objects: the type name, not the object's id.
+const QEMU_MEMFD_NAME: &str = "/memfd:memory-backend-memfd";
+
+/// QEMU's mapping of backend `id` (`size` bytes, `mem_path` for a file backend). A memfd
+/// backend's memfd carries QEMU's fixed name rather than the id, so with several memfd
+/// backends mapped the one of `id` cannot be told apart: that is an error, not a guess.
+fn find_mapping(
+    maps: &str,
+    id: &str,
+    size: u64,
+    mem_path: Option<&PathBuf>,
+) -> std::result::Result<Option<Mapping>, String> {
     let memfd = format!("/memfd:{id}");
-    maps.lines().find_map(|l| {
-        let f: Vec<&str> = l.splitn(6, ' ').collect();
-        if f.len() < 6 {
-            return None;
-        }
-        let (a, b) = f[0].split_once('-')?;
-        let start = u64::from_str_radix(a, 16).ok()?;
-        let end = u64::from_str_radix(b, 16).ok()?;
-        let path = f[5].trim();
-        let deleted = path.ends_with(" (deleted)");
-        let named = path.trim_end_matches(" (deleted)");
-        let matches = named.starts_with(&memfd)
-            || mem_path.is_some_and(|p| {
-                // mem-path may name a directory (QEMU makes an unlinked file in it).
-                named == p.to_string_lossy() || named.starts_with(&*p.to_string_lossy())
-            });
-        if !matches || end - start < size {
-            return None;
-        }
-        Some(Mapping {
-            start,
-            shared: f[1].as_bytes().get(3) == Some(&b's'),
-            file_offset: u64::from_str_radix(f[2], 16).ok()?,
-            inode: f[4].parse().ok()?,
-            path: (!deleted && !named.starts_with("/memfd:")).then(|| PathBuf::from(named)),
+    let mut found: Vec<(Mapping, bool)> = maps
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.splitn(6, ' ').collect();
+            if f.len() < 6 {
+                return None;
+            }
+            let (a, b) = f[0].split_once('-')?;
+            let start = u64::from_str_radix(a, 16).ok()?;
+            let end = u64::from_str_radix(b, 16).ok()?;
+            let path = f[5].trim();
+            let deleted = path.ends_with(" (deleted)");
+            let named = path.trim_end_matches(" (deleted)");
+            let by_id = named.starts_with(&memfd)
+                || mem_path.is_some_and(|p| {
+                    // mem-path may name a directory (QEMU makes an unlinked file in it).
+                    named == p.to_string_lossy() || named.starts_with(&*p.to_string_lossy())
+                });
+            let by_type = mem_path.is_none() && named == QEMU_MEMFD_NAME;
+            if !(by_id || by_type) || end - start < size {
+                return None;
+            }
+            Some((
+                Mapping {
+                    start,
+                    shared: f[1].as_bytes().get(3) == Some(&b's'),
+                    file_offset: u64::from_str_radix(f[2], 16).ok()?,
+                    inode: f[4].parse().ok()?,
+                    path: (!deleted && !named.starts_with("/memfd:")).then(|| PathBuf::from(named)),
+                },
+                by_id,
+            ))
         })
-    })
+        .collect();
+    if let Some(i) = found.iter().position(|(_, by_id)| *by_id) {
+        return Ok(Some(found.swap_remove(i).0));
+    }
+    let mut inodes: Vec<u64> = found.iter().map(|(m, _)| m.inode).collect();
+    inodes.sort_unstable();
+    inodes.dedup();
+    match inodes.len() {
+        0 => Ok(None),
+        1 => Ok(Some(found.swap_remove(0).0)),
+        n => Err(format!(
+            "QEMU maps {n} memfds named {QEMU_MEMFD_NAME:?} of at least {size} bytes, and which \
+             one is backend {id:?} cannot be told from /proc/<pid>/maps: give each backend its \
+             own file (memory-backend-file,mem-path=/dev/shm/...,share=on) instead"
+        )),
+    }
 }
 
 /// rdmig's own shared mappings of a QEMU's RAM blocks; unmapped in `Drop`.
@@ -355,19 +391,44 @@ mod tests {
     }
 
     #[test]
+    fn finds_qemus_memfd_by_its_type_name_and_refuses_to_guess() {
+        // What QEMU 7.2 shows for `-object memory-backend-memfd,id=ram0,...`.
+        let one = "7f53f7fff000-7f5407fff000 rw-s 00000000 00:01 1028                       /memfd:memory-backend-memfd (deleted)\n";
+        let m = find_mapping(one, "ram0", 0x1000_0000, None)
+            .unwrap()
+            .unwrap();
+        assert_eq!((m.start, m.inode, m.path), (0x7f53_f7ff_f000, 1028, None));
+        // Not for a file backend, and not a smaller memfd.
+        assert!(
+            find_mapping(one, "ram0", 0x1000_0000, Some(&"/dev/shm/x".into()))
+                .unwrap()
+                .is_none()
+        );
+        assert!(find_mapping(one, "ram0", 0x2000_0000, None)
+            .unwrap()
+            .is_none());
+        let two = format!("{one}7f6000000000-7f6010000000 rw-s 00000000 00:01 1029                       /memfd:memory-backend-memfd (deleted)\n");
+        let e = find_mapping(&two, "ram0", 0x1000_0000, None).unwrap_err();
+        assert!(e.contains("cannot be told"), "{e}");
+    }
+
+    #[test]
     fn finds_file_and_memfd_mappings() {
         let maps = "7fe113fff000-7fe123fff000 rw-s 00000000 00:1b 2                          /dev/shm/qx-src\n\
                     7f0000000000-7f0010000000 rw-s 00000000 00:01 77                         /memfd:ram1 (deleted)\n\
                     7f2000000000-7f2010000000 rw-p 00000000 00:01 78                         /dev/shm/priv\n";
-        let m = find_mapping(maps, "ram0", 0x1000_0000, Some(&"/dev/shm/qx-src".into())).unwrap();
+        let find = |id, size, p: Option<&str>| {
+            find_mapping(maps, id, size, p.map(PathBuf::from).as_ref()).unwrap()
+        };
+        let m = find("ram0", 0x1000_0000, Some("/dev/shm/qx-src")).unwrap();
         assert_eq!(m.start, 0x7fe1_13ff_f000);
         assert!(m.shared);
         assert_eq!(m.path, Some("/dev/shm/qx-src".into()));
-        let m = find_mapping(maps, "ram1", 0x1000_0000, None).unwrap();
+        let m = find("ram1", 0x1000_0000, None).unwrap();
         assert_eq!(m.path, None);
         assert_eq!(m.inode, 77);
-        let m = find_mapping(maps, "x", 0x1000_0000, Some(&"/dev/shm/priv".into())).unwrap();
+        let m = find("x", 0x1000_0000, Some("/dev/shm/priv")).unwrap();
         assert!(!m.shared);
-        assert!(find_mapping(maps, "ram0", 0x2000_0000, Some(&"/dev/shm/qx-src".into())).is_none());
+        assert!(find("ram0", 0x2000_0000, Some("/dev/shm/qx-src")).is_none());
     }
 }

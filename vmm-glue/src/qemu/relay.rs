@@ -6,6 +6,12 @@
 //!
 //! The sockets live in a private directory next to rdmig's other run-time files (never on a 9p
 //! mount: Unix sockets cannot be created there).
+//!
+//! The blob the transport carries is QEMU's stream behind a small header of rdmig's
+//! ([`wrap`], [`unwrap`]): a magic and whether the guest was running when rdmig paused it. The
+//! destination starts the guest only then; a guest its operator had paused stays paused there,
+//! as QEMU's own migration leaves it (QEMU cannot tell: the run state in its stream is the
+//! `paused` rdmig's own `stop` made).
 
 use std::io::{Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -39,6 +45,48 @@ pub fn set_capabilities(qmp: &mut Qmp) -> Result<()> {
         ]})),
     )?;
     Ok(())
+}
+
+/// The header's magic: "RDMIGQ", then the header's version.
+pub const STATE_MAGIC: [u8; 8] = *b"RDMIGQ\0\x01";
+
+/// Bytes of rdmig's header before QEMU's stream: the magic and one flags byte.
+pub const STATE_HEADER_LEN: usize = STATE_MAGIC.len() + 1;
+
+/// Flag: the guest was running when rdmig paused it.
+const WAS_RUNNING: u8 = 1;
+
+/// The blob for the transport: rdmig's header, then QEMU's stream.
+pub fn wrap(qemu_stream: &[u8], was_running: bool) -> Vec<u8> {
+    let mut blob = Vec::with_capacity(STATE_HEADER_LEN + qemu_stream.len());
+    blob.extend_from_slice(&STATE_MAGIC);
+    blob.push(if was_running { WAS_RUNNING } else { 0 });
+    blob.extend_from_slice(qemu_stream);
+    blob
+}
+
+/// Splits a blob made by [`wrap`] into (was running, QEMU's stream).
+pub fn unwrap(blob: &[u8]) -> Result<(bool, &[u8])> {
+    let Some((head, stream)) = blob.split_at_checked(STATE_HEADER_LEN) else {
+        return Err(Error::State(format!(
+            "a QEMU device state of {} bytes, shorter than rdmig's header",
+            blob.len()
+        )));
+    };
+    if head[..STATE_MAGIC.len()] != STATE_MAGIC {
+        return Err(Error::State(
+            "the device state does not start with rdmig's QEMU header (a source of another \
+             rdmig version, or not a QEMU source)"
+                .into(),
+        ));
+    }
+    let flags = head[STATE_MAGIC.len()];
+    if flags & !WAS_RUNNING != 0 {
+        return Err(Error::State(format!(
+            "unknown flags {flags:#x} in the QEMU state header"
+        )));
+    }
+    Ok((flags & WAS_RUNNING != 0, stream))
 }
 
 fn socket_path(dir: &Path, what: &str, pid: i32) -> PathBuf {
@@ -158,4 +206,22 @@ pub fn restore(qmp: &mut Qmp, dir: &Path, state: &[u8], timeout: Duration) -> Re
             source: e,
         })?;
     wait_done(qmp, deadline.saturating_duration_since(Instant::now()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_state_header_carries_the_run_state_and_is_checked() {
+        let blob = wrap(b"QEVM stream", true);
+        assert_eq!(blob.len(), STATE_HEADER_LEN + 11);
+        assert_eq!(unwrap(&blob).unwrap(), (true, &b"QEVM stream"[..]));
+        assert_eq!(unwrap(&wrap(b"", false)).unwrap(), (false, &b""[..]));
+        assert!(unwrap(b"QEVM").is_err());
+        assert!(unwrap(b"QEVM stream without header").is_err());
+        let mut bad = wrap(b"x", false);
+        bad[STATE_MAGIC.len()] = 0x80;
+        assert!(unwrap(&bad).unwrap_err().to_string().contains("flags"));
+    }
 }

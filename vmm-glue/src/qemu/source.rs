@@ -154,7 +154,8 @@ impl QemuSource {
         &self.tracking_reason
     }
 
-    /// Bytes of QEMU's device state in the last `save_state`.
+    /// Bytes of QEMU's device state in the last `save_state` (the blob the transport carries
+    /// has rdmig's [`relay::STATE_HEADER_LEN`] bytes more).
     pub fn state_bytes(&self) -> u64 {
         self.state_bytes
     }
@@ -235,8 +236,10 @@ impl SourceVm for QemuSource {
     }
 
     fn save_state(&mut self) -> Result<Vec<u8>, VmmError> {
-        let blob = relay::save(&mut self.qmp, &self.run_dir, self.timeout)?;
-        self.state_bytes = blob.len() as u64;
-        Ok(blob)
+        let stream = relay::save(&mut self.qmp, &self.run_dir, self.timeout)?;
+        self.state_bytes = stream.len() as u64;
+        // Running before rdmig's `stop`: the destination starts it; paused by its operator: it
+        // stays paused there.
+        Ok(relay::wrap(&stream, self.stopped_by_us))
     }
 }
