@@ -88,6 +88,23 @@ impl Holes {
     }
 }
 
+impl Holes {
+    /// True if the kernel holds no data for any page of `map` (a destination's memory that
+    /// nothing wrote yet: see [`crate::vm::DestinationVm::memory_starts_zero`]). False when
+    /// some page holds data or when it cannot be known.
+    pub fn all_zero(&mut self, map: &GuestMemoryMap) -> bool {
+        let mut out = Vec::new();
+        map.regions().iter().enumerate().all(|(i, r)| {
+            let range = PageRange {
+                region: crate::mem::RegionId(i as u32),
+                first: crate::mem::PageIndex(0),
+                npages: r.pages(map.page_size()),
+            };
+            self.find(map, &range, &mut out) && out.iter().all(|&h| h)
+        })
+    }
+}
+
 impl Default for Holes {
     fn default() -> Self {
         Self::new()
@@ -164,6 +181,23 @@ mod tests {
         };
         assert!(h.find(&map, &part, &mut out));
         assert_eq!(out, [true, false, false, true], "{backing:?}");
+    }
+
+    #[test]
+    fn all_zero_only_while_nothing_was_written() {
+        for backing in [MmapBacking::Anonymous, MmapBacking::Memfd] {
+            let m = MmapRegion::new(32 * 4096, backing, false).unwrap();
+            // SAFETY: `m` outlives the map.
+            let map = GuestMemoryMap::new(
+                vec![unsafe { m.guest_region(GuestAddress(0)) }],
+                PageSize::KIB4,
+            )
+            .unwrap();
+            assert!(Holes::new().all_zero(&map), "{backing:?}");
+            // SAFETY: page 20 of our own mapping.
+            unsafe { m.as_ptr().add(20 * 4096).write_volatile(1) };
+            assert!(!Holes::new().all_zero(&map), "{backing:?}");
+        }
     }
 
     #[test]

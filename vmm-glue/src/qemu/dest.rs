@@ -62,6 +62,8 @@ pub struct QemuDest {
     console: Option<(PathBuf, u64)>,
     /// From the device state's header.
     source_was_running: Option<bool>,
+    /// The RAM backends held no data when attached (see `memory_starts_zero`).
+    starts_zero: bool,
 }
 
 impl std::fmt::Debug for QemuDest {
@@ -102,7 +104,11 @@ impl QemuDest {
         relay::set_capabilities(&mut qmp)?;
         let ram = SharedRam::map(qmp.pid(), discover(&mut qmp)?)?;
         let map = ram.memory_map()?;
+        // A fresh backend is all holes; an existing mem-path file keeps what it held (QEMU
+        // neither truncates nor clears it), so look rather than assume.
+        let starts_zero = rdmig_transport::mem::holes::Holes::new().all_zero(&map);
         Ok(QemuDest {
+            starts_zero,
             console,
             source_was_running: None,
             run_dir: opts
@@ -204,6 +210,10 @@ impl QemuDest {
 impl DestinationVm for QemuDest {
     fn memory(&self) -> &GuestMemoryMap {
         &self.map
+    }
+
+    fn memory_starts_zero(&self) -> bool {
+        self.starts_zero
     }
 
     fn restore_state(&mut self, state: &[u8]) -> Result<(), VmmError> {

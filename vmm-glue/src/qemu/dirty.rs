@@ -26,10 +26,12 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
+use rdmig_transport::digest::is_zero;
+use rdmig_transport::mem::holes::Holes;
 use rdmig_transport::mem::{
     GuestMemoryMap, GuestRegion, MmapBacking, MmapRegion, PageIndex, RegionId,
 };
-use rdmig_transport::pages::PageSet;
+use rdmig_transport::pages::{PageRange, PageSet};
 
 use super::qmp::Pid;
 use super::ram::SharedRam;
@@ -228,13 +230,13 @@ pub struct ContentShadow {
 }
 
 impl ContentShadow {
-    /// A shadow of `live` (allocated and populated now, filled by [`ContentShadow::start`]).
+    /// A shadow of `live`, nothing allocated yet (filled by [`ContentShadow::start`]).
     pub fn new(live: &GuestMemoryMap) -> Result<ContentShadow> {
         let mut shadow = Vec::new();
         let mut regions = Vec::new();
         for r in live.regions() {
             let m =
-                MmapRegion::new(r.len(), MmapBacking::Anonymous, true).map_err(Error::Memory)?;
+                MmapRegion::new(r.len(), MmapBacking::Anonymous, false).map_err(Error::Memory)?;
             // SAFETY: `m` is kept in `self.shadow` as long as the map built from it.
             regions.push(unsafe { m.guest_region(r.gpa()) });
             shadow.push(m);
@@ -248,31 +250,91 @@ impl ContentShadow {
         &self.map
     }
 
-    /// Copies all of `live` into the shadow (round 0 sends it all).
+    /// Copies `live` into the shadow (round 0 sends it all), except the holes of its backing
+    /// files: they read zero, and a read would allocate them in QEMU's RAM file. The shadow's
+    /// pages stay untouched there, so the transport finds them zero without reading either.
     pub fn start(&mut self, live: &GuestMemoryMap) {
-        for (l, s) in live.regions().iter().zip(&self.shadow) {
-            // The guest may write the source concurrently: bytes have no invalid values and a
-            // torn copy differs from the live page, so the next fetch carries it.
-            // SAFETY: both ranges are live mappings of the same length (shadow made for it).
-            unsafe { libc::memcpy(s.as_ptr().cast(), l.host_ptr().cast(), l.len() as usize) };
+        let mut holes = Holes::new();
+        let mut lh = Vec::new();
+        for (i, (l, s)) in live.regions().iter().zip(&self.shadow).enumerate() {
+            let known = page_holes(&mut holes, live, i, &mut lh);
+            let mut off = 0usize;
+            let len = l.len() as usize;
+            while off < len {
+                let n = PAGE.min(len - off);
+                if !(known && lh[off / PAGE]) {
+                    // The guest may write the source concurrently: bytes have no invalid
+                    // values and a torn copy differs from the live page, so the next fetch
+                    // carries it.
+                    // SAFETY: off + n <= len, inside both mappings (the shadow made for it).
+                    unsafe {
+                        libc::memcpy(s.as_ptr().add(off).cast(), l.host_ptr().add(off).cast(), n)
+                    };
+                }
+                off += n;
+            }
         }
     }
 
     /// Compares every live page with its shadow, updates the shadow and reports the pages
-    /// that differed.
+    /// that differed. Pages that are holes on both sides are equal without a read.
     pub fn fetch(&mut self, live: &GuestMemoryMap, into: &mut PageSet) {
+        let mut holes = Holes::new();
+        let (mut lh, mut sh) = (Vec::new(), Vec::new());
         for (i, (l, s)) in live.regions().iter().zip(&self.shadow).enumerate() {
-            compare_region(l, s, RegionId(i as u32), into);
+            let live_known = page_holes(&mut holes, live, i, &mut lh);
+            let shadow_known = page_holes(&mut holes, &self.map, i, &mut sh);
+            let holes = (live_known && shadow_known).then_some((&lh[..], &sh[..]));
+            compare_region(l, s, RegionId(i as u32), into, holes);
         }
     }
 }
 
-fn compare_region(live: &GuestRegion, shadow: &MmapRegion, id: RegionId, into: &mut PageSet) {
+/// Fills `out` with the holes of region `i` of `map` (one entry per 4 KiB page); false when
+/// they cannot be known (then every page is read).
+fn page_holes(holes: &mut Holes, map: &GuestMemoryMap, i: usize, out: &mut Vec<bool>) -> bool {
+    if map.page_size().bytes() != PAGE as u64 {
+        return false;
+    }
+    let r = &map.regions()[i];
+    let range = PageRange {
+        region: RegionId(i as u32),
+        first: PageIndex(0),
+        npages: r.pages(map.page_size()),
+    };
+    holes.find(map, &range, out)
+}
+
+fn compare_region(
+    live: &GuestRegion,
+    shadow: &MmapRegion,
+    id: RegionId,
+    into: &mut PageSet,
+    holes: Option<(&[bool], &[bool])>,
+) {
     let len = live.len() as usize;
     let (lp, sp) = (live.host_ptr(), shadow.as_ptr());
     let mut off = 0usize;
     while off < len {
         let n = PAGE.min(len - off);
+        let page = off / PAGE;
+        if let Some((lh, sh)) = holes {
+            if lh[page] {
+                // The live page reads zero (a hole in QEMU's file: not read, not allocated).
+                if !sh[page] {
+                    // SAFETY: off + n <= len, inside the shadow mapping.
+                    let was = unsafe { std::slice::from_raw_parts(sp.add(off), n) };
+                    if !is_zero(was) {
+                        into.insert(id, PageIndex(page as u64));
+                    }
+                    // The shadow page becomes a hole again (private anonymous: reads zero).
+                    // SAFETY: a page of our own shadow mapping, which only this tracker uses.
+                    unsafe { libc::madvise(sp.add(off).cast(), n, libc::MADV_DONTNEED) };
+                }
+                off += n;
+                continue;
+            }
+        }
         // memcmp and memcpy go through raw pointers only (no reference to memory the guest
         // writes concurrently). A page the guest writes during the copy differs from the torn
         // shadow and is carried again next fetch.
@@ -280,7 +342,7 @@ fn compare_region(live: &GuestRegion, shadow: &MmapRegion, id: RegionId, into: &
         unsafe {
             if libc::memcmp(lp.add(off).cast(), sp.add(off).cast(), n) != 0 {
                 libc::memcpy(sp.add(off).cast(), lp.add(off).cast(), n);
-                into.insert(id, PageIndex((off / PAGE) as u64));
+                into.insert(id, PageIndex(page as u64));
             }
         }
         off += n;
