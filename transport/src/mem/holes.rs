@@ -54,7 +54,7 @@ impl Holes {
         if let Some((fd, offset)) = region.memfd() {
             return file_holes(fd, offset + range.first.0 * page, page, out);
         }
-        if region.is_anonymous() && page % HOST_PAGE == 0 {
+        if region.is_anonymous() && page.is_multiple_of(HOST_PAGE) {
             return self.anon_holes(region, range, page, out);
         }
         false

@@ -5,7 +5,7 @@
 //! does not talk to QEMU: a destination QEMU killed then would go unnoticed until rdmig hands it
 //! the device state, after the source has paused its guest for the switchover. [`ExitWatch`]
 //! polls a second handle on the QMP socket for the hang-up QEMU's exit causes, and then calls a
-//! hook; [`accept_qemu`](super::dest::accept_qemu) uses [`shut_down_tcp_port`] there to shut
+//! hook; [`accept_into`](super::dest::accept_into) uses [`shut_down_tcp_port`] there to shut
 //! down the migration's TCP connections (control and data streams, all accepted on the one
 //! listener), which fails the destination's transport at its next read or write and the source
 //! at its next one: the source resumes its guest (`cont` if rdmig stopped it) while its rounds
