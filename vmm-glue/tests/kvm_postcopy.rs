@@ -263,9 +263,15 @@ fn postcopy_of_a_running_guest() {
     let (r, d, watched) = run(&mut src, cfg);
     let rep = r.unwrap();
     let (mut dest, drep) = d.unwrap();
-    // Every page is in the post-copy set, but for the zero pages the scan left out (those
-    // the guest wrote since are in it too).
-    let all = g.mem_bytes / 4096;
+    assert_postcopy_set_is_all_but_zero(&rep, g.mem_bytes / 4096);
+    check_moved(&src, &rep, &mut dest, &drep, &watched, "postcopy");
+    dest.stop();
+    src.stop();
+}
+
+/// Every page is in the post-copy set, but for the zero pages the scan left out (those the
+/// guest wrote since are in it too).
+fn assert_postcopy_set_is_all_but_zero(rep: &MigrationReport, all: u64) {
     assert_eq!(rep.rounds, 0);
     assert!(
         rep.postcopy_pages <= all && rep.postcopy_pages + rep.zero_pages >= all,
@@ -273,9 +279,6 @@ fn postcopy_of_a_running_guest() {
         rep.postcopy_pages,
         rep.zero_pages
     );
-    check_moved(&src, &rep, &mut dest, &drep, &watched, "postcopy");
-    dest.stop();
-    src.stop();
 }
 
 #[test]
@@ -439,16 +442,7 @@ fn zero_copy_postcopy_of_a_running_guest_with_memfd_memory() {
     let (r, d, watched) = run_with(&mut src, cfg, KvmDestConfig::default().with_memfd(true));
     let rep = r.unwrap();
     let (mut dest, drep) = d.unwrap();
-    // Every page is in the post-copy set, but for the zero pages the scan left out (those
-    // the guest wrote since are in it too).
-    let all = g.mem_bytes / 4096;
-    assert_eq!(rep.rounds, 0);
-    assert!(
-        rep.postcopy_pages <= all && rep.postcopy_pages + rep.zero_pages >= all,
-        "{} pages fetched, {} zero, of {all}",
-        rep.postcopy_pages,
-        rep.zero_pages
-    );
+    assert_postcopy_set_is_all_but_zero(&rep, g.mem_bytes / 4096);
     assert!(
         drep.postcopy_zero_copy,
         "memfd guest memory is installed in place with UFFDIO_CONTINUE: {drep:?}"

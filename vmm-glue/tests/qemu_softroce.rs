@@ -13,6 +13,8 @@
 //!
 //! Needs `RDMIG_QEMU`, `RDMIG_QEMU_KERNEL`, `RDMIG_QEMU_INITRD` (`Capability::Qemu`).
 
+mod support;
+
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::sync::{Mutex, MutexGuard};
 use std::thread;
@@ -22,17 +24,18 @@ use rdmig_transport::auth::Psk;
 use rdmig_transport::digest::full_digest;
 use rdmig_transport::mem::{GuestMemoryMap, PageIndex, RegionId};
 use rdmig_transport::pages::PageSet;
-use rdmig_transport::rdma::RdmaOptions;
 use rdmig_transport::require::{skip, Capability};
 use rdmig_transport::session::{accept, migrate, MigrationConfig, MigrationReport};
 use rdmig_transport::vm::SourceVm;
 use rdmig_transport::wire::TransportKind;
 use rdmig_vmm::qemu::dirty::probe_soft_dirty;
+
 use rdmig_vmm::qemu::launch::{GuestImage, GuestSpec, QemuProcess, RamBacking, RunDir};
 use rdmig_vmm::qemu::{
     into_qemu, qemu_destination_factory, DirtyTracking, QemuDestOptions, QemuSource,
     QemuSourceOptions, TrackingChoice,
 };
+use support::rxe::rxe;
 
 fn image_or_skip(test: &str) -> Option<(GuestImage, MutexGuard<'static, ()>)> {
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
@@ -238,26 +241,8 @@ fn paused_guest_with_known_content_over_rdma() {
     let Some((_img, _one)) = image_or_skip(test) else {
         return;
     };
-    let Ok(dev) = std::env::var("RDMIG_RXE_DEV") else {
-        skip(
-            Capability::Rdma,
-            test,
-            "no RDMA device (RDMIG_RXE_DEV, RDMIG_RXE_ADDR are set by ci/softroce-run)",
-        );
+    let Some((rdma, ip)) = rxe(test) else {
         return;
-    };
-    let ip: IpAddr = std::env::var("RDMIG_RXE_ADDR")
-        .expect("RDMIG_RXE_ADDR with RDMIG_RXE_DEV")
-        .parse()
-        .expect("RDMIG_RXE_ADDR");
-    let rdma = RdmaOptions {
-        device: Some(dev),
-        gid_index: std::env::var("RDMIG_RXE_GID_INDEX")
-            .ok()
-            .and_then(|g| g.parse().ok()),
-        port: None,
-        qps: 2,
-        local_addr: Some(ip),
     };
     let cfg = tcp().with_transport(TransportKind::Rdma).with_rdma(rdma);
     paused_with_known_content(cfg, ip);
