@@ -8,10 +8,13 @@ use crate::error::{Error, Result};
 use crate::pages::{PageRange, PageSet};
 use crate::wire::{Message, Round, ROUND_FINAL, ROUND_LAST_CHUNK, ROUND_ZERO};
 
-/// Pages hashed and announced at a time: small enough that the first piece's hashing adds
-/// well under a millisecond before the data path starts, large enough that a round of
-/// gigabytes is a few hundred messages.
+/// Pages hashed and announced at a time, at most: large enough that a round of gigabytes is a
+/// few hundred messages.
 pub(super) const PIECE_PAGES: u64 = 1024;
+/// The first piece of a round: the data path waits for its hashing (tens of microseconds, not
+/// a millisecond, which counts in the stop-and-copy round); later pieces double up to
+/// [`PIECE_PAGES`], hashed while the data path moves the ones before.
+const FIRST_PIECE_PAGES: u64 = 64;
 
 /// What one round moved.
 #[derive(Debug, Default)]
@@ -24,18 +27,28 @@ pub(super) struct RoundSent {
     pub data_set: Option<PageSet>,
 }
 
-/// Splits `ranges` (each at most [`PIECE_PAGES`] long) into pieces of at most that many pages.
-fn pieces(ranges: &[PageRange]) -> Vec<&[PageRange]> {
-    let mut out = Vec::new();
-    let (mut start, mut pages) = (0, 0);
-    for (i, r) in ranges.iter().enumerate() {
-        if pages + r.npages > PIECE_PAGES && i > start {
-            out.push(&ranges[start..i]);
-            (start, pages) = (i, 0);
+/// Splits `ranges` into pieces of [`FIRST_PIECE_PAGES`] pages, then twice as many each time
+/// up to [`PIECE_PAGES`], splitting a range where a piece ends.
+fn pieces(ranges: &[PageRange]) -> Vec<Vec<PageRange>> {
+    let mut out = vec![Vec::new()];
+    let (mut pages, mut budget) = (0, FIRST_PIECE_PAGES);
+    for r in ranges {
+        let mut r = *r;
+        while r.npages > 0 {
+            if pages == budget {
+                out.push(Vec::new());
+                pages = 0;
+                budget = (budget * 2).min(PIECE_PAGES);
+            }
+            let take = r.npages.min(budget - pages);
+            out.last_mut()
+                .expect("never empty")
+                .push(PageRange { npages: take, ..r });
+            pages += take;
+            r.first.0 += take;
+            r.npages -= take;
         }
-        pages += r.npages;
     }
-    out.push(&ranges[start..]);
     out
 }
 
@@ -62,7 +75,7 @@ impl Source<'_> {
         let mut moved_data = false;
         let all = pieces(&ranges);
         let n = all.len();
-        for (i, piece) in all.into_iter().enumerate() {
+        for (i, piece) in all.iter().enumerate() {
             data.clear();
             zero.clear();
             for r in piece {
@@ -155,20 +168,20 @@ mod tests {
     }
 
     #[test]
-    fn pieces_stay_within_the_page_budget_and_cover_every_range_once() {
-        let ranges = vec![
-            r(0, 1000),
-            r(2000, 100),
-            r(3000, 1024),
-            r(5000, 1),
-            r(6000, 1),
-        ];
+    fn pieces_grow_to_the_budget_and_cover_every_page_once() {
+        let ranges = vec![r(0, 1000), r(2000, 100), r(3000, 5000), r(9000, 1)];
         let p = pieces(&ranges);
-        assert_eq!(p.len(), 4);
-        for piece in &p {
-            assert!(crate::pages::total_pages(piece) <= PIECE_PAGES);
+        let sizes: Vec<u64> = p.iter().map(|x| crate::pages::total_pages(x)).collect();
+        assert_eq!(&sizes[..5], &[64, 128, 256, 512, 1024]);
+        assert!(sizes.iter().all(|&n| n <= PIECE_PAGES));
+        assert_eq!(sizes.iter().sum::<u64>(), 6101);
+        // Every page once, in order, runs split only where a piece ends.
+        let mut pages = Vec::new();
+        for r in p.concat() {
+            pages.extend(r.first.0..r.end());
         }
-        assert_eq!(p.concat(), ranges);
-        assert_eq!(pieces(&[]), vec![&[] as &[PageRange]]);
+        let want: Vec<u64> = ranges.iter().flat_map(|r| r.first.0..r.end()).collect();
+        assert_eq!(pages, want);
+        assert_eq!(pieces(&[]), vec![Vec::<PageRange>::new()]);
     }
 }
