@@ -4,7 +4,7 @@
 
 use std::time::Instant;
 
-use super::round::PIECE_PAGES;
+use super::round::{MIN_HOLE_RUN, PIECE_PAGES};
 use super::{
     message_chunks, PrecopyTotals, Source, SourceState, EARLY_ENOUGH_PAGES, MAX_EARLY_BATCHES,
 };
@@ -230,7 +230,8 @@ impl Source<'_> {
                     npages: (r.end() - first).min(PIECE_PAGES),
                 };
                 first += piece.npages;
-                let known = self.holes.find(&self.map, &piece, &mut self.hole_buf);
+                let known = piece.npages >= MIN_HOLE_RUN
+                    && self.holes.find(&self.map, &piece, &mut self.hole_buf);
                 let holes = known.then_some(&self.hole_buf[..]);
                 self.hashes
                     .classify(&self.map, &piece, holes, &mut data, &mut zero)?;

@@ -15,6 +15,8 @@ pub(super) const PIECE_PAGES: u64 = 1024;
 /// a millisecond, which counts in the stop-and-copy round); later pieces double up to
 /// [`PIECE_PAGES`], hashed while the data path moves the ones before.
 const FIRST_PIECE_PAGES: u64 = 64;
+/// Runs shorter than this are hashed without asking the kernel for holes first.
+pub(super) const MIN_HOLE_RUN: u64 = 16;
 
 /// What one round moved.
 #[derive(Debug, Default)]
@@ -80,7 +82,10 @@ impl Source<'_> {
             zero.clear();
             for r in piece {
                 if self.zero_pages {
-                    let known = self.holes.find(&self.map, r, &mut self.hole_buf);
+                    // Short runs are pages just written (dirty), never holes: one pagemap
+                    // read per run would cost more than hashing them.
+                    let known = r.npages >= MIN_HOLE_RUN
+                        && self.holes.find(&self.map, r, &mut self.hole_buf);
                     let holes = known.then_some(&self.hole_buf[..]);
                     self.hashes
                         .classify(&self.map, r, holes, &mut data, &mut zero)?;
