@@ -286,3 +286,76 @@ fn a_peer_that_hangs_without_closing_times_out_and_the_source_runs_on() {
     assert!(source.running());
     assert!(source.verify().ok());
 }
+
+#[test]
+fn auto_converge_makes_a_non_converging_guest_converge_within_the_limit() {
+    // 256 MiB/s into a 32 MiB working set over a 64 MiB/s link: every round dirties more than
+    // it moves. Without auto-converge the abort policy ends it; with it, the throttle rises
+    // until the rounds shrink and the stop-and-copy fits 50 ms.
+    let cfg = SyntheticConfig::new(64 * MIB).with_dirtying(32 * MIB, 256 * MIB);
+    let psk = Psk::random().unwrap();
+    let mcfg = config(&psk, 2)
+        .with_max_bandwidth(Some(64 * MIB))
+        .with_downtime_limit(Duration::from_millis(50))
+        .with_policy(ConvergencePolicy::Abort);
+
+    let mut source = SyntheticVm::start(&cfg).unwrap();
+    let (r, _) = run(&mut source, cfg.clone(), mcfg.clone().with_max_rounds(8));
+    let e = r.expect_err("without auto-converge it must not converge");
+    assert!(matches!(e, Error::NotConverged(_)), "{e}");
+    assert!(source.running());
+
+    let (r, dest) = run(
+        &mut source,
+        SyntheticConfig {
+            dirty_rate: 0,
+            ..cfg.clone()
+        },
+        mcfg.clone().with_auto_converge(true),
+    );
+    let rep = r.expect("auto-converge makes it converge");
+    assert!(!rep.forced_switchover, "{:?}", rep.per_round);
+    assert!(rep.verified);
+    let top = rep
+        .per_round
+        .iter()
+        .map(|r| r.throttle_percent)
+        .max()
+        .unwrap();
+    assert!(top >= 20, "never throttled: {:?}", rep.per_round);
+    assert!(
+        rep.per_round.last().unwrap().predicted_downtime_ms <= 50.0
+            || rep
+                .per_round
+                .iter()
+                .rev()
+                .nth(1)
+                .unwrap()
+                .predicted_downtime_ms
+                <= 50.0
+    );
+    assert!(dest.unwrap().verify().ok());
+    eprintln!(
+        "auto-converge: {} rounds, throttle up to {top}%, downtime {:.1} ms",
+        rep.rounds, rep.downtime_ms
+    );
+
+    // A failed migration lifts the throttle: the guest writes at its own rate again.
+    let mut source = SyntheticVm::start(&cfg).unwrap();
+    let (r, _) = run(
+        &mut source,
+        cfg.clone(),
+        mcfg.with_auto_converge(true)
+            .with_downtime_limit(Duration::from_micros(1))
+            .with_max_rounds(4),
+    );
+    assert!(r.is_err());
+    assert!(source.running());
+    let w0 = source.pages_written();
+    std::thread::sleep(Duration::from_millis(300));
+    let per_s = (source.pages_written() - w0) as f64 / 0.3;
+    assert!(
+        per_s > 0.3 * (256 * MIB / 4096) as f64,
+        "{per_s:.0} pages/s after the failure: the throttle stayed on"
+    );
+}

@@ -136,6 +136,10 @@ pub struct Args {
     /// What to do when pre-copy does not converge.
     #[arg(long, value_enum, default_value = "stop")]
     pub policy: PolicyArg,
+    /// Throttle a guest whose rounds do not shrink (20 %, then 10 % more each such round, up to
+    /// 99 %) before --policy applies, as QEMU's auto-converge; lifted when the migration ends.
+    #[arg(long = "auto-converge")]
+    pub auto_converge: bool,
     /// Bandwidth cap (e.g. 500MiB/s).
     #[arg(long = "max-bandwidth", value_parser = parse_rate)]
     pub max_bandwidth: Option<u64>,
@@ -294,6 +298,7 @@ impl Args {
             .with_max_guest_bytes(self.max_guest_mem)
             .with_listen_timeout(self.listen_timeout)
             .with_zero_pages(!self.no_zero_pages)
+            .with_auto_converge(self.auto_converge)
             .with_rdma(RdmaOptions {
                 device: self.ib_dev.clone(),
                 gid_index: self.gid_index,

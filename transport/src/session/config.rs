@@ -103,6 +103,11 @@ pub struct MigrationConfig {
     /// for ever). When it passes, `accept` returns the last refused handshake's error, or a
     /// timeout if none was refused.
     pub listen_timeout: Option<Duration>,
+    /// Auto-converge: throttle a source guest whose rounds do not shrink (through
+    /// [`crate::vm::SourceVm::throttle`]: 20 % after two rounds that dirtied more than half of
+    /// what they moved, then 10 % more after each such round, up to 99 %) before the
+    /// convergence policy applies; lifted when the migration ends. Off by default, as in QEMU.
+    pub auto_converge: bool,
     /// Send zero pages as ranges, never as page bytes (when the peer supports it; on by
     /// default). Off moves every page as data, for comparisons.
     pub zero_pages: bool,
@@ -128,7 +133,14 @@ impl MigrationConfig {
             max_guest_bytes: super::MAX_GUEST_BYTES,
             listen_timeout: None,
             zero_pages: true,
+            auto_converge: false,
         }
+    }
+
+    /// Sets auto-converge (see [`MigrationConfig::auto_converge`]).
+    pub fn with_auto_converge(mut self, on: bool) -> Self {
+        self.auto_converge = on;
+        self
     }
 
     /// Sets whether zero pages travel as ranges (see [`MigrationConfig::zero_pages`]).

@@ -1,5 +1,7 @@
 //! The convergence decision after each pre-copy round: predict the stop-and-copy time from
-//! the measured bandwidth and the pages dirtied, and decide whether to switch over.
+//! the measured bandwidth and the pages dirtied, and decide whether to switch over; and
+//! auto-converge ([`AutoConverge`]), which slows a guest that dirties faster than the link
+//! moves its pages, as QEMU's `auto-converge` capability does.
 
 use std::time::Duration;
 
@@ -86,11 +88,101 @@ impl Convergence {
     pub fn bandwidth(&self) -> f64 {
         self.bandwidth
     }
+
+    /// The guest was slowed down: rounds may shrink again, so the stall count starts over.
+    pub fn restart_stall(&mut self) {
+        self.stalled = 0;
+        self.best_prediction = None;
+    }
+
+    /// True once `rounds_done` reached the round limit.
+    pub fn out_of_rounds(&self, rounds_done: u32) -> bool {
+        rounds_done >= self.max_rounds
+    }
+}
+
+/// First throttle auto-converge applies (QEMU's `cpu-throttle-initial`).
+pub const THROTTLE_INITIAL: u8 = 20;
+/// Step up after each further round that did not shrink (QEMU's `cpu-throttle-increment`).
+pub const THROTTLE_INCREMENT: u8 = 10;
+
+/// Auto-converge: after two rounds in a row that dirtied more than half of what they moved
+/// (QEMU's `throttle-trigger-threshold` of 50 %), throttle the guest, and step the throttle up
+/// after each such round, to [`crate::vm::MAX_THROTTLE_PERCENT`].
+#[derive(Debug, Default)]
+pub struct AutoConverge {
+    percent: u8,
+    high_rounds: u32,
+    disabled: bool,
+}
+
+impl AutoConverge {
+    /// The throttle now applied (0: none).
+    pub fn percent(&self) -> u8 {
+        self.percent
+    }
+
+    /// After a round that moved `moved` bytes while `dirtied` bytes were dirtied: the throttle
+    /// to apply now, if it should change. `decision` is the convergence decision (a round
+    /// that can switch over needs no throttle).
+    pub fn after_round(&mut self, moved: u64, dirtied: u64, decision: Decision) -> Option<u8> {
+        if self.disabled {
+            return None;
+        }
+        if decision == Decision::Switchover || dirtied <= moved / 2 {
+            self.high_rounds = 0;
+            return None;
+        }
+        self.high_rounds += 1;
+        let next = if self.percent == 0 {
+            if self.high_rounds < 2 {
+                return None;
+            }
+            THROTTLE_INITIAL
+        } else {
+            self.percent
+                .saturating_add(THROTTLE_INCREMENT)
+                .min(crate::vm::MAX_THROTTLE_PERCENT)
+        };
+        (next != self.percent).then_some(next)
+    }
+
+    /// The throttle was applied.
+    pub fn applied(&mut self, percent: u8) {
+        self.percent = percent;
+    }
+
+    /// The VMM cannot throttle: never ask again.
+    pub fn disable(&mut self) {
+        self.disabled = true;
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_converge_waits_two_rounds_then_steps_up_to_the_maximum() {
+        let mut a = AutoConverge::default();
+        let c = Decision::Continue;
+        assert_eq!(a.after_round(100, 80, c), None, "first high round waits");
+        assert_eq!(a.after_round(100, 80, c), Some(20));
+        a.applied(20);
+        assert_eq!(
+            a.after_round(100, 40, c),
+            None,
+            "a shrinking round keeps the throttle"
+        );
+        assert_eq!(a.after_round(100, 80, c), Some(30));
+        a.applied(30);
+        assert_eq!(a.after_round(100, 80, Decision::Switchover), None);
+        for want in [40, 50, 60, 70, 80, 90, 99] {
+            assert_eq!(a.after_round(100, 80, Decision::NotConverging), Some(want));
+            a.applied(want);
+        }
+        assert_eq!(a.after_round(100, 80, c), None, "nothing above 99 %");
+    }
 
     #[test]
     fn switches_over_when_the_dirty_set_fits_the_limit() {

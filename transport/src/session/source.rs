@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::config::{ConvergencePolicy, MigrationConfig, MigrationMode};
-use super::policy::{Convergence, Decision};
+use super::policy::{AutoConverge, Convergence, Decision};
 use super::stats::{mib_s, MigrationReport, RoundStats};
 use crate::auth::random_bytes;
 use crate::control::Control;
@@ -184,6 +184,8 @@ struct Source<'a> {
     holes: Holes,
     /// One entry per page of the range being classified: a hole.
     hole_buf: Vec<bool>,
+    /// Auto-converge's state; its throttle is lifted again however the migration ends.
+    auto: AutoConverge,
 }
 
 /// Migrates `vm` to the destination listening at `dest`. Calls `progress` after each round.
@@ -236,6 +238,7 @@ pub fn migrate(
         zero_total: 0,
         holes: Holes::new(),
         hole_buf: Vec::new(),
+        auto: AutoConverge::default(),
     };
     let result = s.run(dest, rdma_probe.is_ok(), started, progress);
     let result = match result {
@@ -484,6 +487,7 @@ impl Source<'_> {
                 dirty_rate_mib_s: 0.0,
                 dirty_pages: 0,
                 predicted_downtime_ms: 0.0,
+                throttle_percent: self.auto.percent(),
             };
             if final_round {
                 progress(&stats);
@@ -495,7 +499,11 @@ impl Source<'_> {
                 .fetch_and_clear_dirty(&mut set)
                 .map_err(|e| Error::vmm("fetch dirty log", e))?;
             let dirty = set.count();
-            let (decision, predicted) = conv.after_round(round + 1, bytes, elapsed, dirty * page);
+            let (mut decision, predicted) =
+                conv.after_round(round + 1, bytes, elapsed, dirty * page);
+            if self.config.auto_converge && decision != Decision::Switchover {
+                decision = self.auto_converge(&mut conv, round + 1, bytes, dirty * page, decision);
+            }
             stats.dirty_pages = dirty;
             stats.dirty_rate_mib_s = mib_s(dirty * page, t.elapsed().as_secs_f64());
             stats.predicted_downtime_ms = predicted.as_secs_f64() * 1e3;
@@ -612,7 +620,49 @@ impl Source<'_> {
         })
     }
 
+    /// Auto-converge after a round that did not switch over: throttles the guest (more) when
+    /// the round did not shrink, and keeps pre-copy going while the throttle can still rise.
+    /// Returns the decision to act on.
+    fn auto_converge(
+        &mut self,
+        conv: &mut Convergence,
+        rounds_done: u32,
+        moved: u64,
+        dirtied: u64,
+        decision: Decision,
+    ) -> Decision {
+        let Some(next) = self.auto.after_round(moved, dirtied, decision) else {
+            return decision;
+        };
+        match self.vm.throttle(next) {
+            Ok(()) => {
+                tracing::info!(
+                    "auto-converge: the guest dirtied {dirtied} bytes in a round that moved {moved}; throttled to {next}%"
+                );
+                self.auto.applied(next);
+                conv.restart_stall();
+                if decision == Decision::NotConverging && !conv.out_of_rounds(rounds_done) {
+                    Decision::Continue
+                } else {
+                    decision
+                }
+            }
+            Err(e) => {
+                tracing::warn!("auto-converge: the VMM cannot throttle the guest: {e}");
+                // Never ask again; the policy applies as without auto-converge.
+                self.auto.disable();
+                decision
+            }
+        }
+    }
+
     fn teardown(&mut self) {
+        if self.auto.percent() > 0 {
+            self.auto.applied(0);
+            if let Err(e) = self.vm.throttle(0) {
+                tracing::warn!("lifting auto-converge's throttle: {e}");
+            }
+        }
         if let Some(mut server) = self.server.take() {
             if let Err(e) = server.stop() {
                 tracing::debug!("post-copy page server: {e}");

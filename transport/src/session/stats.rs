@@ -25,6 +25,8 @@ pub struct RoundStats {
     pub dirty_pages: u64,
     /// Predicted stop-and-copy time if the next round were the last, ms.
     pub predicted_downtime_ms: f64,
+    /// Auto-converge's throttle of the guest during the round, percent (0: none).
+    pub throttle_percent: u8,
 }
 
 /// The outcome of a successful migration, from the source's point of view (`Default`: the
