@@ -216,7 +216,7 @@ pub fn digest_bytes(b: &[u8]) -> u128 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mem::{GuestAddress, MmapBacking, MmapRegion, PageSize};
+    use crate::mem::{MmapBacking, MmapRegion};
 
     #[test]
     fn the_zero_hash_streamed_matches_a_zero_page() {
@@ -236,12 +236,7 @@ mod tests {
     #[test]
     fn classify_sorts_pages_into_runs_and_hashes_every_one() {
         let m = MmapRegion::new(8 * 4096, MmapBacking::Anonymous, false).unwrap();
-        // SAFETY: `m` outlives the map.
-        let map = GuestMemoryMap::new(
-            vec![unsafe { m.guest_region(GuestAddress(0)) }],
-            PageSize::KIB4,
-        )
-        .unwrap();
+        let map = crate::mem::test_map(&m);
         for p in [1u64, 2, 6] {
             // SAFETY: page p of our own mapping.
             unsafe { m.as_ptr().add(p as usize * 4096 + 17).write(9) };

@@ -100,7 +100,7 @@ impl DestZero {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mem::{MmapBacking, MmapRegion, PageSize, RegionId};
+    use crate::mem::{MmapBacking, MmapRegion, RegionId};
 
     fn range(first: u64, npages: u64) -> PageRange {
         PageRange {
@@ -113,12 +113,7 @@ mod tests {
     #[test]
     fn only_pages_that_may_hold_data_are_written() {
         let m = MmapRegion::new(16 * 4096, MmapBacking::Anonymous, false).unwrap();
-        // SAFETY: `m` outlives the map.
-        let map = GuestMemoryMap::new(
-            vec![unsafe { m.guest_region(crate::mem::GuestAddress(0)) }],
-            PageSize::KIB4,
-        )
-        .unwrap();
+        let map = crate::mem::test_map(&m);
         let hashes = PageHashes::new(&map);
         let mut z = DestZero::new(&map, true);
         // Page 3 landed data, then became zero at the source.
@@ -139,12 +134,7 @@ mod tests {
     #[test]
     fn without_the_vmm_s_promise_every_page_is_checked_and_non_zero_ones_zeroed() {
         let m = MmapRegion::new(8 * 4096, MmapBacking::Anonymous, false).unwrap();
-        // SAFETY: `m` outlives the map.
-        let map = GuestMemoryMap::new(
-            vec![unsafe { m.guest_region(crate::mem::GuestAddress(0)) }],
-            PageSize::KIB4,
-        )
-        .unwrap();
+        let map = crate::mem::test_map(&m);
         // The VMM left firmware in page 5 before the migration.
         // SAFETY: page 5 of our own mapping.
         unsafe { std::ptr::write_bytes(m.as_ptr().add(5 * 4096 + 100), 1, 10) };

@@ -73,8 +73,8 @@ fn die_with_parent(cmd: &mut Command) {
         }
         Ok(())
     };
-    // SAFETY: the closure runs in the forked child before exec; it only makes two system
-    // calls (async-signal-safe) and builds io::Errors from errnos, which does not allocate.
+    // The closure runs in the forked child before exec.
+    // SAFETY: it only makes two async-signal-safe system calls and builds io::Errors from errnos.
     unsafe { cmd.pre_exec(arm) };
 }
 

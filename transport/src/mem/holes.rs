@@ -149,16 +149,11 @@ fn file_holes(fd: std::os::fd::RawFd, start: u64, page: u64, out: &mut [bool]) -
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mem::{GuestAddress, MmapBacking, MmapRegion, PageIndex, PageSize, RegionId};
+    use crate::mem::{MmapBacking, MmapRegion, PageIndex, RegionId};
 
     fn check(backing: MmapBacking) {
         let m = MmapRegion::new(64 * 4096, backing, false).unwrap();
-        // SAFETY: `m` outlives the map.
-        let map = GuestMemoryMap::new(
-            vec![unsafe { m.guest_region(GuestAddress(0)) }],
-            PageSize::KIB4,
-        )
-        .unwrap();
+        let map = crate::mem::test_map(&m);
         for p in [0usize, 5, 6, 63] {
             // SAFETY: page p of our own mapping.
             unsafe { m.as_ptr().add(p * 4096 + 8).write_volatile(1) };
@@ -187,12 +182,7 @@ mod tests {
     fn all_zero_only_while_nothing_was_written() {
         for backing in [MmapBacking::Anonymous, MmapBacking::Memfd] {
             let m = MmapRegion::new(32 * 4096, backing, false).unwrap();
-            // SAFETY: `m` outlives the map.
-            let map = GuestMemoryMap::new(
-                vec![unsafe { m.guest_region(GuestAddress(0)) }],
-                PageSize::KIB4,
-            )
-            .unwrap();
+            let map = crate::mem::test_map(&m);
             assert!(Holes::new().all_zero(&map), "{backing:?}");
             // SAFETY: page 20 of our own mapping.
             unsafe { m.as_ptr().add(20 * 4096).write_volatile(1) };

@@ -156,6 +156,14 @@ impl Drop for MmapRegion {
     }
 }
 
+/// A one-region map at GPA 0 over `m`, 4 KiB pages (tests).
+#[cfg(test)]
+pub(crate) fn test_map(m: &MmapRegion) -> crate::mem::GuestMemoryMap {
+    // SAFETY: every test keeps `m` alive while it uses the map.
+    let region = unsafe { m.guest_region(GuestAddress(0)) };
+    crate::mem::GuestMemoryMap::new(vec![region], crate::mem::PageSize::KIB4).expect("one region")
+}
+
 /// Faults `len` bytes of writable memory at `ptr` in (`MADV_POPULATE_WRITE`, Linux 5.14+)
 /// without changing a byte. Returns false where the kernel cannot (the pages then fault on
 /// first use, as without it).

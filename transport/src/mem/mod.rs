@@ -16,6 +16,8 @@ mod mmap;
 mod rust_vmm;
 
 pub use host::HostMemory;
+#[cfg(test)]
+pub(crate) use mmap::test_map;
 pub use mmap::{prefault, MmapBacking, MmapRegion};
 
 use crate::error::{Error, Result};

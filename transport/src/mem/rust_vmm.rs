@@ -44,8 +44,8 @@ impl GuestMemoryMap {
                     r.prot()
                 )));
             }
-            // SAFETY: as_ptr/len are the region's live mapping, mapped readable and writable
-            // (checked above); the caller keeps `mem` and so the mapping alive.
+            // as_ptr/len are the region's live mapping, readable and writable (checked above).
+            // SAFETY: the caller keeps `mem`, and so the mapping, alive.
             let region = unsafe { GuestRegion::new(GuestAddress(gpa), r.as_ptr(), r.len()) };
             let region = match r.file_offset() {
                 Some(f) if r.flags() & libc::MAP_SHARED != 0 && is_shmem(f.file())? => {

@@ -433,7 +433,6 @@ impl Source<'_> {
         }
         let page = self.map.page_size().bytes();
         let mut set = PageSet::full(&self.map);
-        let mut scanned = None;
         if scan {
             let t = Instant::now();
             let sent = self.send_round(0, &set, false, true)?;
@@ -445,7 +444,6 @@ impl Source<'_> {
                 t.elapsed()
             );
             set = sent.data_set.expect("asked for");
-            scanned = Some(sent.zero_pages);
         }
         let mut conv = Convergence::new(self.config.downtime_limit, self.config.max_rounds);
         let mut per_round = Vec::new();
@@ -544,7 +542,7 @@ impl Source<'_> {
 
         if go_postcopy {
             let precopy = PrecopyTotals {
-                scanned: scanned.is_some(),
+                scanned: scan,
                 hybrid: mode == MigrationMode::Hybrid,
                 rounds: if mode == MigrationMode::Postcopy {
                     0

@@ -49,11 +49,13 @@
 mod layout;
 mod le;
 mod message;
+mod negotiate;
 mod stream;
 
 pub use layout::*;
 pub use le::{Le128, Le16, Le32, Le64};
 pub use message::*;
+pub use negotiate::{caps, TransportKind};
 pub use stream::{
     DataFrame, DataHeader, PageRequest, StreamHello, DATA_END_OF_ROUND, DATA_PAGES, DATA_POSTCOPY,
     MAX_REQUEST_PAGES, REQ_END, REQ_PAGES, STREAM_MAGIC,

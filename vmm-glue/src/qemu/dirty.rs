@@ -227,6 +227,11 @@ fn wait_stopped(pid: Pid) -> Result<()> {
 pub struct ContentShadow {
     shadow: Vec<MmapRegion>,
     map: GuestMemoryMap,
+    /// Finds the holes of the live RAM and of the shadow (keeps pagemap open across rounds).
+    holes: Holes,
+    /// Per 4 KiB page of the region being compared: a hole in the live RAM, in the shadow.
+    live_holes: Vec<bool>,
+    shadow_holes: Vec<bool>,
 }
 
 impl ContentShadow {
@@ -242,7 +247,13 @@ impl ContentShadow {
             shadow.push(m);
         }
         let map = GuestMemoryMap::new(regions, live.page_size()).map_err(Error::Memory)?;
-        Ok(ContentShadow { shadow, map })
+        Ok(ContentShadow {
+            shadow,
+            map,
+            holes: Holes::new(),
+            live_holes: Vec::new(),
+            shadow_holes: Vec::new(),
+        })
     }
 
     /// The memory the transport reads (the shadow).
@@ -254,10 +265,9 @@ impl ContentShadow {
     /// files: they read zero, and a read would allocate them in QEMU's RAM file. The shadow's
     /// pages stay untouched there, so the transport finds them zero without reading either.
     pub fn start(&mut self, live: &GuestMemoryMap) {
-        let mut holes = Holes::new();
-        let mut lh = Vec::new();
+        let lh = &mut self.live_holes;
         for (i, (l, s)) in live.regions().iter().zip(&self.shadow).enumerate() {
-            let known = page_holes(&mut holes, live, i, &mut lh);
+            let known = page_holes(&mut self.holes, live, i, lh);
             let mut off = 0usize;
             let len = l.len() as usize;
             while off < len {
@@ -279,11 +289,10 @@ impl ContentShadow {
     /// Compares every live page with its shadow, updates the shadow and reports the pages
     /// that differed. Pages that are holes on both sides are equal without a read.
     pub fn fetch(&mut self, live: &GuestMemoryMap, into: &mut PageSet) {
-        let mut holes = Holes::new();
-        let (mut lh, mut sh) = (Vec::new(), Vec::new());
+        let (lh, sh) = (&mut self.live_holes, &mut self.shadow_holes);
         for (i, (l, s)) in live.regions().iter().zip(&self.shadow).enumerate() {
-            let live_known = page_holes(&mut holes, live, i, &mut lh);
-            let shadow_known = page_holes(&mut holes, &self.map, i, &mut sh);
+            let live_known = page_holes(&mut self.holes, live, i, lh);
+            let shadow_known = page_holes(&mut self.holes, &self.map, i, sh);
             let holes = (live_known && shadow_known).then_some((&lh[..], &sh[..]));
             compare_region(l, s, RegionId(i as u32), into, holes);
         }

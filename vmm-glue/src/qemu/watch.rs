@@ -147,8 +147,8 @@ pub fn shut_down_tcp_port(listener: RawFd, port: u16) -> usize {
         if fd == listener || local_tcp_port(fd) != Some(port) || is_listening(fd) {
             continue;
         }
-        // SAFETY: shutdown takes a descriptor number and touches no memory of ours; the socket
-        // stays open (its owner closes it).
+        // The socket stays open (its owner closes it).
+        // SAFETY: shutdown takes a descriptor number and touches no memory of ours.
         if unsafe { libc::shutdown(fd, libc::SHUT_RDWR) } == 0 {
             n += 1;
         }
@@ -166,8 +166,8 @@ fn local_tcp_port(fd: RawFd) -> Option<u16> {
     // SAFETY: sockaddr_storage is plain data; all zero is a valid value.
     let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
     let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: getsockname writes at most `len` bytes into `addr`, a live local of that size; on
-    // a descriptor that is not a socket it fails with ENOTSOCK.
+    // On a descriptor that is not a socket getsockname fails with ENOTSOCK.
+    // SAFETY: it writes at most `len` bytes into `addr`, a live local of that size.
     let rc = unsafe {
         libc::getsockname(
             fd,
@@ -180,16 +180,15 @@ fn local_tcp_port(fd: RawFd) -> Option<u16> {
     }
     match i32::from(addr.ss_family) {
         libc::AF_INET => {
-            // SAFETY: the family says the storage holds a sockaddr_in, which it is large and
-            // aligned enough for.
-            let a =
-                unsafe { &*(&addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let sin = (&addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>();
+            // SAFETY: the family says the storage (large and aligned enough) holds a sockaddr_in.
+            let a = unsafe { &*sin };
             Some(u16::from_be(a.sin_port))
         }
         libc::AF_INET6 => {
+            let sin6 = (&addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>();
             // SAFETY: as above, for sockaddr_in6.
-            let a =
-                unsafe { &*(&addr as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            let a = unsafe { &*sin6 };
             Some(u16::from_be(a.sin6_port))
         }
         _ => None,
