@@ -181,6 +181,16 @@ pub enum Error {
     /// The operation timed out.
     #[error("timed out: {0}")]
     Timeout(String),
+
+    /// The migration was cancelled through its [`crate::session::MigrationControl`]; the
+    /// source VM runs on.
+    #[error("the migration was cancelled")]
+    Cancelled,
+
+    /// A cancel came after the point of no return (the switchover was sent, or the guest
+    /// resumed on the destination); the migration goes on.
+    #[error("too late to cancel: the switchover has begun")]
+    TooLateToCancel,
 }
 
 impl Error {

@@ -12,6 +12,7 @@ pub mod data;
 pub mod digest;
 mod error;
 pub mod mem;
+pub mod pace;
 pub mod pages;
 mod pending;
 pub mod postcopy;

@@ -12,7 +12,8 @@ use std::thread::JoinHandle;
 use crate::cpu::{CpuMeter, ThreadCpu};
 use crate::error::{Error, FirstError, Result};
 use crate::mem::GuestMemoryMap;
-use crate::tcp::{writev_all, RateLimiter};
+use crate::pace::RateLimiter;
+use crate::tcp::writev_all;
 use crate::wire::{DataHeader, PageRequest};
 
 /// Serves page requests until the destination ends every stream.

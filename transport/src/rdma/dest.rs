@@ -20,8 +20,8 @@ use crate::data::{DestDataPath, Landed};
 use crate::digest::PageHashes;
 use crate::error::{Error, Result};
 use crate::mem::{GuestMemoryMap, PageIndex};
+use crate::pace::RateLimiter;
 use crate::pages::PageRange;
-use crate::tcp::RateLimiter;
 
 enum Cmd {
     Chunk(Vec<PageRange>),

@@ -22,9 +22,9 @@ use crate::error::{Error, Result};
 use crate::mem::{
     GuestAddress, GuestMemoryMap, GuestRegion, MmapBacking, MmapRegion, PageSize, RegionId,
 };
+use crate::pace::RateLimiter;
 use crate::pages::PageRange;
 use crate::postcopy::{AliasMap, PageFetcher};
-use crate::tcp::RateLimiter;
 
 /// How long the fault fetcher spins for a completion before yielding.
 pub const FAULT_SPIN: Duration = Duration::from_millis(5);

@@ -33,6 +33,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::config::{MigrationConfig, MigrationMode};
+use super::handle::MigrationControl;
 use super::stats::DestReport;
 use crate::control::Control;
 use crate::cpu::{thread_cpu_time, CpuMeter};
@@ -40,10 +41,11 @@ use crate::data::{DestDataPath, Landed};
 use crate::digest::PageHashes;
 use crate::error::{Error, Result};
 use crate::mem::{GuestMemoryMap, PageSize};
+use crate::pace::RateLimiter;
 use crate::pages::PageSet;
 use crate::postcopy::{self, PostcopyService};
 use crate::rdma::{self, RdmaDestPath, RdmaPageFetcher};
-use crate::tcp::{accept_stream_sets, RateLimiter, TcpDestPath};
+use crate::tcp::{accept_stream_sets, TcpDestPath};
 use crate::vm::{DestinationFactory, DestinationVm, MemoryLayout};
 use crate::wire::{
     Command, Complete, Message, RoundDone, TransportKind, MAX_REGIONS, POSTCOPY_EARLY,
@@ -200,7 +202,19 @@ pub fn accept(
     config: &MigrationConfig,
     factory: DestinationFactory<'_>,
 ) -> Result<(Box<dyn DestinationVm>, DestReport)> {
+    accept_controlled(listener, config, factory, &MigrationControl::new())
+}
+
+/// [`accept`] driven through `control`: another thread can follow its progress or cancel it
+/// (until the guest is resumed here).
+pub fn accept_controlled(
+    listener: &TcpListener,
+    config: &MigrationConfig,
+    factory: DestinationFactory<'_>,
+    control: &MigrationControl,
+) -> Result<(Box<dyn DestinationVm>, DestReport)> {
     config.validate()?;
+    control.begin(true, 0)?;
     let (ctl, hs) = authenticate(listener, config)?;
     tracing::info!("incoming migration from {}", ctl.peer());
     let mut d = Dest {

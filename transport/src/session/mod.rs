@@ -7,12 +7,14 @@
 
 mod config;
 mod dest;
+mod handle;
 mod policy;
 mod source;
 mod stats;
 
 pub use config::{ConvergencePolicy, MigrationConfig, MigrationMode};
-pub use dest::{accept, MAX_GUEST_BYTES};
+pub use dest::{accept, accept_controlled, MAX_GUEST_BYTES};
+pub use handle::{MigrationControl, Phase, Progress};
 pub use policy::{Convergence, Decision};
-pub use source::migrate;
+pub use source::{migrate, migrate_controlled};
 pub use stats::{DestReport, FaultLatency, MigrationReport, RoundStats};

@@ -37,6 +37,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::config::{ConvergencePolicy, MigrationConfig, MigrationMode};
+use super::handle::MigrationControl;
 use super::policy::{AutoConverge, Convergence, Decision};
 use super::stats::{mib_s, MigrationReport, RoundStats};
 use crate::auth::random_bytes;
@@ -47,10 +48,11 @@ use crate::digest::PageHashes;
 use crate::error::{Error, Result};
 use crate::mem::holes::Holes;
 use crate::mem::GuestMemoryMap;
+use crate::pace::RateLimiter;
 use crate::pages::{PageRange, PageSet};
 use crate::postcopy::{self, PageServer};
 use crate::rdma::{self, RdmaSourcePath};
-use crate::tcp::{connect_streams, RateLimiter, TcpSourcePath};
+use crate::tcp::{connect_streams, TcpSourcePath};
 use crate::vm::SourceVm;
 use crate::wire::{
     caps, Command, Hello, Message, TransportKind, MAX_RANGES_PER_MSG, PROTOCOL_VERSION,
@@ -198,7 +200,23 @@ pub fn migrate(
     config: &MigrationConfig,
     progress: &mut dyn FnMut(&RoundStats),
 ) -> Result<MigrationReport> {
+    migrate_controlled(vm, dest, config, &MigrationControl::new(), progress)
+}
+
+/// [`migrate`] driven through `control`: another thread can follow its progress, change its
+/// bandwidth cap and downtime limit, switch it to post-copy or cancel it.
+pub fn migrate_controlled(
+    vm: &mut dyn SourceVm,
+    dest: SocketAddr,
+    config: &MigrationConfig,
+    control: &MigrationControl,
+    progress: &mut dyn FnMut(&RoundStats),
+) -> Result<MigrationReport> {
     config.validate()?;
+    control.begin(
+        config.mode != MigrationMode::Precopy,
+        vm.memory().total_bytes(),
+    )?;
     let started = Instant::now();
     let cpu0 = thread_cpu_time();
     let map = vm.memory().clone();

@@ -3,13 +3,11 @@
 //! guest memory with `recv(MSG_WAITALL)`: no staging copy of page data on either side.
 
 mod io;
-mod limiter;
 mod receiver;
 mod sender;
 mod streams;
 
 pub(crate) use io::{recv_exact, writev_all};
-pub use limiter::RateLimiter;
 pub use receiver::TcpDestPath;
 pub use sender::TcpSourcePath;
 pub use streams::{accept_stream_sets, accept_streams, connect_streams, GREETING_TIMEOUT};

@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use super::io::writev_all;
-use super::limiter::RateLimiter;
 use super::MAX_PIECE_BYTES;
 use crate::cpu::{CpuMeter, ThreadCpu};
 use crate::data::SourceDataPath;
 use crate::error::{Error, FirstError, Result};
 use crate::mem::{GuestMemoryMap, PageIndex};
+use crate::pace::RateLimiter;
 use crate::pages::PageRange;
 use crate::wire::DataHeader;
 
