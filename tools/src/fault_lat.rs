@@ -19,11 +19,10 @@ use rdmig_transport::digest::PageHashes;
 use rdmig_transport::mem::{GuestAddress, GuestMemoryMap, MmapBacking, MmapRegion, PageSize};
 use rdmig_transport::pages::PageSet;
 use rdmig_transport::postcopy::fault::{self, fault_loop, FaultStats};
-use rdmig_transport::postcopy::{
-    AliasMap, MissingPages, PageFetcher, PageServer, TcpPageFetcher, Uffd,
-};
+use rdmig_transport::postcopy::{AliasMap, MissingPages, PageFetcher, Uffd};
 use rdmig_transport::rdma::fetch::FAULT_SPIN;
 use rdmig_transport::rdma::{RdmaOptions, RdmaPageFetcher, RdmaSourcePath, ReadEngine, Staging};
+use rdmig_transport::tcp::{PageServer, TcpPageFetcher};
 use serde_json::json;
 
 use crate::units::parse_size;
@@ -86,8 +85,8 @@ fn connect(
             let client = TcpStream::connect(listener.local_addr()?)?;
             let (served, _) = listener.accept()?;
             let cpu = Arc::new(CpuMeter::default());
-            let server = PageServer::start(src_map.clone(), vec![served], None, cpu)?;
-            let f = TcpPageFetcher::new(client, dst_map.clone(), "fault")?;
+            let server = PageServer::start(src_map.clone(), vec![served.into()], None, cpu)?;
+            let f = TcpPageFetcher::new(client.into(), dst_map.clone(), "fault")?;
             Ok((Box::new(f), Far::Tcp(server), "tcp (loopback)".into()))
         }
         FetchTransport::Rdma => {

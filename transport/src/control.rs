@@ -8,8 +8,8 @@
 //! (at most [`READ_CHUNK`] ahead), so a header announcing a large payload costs nothing until
 //! the bytes are there. Text from a peer (abort reasons) is not shown before it authenticated.
 
+use crate::channel::Stream;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -58,10 +58,10 @@ fn pre_auth(cmd: Command) -> bool {
 /// One end of the control connection.
 #[derive(Debug)]
 pub struct Control {
-    stream: TcpStream,
+    stream: Stream,
     wbuf: Vec<u8>,
     rbuf: Vec<u8>,
-    peer: SocketAddr,
+    peer: String,
     timeout: Option<Duration>,
     authenticated: bool,
 }
@@ -69,10 +69,9 @@ pub struct Control {
 impl Control {
     /// Wraps a connected stream (Nagle off: control messages are small and latency-bound).
     /// `timeout` bounds each whole message received (`None`: wait for ever).
-    pub fn new(stream: TcpStream, timeout: Option<Duration>) -> Result<Control> {
-        let peer = stream
-            .peer_addr()
-            .map_err(|e| Error::io("control peer address", e, "control"))?;
+    pub fn new(stream: impl Into<Stream>, timeout: Option<Duration>) -> Result<Control> {
+        let stream = stream.into();
+        let peer = stream.peer();
         stream
             .set_nodelay(true)
             .map_err(|e| Error::io("TCP_NODELAY on control", e, "control"))?;
@@ -86,16 +85,19 @@ impl Control {
         })
     }
 
-    /// The peer's address.
-    pub fn peer(&self) -> SocketAddr {
-        self.peer
+    /// The peer, for logs.
+    pub fn peer(&self) -> &str {
+        &self.peer
     }
 
-    /// The local address.
-    pub fn local(&self) -> Result<SocketAddr> {
-        self.stream
-            .local_addr()
-            .map_err(|e| Error::io("control local address", e, "control"))
+    /// The local IP address (TCP only): the RDMA device is picked by it.
+    pub fn local_ip(&self) -> Option<std::net::IpAddr> {
+        self.stream.local_ip()
+    }
+
+    /// The connection, to watch it for cancel.
+    pub(crate) fn stream(&self) -> &Stream {
+        &self.stream
     }
 
     /// Changes the per-message timeout.

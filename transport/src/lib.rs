@@ -6,6 +6,7 @@
 //! moving pages with one-sided RDMA reads ([`rdma`]) or TCP streams ([`tcp`]).
 
 pub mod auth;
+pub mod channel;
 pub mod control;
 pub mod cpu;
 pub mod data;
@@ -20,8 +21,10 @@ pub mod rdma;
 pub mod require;
 pub mod session;
 pub mod tcp;
+mod threads;
 pub mod vm;
 pub mod wire;
 pub mod zero;
 
 pub use error::{Error, Result, VmmError};
+pub use threads::{set_thread_hook, ThreadHook};

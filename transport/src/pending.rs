@@ -3,8 +3,8 @@
 //! peer out — its handshake takes milliseconds, and only that many newer connections arriving
 //! within them could evict it.
 
+use crate::channel::Stream;
 use std::collections::VecDeque;
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -12,7 +12,7 @@ use std::sync::Arc;
 pub(crate) struct Pending {
     max: usize,
     /// A handle on each pending stream (to evict it) and the flag its handler sets when done.
-    q: VecDeque<(TcpStream, Arc<AtomicBool>)>,
+    q: VecDeque<(Stream, Arc<AtomicBool>)>,
 }
 
 impl Pending {
@@ -26,13 +26,11 @@ impl Pending {
 
     /// Admits `s` (evicting the oldest pending connection if the bound is reached) and returns
     /// the flag its handler must set when it ends; `None` if the socket cannot be tracked.
-    pub(crate) fn admit(&mut self, s: &TcpStream, what: &str) -> Option<Arc<AtomicBool>> {
+    pub(crate) fn admit(&mut self, s: &Stream, what: &str) -> Option<Arc<AtomicBool>> {
         self.q.retain(|(_, done)| !done.load(Ordering::Acquire));
         if self.q.len() >= self.max {
             if let Some((oldest, _)) = self.q.pop_front() {
-                let peer = oldest
-                    .peer_addr()
-                    .map_or_else(|_| "?".to_string(), |a| a.to_string());
+                let peer = oldest.peer();
                 tracing::warn!(
                     "{} {what} pending: dropping the oldest, from {peer}",
                     self.max

@@ -245,8 +245,12 @@ impl MissingPages {
     }
 
     /// Waits until every page is installed (Ok), a service thread failed, or no page arrived
-    /// for `timeout` (the reason).
-    pub fn wait(&self, timeout: Duration) -> std::result::Result<(), String> {
+    /// for `timeout` (the reason); tells `progress` the pages still missing every 50 ms or so.
+    pub fn wait(
+        &self,
+        timeout: Duration,
+        progress: &dyn Fn(u64),
+    ) -> std::result::Result<(), String> {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let mut deadline = std::time::Instant::now() + timeout;
         let mut last = self.remaining();
@@ -255,6 +259,7 @@ impl MissingPages {
                 return Err(why.clone());
             }
             let remaining = self.remaining();
+            progress(remaining);
             if remaining == 0 {
                 return Ok(());
             }

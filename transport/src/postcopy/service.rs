@@ -3,7 +3,7 @@
 //! for the last page, and tears down in order (threads stopped, memory unregistered, the
 //! descriptor closed last, which releases any thread still blocked on a missing page).
 
-use std::net::TcpStream;
+use crate::channel::Stream;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -58,7 +58,7 @@ pub struct Fetchers {
     /// One per prefetch thread.
     pub prefetch: Vec<Box<dyn PageFetcher>>,
     /// Shut down to unblock the threads when stopping after a failure.
-    pub streams: Vec<TcpStream>,
+    pub streams: Vec<Stream>,
     /// Set to make fetchers that poll (RDMA) give up when stopping after a failure.
     pub aborts: Vec<Arc<AtomicBool>>,
 }
@@ -95,7 +95,7 @@ pub struct PostcopyService {
     pages: Arc<MissingPages>,
     map: GuestMemoryMap,
     registered: bool,
-    streams: Vec<TcpStream>,
+    streams: Vec<Stream>,
     aborts: Vec<Arc<AtomicBool>>,
     fault: Option<JoinHandle<FaultStats>>,
     prefetch: Vec<JoinHandle<u64>>,
@@ -200,18 +200,16 @@ impl PostcopyService {
         );
         let (u, p, h, c) = (uffd.clone(), pages.clone(), hashes.clone(), cpu.clone());
         svc.fault = Some(
-            std::thread::Builder::new()
-                .name("rdmig-pcfault".into())
-                .spawn(move || {
-                    let _cpu = ThreadCpu::start(&c);
-                    let mut stats = FaultStats::new();
-                    if let Err(e) = fault_loop(&u, &p, &h, fault.as_mut(), &mut stats) {
-                        p.fail(format!("fault service: {e}"));
-                    }
-                    fault.close();
-                    stats
-                })
-                .map_err(|e| Error::io("spawning the fault thread", e, "post-copy stream"))?,
+            crate::threads::spawn("rdmig-pcfault", move || {
+                let _cpu = ThreadCpu::start(&c);
+                let mut stats = FaultStats::new();
+                if let Err(e) = fault_loop(&u, &p, &h, fault.as_mut(), &mut stats) {
+                    p.fail(format!("fault service: {e}"));
+                }
+                fault.close();
+                stats
+            })
+            .map_err(|e| Error::io("spawning the fault thread", e, "post-copy stream"))?,
         );
         svc.pending_prefetch = prefetch;
         svc.started = Instant::now();
@@ -241,19 +239,17 @@ impl PostcopyService {
                 cpu.clone(),
             );
             self.prefetch.push(
-                std::thread::Builder::new()
-                    .name(format!("rdmig-prefetch-{i}"))
-                    .spawn(move || {
-                        let _cpu = ThreadCpu::start(&c);
-                        lower_priority();
-                        let n = prefetch_loop(&u, &p, &h, f.as_mut()).unwrap_or_else(|e| {
-                            p.fail(format!("prefetcher {i}: {e}"));
-                            0
-                        });
-                        f.close();
-                        n
-                    })
-                    .map_err(|e| Error::io("spawning a prefetch thread", e, "post-copy stream"))?,
+                crate::threads::spawn(&format!("rdmig-prefetch-{i}"), move || {
+                    let _cpu = ThreadCpu::start(&c);
+                    lower_priority();
+                    let n = prefetch_loop(&u, &p, &h, f.as_mut()).unwrap_or_else(|e| {
+                        p.fail(format!("prefetcher {i}: {e}"));
+                        0
+                    });
+                    f.close();
+                    n
+                })
+                .map_err(|e| Error::io("spawning a prefetch thread", e, "post-copy stream"))?,
             );
         }
         Ok(())
@@ -281,8 +277,12 @@ impl PostcopyService {
     }
 
     /// Waits for the last page, or fails with why the service stopped.
-    pub fn wait(&mut self, stall_timeout: Duration) -> std::result::Result<(), String> {
-        self.pages.wait(stall_timeout)?;
+    pub fn wait(
+        &mut self,
+        stall_timeout: Duration,
+        progress: &dyn Fn(u64),
+    ) -> std::result::Result<(), String> {
+        self.pages.wait(stall_timeout, progress)?;
         self.finished.get_or_insert_with(|| self.started.elapsed());
         Ok(())
     }

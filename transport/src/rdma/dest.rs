@@ -115,12 +115,12 @@ impl RdmaDestPath {
             slots: Vec::new(),
             free: Vec::new(),
         };
-        let thread = std::thread::Builder::new()
-            .name("rdmig-rdma-read".into())
-            .spawn(move || worker.run(rx))
-            .map_err(|e| Error::Io {
-                context: "spawning the RDMA read thread".into(),
-                source: e,
+        let thread =
+            crate::threads::spawn("rdmig-rdma-read", move || worker.run(rx)).map_err(|e| {
+                Error::Io {
+                    context: "spawning the RDMA read thread".into(),
+                    source: e,
+                }
             })?;
         Ok(RdmaDestPath {
             tx: Some(tx),
@@ -283,7 +283,7 @@ impl Worker {
         if !queue.is_empty() && self.engine.free() > 0 {
             let posted = match &self.limiter {
                 // Capped: one READ per turn, paced, so completions keep being polled meanwhile.
-                Some(l) => {
+                Some(l) if l.rate() > 0 => {
                     let mut one: VecDeque<Read> = queue.pop_front().into_iter().collect();
                     l.acquire(one.iter().map(|r| u64::from(r.len)).sum())?;
                     let n = self.engine.post(&mut one)?;
@@ -292,7 +292,7 @@ impl Worker {
                     }
                     n
                 }
-                None => self.engine.post(queue)?,
+                _ => self.engine.post(queue)?,
             };
             if posted > 0 {
                 *progress = true;

@@ -12,6 +12,7 @@
 //! | [`engine`] | the read engine: READs spread over QPs, batched posting and polling |
 //! | [`fetch`] | post-copy: page fetches as READs into a registered staging buffer |
 //! | [`source`] / [`dest`] | the two [`crate::data`] path ends the migration driver uses |
+//! | `transport` | [`RdmaSource`] / [`RdmaDest`]: the transport plug-in ([`crate::data`]) |
 //!
 //! Keys and QP numbers travel only in `DataSetup`/`DataSetupAck`, after authentication.
 //! `sideway` loads libibverbs at run time, so [`probe`] on a host without rdma-core returns a
@@ -27,11 +28,13 @@ pub mod mr;
 pub mod qp;
 pub mod setup;
 pub mod source;
+mod transport;
 
 pub use dest::RdmaDestPath;
 pub use engine::{Read, ReadEngine};
 pub use fetch::{RdmaPageFetcher, Staging};
 pub use source::RdmaSourcePath;
+pub use transport::{RdmaDest, RdmaSource};
 
 /// How to pick and use the RDMA device.
 #[derive(Clone, Debug, Default)]

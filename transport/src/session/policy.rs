@@ -99,6 +99,17 @@ impl Convergence {
     pub fn out_of_rounds(&self, rounds_done: u32) -> bool {
         rounds_done >= self.max_rounds
     }
+
+    /// The downtime limit in force.
+    pub fn downtime_limit(&self) -> Duration {
+        self.limit
+    }
+
+    /// Changes the downtime limit (a VMM's live parameter): the next round is judged by it.
+    pub fn set_downtime_limit(&mut self, limit: Duration) {
+        self.limit = limit;
+        self.best_prediction = None;
+    }
 }
 
 /// First throttle auto-converge applies (QEMU's `cpu-throttle-initial`).

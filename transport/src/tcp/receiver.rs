@@ -1,8 +1,8 @@
 //! Destination end of the TCP path: one thread per stream reads each header, checks its range
 //! against the region table, receives the pages straight into guest memory and hashes them.
 
+use crate::channel::Stream;
 use std::io::Read;
-use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver};
@@ -32,7 +32,7 @@ enum Event {
 /// The destination's TCP data path.
 pub struct TcpDestPath {
     events: Receiver<(usize, Event)>,
-    streams: Vec<TcpStream>,
+    streams: Vec<Stream>,
     handles: Vec<JoinHandle<()>>,
     stopping: Arc<AtomicBool>,
     expected: u64,
@@ -43,7 +43,7 @@ impl TcpDestPath {
     /// Starts one receiver thread per stream.
     pub fn new(
         map: GuestMemoryMap,
-        streams: Vec<TcpStream>,
+        streams: Vec<Stream>,
         hashes: Arc<PageHashes>,
         cpu: Arc<CpuMeter>,
         timeout: Duration,
@@ -65,21 +65,19 @@ impl TcpDestPath {
                 tx.clone(),
                 stopping.clone(),
             );
-            let h = std::thread::Builder::new()
-                .name(format!("rdmig-recv-{i}"))
-                .spawn(move || {
-                    let mut meter = ThreadCpu::start(&cpu);
-                    let emit = |ev| {
-                        meter.flush();
-                        tx.send((i, ev)).is_ok()
-                    };
-                    if let Err(e) = receive_loop(i, stream, &map, &hashes, emit) {
-                        if !stopping.load(Ordering::Relaxed) {
-                            let _ = tx.send((i, Event::Failed(e)));
-                        }
+            let h = crate::threads::spawn(&format!("rdmig-recv-{i}"), move || {
+                let mut meter = ThreadCpu::start(&cpu);
+                let emit = |ev| {
+                    meter.flush();
+                    tx.send((i, ev)).is_ok()
+                };
+                if let Err(e) = receive_loop(i, stream, &map, &hashes, emit) {
+                    if !stopping.load(Ordering::Relaxed) {
+                        let _ = tx.send((i, Event::Failed(e)));
                     }
-                })
-                .map_err(|e| Error::io("spawning a receiver thread", e, "data stream"))?;
+                }
+            })
+            .map_err(|e| Error::io("spawning a receiver thread", e, "data stream"))?;
             handles.push(h);
         }
         Ok(TcpDestPath {
@@ -95,7 +93,7 @@ impl TcpDestPath {
 
 fn receive_loop(
     i: usize,
-    mut s: TcpStream,
+    mut s: Stream,
     map: &GuestMemoryMap,
     hashes: &PageHashes,
     mut emit: impl FnMut(Event) -> bool,

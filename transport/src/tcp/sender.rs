@@ -1,7 +1,7 @@
 //! Source end of the TCP path: one thread per stream writes page runs straight from guest
 //! memory (`writev` of header + guest pages), pieces spread round-robin over the streams.
 
-use std::net::TcpStream;
+use crate::channel::Stream;
 use std::os::fd::AsRawFd;
 use std::sync::mpsc::{channel, Sender};
 use std::sync::Arc;
@@ -28,7 +28,7 @@ enum Job {
 struct Worker {
     tx: Option<Sender<Job>>,
     handle: Option<JoinHandle<()>>,
-    stream: TcpStream,
+    stream: Stream,
 }
 
 /// The source's TCP data path.
@@ -43,7 +43,7 @@ impl TcpSourcePath {
     /// Starts one sender thread per stream.
     pub fn new(
         map: GuestMemoryMap,
-        streams: Vec<TcpStream>,
+        streams: Vec<Stream>,
         limiter: Option<Arc<RateLimiter>>,
         cpu: Arc<CpuMeter>,
     ) -> Result<Self> {
@@ -57,43 +57,39 @@ impl TcpSourcePath {
                 .map_err(|e| Error::io("cloning a data stream", e, "data stream"))?;
             let (map, failure, limiter, cpu) =
                 (map.clone(), failure.clone(), limiter.clone(), cpu.clone());
-            let handle = std::thread::Builder::new()
-                .name(format!("rdmig-send-{i}"))
-                .spawn(move || {
-                    let _cpu = ThreadCpu::start(&cpu);
-                    let mut sent: u64 = 0;
-                    for job in rx {
-                        let r = match job {
-                            Job::Pieces(round, pieces) => {
-                                sent += pieces.iter().map(|p| p.npages).sum::<u64>();
-                                send_pieces(&fd_stream, &map, round, &pieces, limiter.as_deref())
-                            }
-                            Job::End(round) => {
-                                let h = DataHeader::end_of_round(round, sent as u32);
-                                sent = 0;
-                                let mut iov = [libc::iovec {
-                                    iov_base: (&h as *const DataHeader).cast_mut().cast(),
-                                    iov_len: size_of::<DataHeader>(),
-                                }];
-                                // SAFETY: the iovec points at `h`, alive for the call.
-                                unsafe { writev_all(fd_stream.as_raw_fd(), &mut iov) }.map_err(
-                                    |e| {
-                                        Error::io(
-                                            format!("end of round {round} on data stream {i}"),
-                                            e,
-                                            "data stream",
-                                        )
-                                    },
-                                )
-                            }
-                        };
-                        if let Err(e) = r {
-                            failure.record(e);
-                            return;
+            let handle = crate::threads::spawn(&format!("rdmig-send-{i}"), move || {
+                let _cpu = ThreadCpu::start(&cpu);
+                let mut sent: u64 = 0;
+                for job in rx {
+                    let r = match job {
+                        Job::Pieces(round, pieces) => {
+                            sent += pieces.iter().map(|p| p.npages).sum::<u64>();
+                            send_pieces(&fd_stream, &map, round, &pieces, limiter.as_deref())
                         }
+                        Job::End(round) => {
+                            let h = DataHeader::end_of_round(round, sent as u32);
+                            sent = 0;
+                            let mut iov = [libc::iovec {
+                                iov_base: (&h as *const DataHeader).cast_mut().cast(),
+                                iov_len: size_of::<DataHeader>(),
+                            }];
+                            // SAFETY: the iovec points at `h`, alive for the call.
+                            unsafe { writev_all(fd_stream.as_raw_fd(), &mut iov) }.map_err(|e| {
+                                Error::io(
+                                    format!("end of round {round} on data stream {i}"),
+                                    e,
+                                    "data stream",
+                                )
+                            })
+                        }
+                    };
+                    if let Err(e) = r {
+                        failure.record(e);
+                        return;
                     }
-                })
-                .map_err(|e| Error::io("spawning a sender thread", e, "data stream"))?;
+                }
+            })
+            .map_err(|e| Error::io("spawning a sender thread", e, "data stream"))?;
             workers.push(Worker {
                 tx: Some(tx),
                 handle: Some(handle),
@@ -130,7 +126,7 @@ impl TcpSourcePath {
 }
 
 fn send_pieces(
-    stream: &TcpStream,
+    stream: &Stream,
     map: &GuestMemoryMap,
     round: u32,
     pieces: &[PageRange],

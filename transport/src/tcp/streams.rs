@@ -1,30 +1,25 @@
 //! Opening the data streams: the source connects, the destination accepts and checks each
 //! stream's token (derived from the authenticated handshake) and index.
 
+use crate::channel::{ChannelListener, MigrationChannel, Purpose, Stream};
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 use crate::pending::{self, Pending};
 use crate::wire::{StreamHello, MAC_LEN};
 
-/// Connects `count` data streams to `addr`.
+/// Opens `count` streams through `channel`, the `i`th for `purpose(i)`.
 pub fn connect_streams(
-    addr: SocketAddr,
+    channel: &mut dyn MigrationChannel,
+    purpose: fn(u16) -> Purpose,
     count: u16,
     token: [u8; MAC_LEN],
     timeout: Duration,
-) -> Result<Vec<TcpStream>> {
+) -> Result<Vec<Stream>> {
     (0..count)
         .map(|i| {
-            let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| {
-                Error::io(
-                    format!("connecting data stream {i} to {addr}"),
-                    e,
-                    "data stream",
-                )
-            })?;
+            let mut s = channel.open(purpose(i), timeout.min(Duration::from_secs(10)))?;
             // A destination that stops reading must not block a sender forever.
             s.set_write_timeout(Some(timeout))
                 .map_err(|e| Error::io("data stream write timeout", e, "data stream"))?;
@@ -47,11 +42,11 @@ const MAX_PENDING: usize = 64;
 /// or index, or that send no greeting within [`GREETING_TIMEOUT`], are dropped (logged) and do
 /// not count; gives up at `timeout`.
 pub fn accept_streams(
-    listener: &TcpListener,
+    listener: &dyn ChannelListener,
     count: u16,
     token: [u8; MAC_LEN],
     timeout: Duration,
-) -> Result<Vec<TcpStream>> {
+) -> Result<Vec<Stream>> {
     let mut sets = accept_stream_sets(listener, &[(count, token)], timeout)?;
     Ok(sets.pop().expect("one set"))
 }
@@ -60,10 +55,10 @@ pub fn accept_streams(
 /// source opens back to back), each set `(count, token)` in index order; a greeting belongs
 /// to the set whose token it carries. Otherwise as [`accept_streams`].
 pub fn accept_stream_sets(
-    listener: &TcpListener,
+    listener: &dyn ChannelListener,
     sets: &[(u16, [u8; MAC_LEN])],
     timeout: Duration,
-) -> Result<Vec<Vec<TcpStream>>> {
+) -> Result<Vec<Vec<Stream>>> {
     let deadline = Instant::now() + timeout;
     let count: usize = sets.iter().map(|&(n, _)| usize::from(n)).sum();
     let firsts: Vec<usize> = sets
@@ -75,11 +70,8 @@ pub fn accept_stream_sets(
         })
         .collect();
     let sets_owned: std::sync::Arc<Vec<(u16, [u8; MAC_LEN])>> = std::sync::Arc::new(sets.to_vec());
-    let mut slots: Vec<Option<TcpStream>> = (0..count).map(|_| None).collect();
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| Error::io("listener non-blocking", e, "data stream"))?;
-    let (tx, rx) = std::sync::mpsc::channel::<(usize, TcpStream)>();
+    let mut slots: Vec<Option<Stream>> = (0..count).map(|_| None).collect();
+    let (tx, rx) = std::sync::mpsc::channel::<(usize, Stream)>();
     let mut pending = Pending::new(MAX_PENDING);
     let result = (|| {
         while slots.iter().any(Option::is_none) {
@@ -93,7 +85,7 @@ pub fn accept_stream_sets(
             if slots.iter().all(Option::is_some) {
                 break;
             }
-            match listener.accept() {
+            match listener.poll_accept() {
                 Ok((s, peer)) => {
                     let Some(done) = pending.admit(&s, "greetings") else {
                         tracing::warn!(
@@ -102,17 +94,15 @@ pub fn accept_stream_sets(
                         continue;
                     };
                     let (tx, sets, firsts) = (tx.clone(), sets_owned.clone(), firsts.clone());
-                    let spawned = std::thread::Builder::new()
-                        .name("rdmig-greeting".into())
-                        .spawn(move || {
-                            match greeting(s, &sets) {
-                                Ok((set, i, s)) => {
-                                    let _ = tx.send((firsts[set] + usize::from(i), s));
-                                }
-                                Err(e) => tracing::warn!("refused a data stream from {peer}: {e}"),
+                    let spawned = crate::threads::spawn("rdmig-greeting", move || {
+                        match greeting(s, &sets) {
+                            Ok((set, i, s)) => {
+                                let _ = tx.send((firsts[set] + usize::from(i), s));
                             }
-                            pending::done(&done);
-                        });
+                            Err(e) => tracing::warn!("refused a data stream from {peer}: {e}"),
+                        }
+                        pending::done(&done);
+                    });
                     if let Err(e) = spawned {
                         return Err(Error::io("spawning a greeting reader", e, "data stream"));
                     }
@@ -131,11 +121,7 @@ pub fn accept_stream_sets(
         }
         Ok(())
     })();
-    let restore = listener
-        .set_nonblocking(false)
-        .map_err(|e| Error::io("listener blocking mode", e, "data stream"));
     result?;
-    restore?;
     let mut all = slots.into_iter().flatten();
     Ok(sets
         .iter()
@@ -145,7 +131,7 @@ pub fn accept_stream_sets(
 
 /// Reads and checks one connection's greeting within [`GREETING_TIMEOUT`] (as a whole):
 /// which set it belongs to, and its index there.
-fn greeting(mut s: TcpStream, sets: &[(u16, [u8; MAC_LEN])]) -> Result<(usize, u16, TcpStream)> {
+fn greeting(mut s: Stream, sets: &[(u16, [u8; MAC_LEN])]) -> Result<(usize, u16, Stream)> {
     s.set_nonblocking(false)
         .map_err(|e| Error::io("stream blocking mode", e, "data stream"))?;
     let deadline = Instant::now() + GREETING_TIMEOUT;

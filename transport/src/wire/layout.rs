@@ -180,6 +180,16 @@ pub struct PostcopyResumedWire {
     pub missing: Le64,
 }
 
+/// `Params` payload: parameters changed while the migration runs.
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+#[repr(C)]
+pub struct ParamsWire {
+    /// The bandwidth cap in bytes/s from the next round on (0: none).
+    pub max_bandwidth: Le64,
+    /// Zero.
+    pub reserved: Le64,
+}
+
 /// `PostcopyComplete` payload.
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
 #[repr(C)]
@@ -204,6 +214,7 @@ pub struct PostcopyCompleteWire {
 
 const _: () = {
     assert!(size_of::<PostcopyResumedWire>() == 16);
+    assert!(size_of::<ParamsWire>() == 16);
     assert!(size_of::<PostcopyCompleteWire>() == 104);
     assert!(size_of::<Header>() == 16);
     assert!(size_of::<HelloWire>() == 52);

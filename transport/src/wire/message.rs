@@ -74,6 +74,10 @@ pub enum Command {
     PostcopyComplete = 18,
     /// Destination → source: the early part of the post-copy set is dropped.
     PostcopyDropped = 19,
+    /// Source → destination, between pre-copy rounds: parameters changed while the
+    /// migration runs (the bandwidth cap, which the destination applies to RDMA READs). Sent
+    /// only to a destination that offered `caps::LIVE_PARAMS`.
+    Params = 20,
 }
 
 impl Command {
@@ -100,6 +104,7 @@ impl Command {
             17 => PostcopyResumed,
             18 => PostcopyComplete,
             19 => PostcopyDropped,
+            20 => Params,
             _ => return Err(Error::Protocol(format!("unknown command {v}"))),
         })
     }
@@ -123,6 +128,7 @@ impl Command {
             Abort => MAX_TEXT,
             PostcopyMissing => size_of::<RoundWire>() + MAX_RANGES_PER_MSG * size_of::<RangeWire>(),
             PostcopyResumed | PostcopyDropped => size_of::<PostcopyResumedWire>(),
+            Params => size_of::<ParamsWire>(),
             PostcopyComplete => size_of::<PostcopyCompleteWire>(),
         }
     }
@@ -291,6 +297,11 @@ pub enum Message {
         /// Pages dropped.
         pages: u64,
     },
+    /// See [`Command::Params`].
+    Params {
+        /// Bandwidth cap, bytes/s (0: none).
+        max_bandwidth: u64,
+    },
 }
 
 /// Encodes a `RoundWire` and its ranges (a `Round` or a `PostcopyMissing` chunk).
@@ -390,6 +401,7 @@ impl Message {
             Message::PostcopyResumed { .. } => Command::PostcopyResumed,
             Message::PostcopyComplete(_) => Command::PostcopyComplete,
             Message::PostcopyDropped { .. } => Command::PostcopyDropped,
+            Message::Params { .. } => Command::Params,
         }
     }
 
@@ -468,6 +480,12 @@ impl Message {
                 out.extend_from_slice(bytemuck::bytes_of(&PostcopyResumedWire {
                     resume_micros: (*micros).into(),
                     missing: (*pages).into(),
+                }))
+            }
+            Message::Params { max_bandwidth } => {
+                out.extend_from_slice(bytemuck::bytes_of(&ParamsWire {
+                    max_bandwidth: (*max_bandwidth).into(),
+                    reserved: 0.into(),
                 }))
             }
             Message::PostcopyComplete(p) => {
@@ -704,6 +722,15 @@ impl Message {
                 Message::PostcopyDropped {
                     micros: w.resume_micros.get(),
                     pages: w.missing.get(),
+                }
+            }
+            Command::Params => {
+                let w: ParamsWire = fixed(cmd, p)?;
+                if w.reserved.get() != 0 {
+                    return Err(Error::Protocol("Params: reserved field set".into()));
+                }
+                Message::Params {
+                    max_bandwidth: w.max_bandwidth.get(),
                 }
             }
             Command::PostcopyComplete => {

@@ -13,6 +13,8 @@ pub mod caps {
     /// Zero pages travel as ranges ([`crate::wire::ROUND_ZERO`], [`crate::wire::POSTCOPY_ZERO`]), never as
     /// page bytes.
     pub const ZERO_PAGES: u32 = 1 << 3;
+    /// The end accepts `Params` (parameters changed while the migration runs).
+    pub const LIVE_PARAMS: u32 = 1 << 4;
 }
 
 /// Transport request (in `Hello`) or choice (in `HelloAck`).

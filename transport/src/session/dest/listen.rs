@@ -12,18 +12,19 @@
 //! serving — until the configured listen timeout, after which `accept` returns the last
 //! refusal (or a timeout when there was none).
 
-use std::net::{TcpListener, TcpStream};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::super::config::{MigrationConfig, MigrationMode};
 use crate::auth::random_bytes;
+use crate::channel::{ChannelListener, Stream};
 use crate::control::{pre_auth_reason, Control};
 use crate::error::{Error, Result};
 use crate::pending::{self, Pending};
 use crate::postcopy::Uffd;
 use crate::rdma::{self, RdmaOptions};
+use crate::session::MigrationControl;
 use crate::wire::{
     caps, Command, Hello, HelloAck, Message, TransportKind, NONCE_LEN, PROTOCOL_VERSION,
 };
@@ -50,73 +51,58 @@ pub(super) struct Handshake {
 /// Serves `listener` until a source proves the key; returns its control connection (AuthOk
 /// not yet sent) and what the handshake settled.
 pub(super) fn authenticate(
-    listener: &TcpListener,
+    listener: &dyn ChannelListener,
     config: &MigrationConfig,
+    control: &MigrationControl,
 ) -> Result<(Control, Handshake)> {
     let until = config.listen_timeout.map(|t| Instant::now() + t);
     let config = Arc::new(config.clone());
     let (tx, rx) = mpsc::channel::<Result<(Control, Handshake)>>();
     let mut pending = Pending::new(MAX_PENDING);
     let mut last_refusal: Option<Error> = None;
-    let restore = |r| {
-        listener
-            .set_nonblocking(false)
-            .map_err(|e| Error::io("listener blocking mode", e, "control"))?;
-        r
-    };
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| Error::io("listener non-blocking", e, "control"))?;
     loop {
+        control.check()?;
         while let Ok(r) = rx.try_recv() {
             match r {
-                Ok(won) => return restore(Ok(won)),
+                Ok(won) => return Ok(won),
                 Err(e) => last_refusal = Some(e),
             }
         }
-        match listener.accept() {
+        match listener.poll_accept() {
             Ok((stream, peer)) => {
                 let Some(done) = pending.admit(&stream, "handshakes") else {
                     tracing::warn!("refused a connection from {peer}: cannot track its socket");
                     continue;
                 };
                 let (tx, config) = (tx.clone(), config.clone());
-                let spawned = std::thread::Builder::new()
-                    .name("rdmig-handshake".into())
-                    .spawn(move || {
-                        let r = serve_handshake(stream, &config);
-                        if let Err(e) = &r {
-                            tracing::warn!("refused a migration from {peer}: {e}");
-                        }
-                        pending::done(&done);
-                        let _ = tx.send(r);
-                    });
+                let spawned = crate::threads::spawn("rdmig-handshake", move || {
+                    let r = serve_handshake(stream, &config);
+                    if let Err(e) = &r {
+                        tracing::warn!("refused a migration from {peer}: {e}");
+                    }
+                    pending::done(&done);
+                    let _ = tx.send(r);
+                });
                 if let Err(e) = spawned {
-                    return restore(Err(Error::io("spawning a handshake", e, "control")));
+                    return Err(Error::io("spawning a handshake", e, "control"));
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if until.is_some_and(|t| Instant::now() >= t) {
                     let t = config.listen_timeout.unwrap_or_default();
-                    return restore(Err(last_refusal.unwrap_or_else(|| {
+                    return Err(last_refusal.unwrap_or_else(|| {
                         Error::Timeout(format!("no migration arrived within {t:?}"))
-                    })));
+                    }));
                 }
                 std::thread::sleep(Duration::from_millis(1));
             }
-            Err(e) => {
-                return restore(Err(Error::io(
-                    "accepting the control connection",
-                    e,
-                    "control",
-                )))
-            }
+            Err(e) => return Err(Error::io("accepting the control connection", e, "control")),
         }
     }
 }
 
 /// One connection's handshake; on failure the peer is told only the kind of failure.
-fn serve_handshake(stream: TcpStream, config: &MigrationConfig) -> Result<(Control, Handshake)> {
+fn serve_handshake(stream: Stream, config: &MigrationConfig) -> Result<(Control, Handshake)> {
     stream
         .set_nonblocking(false)
         .map_err(|e| Error::io("control blocking mode", e, "control"))?;
@@ -179,6 +165,7 @@ fn handshake(ctl: &mut Control, config: &MigrationConfig) -> Result<Handshake> {
     if mode != MigrationMode::Precopy {
         my_caps |= caps::POSTCOPY;
     }
+    my_caps |= caps::LIVE_PARAMS;
     let zero_pages = config.zero_pages && hello.caps & caps::ZERO_PAGES != 0;
     if zero_pages {
         my_caps |= caps::ZERO_PAGES;

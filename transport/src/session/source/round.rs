@@ -95,6 +95,22 @@ impl Source<'_> {
                 }
             }
             let last = i + 1 == n;
+            // A cancel lands between pieces; the progress moves piece by piece.
+            self.control.check()?;
+            let (piece_pages, data_pages) = (
+                crate::pages::total_pages(piece),
+                crate::pages::total_pages(&data),
+            );
+            let page = self.map.page_size().bytes();
+            if !metadata_only {
+                self.moved += data_pages * page;
+            }
+            let moved = self.moved;
+            self.control.update(|p| {
+                p.transferred_bytes = moved;
+                p.remaining_bytes = p.remaining_bytes.saturating_sub(piece_pages * page);
+                p.zero_pages += crate::pages::total_pages(&zero);
+            });
             sent.zero_pages += crate::pages::total_pages(&zero);
             if let Some(s) = sent.data_set.as_mut() {
                 data.iter().for_each(|r| s.insert_range(r));

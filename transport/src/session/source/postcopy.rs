@@ -5,30 +5,26 @@
 use std::time::Instant;
 
 use super::round::{MIN_HOLE_RUN, PIECE_PAGES};
-use super::{
-    message_chunks, PrecopyTotals, Source, SourceState, EARLY_ENOUGH_PAGES, MAX_EARLY_BATCHES,
-};
+use super::{message_chunks, Precopy, Source, SourceState, EARLY_ENOUGH_PAGES, MAX_EARLY_BATCHES};
 use crate::error::{Error, Result};
 use crate::pages::{PageRange, PageSet};
-use crate::postcopy::{self, PageServer};
+use crate::postcopy;
+use crate::session::config::MigrationMode;
+use crate::session::handle::Phase as Status;
 use crate::session::stats::{mib_s, FaultLatency, MigrationReport};
 use crate::wire::{
-    Message, PostcopyComplete, TransportKind, MAX_RANGES_PER_MSG, POSTCOPY_EARLY,
-    POSTCOPY_LAST_CHUNK, POSTCOPY_ZERO,
+    Message, PostcopyComplete, MAX_RANGES_PER_MSG, POSTCOPY_EARLY, POSTCOPY_LAST_CHUNK,
+    POSTCOPY_ZERO,
 };
 
 impl Source<'_> {
     /// Post-copy switchover: pause, device state, the post-copy set; the destination's resume
     /// ends the downtime. Then re-hash the set while the destination runs, send the digest,
     /// serve pages until the destination holds all of them, and compare its digest.
-    pub(super) fn run_postcopy(
-        &mut self,
-        mut set: PageSet,
-        pre: PrecopyTotals,
-        transport: &str,
-        reason: String,
-        started: Instant,
-    ) -> Result<MigrationReport> {
+    pub(super) fn run_postcopy(&mut self, pre: Precopy) -> Result<MigrationReport> {
+        let hybrid = self.config.mode == MigrationMode::Hybrid;
+        let rounds = pre.round;
+        let mut set = pre.set.clone();
         // Hybrid: the pages dirtied during the last round are stale on the destination; have
         // it drop them while the guest still runs here, so that only the pages dirtied since
         // are dropped during the downtime. Pages re-dirtied after being dropped stay missing
@@ -36,7 +32,7 @@ impl Source<'_> {
         // shrink quickly.
         let mut early: Option<PageSet> = None;
         for batch in 0..MAX_EARLY_BATCHES {
-            if !pre.hybrid || set.count() <= EARLY_ENOUGH_PAGES {
+            if !hybrid || set.count() <= EARLY_ENOUGH_PAGES {
                 break;
             }
             let t = Instant::now();
@@ -63,6 +59,7 @@ impl Source<'_> {
         self.vm.pause().map_err(|e| Error::vmm("pause", e))?;
         self.paused = true;
         let paused_at = Instant::now();
+        self.control.update(|p| p.phase = Status::Device);
         // What needs hashing again after the resume: everything in the set, or after post-copy
         // mode's scan only what the guest wrote since.
         let mut dirty = PageSet::empty(&self.map);
@@ -86,6 +83,8 @@ impl Source<'_> {
             "post-copy: device state ({state_bytes} bytes) sent {:?} after pause",
             paused_at.elapsed()
         );
+        // The point of no return: with the whole set the destination resumes the guest.
+        self.control.commit()?;
         self.send_missing(&set, 0)?;
         // From here the destination may resume the guest at any moment: if the answer is lost
         // the outcome is unknown and the source stays paused; an Abort still resumes it.
@@ -110,6 +109,10 @@ impl Source<'_> {
         let downtime = paused_at.elapsed();
         // The guest runs on the destination from here: never resume it here.
         self.guest_moved = true;
+        self.control.update(|p| {
+            p.phase = Status::PostcopyActive;
+            p.remaining_bytes = missing * self.map.page_size().bytes();
+        });
         tracing::info!("post-copy: destination resumed in {resume_micros} µs; downtime {downtime:?}; {missing} pages to fetch");
         if missing != set.count() {
             return Err(Error::Protocol(format!(
@@ -130,16 +133,16 @@ impl Source<'_> {
         })?;
         self.state = SourceState::AwaitPostcopyComplete;
         // Post-copy may take longer than one I/O timeout: keep waiting while pages are served.
-        let mut served = self.server.as_ref().map_or(0, PageServer::pages_served);
+        let mut served = self.data.as_ref().and_then(|d| d.pages_served());
         let done = loop {
             match self.recv() {
                 Ok(Message::PostcopyComplete(done)) => break done,
                 Ok(_) => unreachable!("state checked"),
                 Err(Error::Timeout(why)) => {
-                    let now = self.server.as_ref().map_or(0, PageServer::pages_served);
+                    let now = self.data.as_ref().and_then(|d| d.pages_served());
                     // Over RDMA the destination READs without this end seeing it: it bounds
                     // its own stalls (the READ engine's timeout) and reports or aborts.
-                    if now == served && transport != TransportKind::Rdma.name() {
+                    if now.is_some() && now == served {
                         return Err(Error::Timeout(format!(
                             "{why}; no page requested meanwhile"
                         )));
@@ -167,27 +170,26 @@ impl Source<'_> {
         if let Err(e) = self.ctl.send(&Message::Finish) {
             tracing::warn!("the destination runs the guest, but Finish was not delivered: {e}");
         }
-        let served = self.server.as_ref().map_or(0, PageServer::pages_served);
-        if let Some(mut server) = self.server.take() {
-            if let Err(e) = server.stop() {
-                tracing::warn!("post-copy page server: {e}");
-            }
+        let data = self.data.as_mut().expect("set up before post-copy");
+        let served = data.pages_served();
+        if let Err(e) = data.stop_serving() {
+            tracing::warn!("post-copy page server: {e}");
         }
         let page = self.map.page_size().bytes();
         // Over RDMA the destination READ the pages without this end seeing it: its count.
-        let bytes = if transport == TransportKind::Rdma.name() {
-            complete.bytes
-        } else {
-            pre.bytes + served * page
+        let bytes = match served {
+            Some(served) => pre.bytes + served * page,
+            None => complete.bytes,
         };
+        let started = self.started;
         Ok(MigrationReport {
-            transport: transport.to_string(),
-            transport_reason: reason,
+            transport: self.transport.to_string(),
+            transport_reason: self.reason.clone(),
             mem_bytes: self.map.total_bytes(),
             page_size: page,
             total_ms: started.elapsed().as_secs_f64() * 1e3,
             downtime_ms: downtime.as_secs_f64() * 1e3,
-            rounds: pre.rounds,
+            rounds,
             bytes_transferred: bytes,
             zero_pages: self.zero_total,
             throughput_mib_s: mib_s(pre.bytes, pre.round_time.as_secs_f64()),

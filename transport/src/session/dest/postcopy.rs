@@ -2,37 +2,24 @@
 //! the fault and prefetch service until the last page, and what a failure after the resume
 //! leaves (the paused guest and the count of missing pages).
 
-use std::sync::Arc;
 use std::time::Instant;
 
-use super::{Dest, DestState};
+use super::{Dest, DestState, Landed, Phase};
 use crate::cpu::thread_cpu_time;
-use crate::digest::PageHashes;
 use crate::error::{Error, Result};
-use crate::mem::GuestMemoryMap;
 use crate::pages::PageSet;
-use crate::postcopy::{
-    self, Fetchers, PageFetcher, PausedGuest, PostcopyRemnant, PostcopyService, TcpPageFetcher,
-};
-use crate::rdma::RdmaPageFetcher;
+use crate::postcopy::{self, PausedGuest, PostcopyRemnant, PostcopyService};
+use crate::session::handle::Phase as Status;
 use crate::session::stats::{DestReport, FaultLatency};
 use crate::vm::DestinationVm;
-use crate::wire::{Complete, Message, PostcopyComplete, TransportKind, POSTCOPY_LAST_CHUNK};
+use crate::wire::{Complete, Message, PostcopyComplete, POSTCOPY_LAST_CHUNK};
 
 impl Dest<'_> {
     /// Post-copy switchover and service: the set, the resume, then the rest of memory.
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn run_postcopy(
-        &mut self,
-        vm: &mut dyn DestinationVm,
-        map: &GuestMemoryMap,
-        blob: Vec<u8>,
-        hashes: Arc<PageHashes>,
-        early: Option<PageSet>,
-        (rounds, pages, bytes): (u32, u64, u64),
-        cpu0: std::time::Duration,
-        transport: TransportKind,
-    ) -> Result<DestReport> {
+    pub(super) fn run_postcopy(&mut self, l: Landed, blob: Vec<u8>) -> Result<Phase> {
+        let (map, hashes, early) = (&l.map.clone(), l.hashes.clone(), l.early.clone());
+        let (rounds, pages, bytes, cpu0) = (l.rounds, l.pages, l.bytes, l.cpu0);
+        self.control.update(|p| p.phase = Status::Device);
         let mut missing = PageSet::empty(map);
         self.state = DestState::AwaitPostcopyMissing { chunk: 0 };
         loop {
@@ -63,7 +50,9 @@ impl Dest<'_> {
         if let Some(e) = &early {
             missing.union_with(e);
         }
-        let fetchers = self.postcopy_fetchers(map)?;
+        let fetchers = self.fetchers.take().ok_or_else(|| {
+            Error::PostcopyUnavailable("the transport set up no post-copy fetchers".into())
+        })?;
         let svc = PostcopyService::start(
             map,
             &missing,
@@ -75,6 +64,9 @@ impl Dest<'_> {
         )?;
         let svc = self.postcopy.insert(svc);
         let t_service = t.elapsed();
+        // The point of no return: the guest runs here from now on.
+        self.control.commit()?;
+        let vm = self.vm.as_mut().expect("built in setup");
         vm.restore_state(&blob)
             .map_err(|e| Error::vmm("restore device state", e))?;
         let t_restored = t.elapsed();
@@ -86,6 +78,11 @@ impl Dest<'_> {
             "post-copy: service up {t_service:?}, device state restored {t_restored:?}, guest resumed {resume:?} after the set"
         );
         let initial = missing.count();
+        let page = map.page_size().bytes();
+        self.control.update(|p| {
+            p.phase = Status::PostcopyActive;
+            p.remaining_bytes = initial * page;
+        });
         self.ctl.send(&Message::PostcopyResumed {
             resume_micros: resume.as_micros() as u64,
             missing: initial,
@@ -129,13 +126,15 @@ impl Dest<'_> {
             "post-copy: {announced} zero pages announced, {zero_installed} resolved without a fetch"
         );
         let svc = self.postcopy.as_mut().expect("set above");
-        svc.wait(self.config.io_timeout)
-            .map_err(Error::PostcopyService)?;
+        let control = self.control;
+        svc.wait(self.config.io_timeout, &|left| {
+            control.update(|p| p.remaining_bytes = left * page)
+        })
+        .map_err(Error::PostcopyService)?;
         let stats = self.postcopy.take().expect("set above").finish()?;
         let mine = hashes.check(digest, total)?;
         self.cpu.add(thread_cpu_time().saturating_sub(cpu0));
         let cpu = self.cpu.total();
-        let page = map.page_size().bytes();
         let (pages, bytes) = (pages + stats.missing, bytes + stats.missing * page);
         self.ctl.send(&Message::PostcopyComplete(PostcopyComplete {
             complete: Complete {
@@ -151,8 +150,14 @@ impl Dest<'_> {
             latency_ns: stats.latency_ns,
         }))?;
         self.await_finish();
-        let base = self.report(transport, map, (rounds, pages, bytes), mine, cpu, resume);
-        Ok(DestReport {
+        let landed = Landed {
+            rounds,
+            pages,
+            bytes,
+            ..l
+        };
+        let base = self.report(&landed, mine, cpu, resume);
+        Ok(Phase::Done(Box::new(DestReport {
             zero_pages: base.zero_pages + announced,
             postcopy_pages: stats.missing,
             postcopy_faults: stats.faults,
@@ -161,60 +166,7 @@ impl Dest<'_> {
             postcopy_zero_copy: self.pc_alias.is_some(),
             postcopy_zero_pages: zero_installed,
             ..base
-        })
-    }
-
-    /// The post-copy fetchers: over RDMA the READ fetchers set up with the data path, else
-    /// one per post-copy stream (the first for faults).
-    fn postcopy_fetchers(&mut self, map: &GuestMemoryMap) -> Result<Fetchers> {
-        let mut streams = std::mem::take(&mut self.pc_streams);
-        let clones = streams
-            .iter()
-            .map(|s| {
-                s.try_clone()
-                    .map_err(|e| Error::io("cloning a post-copy stream", e, "post-copy stream"))
-            })
-            .collect::<Result<Vec<_>>>()?;
-        if !self.pc_rdma.is_empty() {
-            let mut rdma = std::mem::take(&mut self.pc_rdma);
-            let aborts = rdma.iter().map(RdmaPageFetcher::abort_flag).collect();
-            let prefetch = rdma
-                .split_off(1)
-                .into_iter()
-                .map(|f| Box::new(f) as Box<dyn PageFetcher>)
-                .collect();
-            return Ok(Fetchers {
-                fault: Box::new(rdma.remove(0)),
-                prefetch,
-                streams: clones,
-                aborts,
-            });
-        }
-        if streams.len() < 2 {
-            return Err(Error::PostcopyUnavailable(
-                "post-copy streams are not connected".into(),
-            ));
-        }
-        let prefetch = streams
-            .split_off(1)
-            .into_iter()
-            .enumerate()
-            .map(|(i, s)| {
-                TcpPageFetcher::new(s, map.clone(), format!("prefetch {i}"))
-                    .map(|f| Box::new(f) as Box<dyn PageFetcher>)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let fault = Box::new(TcpPageFetcher::new(
-            streams.remove(0),
-            map.clone(),
-            "fault",
-        )?);
-        Ok(Fetchers {
-            fault,
-            prefetch,
-            streams: clones,
-            aborts: Vec::new(),
-        })
+        })))
     }
 
     /// After a failure once the guest runs here in post-copy: stop fetching, pause the guest,

@@ -2,23 +2,23 @@
 //! [`PageRequest`]s and answers each with a header and the pages, written straight from the
 //! (paused, so stable) source guest memory with `writev`.
 
+use crate::channel::Stream;
 use std::io::Read;
-use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use super::writev_all;
 use crate::cpu::{CpuMeter, ThreadCpu};
 use crate::error::{Error, FirstError, Result};
 use crate::mem::GuestMemoryMap;
 use crate::pace::RateLimiter;
-use crate::tcp::writev_all;
 use crate::wire::{DataHeader, PageRequest};
 
 /// Serves page requests until the destination ends every stream.
 pub struct PageServer {
-    streams: Vec<TcpStream>,
+    streams: Vec<Stream>,
     handles: Vec<JoinHandle<()>>,
     failure: Arc<FirstError>,
     pages: Arc<AtomicU64>,
@@ -38,7 +38,7 @@ impl PageServer {
     /// if any, paces the prefetch streams only: faults are never held back.
     pub fn start(
         map: GuestMemoryMap,
-        streams: Vec<TcpStream>,
+        streams: Vec<Stream>,
         limiter: Option<Arc<RateLimiter>>,
         cpu: Arc<CpuMeter>,
     ) -> Result<PageServer> {
@@ -57,22 +57,20 @@ impl PageServer {
             let (map, failure, pages, cpu) =
                 (map.clone(), failure.clone(), pages.clone(), cpu.clone());
             let limiter = if i > 0 { limiter.clone() } else { None };
-            let h = std::thread::Builder::new()
-                .name(format!("rdmig-pcserve-{i}"))
-                .spawn(move || {
-                    let _cpu = ThreadCpu::start(&cpu);
-                    if i > 0 {
-                        // Prefetch streams: leave the CPU to the fault stream first.
-                        super::service::lower_priority();
-                    }
-                    let mut s = s;
-                    if let Err(e) = serve(i, &mut s, &map, &pages, limiter.as_deref()) {
-                        // Close the stream so the destination sees the failure at once.
-                        let _ = s.shutdown(std::net::Shutdown::Both);
-                        failure.record(e);
-                    }
-                })
-                .map_err(|e| Error::io("spawning a page server thread", e, "post-copy stream"))?;
+            let h = crate::threads::spawn(&format!("rdmig-pcserve-{i}"), move || {
+                let _cpu = ThreadCpu::start(&cpu);
+                if i > 0 {
+                    // Prefetch streams: leave the CPU to the fault stream first.
+                    crate::postcopy::lower_priority();
+                }
+                let mut s = s;
+                if let Err(e) = serve(i, &mut s, &map, &pages, limiter.as_deref()) {
+                    // Close the stream so the destination sees the failure at once.
+                    let _ = s.shutdown(std::net::Shutdown::Both);
+                    failure.record(e);
+                }
+            })
+            .map_err(|e| Error::io("spawning a page server thread", e, "post-copy stream"))?;
             handles.push(h);
         }
         Ok(PageServer {
@@ -112,7 +110,7 @@ impl Drop for PageServer {
 
 fn serve(
     i: usize,
-    s: &mut TcpStream,
+    s: &mut Stream,
     map: &GuestMemoryMap,
     served: &AtomicU64,
     limiter: Option<&RateLimiter>,
@@ -173,7 +171,8 @@ mod tests {
     use super::*;
     use crate::mem::{GuestAddress, MmapBacking, MmapRegion, PageIndex, PageSize, RegionId};
     use crate::pages::PageRange;
-    use crate::postcopy::fetch::{PageFetcher, TcpPageFetcher};
+    use crate::postcopy::PageFetcher;
+    use crate::tcp::TcpPageFetcher;
     use crate::wire::REQ_PAGES;
 
     fn pair() -> (TcpStream, TcpStream) {
@@ -195,12 +194,12 @@ mod tests {
         let (client, served) = pair();
         let mut server = PageServer::start(
             map.clone(),
-            vec![served],
+            vec![served.into()],
             None,
             Arc::new(CpuMeter::default()),
         )
         .unwrap();
-        let mut f = TcpPageFetcher::new(client, map.clone(), "test").unwrap();
+        let mut f = TcpPageFetcher::new(client.into(), map.clone(), "test").unwrap();
         let ranges = [
             PageRange {
                 region: RegionId(0),
@@ -247,8 +246,13 @@ mod tests {
         let region = unsafe { mem.guest_region(GuestAddress(0)) };
         let map = GuestMemoryMap::new(vec![region], PageSize::KIB4).unwrap();
         let (mut client, served) = pair();
-        let mut server =
-            PageServer::start(map, vec![served], None, Arc::new(CpuMeter::default())).unwrap();
+        let mut server = PageServer::start(
+            map,
+            vec![served.into()],
+            None,
+            Arc::new(CpuMeter::default()),
+        )
+        .unwrap();
         let req = PageRequest {
             kind: REQ_PAGES.into(),
             region: 0.into(),

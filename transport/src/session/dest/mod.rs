@@ -1,0 +1,408 @@
+//! The destination end of a migration.
+//!
+//! Its phases carry their state ([`Phase`]): `Setup` (region table, the VM, the transport)
+//! → `Precopy` (rounds; or, in post-copy sessions, the switch to post-copy) → `Switchover`
+//! or `Postcopy` → `Done`; [`Dest::step`] runs one. `listen.rs` holds the handshake, `setup.rs`,
+//! `precopy.rs` and `postcopy.rs` the phases. A [`MigrationControl`] can cancel it until the
+//! guest resumes here, and shows its progress.
+//!
+//! States and the messages each accepts:
+//!
+//! | state | accepts |
+//! | --- | --- |
+//! | (handshake, `listen.rs`) | `Hello`, then `AuthProof` |
+//! | `AwaitRegionTable` | `RegionTable` |
+//! | `AwaitDataSetup` | `DataSetup` |
+//! | `Precopy{round, chunk}` | `Round{round, chunk}` |
+//! | `AwaitDeviceState` | `DeviceState` |
+//! | `AwaitSwitchover` | `Switchover` |
+//! | `EarlyDrop{chunk}` | `PostcopyMissing{chunk, early}` |
+//! | `AwaitPostcopyMissing{chunk}` | `PostcopyMissing{chunk}` (not early) |
+//! | `Postcopy{chunk}` | `PostcopyMissing{chunk, zero}`, `Switchover` |
+//! | `AwaitFinish` | `Finish` |
+//!
+//! In post-copy and hybrid sessions `Precopy{round, 0}` also accepts `DeviceState`: the source
+//! switches over in post-copy; and (hybrid) an early `PostcopyMissing`: stale pages to drop
+//! while the source still runs, answered by `PostcopyDropped` (`EarlyDrop{0}` then accepts
+//! another early batch or `DeviceState`). The destination then collects the post-copy set, drops the
+//! stale pages, registers guest memory with userfaultfd, restores and resumes the guest, and
+//! answers `PostcopyResumed`; its fault and prefetch threads fetch the rest while it waits for
+//! the source's digest (`Switchover`) and for the last page, then compares the digests.
+//!
+//! `Abort` ends the migration in any state. Until the guest is resumed any failure discards
+//! the destination VM; the source keeps running. A failure after a post-copy resume (source
+//! or link lost) pauses the guest and reports how many pages are still missing
+//! ([`Error::PostcopyInterrupted`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::config::{MigrationConfig, MigrationMode};
+use super::handle::{MigrationControl, Phase as Status};
+use super::stats::DestReport;
+use crate::channel::ChannelListener;
+use crate::control::{pre_auth_reason, Control};
+use crate::cpu::CpuMeter;
+use crate::data::DestDataPath;
+use crate::digest::PageHashes;
+use crate::error::{Error, Result};
+use crate::mem::GuestMemoryMap;
+use crate::pace::RateLimiter;
+use crate::pages::PageSet;
+use crate::postcopy::{AliasMap, Fetchers, PostcopyService};
+use crate::vm::{DestinationFactory, DestinationVm};
+use crate::wire::{Command, Message, POSTCOPY_EARLY, POSTCOPY_ZERO};
+use crate::zero::DestZero;
+
+mod listen;
+mod postcopy;
+mod precopy;
+mod setup;
+
+use listen::{authenticate, Handshake};
+pub use setup::MAX_GUEST_BYTES;
+
+/// Where the destination is in the protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DestState {
+    AwaitRegionTable,
+    AwaitDataSetup,
+    Precopy {
+        round: u32,
+        chunk: u32,
+    },
+    AwaitDeviceState,
+    AwaitSwitchover,
+    EarlyDrop {
+        chunk: u32,
+    },
+    AwaitPostcopyMissing {
+        chunk: u32,
+    },
+    /// The guest runs here; `chunk` is the next `POSTCOPY_ZERO` chunk's number.
+    Postcopy {
+        chunk: u32,
+    },
+    AwaitFinish,
+}
+
+impl DestState {
+    fn describe(self) -> &'static str {
+        match self {
+            DestState::AwaitRegionTable => "awaiting RegionTable",
+            DestState::AwaitDataSetup => "awaiting DataSetup",
+            DestState::Precopy { .. } => "in pre-copy",
+            DestState::AwaitDeviceState => "awaiting DeviceState",
+            DestState::AwaitSwitchover => "awaiting Switchover",
+            DestState::EarlyDrop { .. } => "dropping stale pages early",
+            DestState::AwaitPostcopyMissing { .. } => "awaiting PostcopyMissing",
+            DestState::Postcopy { .. } => "in post-copy",
+            DestState::AwaitFinish => "awaiting Finish",
+        }
+    }
+
+    /// Whether a message with command `c` may be valid here (checked from its header, before
+    /// its payload is read; [`DestState::accepts`] then checks the decoded message).
+    fn may_receive(self, c: Command, postcopy: bool) -> bool {
+        use Command as C;
+        match self {
+            DestState::AwaitRegionTable => c == C::RegionTable,
+            DestState::AwaitDataSetup => c == C::DataSetup,
+            DestState::Precopy { chunk: 0, .. } if postcopy => {
+                matches!(c, C::Round | C::DeviceState | C::PostcopyMissing)
+            }
+            DestState::Precopy { chunk: 0, .. } => matches!(c, C::Round | C::Params),
+            DestState::Precopy { .. } => c == C::Round,
+            DestState::AwaitDeviceState => c == C::DeviceState,
+            DestState::AwaitSwitchover => c == C::Switchover,
+            DestState::Postcopy { .. } => matches!(c, C::Switchover | C::PostcopyMissing),
+            DestState::EarlyDrop { chunk: 0 } => matches!(c, C::DeviceState | C::PostcopyMissing),
+            DestState::EarlyDrop { .. } | DestState::AwaitPostcopyMissing { .. } => {
+                c == C::PostcopyMissing
+            }
+            DestState::AwaitFinish => c == C::Finish,
+        }
+    }
+
+    fn accepts(self, m: &Message, postcopy: bool) -> bool {
+        match (self, m) {
+            (DestState::Precopy { chunk: 0, .. }, Message::DeviceState(_)) => postcopy,
+            (DestState::Precopy { chunk: 0, .. }, Message::Params { .. }) => true,
+            (
+                DestState::Precopy { chunk: 0, .. },
+                Message::PostcopyMissing {
+                    chunk: 0, flags, ..
+                },
+            ) => postcopy && flags & POSTCOPY_EARLY != 0,
+            (DestState::EarlyDrop { chunk: 0 }, Message::DeviceState(_)) => true,
+            (
+                DestState::EarlyDrop { chunk },
+                Message::PostcopyMissing {
+                    chunk: c, flags, ..
+                },
+            ) => *c == chunk && flags & POSTCOPY_EARLY != 0,
+            (
+                DestState::AwaitPostcopyMissing { chunk },
+                Message::PostcopyMissing {
+                    chunk: c, flags, ..
+                },
+            ) => *c == chunk && flags & POSTCOPY_EARLY == 0,
+            (DestState::Postcopy { .. }, Message::Switchover { .. }) => true,
+            (
+                DestState::Postcopy { chunk },
+                Message::PostcopyMissing {
+                    chunk: c, flags, ..
+                },
+            ) => *c == chunk && flags & POSTCOPY_ZERO != 0,
+            (DestState::AwaitRegionTable, Message::RegionTable { .. })
+            | (DestState::AwaitDataSetup, Message::DataSetup(_))
+            | (DestState::AwaitDeviceState, Message::DeviceState(_))
+            | (DestState::AwaitSwitchover, Message::Switchover { .. })
+            | (DestState::AwaitFinish, Message::Finish) => true,
+            (DestState::Precopy { round, chunk }, Message::Round(r)) => {
+                r.round == round && r.chunk == chunk
+            }
+            _ => false,
+        }
+    }
+}
+
+/// What the rounds so far brought, carried from phase to phase.
+struct Landed {
+    map: GuestMemoryMap,
+    hashes: Arc<PageHashes>,
+    /// This thread's CPU time when the migration's own work began (after the VM was built).
+    cpu0: Duration,
+    rounds: u32,
+    pages: u64,
+    bytes: u64,
+    /// Hybrid: the stale pages dropped while the source still ran.
+    early: Option<PageSet>,
+}
+
+/// One phase of the migration, with the state it carries.
+enum Phase {
+    Setup(Handshake),
+    Precopy(Landed),
+    /// The final round landed: device state, digest, resume.
+    Switchover(Landed),
+    /// The source switched over in post-copy with this device state.
+    Postcopy(Landed, Vec<u8>),
+    Done(Box<DestReport>),
+}
+
+struct Dest<'a> {
+    config: &'a MigrationConfig,
+    control: &'a MigrationControl,
+    listener: &'a dyn ChannelListener,
+    factory: Option<DestinationFactory<'a>>,
+    vm: Option<Box<dyn DestinationVm>>,
+    ctl: Control,
+    state: DestState,
+    data: Option<Box<dyn DestDataPath>>,
+    cpu: Arc<CpuMeter>,
+    mode: MigrationMode,
+    transport: &'static str,
+    /// Post-copy sessions: the fault fetcher and prefetchers, until the switchover.
+    fetchers: Option<Fetchers>,
+    /// memfd guest memory: the second mapping post-copy fetches into (zero-copy).
+    pc_alias: Option<Arc<AliasMap>>,
+    postcopy: Option<PostcopyService>,
+    /// The bandwidth cap's pacer, cancelled on failure so no thread sleeps through the abort.
+    limiter: Arc<RateLimiter>,
+    /// The guest was resumed here in post-copy: a failure now must not discard it.
+    resumed_in_postcopy: bool,
+    /// Both ends send zero pages as ranges.
+    zero_pages: bool,
+    /// Which pages may hold data, for installing announced zero pages.
+    zero: Option<DestZero>,
+}
+
+/// Accepts one incoming migration on `listener` and returns the running guest.
+///
+/// `factory` builds the destination VM once the source has authenticated and announced its
+/// memory layout. On failure nothing of the guest is kept.
+///
+/// Connections that fail the handshake (wrong key, silence, garbage) are refused and logged
+/// while `accept` keeps serving `listener`, until a source authenticates or
+/// [`MigrationConfig::listen_timeout`] passes; it then returns the last refusal (or a timeout).
+pub fn accept(
+    listener: &std::net::TcpListener,
+    config: &MigrationConfig,
+    factory: DestinationFactory<'_>,
+) -> Result<(Box<dyn DestinationVm>, DestReport)> {
+    accept_with(listener, config, factory, &MigrationControl::new())
+}
+
+/// [`accept`] driven through `control`: another thread can follow its progress or cancel it
+/// (until the guest is resumed here).
+pub fn accept_controlled(
+    listener: &std::net::TcpListener,
+    config: &MigrationConfig,
+    factory: DestinationFactory<'_>,
+    control: &MigrationControl,
+) -> Result<(Box<dyn DestinationVm>, DestReport)> {
+    accept_with(listener, config, factory, control)
+}
+
+/// [`accept`] on any [`ChannelListener`] (TCP, a Unix socket, pre-opened descriptors, or the
+/// VMM's own), driven through `control`.
+pub fn accept_with<'a>(
+    listener: &'a dyn ChannelListener,
+    config: &'a MigrationConfig,
+    factory: DestinationFactory<'a>,
+    control: &'a MigrationControl,
+) -> Result<(Box<dyn DestinationVm>, DestReport)> {
+    config.validate()?;
+    control.begin(false, 0)?;
+    let result = serve(listener, config, factory, control);
+    control.end(match &result {
+        Ok(_) => Status::Completed,
+        Err(Error::Cancelled) => Status::Cancelled,
+        Err(_) => Status::Failed,
+    });
+    result
+}
+
+fn serve<'a>(
+    listener: &'a dyn ChannelListener,
+    config: &'a MigrationConfig,
+    factory: DestinationFactory<'a>,
+    control: &'a MigrationControl,
+) -> Result<(Box<dyn DestinationVm>, DestReport)> {
+    let (ctl, hs) = authenticate(listener, config, control)?;
+    control.watch_fd(ctl.stream());
+    tracing::info!("incoming migration from {}", ctl.peer());
+    let limiter = Arc::new(RateLimiter::new(hs.hello.max_bandwidth));
+    control.watch_limiter(&limiter);
+    let mut d = Dest {
+        config,
+        control,
+        listener,
+        factory: Some(factory),
+        vm: None,
+        ctl,
+        state: DestState::AwaitRegionTable,
+        data: None,
+        cpu: Arc::new(CpuMeter::default()),
+        mode: MigrationMode::Precopy,
+        transport: "",
+        fetchers: None,
+        pc_alias: None,
+        postcopy: None,
+        limiter,
+        resumed_in_postcopy: false,
+        zero_pages: false,
+        zero: None,
+    };
+    let result = d.run(hs);
+    if result.is_err() {
+        d.limiter.cancel();
+    }
+    let result = match result {
+        Err(e) if d.resumed_in_postcopy => {
+            let vm = d.vm.take();
+            Err(d.postcopy_failed(vm, e))
+        }
+        r => r,
+    };
+    // Any service left (none after a post-copy failure: the remnant holds it) goes before the
+    // VM: closing the userfaultfd releases threads blocked on missing pages, which the VM's
+    // teardown joins. (A failure before the resume discards both: the source resumes.)
+    drop(d.postcopy.take());
+    drop(d.fetchers.take());
+    if let Some(mut data) = d.data.take() {
+        if let Err(e) = data.close() {
+            tracing::warn!("closing the data path: {e}");
+        }
+    }
+    match result {
+        Ok(report) => Ok((d.vm.take().expect("a completed migration has a VM"), report)),
+        Err(e) => {
+            if !matches!(e, Error::PeerAborted(_)) {
+                // Before the source proved the key it learns nothing of this end's internals.
+                let reason = if d.ctl.authenticated() {
+                    e.to_string()
+                } else {
+                    pre_auth_reason(&e).to_string()
+                };
+                d.ctl.send_abort(&reason);
+            }
+            d.ctl.shutdown();
+            Err(e)
+        }
+    }
+}
+
+impl Dest<'_> {
+    fn run(&mut self, hs: Handshake) -> Result<DestReport> {
+        let mut phase = Phase::Setup(hs);
+        loop {
+            if !self.resumed_in_postcopy {
+                self.control.check()?;
+            }
+            phase = match self.step(phase)? {
+                Phase::Done(report) => return Ok(*report),
+                next => next,
+            };
+        }
+    }
+
+    /// Runs one phase; returns the next.
+    fn step(&mut self, phase: Phase) -> Result<Phase> {
+        match phase {
+            Phase::Setup(hs) => self.setup(hs),
+            Phase::Precopy(l) => self.precopy(l),
+            Phase::Switchover(l) => self.switchover(l),
+            Phase::Postcopy(l, blob) => self.run_postcopy(l, blob),
+            Phase::Done(r) => Ok(Phase::Done(r)),
+        }
+    }
+
+    fn recv(&mut self) -> Result<Message> {
+        let (state, postcopy) = (self.state, self.mode != MigrationMode::Precopy);
+        let m = self
+            .ctl
+            .recv_filtered(state.describe(), &|c| state.may_receive(c, postcopy))?;
+        if !self.state.accepts(&m, postcopy) {
+            return Err(Error::UnexpectedMessage {
+                state: self.state.describe(),
+                got: describe(&m),
+            });
+        }
+        Ok(m)
+    }
+
+    /// Waits for the source's `Finish`; the guest runs here whatever comes.
+    fn await_finish(&mut self) {
+        self.state = DestState::AwaitFinish;
+        if let Err(e) = self.recv() {
+            tracing::warn!("the guest runs here, but the source did not confirm: {e}");
+        }
+    }
+
+    /// The report of a migration whose guest now runs here; the post-copy fields at zero.
+    fn report(&self, l: &Landed, digest: u128, cpu: Duration, resume: Duration) -> DestReport {
+        DestReport {
+            transport: self.transport.into(),
+            mem_bytes: l.map.total_bytes(),
+            rounds: l.rounds,
+            pages: l.pages,
+            bytes: l.bytes,
+            digest: format!("{digest:032x}"),
+            cpu_ms: cpu.as_secs_f64() * 1e3,
+            resume_ms: resume.as_secs_f64() * 1e3,
+            mode: self.mode.name().into(),
+            zero_pages: self.zero.as_ref().map_or(0, DestZero::announced),
+            zeroed_pages: self.zero.as_ref().map_or(0, DestZero::zeroed),
+            ..DestReport::default()
+        }
+    }
+}
+
+fn describe(m: &Message) -> String {
+    match m {
+        Message::Round(r) => format!("Round {{ round: {}, chunk: {} }}", r.round, r.chunk),
+        other => other.name(),
+    }
+}

@@ -1,0 +1,207 @@
+//! The source's first two phases: the handshake (versions, capabilities, transport, mutual
+//! authentication) and the data setup (region table, the transport's `DataSetup` exchange and
+//! streams), ending when the destination is `Ready` for round 0.
+
+use std::time::Instant;
+
+use super::{Negotiated, Phase, Precopy, Source, SourceState};
+use crate::auth::random_bytes;
+use crate::data::{self, SourceParams};
+use crate::error::{Error, Result};
+use crate::pages::PageSet;
+use crate::session::config::MigrationMode;
+use crate::session::handle::Phase as Status;
+use crate::session::policy::Convergence;
+use crate::wire::{caps, Hello, Message, TransportKind, PROTOCOL_VERSION};
+
+impl Source<'_> {
+    /// Hello, HelloAck (the destination proves the key), AuthProof, AuthOk.
+    pub(super) fn handshake(&mut self) -> Result<Negotiated> {
+        let config = self.config;
+        // RDMA is offered only when this end has a usable device.
+        let rdma_probe = match config.transport {
+            TransportKind::Tcp => Err("TCP was requested".to_string()),
+            _ => crate::rdma::probe(&config.rdma),
+        };
+        if config.transport == TransportKind::Rdma {
+            if let Err(why) = &rdma_probe {
+                return Err(Error::RdmaUnavailable(format!(
+                    "RDMA was requested and no RDMA device is usable here: {why}"
+                )));
+            }
+        }
+        let nonce_s = random_bytes()?;
+        let mut my_caps = caps::TCP;
+        if rdma_probe.is_ok() {
+            my_caps |= caps::RDMA;
+        }
+        let mode = config.mode;
+        if mode != MigrationMode::Precopy {
+            my_caps |= caps::POSTCOPY;
+        }
+        if config.zero_pages {
+            my_caps |= caps::ZERO_PAGES;
+        }
+        my_caps |= caps::LIVE_PARAMS;
+        self.ctl.send(&Message::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            transport: config.transport,
+            mode: mode.to_u8(),
+            caps: my_caps,
+            streams: config.streams,
+            qps: config.rdma.qps,
+            max_bandwidth: config.max_bandwidth.unwrap_or(0),
+            nonce: nonce_s,
+        }))?;
+        let Message::HelloAck(ack) = self.recv()? else {
+            unreachable!("state checked")
+        };
+        if !config.psk.check_dest_proof(&nonce_s, &ack.nonce, &ack.mac) {
+            return Err(Error::AuthFailed(
+                "the destination did not prove the pre-shared key (not the same key?)".into(),
+            ));
+        }
+        // The destination proved the key: its text may be shown from now on.
+        self.ctl.set_authenticated();
+        self.zero_pages = config.zero_pages && ack.caps & caps::ZERO_PAGES != 0;
+        self.live_params = ack.caps & caps::LIVE_PARAMS != 0;
+        if mode != MigrationMode::Precopy && ack.caps & caps::POSTCOPY == 0 {
+            return Err(Error::PostcopyUnavailable(format!(
+                "the destination does not offer post-copy (needed for {} mode)",
+                mode.name()
+            )));
+        }
+        self.ctl.send(&Message::AuthProof(
+            config.psk.source_proof(&nonce_s, &ack.nonce),
+        ))?;
+        self.state = SourceState::AwaitAuthOk;
+        self.recv()?;
+        tracing::info!(
+            "authenticated; transport {} ({})",
+            ack.transport.name(),
+            ack.reason
+        );
+        Ok(Negotiated {
+            transport: ack.transport,
+            reason: ack.reason,
+            nonces: (nonce_s, ack.nonce),
+        })
+    }
+
+    /// The region table, the transport's setup and streams; then the first round's state.
+    pub(super) fn setup(&mut self, n: Negotiated) -> Result<Phase> {
+        let config = self.config;
+        let mode = config.mode;
+        // Keys and addresses go out only now.
+        self.ctl.send(&Message::RegionTable {
+            page_size: self.map.page_size().bytes() as u32,
+            regions: self
+                .map
+                .regions()
+                .iter()
+                .map(|r| (r.gpa(), r.len()))
+                .collect(),
+        })?;
+        let (ns, nd) = (&n.nonces.0, &n.nonces.1);
+        let mut transport = data::source_transport(
+            n.transport,
+            SourceParams {
+                map: self.map.clone(),
+                streams: config.streams,
+                rdma: config.rdma.clone(),
+                precopy: mode != MigrationMode::Postcopy,
+                postcopy: mode != MigrationMode::Precopy,
+                limiter: self.limiter.clone(),
+                cpu: self.cpu.clone(),
+                io_timeout: config.io_timeout,
+                tokens: (
+                    config.psk.stream_token(ns, nd),
+                    config.psk.postcopy_token(ns, nd),
+                ),
+                local_ip: self.ctl.local_ip(),
+            },
+        );
+        self.transport = transport.name();
+        self.reason = n.reason;
+        let payload = transport.setup()?;
+        self.ctl.send(&Message::DataSetup(payload))?;
+        self.state = SourceState::AwaitSetupAck;
+        let Message::DataSetupAck(ack) = self.recv()? else {
+            unreachable!("state checked")
+        };
+        let control = self.control;
+        let mut watched = WatchingChannel {
+            inner: &mut *self.channel,
+            control,
+        };
+        self.data = Some(transport.connect(&ack, &mut watched)?.precopy);
+        self.state = SourceState::AwaitReady;
+        self.recv()?;
+
+        // Post-copy mode runs no round that moves pages: every page is in the post-copy set,
+        // except (with zero pages) those a metadata-only round found zero while the guest
+        // ran, with the dirty log on to catch the ones written since.
+        let scan = mode == MigrationMode::Postcopy && self.zero_pages;
+        if mode != MigrationMode::Postcopy || scan {
+            self.vm
+                .start_dirty_log()
+                .map_err(|e| Error::vmm("start dirty log", e))?;
+            self.logging = true;
+        }
+        let mut pre = Precopy {
+            set: PageSet::full(&self.map),
+            conv: Convergence::new(config.downtime_limit, config.max_rounds),
+            round: 0,
+            scanned: scan,
+            forced: false,
+            bytes: 0,
+            round_time: std::time::Duration::ZERO,
+            per_round: Vec::new(),
+        };
+        self.control.update(|p| {
+            p.phase = Status::Active;
+            p.remaining_bytes = self.map.total_bytes();
+            p.max_bandwidth = self.limiter.rate();
+            p.downtime_limit = config.downtime_limit;
+        });
+        if mode != MigrationMode::Postcopy {
+            return Ok(Phase::Precopy(pre));
+        }
+        if scan {
+            let t = Instant::now();
+            let sent = self.send_round(0, &pre.set, false, true)?;
+            self.zero_total += sent.zero_pages;
+            tracing::info!(
+                "post-copy: {} of {} pages are zero (scanned in {:?})",
+                sent.zero_pages,
+                pre.set.count(),
+                t.elapsed()
+            );
+            pre.set = sent.data_set.expect("asked for");
+        }
+        Ok(Phase::Postcopy(pre))
+    }
+}
+
+/// Opens through the session's channel, watching each new connection for a cancel.
+struct WatchingChannel<'c> {
+    inner: &'c mut dyn crate::channel::MigrationChannel,
+    control: &'c crate::session::MigrationControl,
+}
+
+impl crate::channel::MigrationChannel for WatchingChannel<'_> {
+    fn open(
+        &mut self,
+        purpose: crate::channel::Purpose,
+        timeout: std::time::Duration,
+    ) -> Result<crate::channel::Stream> {
+        self.control.check()?;
+        let s = self.inner.open(purpose, timeout)?;
+        self.control.watch_fd(&s);
+        Ok(s)
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
