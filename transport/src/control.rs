@@ -261,6 +261,17 @@ impl Control {
         self.recv_filtered("receiving", &|_| true)
     }
 
+    /// After a failed send or a closed connection: the `Abort` the peer sent before it
+    /// closed, if one is waiting (read for at most 200 ms).
+    pub fn pending_abort(&mut self) -> Option<String> {
+        self.timeout = Some(Duration::from_millis(200));
+        match self.recv_any() {
+            Err(Error::PeerAborted(r)) => Some(r),
+            Ok(Message::Abort(r)) => Some(r),
+            _ => None,
+        }
+    }
+
     /// Best-effort abort notice; failures are logged, not returned (the channel may be dead).
     pub fn send_abort(&mut self, reason: &str) {
         if let Err(e) = self.send(&Message::Abort(reason.to_string())) {

@@ -67,6 +67,12 @@ pub trait ChannelListener: Send + Sync {
     /// (the destination polls: it serves several handshakes at once and keeps deadlines).
     fn poll_accept(&self) -> io::Result<(Stream, String)>;
 
+    /// Like [`ChannelListener::poll_accept`], for the streams that follow the control
+    /// connection (a listener of pre-connected sockets tells them apart by their order).
+    fn poll_accept_stream(&self) -> io::Result<(Stream, String)> {
+        self.poll_accept()
+    }
+
     /// What it listens on, for logs.
     fn describe(&self) -> String;
 }
@@ -181,28 +187,48 @@ impl ChannelListener for UnixListener {
     }
 }
 
-/// Connected sockets handed in by the caller, yielded as incoming connections in order.
+/// Connected sockets handed in by the caller, in the order the source opens them: the first
+/// is the control connection, the rest the streams.
 #[derive(Debug)]
-pub struct FdListener(Mutex<VecDeque<OwnedFd>>);
+pub struct FdListener {
+    control: Mutex<Option<OwnedFd>>,
+    streams: Mutex<VecDeque<OwnedFd>>,
+}
 
 impl FdListener {
     /// A listener yielding the connected sockets `fds`.
     pub fn new(fds: impl IntoIterator<Item = OwnedFd>) -> FdListener {
-        FdListener(Mutex::new(fds.into_iter().collect()))
+        let mut fds: VecDeque<OwnedFd> = fds.into_iter().collect();
+        FdListener {
+            control: Mutex::new(fds.pop_front()),
+            streams: Mutex::new(fds),
+        }
+    }
+
+    fn yield_fd(fd: Option<OwnedFd>) -> io::Result<(Stream, String)> {
+        let s = Stream::from_fd(fd.ok_or(io::ErrorKind::WouldBlock)?).map_err(io::Error::other)?;
+        let peer = s.peer();
+        Ok((s, peer))
     }
 }
 
 impl ChannelListener for FdListener {
     fn poll_accept(&self) -> io::Result<(Stream, String)> {
-        let fd = self
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop_front()
-            .ok_or(io::ErrorKind::WouldBlock)?;
-        let s = Stream::from_fd(fd).map_err(io::Error::other)?;
-        let peer = s.peer();
-        Ok((s, peer))
+        Self::yield_fd(
+            self.control
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
+        )
+    }
+
+    fn poll_accept_stream(&self) -> io::Result<(Stream, String)> {
+        Self::yield_fd(
+            self.streams
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop_front(),
+        )
     }
 
     fn describe(&self) -> String {

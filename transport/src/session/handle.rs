@@ -129,7 +129,8 @@ struct Shared {
 
 #[derive(Debug, Default)]
 struct Wakers {
-    fds: Vec<OwnedFd>,
+    /// A duplicate of each socket and how to shut it down.
+    fds: Vec<(OwnedFd, libc::c_int)>,
     limiters: Vec<Arc<RateLimiter>>,
 }
 
@@ -179,10 +180,10 @@ impl MigrationControl {
         for l in &w.limiters {
             l.cancel();
         }
-        for fd in &w.fds {
+        for (fd, how) in &w.fds {
             // SAFETY: `fd` is an open socket we own a duplicate of; shutdown only ends
             // reads (and, for data streams, writes) of the connection.
-            unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+            unsafe { libc::shutdown(fd.as_raw_fd(), *how) };
         }
         Ok(())
     }
@@ -297,8 +298,19 @@ impl MigrationControl {
     }
 
     /// Shuts `socket` down (a duplicate of it) if the migration is cancelled; the duplicate
-    /// is dropped when the migration ends ([`MigrationControl::end`]).
+    /// is dropped when the migration ends ([`MigrationControl::end`]). Data streams are shut
+    /// down both ways (a sender blocked on a full socket wakes too).
     pub(crate) fn watch_fd(&self, socket: &impl AsRawFd) {
+        self.watch(socket, libc::SHUT_RDWR);
+    }
+
+    /// Like [`MigrationControl::watch_fd`] for the control connection: only its reads end,
+    /// so that the peer can still be told why.
+    pub(crate) fn watch_control(&self, socket: &impl AsRawFd) {
+        self.watch(socket, libc::SHUT_RD);
+    }
+
+    fn watch(&self, socket: &impl AsRawFd, how: libc::c_int) {
         // SAFETY: F_DUPFD_CLOEXEC on an fd the caller holds open returns a new fd we own.
         let fd = unsafe { libc::fcntl(socket.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
         if fd < 0 {
@@ -312,9 +324,9 @@ impl MigrationControl {
         let fd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         if self.is_cancelled() {
             // SAFETY: as in `cancel`.
-            unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) };
+            unsafe { libc::shutdown(fd.as_raw_fd(), how) };
         }
-        lock(&self.0.wake).fds.push(fd);
+        lock(&self.0.wake).fds.push((fd, how));
     }
 
     /// Cancels `limiter` if the migration is cancelled.

@@ -85,7 +85,7 @@ pub fn accept_stream_sets(
             if slots.iter().all(Option::is_some) {
                 break;
             }
-            match listener.poll_accept() {
+            match listener.poll_accept_stream() {
                 Ok((s, peer)) => {
                     let Some(done) = pending.admit(&s, "greetings") else {
                         tracing::warn!(

@@ -62,6 +62,7 @@ pub(super) fn authenticate(
     let mut last_refusal: Option<Error> = None;
     loop {
         control.check()?;
+        // (Its control connection is watched for a cancel once it wins.)
         while let Ok(r) = rx.try_recv() {
             match r {
                 Ok(won) => return Ok(won),

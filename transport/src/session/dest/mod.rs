@@ -271,7 +271,7 @@ fn serve<'a>(
     control: &'a MigrationControl,
 ) -> Result<(Box<dyn DestinationVm>, DestReport)> {
     let (ctl, hs) = authenticate(listener, config, control)?;
-    control.watch_fd(ctl.stream());
+    control.watch_control(ctl.stream());
     tracing::info!("incoming migration from {}", ctl.peer());
     let limiter = Arc::new(RateLimiter::new(hs.hello.max_bandwidth));
     control.watch_limiter(&limiter);
@@ -295,7 +295,13 @@ fn serve<'a>(
         zero_pages: false,
         zero: None,
     };
-    let result = d.run(hs);
+    let result = match d.run(hs) {
+        // A cancel ends the waits with whatever error they see: what happened is the cancel.
+        Err(e) if control.is_cancelled() && !matches!(e, Error::PeerAborted(_)) => {
+            Err(Error::Cancelled)
+        }
+        r => r,
+    };
     if result.is_err() {
         d.limiter.cancel();
     }

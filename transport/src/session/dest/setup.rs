@@ -212,7 +212,11 @@ impl crate::channel::ChannelListener for Watching<'_> {
         }
         // Streams are watched once their greeting proved them (`DestParams::watch`): a
         // refused connection must not be kept open.
-        self.inner.poll_accept()
+        self.inner.poll_accept_stream()
+    }
+
+    fn poll_accept_stream(&self) -> std::io::Result<(crate::channel::Stream, String)> {
+        self.poll_accept()
     }
 
     fn describe(&self) -> String {

@@ -264,7 +264,7 @@ fn run(
         crate::channel::Purpose::Control,
         config.io_timeout.min(Duration::from_secs(10)),
     )?;
-    control.watch_fd(&stream);
+    control.watch_control(&stream);
     let ctl = Control::new(stream, Some(config.io_timeout))?;
     let limiter = Arc::new(RateLimiter::new(config.max_bandwidth.unwrap_or(0)));
     control.watch_limiter(&limiter);
@@ -378,6 +378,18 @@ impl Source<'_> {
 
     /// Cleans up after an error and returns the error to report.
     fn fail(&mut self, e: Error) -> Error {
+        // A cancel ends the migration's waits with whatever error they see (a closed socket,
+        // a cancelled pacer): what happened is the cancel.
+        let e = match e {
+            Error::PeerAborted(_) | Error::SwitchoverUnknown(_) => e,
+            _ if self.control.is_cancelled() => Error::Cancelled,
+            // A destination that aborted and closed while this end was sending: its reason.
+            Error::PeerClosed { .. } | Error::Io { .. } => match self.ctl.pending_abort() {
+                Some(reason) => Error::PeerAborted(reason),
+                None => e,
+            },
+            e => e,
+        };
         self.limiter.cancel();
         let keep_paused =
             self.guest_moved || (self.switchover_sent && !matches!(e, Error::PeerAborted(_)));
