@@ -37,7 +37,7 @@ pub use fetch::{PageFetcher, TcpPageFetcher};
 pub use missing::MissingPages;
 pub use remnant::{PausedGuest, PostcopyRemnant};
 pub use serve::PageServer;
-pub use service::{difference, drop_pages, Fetchers, PostcopyService, PostcopyStats};
+pub use service::{drop_pages, Fetchers, PostcopyService, PostcopyStats};
 pub use uffd::Uffd;
 
 /// Most prefetch streams (beyond the fault stream).

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::mem::GuestMemoryMap;
 use crate::pages::PageSet;
 use crate::postcopy::{
-    self, Fetchers, PageFetcher, PausedGuest, PostcopyRemnant, PostcopyService, TcpPageFetcher,
+    Fetchers, PageFetcher, PausedGuest, PostcopyRemnant, PostcopyService, TcpPageFetcher,
 };
 use crate::rdma::RdmaPageFetcher;
 use crate::session::stats::{DestReport, FaultLatency};
@@ -57,7 +57,7 @@ impl Dest<'_> {
         // Pages received in a round are stale now, except those dropped early; in post-copy
         // mode nothing was received and memory was dropped before the rounds.
         let stale = match &early {
-            Some(e) => postcopy::difference(map, &missing, e),
+            Some(e) => missing.difference(e),
             None => missing.clone(),
         };
         if let Some(e) = &early {

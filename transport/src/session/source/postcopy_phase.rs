@@ -10,7 +10,7 @@ use super::{
 };
 use crate::error::{Error, Result};
 use crate::pages::{PageRange, PageSet};
-use crate::postcopy::{self, PageServer};
+use crate::postcopy::PageServer;
 use crate::session::stats::{mib_s, FaultLatency, MigrationReport};
 use crate::wire::{
     Message, PostcopyComplete, TransportKind, MAX_RANGES_PER_MSG, POSTCOPY_EARLY,
@@ -58,7 +58,7 @@ impl Source<'_> {
             self.vm
                 .fetch_and_clear_dirty(&mut dirty)
                 .map_err(|e| Error::vmm("fetch dirty log", e))?;
-            set = postcopy::difference(&self.map, &dirty, dropped);
+            set = dirty.difference(dropped);
         }
         self.vm.pause().map_err(|e| Error::vmm("pause", e))?;
         self.paused = true;
