@@ -463,7 +463,7 @@ impl Source<'_> {
             );
             set = sent.data_set.expect("asked for");
         }
-        let mut conv = Convergence::new(self.config.downtime_limit, self.config.max_rounds);
+        let mut conv = Convergence::from_config(&self.config);
         let mut per_round = Vec::new();
         let (mut total_bytes, mut round_time) = (0u64, Duration::ZERO);
         let mut round = 0u32;
