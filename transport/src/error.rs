@@ -1,7 +1,8 @@
 //! The one error type of the transport crate.
 
+use std::any::Any;
 use std::io;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// Errors from the VMM side of the seam are boxed so any VMM can report its own.
 pub type VmmError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -166,8 +167,8 @@ pub enum Error {
         total: u64,
         /// What failed.
         reason: String,
-        /// The paused guest with what arrived ([`crate::postcopy::PausedGuest::take`]).
-        guest: crate::postcopy::PausedGuest,
+        /// The paused guest with what arrived ([`PausedGuest::take`]).
+        guest: PausedGuest,
     },
 
     /// The guest does not fit what this end accepts or what the host can give.
@@ -228,6 +229,24 @@ impl Error {
             op,
             source: source.into(),
         }
+    }
+}
+
+/// The paused destination guest after an interrupted post-copy, as
+/// [`Error::PostcopyInterrupted`] carries it: a shareable slot (errors must be `Send + Sync`
+/// and printable) from which [`PausedGuest::take`] takes the post-copy remnant (the paused VM
+/// and the userfaultfd registration that keeps its missing pages missing) once.
+///
+/// The slot holds the remnant as `dyn Any` so that this module does not depend on the
+/// post-copy code; `take` (beside the remnant's type, in the post-copy module) is typed, and
+/// only the post-copy module fills the slot.
+#[derive(Clone, Default)]
+pub struct PausedGuest(pub(crate) Arc<Mutex<Option<Box<dyn Any + Send>>>>);
+
+impl std::fmt::Debug for PausedGuest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let held = self.0.lock().map(|g| g.is_some()).unwrap_or(false);
+        write!(f, "PausedGuest({})", if held { "held" } else { "taken" })
     }
 }
 

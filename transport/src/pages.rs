@@ -152,6 +152,18 @@ impl PageSet {
         }
     }
 
+    /// The pages of this set that are not in `other`, a set of the same shape (pages of
+    /// regions or words `other` lacks stay).
+    pub fn difference(&self, other: &PageSet) -> PageSet {
+        let mut out = self.clone();
+        for (a, b) in out.bitmaps.iter_mut().zip(&other.bitmaps) {
+            for (x, y) in a.iter_mut().zip(b) {
+                *x &= !*y;
+            }
+        }
+        out
+    }
+
     /// Number of pages in the set.
     pub fn count(&self) -> u64 {
         self.bitmaps
@@ -304,6 +316,37 @@ mod tests {
         assert_eq!(s.count(), 1 + 6);
         assert!(s.contains(RegionId(0), PageIndex(69)));
         assert!(!s.contains(RegionId(0), PageIndex(70)));
+    }
+
+    #[test]
+    fn difference_keeps_the_pages_the_other_set_lacks() {
+        let mut a = PageSet::with_pages(vec![130, 70]);
+        for (r, p) in [(0, 0), (0, 1), (0, 63), (0, 64), (0, 129), (1, 5), (1, 69)] {
+            a.insert(RegionId(r), PageIndex(p));
+        }
+        let mut b = PageSet::with_pages(vec![130, 70]);
+        for (r, p) in [(0, 1), (0, 64), (0, 100), (1, 69)] {
+            b.insert(RegionId(r), PageIndex(p));
+        }
+        let d = a.difference(&b);
+        let pages: Vec<_> = d.ranges(1).map(|r| (r.region.0, r.first.0)).collect();
+        assert_eq!(pages, [(0, 0), (0, 63), (0, 129), (1, 5)]);
+        assert_eq!(d.count() + 3, a.count(), "three pages of a are in b");
+        assert_eq!(a.difference(&a).count(), 0);
+        assert_eq!(a.difference(&PageSet::with_pages(vec![130, 70])), a);
+        assert_eq!(
+            b.difference(&a).count(),
+            1,
+            "only page 100 of b is not in a"
+        );
+        let mut full = PageSet::with_pages(vec![130, 70]);
+        full.fill();
+        assert!(a.difference(&full).is_empty());
+        assert_eq!(full.difference(&a).count(), 200 - 7);
+        // A union of the difference and the other set covers the first set.
+        let mut u = d.clone();
+        u.union_with(&b);
+        assert_eq!(a.difference(&u).count(), 0);
     }
 
     #[test]

@@ -11,8 +11,9 @@
 //! memfd, a file), needs no system call, and the pages it writes are resident already.
 //! Either way the page's entry in the digest table becomes the zero page's hash.
 
-use crate::digest::{is_zero, PageHashes};
+use crate::digest::PageHashes;
 use crate::error::Result;
+use crate::mem::volatile::is_zero_volatile;
 use crate::mem::{GuestMemoryMap, PageIndex};
 use crate::pages::{PageRange, PageSet};
 
@@ -68,11 +69,11 @@ impl DestZero {
                 }
                 // SAFETY: page i of a span `map.span` checked lies in guest memory.
                 let p = unsafe { base.add(i as usize * page) };
-                // Nothing else writes destination memory during the rounds (the guest runs
-                // only after the switchover, the data path only writes announced data pages).
-                // SAFETY: p..p+page lies in guest memory (above).
-                let bytes = unsafe { std::slice::from_raw_parts(p, page) };
-                if self.check && is_zero(bytes) {
+                // Read as volatile memory, as all guest memory is, though nothing else should
+                // write these pages during the rounds (the guest runs only after the
+                // switchover, the data path writes announced data pages only).
+                // SAFETY: p..p+page lies in guest memory (above), mapped while the migration runs.
+                if self.check && unsafe { is_zero_volatile(p, page) } {
                     continue;
                 }
                 // SAFETY: as above; writing zeroes is what the source's page holds.
@@ -122,9 +123,8 @@ mod tests {
         z.landed(&[range(3, 1)]);
         assert_eq!(z.install(&map, &hashes, &[range(0, 8)]).unwrap(), 8);
         assert_eq!(z.zeroed(), 1, "only the page that landed data is written");
-        // SAFETY: page 3, readable.
-        let p3 = unsafe { std::slice::from_raw_parts(m.as_ptr().add(3 * 4096), 4096) };
-        assert!(is_zero(p3));
+        // SAFETY: page 3 of our own mapping, readable.
+        assert!(unsafe { is_zero_volatile(m.as_ptr().add(3 * 4096), 4096) });
         for p in 0..8 {
             assert_eq!(hashes.get(RegionId(0), PageIndex(p)), hashes.zero_hash());
         }
@@ -142,9 +142,8 @@ mod tests {
         let mut z = DestZero::new(&map, false);
         z.install(&map, &hashes, &[range(0, 8)]).unwrap();
         assert_eq!(z.zeroed(), 1);
-        // SAFETY: the whole mapping, readable.
-        let all = unsafe { std::slice::from_raw_parts(m.as_ptr(), 8 * 4096) };
-        assert!(is_zero(all));
+        // SAFETY: the whole of our own mapping, readable.
+        assert!(unsafe { is_zero_volatile(m.as_ptr(), 8 * 4096) });
         // A second announcement writes nothing.
         z.install(&map, &hashes, &[range(5, 1)]).unwrap();
         assert_eq!(z.zeroed(), 1);

@@ -7,13 +7,15 @@
 //! migration runs. [`MmapRegion`] is an owned anonymous or memfd-backed mapping that
 //! VMMs without their own allocator (and the tests) can use. With the cargo feature
 //! `vm-memory`, `GuestMemoryMap::from_vm_memory` builds the map from the `GuestMemoryMmap`
-//! that rust-vmm VMMs hold.
+//! that rust-vmm VMMs hold. Memory the guest may be writing is read through [`volatile`],
+//! never as a `&[u8]`.
 
 pub mod holes;
 mod host;
 mod mmap;
 #[cfg(feature = "vm-memory")]
 mod rust_vmm;
+pub mod volatile;
 
 pub use host::HostMemory;
 #[cfg(test)]

@@ -200,7 +200,8 @@ pub fn fault_loop(
             for (i, (r, n)) in group.iter().enumerate() {
                 let got = fetcher.complete()?;
                 debug_assert_eq!(got, *r);
-                // Nothing writes slot i until the next group starts.
+                // Staging memory, never guest memory (the guest cannot write it), and
+                // nothing writes slot i until the next group starts.
                 // SAFETY: slot i holds the page the completed fetch wrote.
                 let bytes = unsafe { std::slice::from_raw_parts(base.add(i * page), page) };
                 pages.install(uffd, hashes, *r, bytes, true)?;

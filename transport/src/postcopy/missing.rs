@@ -161,16 +161,23 @@ impl MissingPages {
         let (dst, len) = self.map.span(range.region, range.first, range.npages)?;
         let (src, _) = self.alias_span(&range)?;
         let page = self.map.page_size().bytes() as usize;
-        // Not visible to the guest: its entries are absent until the UFFDIO_CONTINUE below.
-        // SAFETY: the range in the second mapping, written by the fetch.
-        let fetched = unsafe { std::slice::from_raw_parts(src, len) };
-        let sums: Vec<u64> = match aside.as_deref_mut() {
-            Some(buf) => {
-                buf.clear();
-                buf.extend_from_slice(fetched);
-                Vec::new()
+        let sums: Vec<u64> = {
+            // A slice over guest memory, but not over memory the guest can write: every page
+            // of `range` was claimed by this caller (`pick`, `claim`), so nothing else fetches
+            // into it, and the guest cannot reach it, as its entries stay absent until the
+            // UFFDIO_CONTINUE below (a claimed page is missing, and missing pages were
+            // dropped or never mapped). The slice ends before that.
+            // SAFETY: the range in the second mapping (checked by `alias_span`), written by the
+            // completed fetch and by nothing while the slice lives.
+            let fetched = unsafe { std::slice::from_raw_parts(src, len) };
+            match aside.as_deref_mut() {
+                Some(buf) => {
+                    buf.clear();
+                    buf.extend_from_slice(fetched);
+                    Vec::new()
+                }
+                None => fetched.chunks(page).map(xxh3_64).collect(),
             }
-            None => fetched.chunks(page).map(xxh3_64).collect(),
         };
         let aside = aside.as_deref();
         let sum_of = |i: usize| match aside {

@@ -37,9 +37,7 @@ pub use alias::AliasMap;
 pub use fetch::PageFetcher;
 pub use missing::MissingPages;
 pub use remnant::{PausedGuest, PostcopyRemnant};
-pub use service::{
-    difference, drop_pages, lower_priority, Fetchers, PostcopyService, PostcopyStats,
-};
+pub use service::{drop_pages, lower_priority, Fetchers, PostcopyService, PostcopyStats};
 pub use uffd::Uffd;
 
 /// Most prefetch streams (beyond the fault stream).

@@ -71,8 +71,9 @@ pub fn prefetch_loop(
         }
         let Some(s) = inflight.pop_front() else { break };
         let r = fetcher.complete()?;
-        // No fetch writes slot s until it is handed out again below.
-        // SAFETY: slot s was filled by the completed fetch.
+        // Staging memory, never guest memory (the guest cannot write it), and no fetch writes
+        // slot s until it is handed out again below.
+        // SAFETY: slot s was filled by the completed fetch and lies inside the staging memory.
         let bytes = unsafe { std::slice::from_raw_parts(base.add(s * slot), slot) };
         installed += pages.install(uffd, hashes, r, bytes, false)?;
         free.push_back(s);

@@ -1,7 +1,8 @@
 //! What an interrupted post-copy leaves on the destination: the paused guest, its memory with
 //! the pages that arrived, and the userfaultfd registration that keeps the other pages
 //! missing (so nothing reads them as zeroes by mistake). Handed to the caller inside
-//! [`crate::Error::PostcopyInterrupted`].
+//! [`crate::Error::PostcopyInterrupted`], in a [`PausedGuest`] slot (defined with the error,
+//! which does not depend on this module; its typed `take` is here).
 
 use std::sync::{Arc, Mutex};
 
@@ -46,25 +47,18 @@ impl PostcopyRemnant {
     }
 }
 
-/// A shareable slot holding the [`PostcopyRemnant`] (errors must be `Send + Sync` and
-/// printable; take the remnant out once with [`PausedGuest::take`]).
-#[derive(Clone, Default)]
-pub struct PausedGuest(Arc<Mutex<Option<PostcopyRemnant>>>);
+pub use crate::error::PausedGuest;
 
 impl PausedGuest {
+    /// A slot holding `r`.
     pub(crate) fn new(r: PostcopyRemnant) -> PausedGuest {
-        PausedGuest(Arc::new(Mutex::new(Some(r))))
+        PausedGuest(Arc::new(Mutex::new(Some(Box::new(r)))))
     }
 
     /// Takes the remnant (once); `None` afterwards.
     pub fn take(&self) -> Option<PostcopyRemnant> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
-    }
-}
-
-impl std::fmt::Debug for PausedGuest {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let held = self.0.lock().map(|g| g.is_some()).unwrap_or(false);
-        write!(f, "PausedGuest({})", if held { "held" } else { "taken" })
+        let held = self.0.lock().unwrap_or_else(|p| p.into_inner()).take()?;
+        // `new` is the only way in, so the remnant is always a PostcopyRemnant.
+        held.downcast::<PostcopyRemnant>().ok().map(|r| *r)
     }
 }

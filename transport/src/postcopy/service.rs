@@ -18,7 +18,7 @@ use super::uffd::Uffd;
 use crate::cpu::{CpuMeter, ThreadCpu};
 use crate::digest::PageHashes;
 use crate::error::{Error, Result};
-use crate::mem::{GuestMemoryMap, RegionId};
+use crate::mem::GuestMemoryMap;
 use crate::pages::{PageRange, PageSet};
 
 /// What post-copy measured on the destination.
@@ -75,18 +75,6 @@ pub fn lower_priority() {
             std::io::Error::last_os_error()
         );
     }
-}
-
-/// The pages of `a` that are not in `b`.
-pub fn difference(map: &GuestMemoryMap, a: &PageSet, b: &PageSet) -> PageSet {
-    let mut out = PageSet::empty(map);
-    let mut words = Vec::new();
-    for r in 0..a.regions() {
-        words.clear();
-        words.extend(a.words(r).iter().zip(b.words(r)).map(|(x, y)| x & !y));
-        out.or_words(RegionId(r as u32), &words);
-    }
-    out
 }
 
 /// The running post-copy service.

@@ -87,6 +87,10 @@ pub struct MigrationConfig {
     pub downtime_limit: Duration,
     /// Most pre-copy rounds before the policy applies (round 0 included).
     pub max_rounds: u32,
+    /// The stall rule: when pre-copy rounds make no progress (the dirty set after a round is
+    /// not smaller than the smallest seen so far) for this much wall time, the policy applies
+    /// as when rounds stop converging. `None` (the default): no such limit.
+    pub progress_timeout: Option<Duration>,
     /// Policy when pre-copy does not converge.
     pub policy: ConvergencePolicy,
     /// Bandwidth cap in bytes/s.
@@ -122,6 +126,7 @@ impl MigrationConfig {
             streams: 4,
             downtime_limit: Duration::from_millis(300),
             max_rounds: 30,
+            progress_timeout: None,
             policy: ConvergencePolicy::Stop,
             max_bandwidth: None,
             io_timeout: Duration::from_secs(120),
@@ -185,6 +190,12 @@ impl MigrationConfig {
         self
     }
 
+    /// Sets the stall rule's timeout (see [`MigrationConfig::progress_timeout`]).
+    pub fn with_progress_timeout(mut self, t: Option<Duration>) -> Self {
+        self.progress_timeout = t;
+        self
+    }
+
     /// Sets the non-convergence policy.
     pub fn with_policy(mut self, p: ConvergencePolicy) -> Self {
         self.policy = p;
@@ -234,11 +245,38 @@ impl MigrationConfig {
                 "max rounds must be at least 1".into(),
             ));
         }
+        if self.progress_timeout == Some(Duration::ZERO) {
+            return Err(crate::Error::InvalidConfig(
+                "a progress timeout of 0 would end pre-copy at the first round that does not \
+                 shrink; leave it unset for no limit"
+                    .into(),
+            ));
+        }
         if self.max_bandwidth == Some(0) {
             return Err(crate::Error::InvalidConfig(
                 "a bandwidth cap of 0 would never finish".into(),
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_progress_timeout_is_off_by_default_and_never_zero() {
+        let c = MigrationConfig::new(Psk::random().unwrap());
+        assert_eq!(c.progress_timeout, None);
+        assert!(c.validate().is_ok());
+        let c = c.with_progress_timeout(Some(Duration::from_millis(300)));
+        assert_eq!(c.progress_timeout, Some(Duration::from_millis(300)));
+        assert!(c.validate().is_ok());
+        let e = c
+            .with_progress_timeout(Some(Duration::ZERO))
+            .validate()
+            .unwrap_err();
+        assert!(matches!(e, crate::Error::InvalidConfig(_)), "{e}");
     }
 }

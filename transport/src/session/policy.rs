@@ -2,8 +2,14 @@
 //! the measured bandwidth and the pages dirtied, and decide whether to switch over; and
 //! auto-converge ([`AutoConverge`]), which slows a guest that dirties faster than the link
 //! moves its pages, as QEMU's `auto-converge` capability does.
+//!
+//! Pre-copy counts as not converging when the round limit is reached, when the prediction has
+//! not improved for four rounds, or (the stall rule, with a progress timeout) when
+//! no round has left a dirty set smaller than the smallest seen so far for that much wall time.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use super::config::MigrationConfig;
 
 /// What to do after a round.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,6 +33,11 @@ pub struct Convergence {
     base: Option<Duration>,
     best_prediction: Option<Duration>,
     stalled: u32,
+    /// The stall rule's timeout (`None`: off).
+    progress_timeout: Option<Duration>,
+    /// The smallest dirty set after a round so far, bytes, and when it was seen (the last
+    /// progress).
+    progress: Option<(u64, Instant)>,
 }
 
 /// Rounds without a better prediction before pre-copy counts as not converging.
@@ -42,7 +53,22 @@ impl Convergence {
             base: None,
             best_prediction: None,
             stalled: 0,
+            progress_timeout: None,
+            progress: None,
         }
+    }
+
+    /// A tracker for `config`'s downtime limit, round limit and progress timeout.
+    pub fn from_config(config: &MigrationConfig) -> Self {
+        Self::new(config.downtime_limit, config.max_rounds)
+            .with_progress_timeout(config.progress_timeout)
+    }
+
+    /// Sets the stall rule's timeout: pre-copy is not converging once no round has left a
+    /// dirty set smaller than the smallest seen so far for `t` of wall time (`None`: off).
+    pub fn with_progress_timeout(mut self, t: Option<Duration>) -> Self {
+        self.progress_timeout = t;
+        self
     }
 
     /// Records a finished round (`rounds_done` counts it) that moved `bytes` in `elapsed`,
@@ -54,6 +80,28 @@ impl Convergence {
         elapsed: Duration,
         dirty_bytes: u64,
     ) -> (Decision, Duration) {
+        self.after_round_at(Instant::now(), rounds_done, bytes, elapsed, dirty_bytes)
+    }
+
+    /// [`Convergence::after_round`] for a round whose dirty set was known at `now`.
+    fn after_round_at(
+        &mut self,
+        now: Instant,
+        rounds_done: u32,
+        bytes: u64,
+        elapsed: Duration,
+        dirty_bytes: u64,
+    ) -> (Decision, Duration) {
+        let no_progress_for = match self.progress {
+            Some((smallest, since)) if dirty_bytes >= smallest => {
+                now.saturating_duration_since(since)
+            }
+            _ => {
+                self.progress = Some((dirty_bytes, now));
+                Duration::ZERO
+            }
+        };
+        let timed_out = self.progress_timeout.is_some_and(|t| no_progress_for >= t);
         if bytes >= 4 << 20 || self.bandwidth == 0.0 {
             self.bandwidth = self
                 .bandwidth
@@ -76,7 +124,14 @@ impl Convergence {
         }
         let decision = if predicted <= self.limit {
             Decision::Switchover
-        } else if rounds_done >= self.max_rounds || self.stalled >= STALL_ROUNDS {
+        } else if rounds_done >= self.max_rounds || self.stalled >= STALL_ROUNDS || timed_out {
+            if timed_out {
+                tracing::info!(
+                    "pre-copy made no progress for {no_progress_for:?} (after {rounds_done} \
+                     rounds {dirty_bytes} bytes are dirty, the smallest dirty set was {} bytes)",
+                    self.progress.map_or(0, |p| p.0)
+                );
+            }
             Decision::NotConverging
         } else {
             Decision::Continue
@@ -89,10 +144,12 @@ impl Convergence {
         self.bandwidth
     }
 
-    /// The guest was slowed down: rounds may shrink again, so the stall count starts over.
+    /// The guest was slowed down: rounds may shrink again, so the stall count and the stall
+    /// rule's clock start over (the next round's dirty set is the smallest seen).
     pub fn restart_stall(&mut self) {
         self.stalled = 0;
         self.best_prediction = None;
+        self.progress = None;
     }
 
     /// True once `rounds_done` reached the round limit.
@@ -205,6 +262,67 @@ mod tests {
         // 64 MiB in 62 ms, 4 MiB dirty: ~4 ms + base.
         let (d, _) = c.after_round(2, 64 << 20, Duration::from_millis(62), 4 << 20);
         assert_eq!(d, Decision::Switchover);
+    }
+
+    #[test]
+    fn no_progress_for_the_progress_timeout_is_not_converging() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // Rounds of 64 MiB, each faster than the last, so that the prediction keeps improving
+        // (the four-round rule never fires) while the dirty set never shrinks.
+        let round = |c: &mut Convergence, n: u32, now: u64, dirty_mib: u64| {
+            let elapsed = Duration::from_millis(1000 - 100 * u64::from(n.min(9)));
+            c.after_round_at(at(now), n, 64 << 20, elapsed, dirty_mib << 20)
+                .0
+        };
+        let limit = Duration::from_millis(1);
+        let timeout = Some(Duration::from_millis(300));
+        let mut c = Convergence::new(limit, 1000).with_progress_timeout(timeout);
+        use Decision::{Continue, NotConverging};
+        // The first dirty set is progress; as large a set is not, but 300 ms have not passed.
+        assert_eq!(round(&mut c, 1, 0, 64), Continue);
+        assert_eq!(round(&mut c, 2, 100, 64), Continue);
+        assert_eq!(round(&mut c, 3, 250, 70), Continue);
+        // A smaller set is progress: the clock starts again from it.
+        assert_eq!(round(&mut c, 4, 290, 63), Continue);
+        assert_eq!(round(&mut c, 5, 500, 64), Continue);
+        // As small as the smallest is no progress: 300 ms after the last progress, it stops.
+        assert_eq!(round(&mut c, 6, 590, 63), NotConverging);
+
+        // The same rounds without a progress timeout go on.
+        let mut c = Convergence::new(limit, 1000);
+        for (n, now, dirty) in [(1, 0, 64), (2, 100, 64), (3, 250, 70), (4, 290, 63)] {
+            assert_eq!(round(&mut c, n, now, dirty), Continue);
+        }
+        assert_eq!(round(&mut c, 5, 500, 64), Continue);
+        assert_eq!(round(&mut c, 6, 5000, 63), Continue);
+
+        // A throttle starts the clock over; a round that fits the limit still switches over.
+        let mut c = Convergence::new(limit, 1000).with_progress_timeout(timeout);
+        assert_eq!(round(&mut c, 1, 0, 64), Continue);
+        c.restart_stall();
+        assert_eq!(
+            round(&mut c, 2, 400, 64),
+            Continue,
+            "the throttled round is progress"
+        );
+        assert_eq!(round(&mut c, 3, 600, 64), Continue);
+        assert_eq!(round(&mut c, 4, 800, 64), NotConverging);
+        let mut c = Convergence::new(Duration::from_secs(1), 1000).with_progress_timeout(timeout);
+        assert_eq!(round(&mut c, 1, 0, 64), Decision::Switchover);
+        assert_eq!(round(&mut c, 2, 900, 64), Decision::Switchover);
+    }
+
+    #[test]
+    fn the_config_sets_the_limits() {
+        let cfg = MigrationConfig::new(crate::auth::Psk::random().unwrap())
+            .with_downtime_limit(Duration::from_millis(7))
+            .with_max_rounds(3)
+            .with_progress_timeout(Some(Duration::from_millis(300)));
+        let c = Convergence::from_config(&cfg);
+        assert_eq!(c.limit, Duration::from_millis(7));
+        assert_eq!(c.max_rounds, 3);
+        assert_eq!(c.progress_timeout, Some(Duration::from_millis(300)));
     }
 
     #[test]

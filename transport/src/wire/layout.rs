@@ -4,7 +4,11 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::le::{Le128, Le16, Le32, Le64};
-use super::message::{MAC_LEN, NONCE_LEN};
+
+/// Length of the nonces exchanged in `Hello`/`HelloAck`.
+pub const NONCE_LEN: usize = 32;
+/// Length of an HMAC-SHA256 tag (`HelloAck`, `AuthProof`, a stream's token).
+pub const MAC_LEN: usize = 32;
 
 /// Frame header of every control message.
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]

@@ -14,10 +14,6 @@ use crate::pages::PageRange;
 pub const MAGIC: [u8; 4] = *b"RDMG";
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u16 = 1;
-/// Length of the nonces exchanged in `Hello`/`HelloAck`.
-pub const NONCE_LEN: usize = 32;
-/// Length of an HMAC-SHA256 tag.
-pub const MAC_LEN: usize = 32;
 /// Most regions a region table may carry.
 pub const MAX_REGIONS: usize = 1024;
 /// Most ranges one `Round` message may carry.

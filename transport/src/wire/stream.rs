@@ -11,8 +11,8 @@
 
 use bytemuck::{Pod, Zeroable};
 
+use super::layout::MAC_LEN;
 use super::le::{Le16, Le32, Le64};
-use super::message::MAC_LEN;
 use crate::error::{Error, Result};
 use crate::mem::{PageIndex, RegionId};
 use crate::pages::PageRange;

@@ -8,7 +8,7 @@ use super::{Dest, DestState, Landed, Phase};
 use crate::cpu::thread_cpu_time;
 use crate::error::{Error, Result};
 use crate::pages::PageSet;
-use crate::postcopy::{self, PausedGuest, PostcopyRemnant, PostcopyService};
+use crate::postcopy::{PausedGuest, PostcopyRemnant, PostcopyService};
 use crate::session::handle::Phase as Status;
 use crate::session::stats::{DestReport, FaultLatency};
 use crate::vm::DestinationVm;
@@ -44,7 +44,7 @@ impl Dest<'_> {
         // Pages received in a round are stale now, except those dropped early; in post-copy
         // mode nothing was received and memory was dropped before the rounds.
         let stale = match &early {
-            Some(e) => postcopy::difference(map, &missing, e),
+            Some(e) => missing.difference(e),
             None => missing.clone(),
         };
         if let Some(e) = &early {

@@ -150,7 +150,7 @@ impl Source<'_> {
         }
         let mut pre = Precopy {
             set: PageSet::full(&self.map),
-            conv: Convergence::new(config.downtime_limit, config.max_rounds),
+            conv: Convergence::from_config(config),
             round: 0,
             scanned: scan,
             forced: false,

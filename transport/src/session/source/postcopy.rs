@@ -8,7 +8,6 @@ use super::round::{MIN_HOLE_RUN, PIECE_PAGES};
 use super::{message_chunks, Precopy, Source, SourceState, EARLY_ENOUGH_PAGES, MAX_EARLY_BATCHES};
 use crate::error::{Error, Result};
 use crate::pages::{PageRange, PageSet};
-use crate::postcopy;
 use crate::session::config::MigrationMode;
 use crate::session::handle::Phase as Status;
 use crate::session::stats::{mib_s, FaultLatency, MigrationReport};
@@ -54,7 +53,7 @@ impl Source<'_> {
             self.vm
                 .fetch_and_clear_dirty(&mut dirty)
                 .map_err(|e| Error::vmm("fetch dirty log", e))?;
-            set = postcopy::difference(&self.map, &dirty, dropped);
+            set = dirty.difference(dropped);
         }
         self.vm.pause().map_err(|e| Error::vmm("pause", e))?;
         self.paused = true;
