@@ -324,20 +324,23 @@ fn negotiate(q: &mut Qmp) {
 fn control_socket_reports_progress_and_lifting_the_cap_finishes_the_run() {
     let d = scratch("drive");
     let sock = d.join("ctl.sock");
-    // A 32 MiB guest writing all of it at 64 MiB/s behind an 8 MiB/s cap never converges:
-    // each round moves the whole working set in 4 s, and after 5 such rounds --policy abort
-    // ends the migration with an error. Uncapped, the next round is short enough to switch
-    // over after it: success says the new cap took effect.
+    // An 8 MiB guest rewriting all of it at 16 MiB/s behind a 2 MiB/s cap never converges:
+    // every round moves all 8 MiB in 4 s and predicts 4 s of downtime, over the 2 s limit,
+    // and after 5 such rounds --policy abort ends the migration with an error. Uncapped, any
+    // link faster than 4 MiB/s (a debug build on a busy host too) predicts less than 2 s and
+    // switches over: success says the new cap took effect.
     let mut run = Run::start(
         loopback(&[
             "--mem",
-            "32MiB",
+            "8MiB",
             "--working-set",
-            "32MiB",
+            "8MiB",
             "--dirty-rate",
-            "64MiB/s",
+            "16MiB/s",
             "--max-bandwidth",
-            "8MiB/s",
+            "2MiB/s",
+            "--downtime-limit",
+            "2s",
             "--policy",
             "abort",
         ])
@@ -353,7 +356,7 @@ fn control_socket_reports_progress_and_lifting_the_cap_finishes_the_run() {
     negotiate(&mut q);
     let first = q.wait_status("active", Duration::from_secs(20));
     let ram = &first["ram"];
-    assert_eq!(ram["total"], 32 << 20, "{first}");
+    assert_eq!(ram["total"], 8 << 20, "{first}");
     assert_eq!(ram["page-size"], 4096, "{first}");
     for k in [
         "transferred",
@@ -368,22 +371,31 @@ fn control_socket_reports_progress_and_lifting_the_cap_finishes_the_run() {
         "{first}"
     );
     assert!(first["expected-downtime"].is_u64(), "{first}");
-    std::thread::sleep(Duration::from_millis(700));
-    let later = q.wait_status("active", Duration::from_secs(5));
-    let (t0, t1) = (
-        ram["transferred"].as_u64().unwrap(),
-        later["ram"]["transferred"].as_u64().unwrap(),
-    );
-    assert!(t1 > t0, "transferred did not grow: {t0} then {t1}");
+    // Progress moves piece by piece (a piece at 2 MiB/s may take a second or two).
+    let t0 = ram["transferred"].as_u64().unwrap();
+    let t = Instant::now();
+    loop {
+        let now = q.wait_status("active", Duration::from_secs(5));
+        let t1 = now["ram"]["transferred"].as_u64().unwrap();
+        if t1 > t0 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "transferred stays at {t0}: {now}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let params = q.call(json!({"execute": "query-migrate-parameters"}));
-    assert_eq!(params["return"]["max-bandwidth"], 8 << 20, "{params}");
+    assert_eq!(params["return"]["max-bandwidth"], 2 << 20, "{params}");
+    assert_eq!(params["return"]["downtime-limit"], 2000, "{params}");
     assert!(
         run.running(),
         "the capped migration cannot have finished yet"
     );
     let r = q.call(json!({
         "execute": "migrate-set-parameters",
-        "arguments": {"max-bandwidth": 0, "downtime-limit": 500},
+        "arguments": {"max-bandwidth": 0, "downtime-limit": 2000},
         "id": 7,
     }));
     assert_eq!(r, json!({"return": {}, "id": 7}));
@@ -448,7 +460,12 @@ fn migrate_cancel_over_the_control_socket_cancels_the_run() {
     let v = json_of(&out);
     assert_eq!(v["outcome"], "cancelled", "{v}");
     assert_eq!(v["source_running"], true, "{v}");
-    assert_eq!(v["dest_outcome"], "cancelled", "{v}");
+    // The destination discarded the guest: cancelled itself, or failed when the source
+    // closed the connection first (which of the two comes first is a race).
+    assert!(
+        v["dest_outcome"] == "cancelled" || v["dest_outcome"] == "failed",
+        "{v}"
+    );
     assert_gone_within(child, Duration::from_secs(3));
     assert!(!sock.exists(), "the control socket must be removed at exit");
 }

@@ -67,16 +67,18 @@ struct Server {
     control: MigrationControl,
     end: End,
     page_size: u64,
+    on_cancel: Box<dyn Fn() + Send>,
 }
 
 impl ControlSocket {
     /// Binds `path` (refusing one that exists unless it is a stale socket) and serves it for
-    /// the migration `control` drives.
+    /// the migration `control` drives; `on_cancel` runs after `migrate_cancel` succeeded.
     pub fn start(
         path: &Path,
         control: &MigrationControl,
         end: End,
         page_size: u64,
+        on_cancel: Box<dyn Fn() + Send>,
     ) -> Result<ControlSocket> {
         let shown = path.display();
         match std::fs::symlink_metadata(path) {
@@ -107,6 +109,7 @@ impl ControlSocket {
             control: control.clone(),
             end,
             page_size,
+            on_cancel,
         };
         let (s, l) = (stop.clone(), last.clone());
         let thread = std::thread::Builder::new()
@@ -379,7 +382,10 @@ impl Server {
             }),
             "migrate-set-parameters" => self.set_parameters(args),
             "migrate_cancel" => no_args(&|| match self.control.cancel() {
-                Ok(()) => ok(),
+                Ok(()) => {
+                    (self.on_cancel)();
+                    ok()
+                }
                 Err(e) => generic(e.to_string()),
             }),
             "migrate-start-postcopy" => no_args(&|| {

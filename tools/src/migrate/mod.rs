@@ -54,6 +54,7 @@ pub struct Ctl {
 impl Ctl {
     /// The migration ended with `phase`: the control socket says so and closes.
     fn ended(&self, phase: Phase) {
+        signals::migration_ended();
         let socket = self.socket.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(s) = socket {
             s.finish(phase);
@@ -408,7 +409,13 @@ pub fn run(args: Args) -> Result<ExitCode> {
     let control = MigrationControl::new();
     let signals = Signals::install(&control, end)?;
     let socket = match &args.control_socket {
-        Some(p) => Some(ControlSocket::start(p, &control, end, args.page_size)?),
+        Some(p) => {
+            // A cancel at the --loopback source reaches the child at once, as a signal's does.
+            let s = signals.clone();
+            let on_cancel = Box::new(move || s.pass_on());
+            let page = args.page_size;
+            Some(ControlSocket::start(p, &control, end, page, on_cancel)?)
+        }
         None => None,
     };
     let ctl = Ctl {

@@ -12,15 +12,16 @@
 //!   that comes more than [`REPEAT`] after an accepted cancel that has not ended the migration.
 //!   Signals within [`REPEAT`] of an accepted cancel count as the same request: Ctrl-C in a
 //!   terminal reaches the `--loopback` child both from the terminal and from its parent.
+//! - A cancel that has not ended the migration within [`NOTICE`] says that it is under way.
 //!
 //! The pipe is close-on-exec and exec resets caught signals, so processes `migrate` starts
 //! (the destination child, QEMU) keep the default actions.
 
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::FromRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,6 +36,12 @@ pub const EXIT_CANCELLED: u8 = 130;
 
 /// Signals this close to an accepted cancel are taken as the same request.
 pub const REPEAT: Duration = Duration::from_secs(2);
+
+/// How long an accepted cancel may take before the user is told it is under way.
+pub const NOTICE: Duration = Duration::from_secs(1);
+
+/// The migration has ended (reported by `Ctl::ended`).
+static ENDED: AtomicBool = AtomicBool::new(false);
 
 /// The write end of the pipe, for the handler (-1: none).
 static PIPE_WR: AtomicI32 = AtomicI32::new(-1);
@@ -56,6 +63,11 @@ extern "C" fn on_signal(sig: libc::c_int) {
     unsafe { libc::write(fd, (&byte as *const u8).cast(), 1) };
     // SAFETY: as above.
     unsafe { *libc::__errno_location() = saved };
+}
+
+/// The migration ended: a cancel no longer needs a notice.
+pub fn migration_ended() {
+    ENDED.store(true, Ordering::Release);
 }
 
 /// Asks a hard exit to remove `path` (a file or a directory).
@@ -127,6 +139,11 @@ impl Signals {
         self.forward
             .store(i32::try_from(pid).unwrap_or(0), Ordering::Relaxed);
     }
+
+    /// Passes a cancel accepted elsewhere (the control socket) on, as a signal's would be.
+    pub fn pass_on(&self) {
+        terminate(self.forward.load(Ordering::Relaxed));
+    }
 }
 
 fn signal_name(sig: u8) -> &'static str {
@@ -145,13 +162,45 @@ pub fn terminate(pid: i32) {
     }
 }
 
+/// Waits until the pipe has a signal or `timeout` passed (`None`: for ever); true if it has.
+fn wait_readable(reader: &File, timeout: Option<Duration>) -> bool {
+    let ms = timeout.map_or(-1, |t| i32::try_from(t.as_millis()).unwrap_or(i32::MAX));
+    let mut fd = libc::pollfd {
+        fd: reader.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let n = unsafe { libc::poll(&mut fd, 1, ms) };
+    // An error (EINTR: a signal landed on this thread) means: look at the pipe again.
+    n != 0
+}
+
 fn watch(mut reader: File, control: &MigrationControl, end: End, forward: &AtomicI32) {
-    let mut accepted: Option<Instant> = None;
+    let mut accepted: Option<(Instant, &'static str)> = None;
+    let mut noticed = false;
     let mut refused = false;
     let mut byte = [0u8; 1];
-    while let Ok(1) = reader.read(&mut byte) {
+    loop {
+        let notice_in = accepted
+            .filter(|_| !noticed)
+            .map(|(t, _)| NOTICE.saturating_sub(t.elapsed()));
+        if !wait_readable(&reader, notice_in) {
+            noticed = true;
+            if let Some((_, name)) = accepted.filter(|_| !ENDED.load(Ordering::Acquire)) {
+                eprintln!(
+                    "rdma-bench: {name}: cancelling the migration (signal again to exit at once)"
+                );
+            }
+            continue;
+        }
+        match reader.read(&mut byte) {
+            Ok(1) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            _ => return,
+        }
         let name = signal_name(byte[0]);
-        if refused || accepted.is_some_and(|t| t.elapsed() >= REPEAT) {
+        if refused || accepted.is_some_and(|(t, _)| t.elapsed() >= REPEAT) {
             hard_exit(name, byte[0]);
         }
         if accepted.is_some() {
@@ -160,7 +209,7 @@ fn watch(mut reader: File, control: &MigrationControl, end: End, forward: &Atomi
         match control.cancel() {
             Ok(()) => {
                 tracing::info!("{name}: cancelling the migration");
-                accepted = Some(Instant::now());
+                accepted = Some((Instant::now(), name));
                 terminate(forward.load(Ordering::Relaxed));
             }
             Err(e) => {
