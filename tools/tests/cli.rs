@@ -1,7 +1,7 @@
 //! The command line as a user meets it: a loopback migration with JSON output, clear one-line
 //! errors for bad arguments, a wrong key, an unreachable peer and a destination killed
-//! mid-round (after which the source VM must still be running and intact), and a `--loopback`
-//! destination that ends with its source when only the source gets SIGTERM.
+//! mid-round (after which the source VM must still be running and intact). Signals and the
+//! control socket of a running migration are in `control.rs`.
 
 use rdmig_transport::require::{skip, Capability};
 use std::io::Write;
@@ -393,94 +393,6 @@ fn destination_killed_mid_round_leaves_the_source_running() {
         !e.contains("wrote 0 pages"),
         "the source guest must keep writing: {e}"
     );
-}
-
-/// State letter and parent pid of process `pid` from `/proc/PID/stat`, or `None` once it is
-/// gone.
-fn proc_state(pid: u32) -> Option<(char, u32)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-    let mut rest = stat[stat.rfind(')')? + 1..].split_whitespace();
-    let state = rest.next()?.chars().next()?;
-    Some((state, rest.next()?.parse().ok()?))
-}
-
-/// The pids of the children of `parent`.
-fn children_of(parent: u32) -> Vec<u32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|&pid| proc_state(pid).is_some_and(|(_, ppid)| ppid == parent))
-        .collect()
-}
-
-/// Starts a loopback migration (256 MiB at 32 MiB/s: about 8 s of pre-copy), sends SIGTERM
-/// to the source process alone `after` its destination child appeared (as a supervisor or a
-/// script sends it), and checks that the child does not outlive it by more than 2 s.
-fn sigterm_the_source_alone(after: Duration) {
-    let mut src = bench()
-        .args([
-            "migrate",
-            "--loopback",
-            "--vm",
-            "synthetic",
-            "--transport",
-            "tcp",
-            "--mem",
-            "256MiB",
-            "--working-set",
-            "16MiB",
-        ])
-        .args(["--dirty-rate", "32MiB/s", "--max-bandwidth", "32MiB/s"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let child = loop {
-        if let [c] = children_of(src.id())[..] {
-            break c;
-        }
-        assert!(Instant::now() < deadline, "no destination child appeared");
-        assert!(src.try_wait().unwrap().is_none(), "the source ended early");
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    std::thread::sleep(after);
-    assert!(
-        src.try_wait().unwrap().is_none(),
-        "the migration ended before the signal"
-    );
-    // SAFETY: src is our unreaped child, so its pid names it.
-    let killed = unsafe { libc::kill(src.id() as libc::pid_t, libc::SIGTERM) };
-    assert_eq!(killed, 0);
-    let status = src.wait().unwrap();
-    assert_eq!(
-        std::os::unix::process::ExitStatusExt::signal(&status),
-        Some(libc::SIGTERM)
-    );
-    let t = Instant::now();
-    // Gone, or a zombie waiting for whoever adopted it to reap it.
-    while let Some((state, _)) = proc_state(child).filter(|(s, _)| *s != 'Z') {
-        if t.elapsed() > Duration::from_secs(2) {
-            // SAFETY: kill(2) of a pid; it is the orphaned destination (or nothing).
-            unsafe { libc::kill(child as libc::pid_t, libc::SIGKILL) };
-            panic!("destination child {child} still runs (state {state}) 2 s after the source");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    eprintln!(
-        "SIGTERM {after:?} after the destination child appeared: child {child} gone {:?} after the \
-         source died",
-        t.elapsed()
-    );
-}
-
-#[test]
-fn loopback_destination_dies_with_a_terminated_source() {
-    // Before the source connected (the destination is still setting up or listening, with no
-    // connection whose end would tell it), and mid-migration.
-    sigterm_the_source_alone(Duration::ZERO);
-    sigterm_the_source_alone(Duration::from_millis(1500));
 }
 
 fn uffd_skip() -> bool {

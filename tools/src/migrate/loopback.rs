@@ -1,9 +1,12 @@
 //! `--loopback`: the destination runs as a child process of this one (`migrate --listen` on
 //! an ephemeral port), with a fresh random key shared through a private file.
 //!
-//! The child dies with this process: it asks for SIGTERM when its parent dies
-//! (`PR_SET_PDEATHSIG`), so a signal sent to this process alone (a supervisor's SIGTERM)
-//! does not leave a destination listening for ever or holding the guest's memory.
+//! The child ends with this process. A SIGINT or SIGTERM that cancels the migration here is
+//! passed on to the child as SIGTERM, which cancels its end (it is a `--listen` process with
+//! its own handlers); this process then waits a few seconds for it and kills what is left.
+//! As the backstop, the child asks for SIGTERM when its parent dies (`PR_SET_PDEATHSIG`), so
+//! a parent killed outright does not leave a destination listening for ever or holding the
+//! guest's memory. With `--control-socket PATH` the child serves `PATH.dest`.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -15,7 +18,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use rdmig_transport::auth::{random_bytes, Psk};
 
-use super::{connect, Args, DestOutcome, VmParams};
+use super::{connect, signals, source_cancelled, Args, Ctl, DestOutcome, VmParams};
+use rdmig_transport::session::Phase;
 
 /// A private scratch directory removed on drop.
 struct Scratch(PathBuf);
@@ -29,6 +33,7 @@ impl Scratch {
             u64::from_le_bytes(tag)
         ));
         std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        signals::remove_on_exit(dir.clone());
         Ok(Scratch(dir))
     }
 
@@ -39,6 +44,7 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
+        signals::forget(&self.0);
         if let Err(e) = std::fs::remove_dir_all(&self.0) {
             tracing::warn!("removing {}: {e}", self.0.display());
         }
@@ -89,7 +95,11 @@ fn write_key(path: &Path, psk: &Psk) -> Result<()> {
 }
 
 /// Runs both ends.
-pub fn run(args: &Args, params: &VmParams) -> Result<ExitCode> {
+pub fn run(args: &Args, params: &VmParams, ctl: &Ctl) -> Result<ExitCode> {
+    if ctl.control.is_cancelled() {
+        ctl.ended(Phase::Cancelled);
+        return Ok(source_cancelled(args, ctl, args.vm, None, None));
+    }
     let scratch = Scratch::new()?;
     let (key, port_file, result_file) = (
         scratch.path("key"),
@@ -148,14 +158,31 @@ pub fn run(args: &Args, params: &VmParams) -> Result<ExitCode> {
     if let Some(i) = args.ib_port {
         cmd.args(["--ib-port", &i.to_string()]);
     }
+    if let Some(p) = &args.control_socket {
+        let mut dest = p.clone().into_os_string();
+        dest.push(".dest");
+        cmd.arg("--control-socket").arg(dest);
+    }
     die_with_parent(&mut cmd);
-    let child = std::cell::RefCell::new(KillOnDrop(Some(
-        cmd.spawn().context("starting the destination process")?,
-    )));
+    let spawned = cmd.spawn().context("starting the destination process")?;
+    let pid = spawned.id();
+    ctl.signals.forward_to(pid);
+    let child = std::cell::RefCell::new(KillOnDrop(Some(spawned)));
+    // A cancel that came before the child's pid was known.
+    if ctl.control.is_cancelled() {
+        signals::terminate(pid as i32);
+    }
     let port = wait_for_port(
         &port_file,
         child.borrow_mut().0.as_mut().expect("just spawned"),
+        ctl,
     )?;
+    let Some(port) = port else {
+        // Cancelled before the destination listened: no source VM was started.
+        signals::terminate(pid as i32);
+        ctl.ended(Phase::Cancelled);
+        return Ok(source_cancelled(args, ctl, args.vm, None, None));
+    };
     let addr = std::net::SocketAddr::new(args.bind, port);
 
     let mut src_args = args.clone();
@@ -171,23 +198,32 @@ pub fn run(args: &Args, params: &VmParams) -> Result<ExitCode> {
             }
         }
     };
-    let read_dest = || -> Option<DestOutcome> {
-        wait_child(Duration::from_secs(60));
+    // Cancelled: the child is told (it may not have heard from the source) and has a few
+    // seconds to write its outcome.
+    let read_dest = |cancelled: bool| -> Option<DestOutcome> {
+        if cancelled {
+            signals::terminate(pid as i32);
+        }
+        wait_child(Duration::from_secs(if cancelled { 5 } else { 60 }));
         serde_json::from_slice(&std::fs::read(&result_file).ok()?).ok()
     };
-    let code = connect(&src_args, params, addr, Some(&read_dest));
+    let code = connect(&src_args, params, addr, ctl, Some(&read_dest));
     if code.is_err() {
         wait_child(Duration::from_secs(5));
     }
     code
 }
 
-fn wait_for_port(port_file: &Path, child: &mut Child) -> Result<u16> {
+/// The port the child listens on, or `None` if the migration was cancelled meanwhile.
+fn wait_for_port(port_file: &Path, child: &mut Child, ctl: &Ctl) -> Result<Option<u16>> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
+        if ctl.control.is_cancelled() {
+            return Ok(None);
+        }
         if let Ok(s) = std::fs::read_to_string(port_file) {
             if let Ok(p) = s.trim().parse() {
-                return Ok(p);
+                return Ok(Some(p));
             }
         }
         if let Some(status) = child.try_wait()? {

@@ -1,27 +1,85 @@
 //! `rdma-bench migrate`: a live migration, as two processes on this host (`--loopback`) or one
 //! end each on two hosts (`--listen` / `--connect`).
+//!
+//! Either end can be driven while it runs: SIGINT or SIGTERM cancels it ([`signals`]), and
+//! `--control-socket PATH` serves QEMU's QMP migration commands ([`control_socket`]). A
+//! cancelled migration exits with status 130 ([`signals::EXIT_CANCELLED`]).
 
+mod control_socket;
 mod loopback;
 mod qemu;
 mod report;
+mod signals;
 mod vms;
 
 use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use rdmig_transport::auth::Psk;
 use rdmig_transport::mem::PageSize;
 use rdmig_transport::rdma::RdmaOptions;
-use rdmig_transport::session::{self, ConvergencePolicy, MigrationConfig, MigrationMode};
+use rdmig_transport::session::{
+    self, ConvergencePolicy, MigrationConfig, MigrationControl, MigrationMode, Phase,
+};
 use rdmig_transport::wire::TransportKind;
 
 use crate::units::{parse_duration, parse_rate, parse_size};
+use control_socket::ControlSocket;
 use rdmig_vmm::GuestCheck;
 pub use report::DestOutcome;
+use signals::{Signals, EXIT_CANCELLED};
 use vms::{LocalVm, VmKind, VmParams};
+
+/// Which end of the migration this process runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    /// `--connect`, or the parent of `--loopback`.
+    Source,
+    /// `--listen`, or the child of `--loopback`.
+    Destination,
+}
+
+/// What drives the running migration from outside: the control the signal handler and the
+/// control socket share with the session.
+pub struct Ctl {
+    control: MigrationControl,
+    signals: Signals,
+    socket: Mutex<Option<ControlSocket>>,
+}
+
+impl Ctl {
+    /// The migration ended with `phase`: the control socket says so and closes.
+    fn ended(&self, phase: Phase) {
+        signals::migration_ended();
+        let socket = self.socket.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(s) = socket {
+            s.finish(phase);
+        }
+    }
+
+    /// The phase a migration ended in: `error` is its error (`None`: it completed). Any
+    /// failure after an accepted cancel counts as the cancel (shutting its connections down may
+    /// surface as an I/O error first).
+    fn outcome(&self, error: Option<&anyhow::Error>) -> Phase {
+        let cancelled = |e: &anyhow::Error| {
+            e.chain().any(|c| {
+                matches!(
+                    c.downcast_ref::<rdmig_transport::Error>(),
+                    Some(rdmig_transport::Error::Cancelled)
+                )
+            })
+        };
+        match error {
+            None => Phase::Completed,
+            Some(e) if self.control.is_cancelled() || cancelled(e) => Phase::Cancelled,
+            Some(_) => Phase::Failed,
+        }
+    }
+}
 
 /// Transport choice on the command line.
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -164,6 +222,13 @@ pub struct Args {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Serve QEMU's QMP migration commands on a Unix socket at PATH while the migration runs
+    /// (query-migrate, migrate-set-parameters, migrate_cancel, migrate-start-postcopy, and
+    /// MIGRATION events); removed at exit. With --loopback this is the source's; the
+    /// destination child serves PATH.dest. SIGINT or SIGTERM cancels the migration too (exit
+    /// status 130).
+    #[arg(long = "control-socket", value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
     /// Address --loopback listens on (use the RDMA interface's address for RDMA).
     #[arg(long, default_value = "127.0.0.1")]
     pub bind: IpAddr,
@@ -335,23 +400,76 @@ pub fn run(args: Args) -> Result<ExitCode> {
     }
     if args.vm == Some(VmKind::Qemu) {
         qemu::check_mode(args.migration_mode.mode())?;
-        if args.loopback && args.qemu_qmp.is_none() {
-            return qemu::loopback(&args, &params);
-        }
     }
-    if args.loopback {
-        loopback::run(&args, &params)
+    let end = if args.listen.is_some() {
+        End::Destination
+    } else {
+        End::Source
+    };
+    let control = MigrationControl::new();
+    let signals = Signals::install(&control, end)?;
+    let socket = match &args.control_socket {
+        Some(p) => {
+            // A cancel at the --loopback source reaches the child at once, as a signal's does.
+            let s = signals.clone();
+            let on_cancel = Box::new(move || s.pass_on());
+            let page = args.page_size;
+            Some(ControlSocket::start(p, &control, end, page, on_cancel)?)
+        }
+        None => None,
+    };
+    let ctl = Ctl {
+        control,
+        signals,
+        socket: Mutex::new(socket),
+    };
+    let code = if args.vm == Some(VmKind::Qemu) && args.loopback && args.qemu_qmp.is_none() {
+        qemu::loopback(&args, &params, &ctl)
+    } else if args.loopback {
+        loopback::run(&args, &params, &ctl)
     } else if let Some(addr) = args.listen {
-        listen(&args, &params, addr).map(|_| ExitCode::SUCCESS)
+        listen(&args, &params, addr, &ctl)
     } else if let Some(addr) = args.connect {
-        connect(&args, &params, addr, None)
+        connect(&args, &params, addr, &ctl, None)
     } else {
         bail!("one of --loopback, --listen or --connect is required")
+    };
+    // Whatever ended it (a setup error too), the socket goes.
+    ctl.ended(if code.is_ok() {
+        Phase::Completed
+    } else {
+        Phase::Failed
+    });
+    code
+}
+
+/// Tells the user that the migration was cancelled at the source (one line on stderr, and the
+/// JSON object with --json); `running`: the source VM's state (`None`: none was started).
+fn source_cancelled(
+    args: &Args,
+    ctl: &Ctl,
+    kind: Option<VmKind>,
+    running: Option<bool>,
+    dest: Option<&DestOutcome>,
+) -> ExitCode {
+    let p = ctl.control.progress();
+    let state = match running {
+        Some(true) => "the source VM keeps running",
+        Some(false) => "the source VM is NOT running",
+        None => "no source VM had started",
+    };
+    eprintln!(
+        "rdma-bench: migration cancelled after {:.1} s; {state}",
+        p.elapsed.as_secs_f64()
+    );
+    if args.json {
+        report::print_cancelled(&p, kind, args.migration_mode.mode(), running, dest);
     }
+    ExitCode::from(EXIT_CANCELLED)
 }
 
 /// The destination end.
-fn listen(args: &Args, params: &VmParams, addr: SocketAddr) -> Result<DestOutcome> {
+fn listen(args: &Args, params: &VmParams, addr: SocketAddr, ctl: &Ctl) -> Result<ExitCode> {
     let (kind, why) = VmKind::resolve(args.vm)?;
     let psk = args.psk()?;
     // A QEMU is attached now and watched while the migration comes in (qemu::accept).
@@ -373,14 +491,18 @@ fn listen(args: &Args, params: &VmParams, addr: SocketAddr) -> Result<DestOutcom
     }
     let config = args.config(psk, Some(local.ip()));
     let result = match (factory, qemu_dest) {
-        (Some(factory), _) => session::accept(&listener, &config, factory)
+        (Some(factory), _) => session::accept_controlled(&listener, &config, factory, &ctl.control)
             .map_err(anyhow::Error::new)
             .and_then(|(vm, dest)| Ok((LocalVm::from_destination(kind, vm)?, dest))),
-        (None, Some(q)) => rdmig_vmm::qemu::accept_into(q, &listener, &config)
-            .map(|(vm, dest)| (LocalVm::QemuDest(vm), dest))
-            .map_err(anyhow::Error::new),
+        (None, Some(q)) => {
+            rdmig_vmm::qemu::accept_into_controlled(q, &listener, &config, &ctl.control)
+                .map(|(vm, dest)| (LocalVm::QemuDest(vm), dest))
+                .map_err(anyhow::Error::new)
+        }
         (None, None) => unreachable!("one of the two is prepared"),
     };
+    let phase = ctl.outcome(result.as_ref().err());
+    ctl.ended(phase);
     let outcome = match result {
         Ok((mut vm, dest)) => {
             std::thread::sleep(args.run_after);
@@ -389,6 +511,7 @@ fn listen(args: &Args, params: &VmParams, addr: SocketAddr) -> Result<DestOutcom
             let running = vm.running();
             DestOutcome {
                 ok: true,
+                outcome: Phase::Completed.name().into(),
                 error: None,
                 vm: kind.name().into(),
                 dest: Some(dest),
@@ -402,6 +525,7 @@ fn listen(args: &Args, params: &VmParams, addr: SocketAddr) -> Result<DestOutcom
         }
         Err(e) => DestOutcome {
             ok: false,
+            outcome: phase.name().into(),
             error: Some(format!("{e:#}")),
             vm: kind.name().into(),
             dest: None,
@@ -414,21 +538,31 @@ fn listen(args: &Args, params: &VmParams, addr: SocketAddr) -> Result<DestOutcom
     if let Some(f) = &args.result_file {
         std::fs::write(f, serde_json::to_vec(&outcome)?)
             .with_context(|| format!("writing {}", f.display()))?;
+    } else if phase == Phase::Cancelled {
+        eprintln!("rdma-bench: incoming migration cancelled; the incoming guest was discarded");
+        if args.json {
+            report::print_destination(&outcome, true);
+        }
     } else {
         report::print_destination(&outcome, args.json);
+    }
+    if phase == Phase::Cancelled {
+        return Ok(ExitCode::from(EXIT_CANCELLED));
     }
     if let Some(e) = &outcome.error {
         bail!("incoming migration failed: {e}");
     }
-    Ok(outcome)
+    Ok(ExitCode::SUCCESS)
 }
 
-/// The source end; `dest_result` reads the destination's outcome (loopback).
+/// The source end; `dest_result` reads the destination's outcome (loopback; `true`: the
+/// migration was cancelled, end the destination first).
 fn connect(
     args: &Args,
     params: &VmParams,
     addr: SocketAddr,
-    dest_result: Option<&dyn Fn() -> Option<DestOutcome>>,
+    ctl: &Ctl,
+    dest_result: Option<&dyn Fn(bool) -> Option<DestOutcome>>,
 ) -> Result<ExitCode> {
     let (kind, why) = VmKind::resolve(args.vm)?;
     let psk = match (&args.psk_file, args.loopback) {
@@ -440,15 +574,31 @@ fn connect(
         LocalVm::start(kind, params).with_context(|| format!("starting the {} VM", kind.name()))?;
     let mut progress = report::Progress::new(!args.json);
     progress.start(kind, &why, params);
-    let result = session::migrate(vm.source(), addr, &config, &mut |r| progress.round(r));
+    let result = session::migrate_controlled(vm.source(), addr, &config, &ctl.control, &mut |r| {
+        progress.round(r)
+    });
     progress.finish();
+    let result = result.map_err(anyhow::Error::new);
+    let phase = ctl.outcome(result.as_ref().err());
+    ctl.ended(phase);
+    if phase == Phase::Cancelled {
+        let running = vm.running();
+        let dest = dest_result.and_then(|f| f(true));
+        return Ok(source_cancelled(
+            args,
+            ctl,
+            Some(kind),
+            Some(running),
+            dest.as_ref(),
+        ));
+    }
     match result {
         Ok(rep) => {
             let qemu = vm
                 .qemu_source()
                 .map(|s| qemu::facts(s, params.qemu_consoles.as_ref()));
             drop(vm);
-            let dest = dest_result.and_then(|f| f());
+            let dest = dest_result.and_then(|f| f(false));
             report::print_migration(&rep, kind, dest.as_ref(), qemu.as_ref(), args.json);
             let guest_ok = dest
                 .as_ref()
@@ -469,7 +619,7 @@ fn connect(
                 "NOT running"
             };
             eprintln!("rdma-bench: migration failed; the source QEMU is {state}");
-            Err(anyhow::Error::new(e).context("migration failed"))
+            Err(e.context("migration failed"))
         }
         Err(e) => {
             let before = vm.pages_written();
@@ -488,7 +638,7 @@ fn connect(
                 check.pages_checked,
                 check.pages_bad
             );
-            Err(anyhow::Error::new(e).context("migration failed"))
+            Err(e.context("migration failed"))
         }
     }
 }

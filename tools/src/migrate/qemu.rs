@@ -16,7 +16,7 @@ use rdmig_vmm::qemu::{QemuDest, QemuDestOptions, QemuSource};
 use serde::{Deserialize, Serialize};
 
 use super::vms::VmParams;
-use super::Args;
+use super::{Args, Ctl};
 
 /// Reports the destination guest must print after the move before it counts as verified.
 const GUEST_REPORTS: usize = 4;
@@ -43,7 +43,7 @@ fn mib(what: &str, bytes: u64) -> Result<u64> {
 
 /// `--loopback --vm qemu`: boots the source QEMU, starts the destination QEMU with
 /// `-incoming defer`, and runs the usual loopback between them.
-pub fn loopback(args: &Args, params: &VmParams) -> Result<ExitCode> {
+pub fn loopback(args: &Args, params: &VmParams, ctl: &Ctl) -> Result<ExitCode> {
     let image = GuestImage::from_env()
         .map_err(|why| anyhow::anyhow!("--vm qemu --loopback needs the test guest: {why}"))?;
     let spec = GuestSpec {
@@ -84,7 +84,7 @@ pub fn loopback(args: &Args, params: &VmParams) -> Result<ExitCode> {
         src.console_path().to_path_buf(),
         dst.console_path().to_path_buf(),
     ));
-    super::loopback::run(&args, &params)
+    super::loopback::run(&args, &params, ctl)
 }
 
 /// What a QEMU migration adds to the report.

@@ -4,7 +4,9 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use rdmig_transport::session::{DestReport, MigrationReport, RoundStats};
+use rdmig_transport::session::{
+    DestReport, MigrationMode, MigrationReport, Progress as Snapshot, RoundStats,
+};
 use rdmig_vmm::GuestCheck;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -18,6 +20,9 @@ use crate::units::human_bytes;
 pub struct DestOutcome {
     /// The incoming migration completed.
     pub ok: bool,
+    /// `completed`, `failed` or `cancelled`.
+    #[serde(default)]
+    pub outcome: String,
     /// Why not.
     pub error: Option<String>,
     /// VM kind.
@@ -183,6 +188,7 @@ pub fn print_migration(
     let dest_qemu = dest.and_then(|d| d.qemu.as_ref());
     if json {
         let v = json!({
+            "outcome": "completed",
             "transport": rep.transport,
             "transport_reason": rep.transport_reason,
             "vm": kind.name(),
@@ -355,6 +361,32 @@ pub fn print_migration(
         "{:<18} source {:.0} ms, destination {:.0} ms",
         "migration CPU", rep.source_cpu_ms, rep.dest_cpu_ms
     );
+}
+
+/// Prints a cancelled migration's JSON object: what the source had done when it ended (`p`),
+/// its VM's state (`running`; `None`: none had started) and, with --loopback, the
+/// destination's outcome.
+pub fn print_cancelled(
+    p: &Snapshot,
+    kind: Option<VmKind>,
+    mode: MigrationMode,
+    running: Option<bool>,
+    dest: Option<&DestOutcome>,
+) {
+    let v = json!({
+        "outcome": "cancelled",
+        "vm": kind.map(VmKind::name),
+        "mode": mode.name(),
+        "mem_bytes": p.total_bytes,
+        "total_ms": p.elapsed.as_secs_f64() * 1e3,
+        "round": p.round,
+        "bytes_transferred": p.transferred_bytes,
+        "zero_pages": p.zero_pages,
+        "source_running": running,
+        "dest_outcome": dest.map(|d| d.outcome.as_str()),
+        "dest_error": dest.and_then(|d| d.error.as_deref()),
+    });
+    println!("{v}");
 }
 
 /// Prints the destination's outcome (listen mode on its own host).

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use rdmig_transport::mem::GuestMemoryMap;
-use rdmig_transport::session::{self, DestReport, MigrationConfig};
+use rdmig_transport::session::{self, DestReport, MigrationConfig, MigrationControl};
 use rdmig_transport::vm::{DestinationFactory, DestinationVm, MemoryLayout};
 use rdmig_transport::VmmError;
 
@@ -253,6 +253,17 @@ pub fn accept_into(
     listener: &TcpListener,
     config: &MigrationConfig,
 ) -> rdmig_transport::Result<(Box<QemuDest>, DestReport)> {
+    accept_into_controlled(dest, listener, config, &MigrationControl::new())
+}
+
+/// [`accept_into`] driven through `control` ([`session::accept_controlled`]): another thread
+/// can follow its progress or cancel it until the guest resumes.
+pub fn accept_into_controlled(
+    dest: QemuDest,
+    listener: &TcpListener,
+    config: &MigrationConfig,
+    control: &MigrationControl,
+) -> rdmig_transport::Result<(Box<QemuDest>, DestReport)> {
     let port = listener
         .local_addr()
         .map_err(|e| rdmig_transport::Error::io("listener address", e, "control"))?
@@ -282,7 +293,7 @@ pub fn accept_into(
         }
         Ok(Box::new(dest) as Box<dyn DestinationVm>)
     });
-    let result = session::accept(listener, config, factory);
+    let result = session::accept_controlled(listener, config, factory, control);
     let exited = watch.stop();
     match (result, exited) {
         (Ok((vm, report)), None) => Ok((into_qemu(vm).expect("built by this factory"), report)),

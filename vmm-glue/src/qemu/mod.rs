@@ -34,7 +34,10 @@ pub mod watch;
 
 use std::path::{Path, PathBuf};
 
-pub use dest::{accept_into, into_qemu, qemu_destination_factory, QemuDest, QemuDestOptions};
+pub use dest::{
+    accept_into, accept_into_controlled, into_qemu, qemu_destination_factory, QemuDest,
+    QemuDestOptions,
+};
 pub use dirty::DirtyTracking;
 pub use source::{QemuSource, QemuSourceOptions};
 

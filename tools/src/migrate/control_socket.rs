@@ -1,0 +1,504 @@
+//! `--control-socket PATH`: a Unix socket that speaks QEMU's QMP for the running migration.
+//!
+//! Any number of clients may connect. Each gets QMP's greeting, must send
+//! `{"execute": "qmp_capabilities"}` first (as with QEMU), and then sends one JSON object per
+//! line and gets one per line back, with its `"id"` echoed:
+//!
+//! | command | arguments | does |
+//! | --- | --- | --- |
+//! | `query-migrate` | | status, times and `ram` figures from [`MigrationControl::progress`] |
+//! | `query-migrate-parameters` | | `downtime-limit` (ms) and `max-bandwidth` (bytes/s, 0: none) |
+//! | `migrate-set-parameters` | `downtime-limit` (ms), `max-bandwidth` (bytes/s; 0 lifts the cap) | from the next round (source only) |
+//! | `migrate_cancel` | | cancels; an error once the switchover has begun |
+//! | `migrate-start-postcopy` | | post-copy after this round (source of a hybrid or post-copy migration) |
+//!
+//! Errors have QMP's shape: `CommandNotFound` for an unknown command (or any command before
+//! `qmp_capabilities`), `GenericError` for malformed JSON (the connection stays open) and
+//! refused arguments. Every client that negotiated gets a `MIGRATION` event whenever the phase
+//! changes (polled every 20 ms, so a phase shorter than that may be missed), and the final
+//! one when the migration ends. One thread serves all clients with `poll(2)` and
+//! non-blocking sockets; a client that stops reading is dropped rather than waited for.
+
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use rdmig_transport::session::{MigrationControl, Phase};
+use serde_json::{json, Map, Value};
+
+use super::{signals, End};
+
+/// How often the phase is polled (and the longest a request waits for its reply).
+const TICK_MS: i32 = 20;
+/// A request line longer than this closes the connection.
+const MAX_LINE: usize = 64 << 10;
+/// A client with this much unread output is dropped.
+const MAX_PENDING: usize = 1 << 20;
+/// QEMU's largest `downtime-limit`, ms.
+const MAX_DOWNTIME_MS: u64 = 2_000_000;
+
+/// The running server; [`ControlSocket::finish`] (or drop) stops it and removes the socket.
+pub struct ControlSocket {
+    path: PathBuf,
+    inode: (u64, u64),
+    stop: Arc<AtomicBool>,
+    last: Arc<Mutex<Option<Phase>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// One connected client.
+struct Client {
+    stream: UnixStream,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    negotiated: bool,
+    closing: bool,
+}
+
+/// What the request handler needs.
+struct Server {
+    control: MigrationControl,
+    end: End,
+    page_size: u64,
+    on_cancel: Box<dyn Fn() + Send>,
+}
+
+impl ControlSocket {
+    /// Binds `path` (refusing one that exists unless it is a stale socket) and serves it for
+    /// the migration `control` drives; `on_cancel` runs after `migrate_cancel` succeeded.
+    pub fn start(
+        path: &Path,
+        control: &MigrationControl,
+        end: End,
+        page_size: u64,
+        on_cancel: Box<dyn Fn() + Send>,
+    ) -> Result<ControlSocket> {
+        let shown = path.display();
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_socket() => match UnixStream::connect(path) {
+                Ok(_) => bail!("--control-socket {shown}: another process serves this socket"),
+                Err(e) if e.kind() == ErrorKind::ConnectionRefused => {
+                    std::fs::remove_file(path)
+                        .with_context(|| format!("removing the stale socket {shown}"))?;
+                }
+                Err(e) => bail!("--control-socket {shown}: exists and cannot be checked ({e})"),
+            },
+            Ok(_) => bail!(
+                "--control-socket {shown}: exists and is not a socket; not replacing it (choose another path)"
+            ),
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => bail!("--control-socket {shown}: {e}"),
+        }
+        let listener =
+            UnixListener::bind(path).with_context(|| format!("--control-socket {shown}"))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("--control-socket {shown}: chmod"))?;
+        let meta = std::fs::symlink_metadata(path)?;
+        listener.set_nonblocking(true)?;
+        signals::remove_on_exit(path.to_path_buf());
+        let stop = Arc::new(AtomicBool::new(false));
+        let last = Arc::new(Mutex::new(None));
+        let server = Server {
+            control: control.clone(),
+            end,
+            page_size,
+            on_cancel,
+        };
+        let (s, l) = (stop.clone(), last.clone());
+        let thread = std::thread::Builder::new()
+            .name("control-socket".into())
+            .spawn(move || server.run(&listener, &s, &l))?;
+        Ok(ControlSocket {
+            path: path.to_path_buf(),
+            inode: (meta.dev(), meta.ino()),
+            stop,
+            last,
+            thread: Some(thread),
+        })
+    }
+
+    /// The migration ended with `phase`: tells the clients (unless the migration already
+    /// did), sends them what is pending (bounded), closes them and removes the socket.
+    pub fn finish(mut self, phase: Phase) {
+        *lock(&self.last) = Some(phase);
+        self.shut_down();
+    }
+
+    fn shut_down(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        // Only our own socket: someone may have replaced the path meanwhile.
+        if std::fs::symlink_metadata(&self.path).is_ok_and(|m| (m.dev(), m.ino()) == self.inode) {
+            if let Err(e) = std::fs::remove_file(&self.path) {
+                tracing::warn!("removing {}: {e}", self.path.display());
+            }
+        }
+        signals::forget(&self.path);
+    }
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.shut_down();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn timestamp() -> Value {
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    json!({"seconds": t.as_secs(), "microseconds": t.subsec_micros()})
+}
+
+fn error(class: &str, desc: impl Into<String>) -> Value {
+    json!({"error": {"class": class, "desc": desc.into()}})
+}
+
+fn generic(desc: impl Into<String>) -> Value {
+    error("GenericError", desc)
+}
+
+fn ok() -> Value {
+    json!({"return": {}})
+}
+
+impl Client {
+    fn send(&mut self, v: &Value) {
+        // Serialising a Value cannot fail.
+        let _ = serde_json::to_writer(&mut self.output, v);
+        self.output.push(b'\n');
+    }
+
+    /// Writes what it can without blocking; false when the client is gone.
+    fn flush(&mut self) -> bool {
+        while !self.output.is_empty() {
+            match self.stream.write(&self.output) {
+                Ok(0) => return false,
+                Ok(n) => drop(self.output.drain(..n)),
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+        self.output.len() <= MAX_PENDING && !(self.closing && self.output.is_empty())
+    }
+}
+
+impl Server {
+    fn run(&self, listener: &UnixListener, stop: &AtomicBool, last: &Mutex<Option<Phase>>) {
+        let mut clients: Vec<Client> = Vec::new();
+        let mut sent = self.control.progress().phase;
+        let mut stopping_since: Option<Instant> = None;
+        loop {
+            // Read before the status, so that the end `finish` set is announced.
+            let stopping = stop.load(Ordering::Acquire);
+            let phase = self.status(last, sent);
+            if phase != sent {
+                sent = phase;
+                let event = json!({
+                    "event": "MIGRATION",
+                    "data": {"status": phase.name()},
+                    "timestamp": timestamp(),
+                });
+                for c in clients.iter_mut().filter(|c| c.negotiated) {
+                    c.send(&event);
+                }
+            }
+            clients.retain_mut(Client::flush);
+            if stopping {
+                let since = *stopping_since.get_or_insert_with(Instant::now);
+                if clients.iter().all(|c| c.output.is_empty())
+                    || since.elapsed() > Duration::from_secs(1)
+                {
+                    return;
+                }
+            }
+            self.poll(listener, &mut clients);
+            while let Ok((stream, _)) = listener.accept() {
+                if stream.set_nonblocking(true).is_err() {
+                    continue;
+                }
+                let mut c = Client {
+                    stream,
+                    input: Vec::new(),
+                    output: Vec::new(),
+                    negotiated: false,
+                    closing: false,
+                };
+                c.send(&greeting());
+                clients.push(c);
+            }
+            for c in &mut clients {
+                self.read(c, last, sent);
+            }
+        }
+    }
+
+    /// The phase to report: the migration's own, or the end the CLI saw if the migration has
+    /// not reported one.
+    fn status(&self, last: &Mutex<Option<Phase>>, sent: Phase) -> Phase {
+        match *lock(last) {
+            Some(_) if sent.is_final() => sent,
+            Some(end) => end,
+            None => self.control.progress().phase,
+        }
+    }
+
+    /// Waits (at most a tick) until the listener or a client has something.
+    fn poll(&self, listener: &UnixListener, clients: &mut [Client]) {
+        let mut fds = vec![libc::pollfd {
+            fd: listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        fds.extend(clients.iter().map(|c| libc::pollfd {
+            fd: c.stream.as_raw_fd(),
+            events: libc::POLLIN
+                | if c.output.is_empty() {
+                    0
+                } else {
+                    libc::POLLOUT
+                },
+            revents: 0,
+        }));
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfds for the whole call.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, TICK_MS) };
+    }
+
+    /// Reads what a client sent and answers its complete lines.
+    fn read(&self, c: &mut Client, last: &Mutex<Option<Phase>>, sent: Phase) {
+        let mut buf = [0u8; 4096];
+        while !c.closing {
+            match c.stream.read(&mut buf) {
+                Ok(0) => {
+                    c.closing = true;
+                    // Answer a last line that had no newline.
+                    if !c.input.is_empty() {
+                        c.input.push(b'\n');
+                    }
+                }
+                Ok(n) => c.input.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(_) => c.closing = true,
+            }
+            if c.input.len() > MAX_LINE && !c.input[..MAX_LINE].contains(&b'\n') {
+                c.send(&generic(format!("QMP input longer than {MAX_LINE} bytes")));
+                c.closing = true;
+                return;
+            }
+        }
+        while let Some(nl) = c.input.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = c.input.drain(..=nl).collect();
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let reply = self.handle(&line, &mut c.negotiated, self.status(last, sent));
+            c.send(&reply);
+        }
+    }
+
+    /// One request to one reply.
+    fn handle(&self, line: &[u8], negotiated: &mut bool, status: Phase) -> Value {
+        let v: Value = match serde_json::from_slice(line) {
+            Ok(v) => v,
+            Err(e) => return generic(format!("JSON parse error, {e}")),
+        };
+        let Some(req) = v.as_object() else {
+            return generic("QMP input must be a JSON object");
+        };
+        let mut reply = self.execute(req, negotiated, status);
+        if let (Some(id), Some(r)) = (req.get("id"), reply.as_object_mut()) {
+            r.insert("id".into(), id.clone());
+        }
+        reply
+    }
+
+    fn execute(&self, req: &Map<String, Value>, negotiated: &mut bool, status: Phase) -> Value {
+        if let Some(k) = req
+            .keys()
+            .find(|k| !matches!(k.as_str(), "execute" | "arguments" | "id"))
+        {
+            return generic(format!("QMP input member '{k}' is unexpected"));
+        }
+        let cmd = match req.get("execute") {
+            Some(Value::String(s)) => s.as_str(),
+            Some(_) => return generic("QMP input member 'execute' must be a string"),
+            None => return generic("QMP input lacks member 'execute'"),
+        };
+        let empty = Map::new();
+        let args = match req.get("arguments") {
+            None => &empty,
+            Some(Value::Object(m)) => m,
+            Some(_) => return generic("QMP input member 'arguments' must be an object"),
+        };
+        if !*negotiated && cmd != "qmp_capabilities" {
+            return error(
+                "CommandNotFound",
+                "Expecting capabilities negotiation with 'qmp_capabilities'",
+            );
+        }
+        let no_args = |f: &dyn Fn() -> Value| match args.keys().next() {
+            Some(k) => generic(format!("Parameter '{k}' is unexpected")),
+            None => f(),
+        };
+        match cmd {
+            "qmp_capabilities" if *negotiated => error(
+                "CommandNotFound",
+                "Capabilities negotiation is already complete, command ignored",
+            ),
+            "qmp_capabilities" => match args.get("enable").and_then(Value::as_array) {
+                Some(caps) if !caps.is_empty() => generic(format!(
+                    "Capability '{}' not available",
+                    caps[0].as_str().unwrap_or("?")
+                )),
+                _ => {
+                    *negotiated = true;
+                    ok()
+                }
+            },
+            "query-migrate" => no_args(&|| self.query_migrate(status)),
+            "query-migrate-parameters" => no_args(&|| {
+                let p = self.control.progress();
+                json!({"return": {
+                    "downtime-limit": p.downtime_limit.as_millis() as u64,
+                    "max-bandwidth": p.max_bandwidth,
+                }})
+            }),
+            "migrate-set-parameters" => self.set_parameters(args),
+            "migrate_cancel" => no_args(&|| match self.control.cancel() {
+                Ok(()) => {
+                    (self.on_cancel)();
+                    ok()
+                }
+                Err(e) => generic(e.to_string()),
+            }),
+            "migrate-start-postcopy" => no_args(&|| {
+                if self.end == End::Destination {
+                    return generic("migrate-start-postcopy is for the source of the migration");
+                }
+                match self.control.start_postcopy() {
+                    Ok(()) => ok(),
+                    Err(e) => generic(e.to_string()),
+                }
+            }),
+            "query-commands" => no_args(&|| {
+                let names = [
+                    "qmp_capabilities",
+                    "query-commands",
+                    "query-migrate",
+                    "query-migrate-parameters",
+                    "migrate-set-parameters",
+                    "migrate_cancel",
+                    "migrate-start-postcopy",
+                ];
+                json!({"return": names.map(|n| json!({"name": n}))})
+            }),
+            other => error(
+                "CommandNotFound",
+                format!("The command {other} has not been found"),
+            ),
+        }
+    }
+
+    fn query_migrate(&self, status: Phase) -> Value {
+        let p = self.control.progress();
+        let page = self.page_size.max(1);
+        let mut r = json!({
+            "status": status.name(),
+            "total-time": p.elapsed.as_millis() as u64,
+            "expected-downtime": p.expected_downtime.as_millis() as u64,
+            "ram": {
+                "transferred": p.transferred_bytes,
+                "remaining": p.remaining_bytes,
+                "total": p.total_bytes,
+                "duplicate": p.zero_pages,
+                "normal": p.transferred_bytes / page,
+                "normal-bytes": p.transferred_bytes,
+                "dirty-pages-rate": p.dirty_bytes_per_sec / page,
+                "mbps": p.bandwidth_bytes_per_sec as f64 * 8.0 / 1e6,
+                "page-size": page,
+                "dirty-sync-count": p.round,
+            },
+        });
+        if p.throttle_percent > 0 {
+            r["cpu-throttle-percentage"] = json!(p.throttle_percent);
+        }
+        json!({ "return": r })
+    }
+
+    /// `migrate-set-parameters`: all checked before any is applied.
+    fn set_parameters(&self, args: &Map<String, Value>) -> Value {
+        if self.end == End::Destination {
+            return generic("migration parameters are set on the source of the migration");
+        }
+        let (mut downtime, mut bandwidth) = (None, None);
+        for (k, v) in args {
+            let n = v.as_u64();
+            match (k.as_str(), n) {
+                ("downtime-limit", Some(0)) => {
+                    return generic("Parameter 'downtime-limit' must be at least 1 ms")
+                }
+                ("downtime-limit", Some(ms)) if ms <= MAX_DOWNTIME_MS => downtime = Some(ms),
+                ("downtime-limit", _) => {
+                    return generic(
+                        "Parameter 'downtime-limit' expects an integer in the range of 1 to 2000000 ms",
+                    )
+                }
+                ("max-bandwidth", Some(b)) => bandwidth = Some(b),
+                ("max-bandwidth", None) => {
+                    return generic("Parameter 'max-bandwidth' expects an integer (bytes/s)")
+                }
+                (other, _) => {
+                    return generic(format!(
+                        "Parameter '{other}' is not supported here (downtime-limit and max-bandwidth are)"
+                    ))
+                }
+            }
+        }
+        if let Some(ms) = downtime {
+            if let Err(e) = self.control.set_downtime_limit(Duration::from_millis(ms)) {
+                return generic(e.to_string());
+            }
+        }
+        if let Some(b) = bandwidth {
+            // QMP has no "none": 0 lifts the cap.
+            if let Err(e) = self.control.set_max_bandwidth((b > 0).then_some(b)) {
+                return generic(e.to_string());
+            }
+        }
+        ok()
+    }
+}
+
+fn greeting() -> Value {
+    let v = env!("CARGO_PKG_VERSION");
+    let mut parts = v.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
+    let (major, minor, micro) = (
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+    );
+    json!({"QMP": {
+        "version": {
+            "qemu": {"major": major, "minor": minor, "micro": micro},
+            "package": format!("rdmig rdma-bench {v}"),
+        },
+        "capabilities": [],
+    }})
+}
