@@ -133,7 +133,9 @@ fn a_cancel_mid_round_ends_both_ends_at_once_and_the_source_runs_on() {
     );
     assert!(matches!(r, Err(Error::Cancelled)), "{r:?}");
     assert_eq!(control.progress().phase, Phase::Cancelled);
-    let e = d.err().expect("the destination discards the guest");
+    let Err(e) = d else {
+        panic!("the destination must discard the guest")
+    };
     assert!(e.to_string().contains("cancelled"), "{e}");
     assert_eq!(dest_control.progress().phase, Phase::Failed);
     assert_intact(&source);

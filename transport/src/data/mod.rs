@@ -7,7 +7,8 @@
 //! every page of the round has landed in guest memory and been hashed into the digest table.
 //!
 //! A transport plugs in with [`SourceTransport`] and [`DestTransport`] (implemented by
-//! `crate::tcp` and `crate::rdma`; [`select`] builds the one a handshake chose): each sizes
+//! `crate::tcp` and `crate::rdma`; [`source_transport`] and [`dest_transport`] build the one a
+//! handshake chose): each sizes
 //! its own resources from [`SourceParams`] / [`DestParams`], exchanges the `DataSetup` /
 //! `DataSetupAck` payloads, and returns what each phase needs — the pre-copy data path, and
 //! for post-copy the destination's page fetchers. The session knows nothing else of it.

@@ -88,7 +88,7 @@ mod tests {
     #[test]
     fn copies_and_checks_at_every_alignment_and_length() {
         let src: Vec<u8> = (0..200u32).map(|i| (i * 7 + 1) as u8).collect();
-        let mut zeroes = vec![0u8; 200];
+        let mut zeroes = [0u8; 200];
         for start in 0..9 {
             for len in [0, 1, 7, 8, 9, 15, 16, 17, 64, 65, 100, 191 - start] {
                 let mut dst = vec![0xeeu8; len];

@@ -32,6 +32,7 @@ mod config;
 mod dest;
 mod handle;
 mod policy;
+mod progress;
 mod source;
 mod stats;
 mod threaded;

@@ -58,13 +58,16 @@ use crate::mem::GuestMemoryMap;
 use crate::pace::RateLimiter;
 use crate::pages::{PageRange, PageSet};
 use crate::vm::SourceVm;
-use crate::wire::{Command, Message, NONCE_LEN};
+use crate::wire::{Message, NONCE_LEN};
 
 mod handshake;
 mod postcopy;
 mod precopy;
 mod round;
+mod state;
 mod switchover;
+
+use state::SourceState;
 
 /// Ranges split into the chunks of one message each (at least one chunk, maybe empty).
 fn message_chunks(ranges: &[PageRange]) -> Vec<&[PageRange]> {
@@ -72,55 +75,6 @@ fn message_chunks(ranges: &[PageRange]) -> Vec<&[PageRange]> {
         vec![&[]]
     } else {
         ranges.chunks(crate::wire::MAX_RANGES_PER_MSG).collect()
-    }
-}
-
-/// Which message the source waits for (the filter for the control channel).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum SourceState {
-    AwaitHelloAck,
-    AwaitAuthOk,
-    AwaitSetupAck,
-    AwaitReady,
-    AwaitRoundDone(u32),
-    AwaitComplete,
-    AwaitPostcopyDropped,
-    AwaitPostcopyResumed,
-    AwaitPostcopyComplete,
-    Done,
-}
-
-impl SourceState {
-    fn describe(self) -> &'static str {
-        match self {
-            SourceState::AwaitHelloAck => "awaiting HelloAck",
-            SourceState::AwaitAuthOk => "awaiting AuthOk",
-            SourceState::AwaitSetupAck => "awaiting DataSetupAck",
-            SourceState::AwaitReady => "awaiting Ready",
-            SourceState::AwaitRoundDone(_) => "awaiting RoundDone",
-            SourceState::AwaitComplete => "awaiting Complete",
-            SourceState::AwaitPostcopyDropped => "awaiting PostcopyDropped",
-            SourceState::AwaitPostcopyResumed => "awaiting PostcopyResumed",
-            SourceState::AwaitPostcopyComplete => "awaiting PostcopyComplete",
-            SourceState::Done => "done",
-        }
-    }
-
-    /// The command valid here (from a message's header alone).
-    fn expects(self) -> Option<Command> {
-        use Command as C;
-        Some(match self {
-            SourceState::AwaitHelloAck => C::HelloAck,
-            SourceState::AwaitAuthOk => C::AuthOk,
-            SourceState::AwaitSetupAck => C::DataSetupAck,
-            SourceState::AwaitReady => C::Ready,
-            SourceState::AwaitRoundDone(_) => C::RoundDone,
-            SourceState::AwaitComplete => C::Complete,
-            SourceState::AwaitPostcopyDropped => C::PostcopyDropped,
-            SourceState::AwaitPostcopyResumed => C::PostcopyResumed,
-            SourceState::AwaitPostcopyComplete => C::PostcopyComplete,
-            SourceState::Done => return None,
-        })
     }
 }
 
