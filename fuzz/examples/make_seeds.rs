@@ -85,6 +85,13 @@ fn main() {
         Message::Complete(complete),
         Message::Finish,
         Message::Abort("cancelled".into()),
+        Message::Fail {
+            code: 1,
+            reason: "the migration was cancelled".into(),
+        },
+        Message::Params {
+            max_bandwidth: 1 << 30,
+        },
         Message::PostcopyMissing {
             chunk: 0,
             flags: 1,

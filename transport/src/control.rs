@@ -8,6 +8,7 @@
 //! (at most [`READ_CHUNK`] ahead), so a header announcing a large payload costs nothing until
 //! the bytes are there. Text from a peer (abort reasons) is not shown before it authenticated.
 
+use crate::abort::{AbortCode, PeerAbort};
 use crate::channel::Stream;
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
@@ -64,6 +65,8 @@ pub struct Control {
     peer: String,
     timeout: Option<Duration>,
     authenticated: bool,
+    /// The peer understands `Fail`.
+    abort_codes: bool,
 }
 
 impl Control {
@@ -82,6 +85,7 @@ impl Control {
             peer,
             timeout,
             authenticated: false,
+            abort_codes: false,
         })
     }
 
@@ -202,7 +206,11 @@ impl Control {
         accept: &dyn Fn(Command) -> bool,
     ) -> Result<Message> {
         match self.recv_checked(state, accept)? {
-            Message::Abort(reason) => Err(Error::PeerAborted(reason)),
+            Message::Abort(reason) => Err(Error::PeerAborted(PeerAbort::text(reason))),
+            Message::Fail { code, reason } => Err(Error::PeerAborted(PeerAbort {
+                code: AbortCode::from_u16(code),
+                reason,
+            })),
             m => Ok(m),
         }
     }
@@ -225,7 +233,7 @@ impl Control {
                  small messages are accepted then)"
             )));
         }
-        if cmd != Command::Abort && !accept(cmd) {
+        if !matches!(cmd, Command::Abort | Command::Fail) && !accept(cmd) {
             return Err(Error::UnexpectedMessage {
                 state,
                 got: format!("{cmd:?}"),
@@ -263,12 +271,40 @@ impl Control {
 
     /// After a failed send or a closed connection: the `Abort` the peer sent before it
     /// closed, if one is waiting (read for at most 200 ms).
-    pub fn pending_abort(&mut self) -> Option<String> {
+    pub fn pending_abort(&mut self) -> Option<PeerAbort> {
         self.timeout = Some(Duration::from_millis(200));
         match self.recv_any() {
             Err(Error::PeerAborted(r)) => Some(r),
-            Ok(Message::Abort(r)) => Some(r),
+            Ok(Message::Abort(r)) => Some(PeerAbort::text(r)),
+            Ok(Message::Fail { code, reason }) => Some(PeerAbort {
+                code: AbortCode::from_u16(code),
+                reason,
+            }),
             _ => None,
+        }
+    }
+
+    /// Records that the peer understands `Fail` (both offered `caps::ABORT_CODES`).
+    pub fn set_abort_codes(&mut self, on: bool) {
+        self.abort_codes = on;
+    }
+
+    /// Best-effort notice of this end's failure `e` to the peer: after authentication with
+    /// its code and text (`Fail`, or `Abort` to a peer without codes); before it only the
+    /// fixed kind of failure. Failures to send are logged (the channel may be dead).
+    pub fn send_failure(&mut self, e: &Error) {
+        let m = if !self.authenticated {
+            Message::Abort(pre_auth_reason(e).to_string())
+        } else if self.abort_codes {
+            Message::Fail {
+                code: AbortCode::of(e).to_u16(),
+                reason: e.to_string(),
+            }
+        } else {
+            Message::Abort(e.to_string())
+        };
+        if let Err(se) = self.send(&m) {
+            tracing::debug!("could not deliver the abort notice: {se}");
         }
     }
 

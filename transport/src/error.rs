@@ -10,8 +10,11 @@ pub type VmmError = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// Result alias for the transport.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Everything that can go wrong in a migration, on either end.
+/// Everything that can go wrong in a migration, on either end. New variants may come
+/// (`#[non_exhaustive]`); [`crate::abort::AbortCode::of`] sorts any of them into the kinds a
+/// VMM acts on, and what the peer reported arrives as [`Error::PeerAborted`] with its code.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// A configuration value is unusable.
     #[error("invalid configuration: {0}")]
@@ -103,9 +106,9 @@ pub enum Error {
         source: VmmError,
     },
 
-    /// The peer aborted the migration.
+    /// The peer aborted the migration: its code and reason.
     #[error("the peer aborted the migration: {0}")]
-    PeerAborted(String),
+    PeerAborted(crate::abort::PeerAbort),
 
     /// The memory digests of the two ends differ.
     #[error("memory digest mismatch: source {source_digest:032x}, destination {dest_digest:032x}")]
@@ -122,7 +125,7 @@ pub enum Error {
 
     /// The switchover was sent but its outcome is unknown (the destination may be running).
     #[error("switchover outcome unknown, the source VM stays paused: {0}")]
-    SwitchoverUnknown(String),
+    SwitchoverUnknown(#[source] Box<Error>),
 
     /// No usable RDMA device, or the RDMA path was requested but cannot be used.
     #[error("RDMA unavailable: {0}")]

@@ -5,6 +5,7 @@
 //! [`session::accept`] run the two ends of the [`wire`] protocol over a control connection,
 //! moving pages with one-sided RDMA reads ([`rdma`]) or TCP streams ([`tcp`]).
 
+pub mod abort;
 pub mod auth;
 pub mod channel;
 pub mod control;

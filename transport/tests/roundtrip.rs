@@ -147,14 +147,21 @@ fn message(r: &mut Rng, kind: u64) -> Message {
             postcopy_micros: r.num(),
             latency_ns: std::array::from_fn(|_| r.num()),
         }),
-        _ => Message::PostcopyDropped {
+        18 => Message::PostcopyDropped {
             micros: r.num(),
             pages: r.num(),
+        },
+        19 => Message::Params {
+            max_bandwidth: r.num(),
+        },
+        _ => Message::Fail {
+            code: r.u32() as u16,
+            reason: r.text(),
         },
     }
 }
 
-const KINDS: u64 = 19;
+const KINDS: u64 = 21;
 
 #[test]
 fn every_encoded_message_decodes_to_itself() {
@@ -179,6 +186,9 @@ fn every_encoded_message_decodes_to_itself() {
         match (&m, &back) {
             // Peer text comes back escaped (control characters written out), never raw.
             (Message::Abort(a), Message::Abort(b)) => assert_eq!(*b, peer_text(a)),
+            (Message::Fail { code: c, reason: a }, Message::Fail { code: d, reason: b }) => {
+                assert_eq!((c, b), (d, &peer_text(a)))
+            }
             (Message::HelloAck(a), Message::HelloAck(b)) => {
                 assert_eq!(b.reason, peer_text(&a.reason));
                 assert_eq!(

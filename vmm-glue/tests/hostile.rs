@@ -314,7 +314,7 @@ fn a_forged_digest_in_complete_keeps_the_source_vm() {
     let e = migrate(&mut src, relay, &config(&psk), &mut |_| {}).unwrap_err();
     // Kept, not dropped: paused (the destination claims it runs the guest), and said so.
     assert!(
-        matches!(&e, Error::SwitchoverUnknown(m) if m.contains("digest mismatch")),
+        matches!(&e, Error::SwitchoverUnknown(m) if matches!(**m, Error::DigestMismatch { .. })),
         "{e}"
     );
     assert!(

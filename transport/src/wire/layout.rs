@@ -194,6 +194,16 @@ pub struct ParamsWire {
     pub reserved: Le64,
 }
 
+/// `Fail` payload, before its text.
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+#[repr(C)]
+pub struct FailWire {
+    /// `crate::abort::AbortCode`'s encoding.
+    pub code: Le16,
+    /// Zero.
+    pub reserved: Le16,
+}
+
 /// `PostcopyComplete` payload.
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
 #[repr(C)]
@@ -219,6 +229,7 @@ pub struct PostcopyCompleteWire {
 const _: () = {
     assert!(size_of::<PostcopyResumedWire>() == 16);
     assert!(size_of::<ParamsWire>() == 16);
+    assert!(size_of::<FailWire>() == 4);
     assert!(size_of::<PostcopyCompleteWire>() == 104);
     assert!(size_of::<Header>() == 16);
     assert!(size_of::<HelloWire>() == 52);

@@ -74,6 +74,9 @@ pub enum Command {
     /// migration runs (the bandwidth cap, which the destination applies to RDMA READs). Sent
     /// only to a destination that offered `caps::LIVE_PARAMS`.
     Params = 20,
+    /// Either way, after authentication, between ends that offered `caps::ABORT_CODES`: the
+    /// migration is aborted, with a code (`crate::abort::AbortCode`) and a reason.
+    Fail = 21,
 }
 
 impl Command {
@@ -101,6 +104,7 @@ impl Command {
             18 => PostcopyComplete,
             19 => PostcopyDropped,
             20 => Params,
+            21 => Fail,
             _ => return Err(Error::Protocol(format!("unknown command {v}"))),
         })
     }
@@ -122,6 +126,7 @@ impl Command {
             Switchover => size_of::<SwitchoverWire>(),
             Complete => size_of::<CompleteWire>(),
             Abort => MAX_TEXT,
+            Fail => size_of::<FailWire>() + MAX_TEXT,
             PostcopyMissing => size_of::<RoundWire>() + MAX_RANGES_PER_MSG * size_of::<RangeWire>(),
             PostcopyResumed | PostcopyDropped => size_of::<PostcopyResumedWire>(),
             Params => size_of::<ParamsWire>(),
@@ -293,6 +298,13 @@ pub enum Message {
         /// Pages dropped.
         pages: u64,
     },
+    /// See [`Command::Fail`].
+    Fail {
+        /// The kind of failure (`crate::abort::AbortCode`'s encoding).
+        code: u16,
+        /// Why.
+        reason: String,
+    },
     /// See [`Command::Params`].
     Params {
         /// Bandwidth cap, bytes/s (0: none).
@@ -398,6 +410,7 @@ impl Message {
             Message::PostcopyComplete(_) => Command::PostcopyComplete,
             Message::PostcopyDropped { .. } => Command::PostcopyDropped,
             Message::Params { .. } => Command::Params,
+            Message::Fail { .. } => Command::Fail,
         }
     }
 
@@ -518,6 +531,13 @@ impl Message {
                 bytes: c.bytes.into(),
             })),
             Message::Abort(reason) => out.extend_from_slice(text(reason)),
+            Message::Fail { code, reason } => {
+                out.extend_from_slice(bytemuck::bytes_of(&FailWire {
+                    code: (*code).into(),
+                    reserved: 0.into(),
+                }));
+                out.extend_from_slice(text(reason));
+            }
         }
         let len = out.len() - size_of::<Header>();
         let header = Header {
@@ -772,6 +792,20 @@ impl Message {
                 })
             }
             Command::Abort => Message::Abort(peer_text(&String::from_utf8_lossy(p))),
+            Command::Fail => {
+                let n = size_of::<FailWire>();
+                if p.len() < n {
+                    return Err(Error::Protocol(format!("Fail of {} bytes", p.len())));
+                }
+                let w: FailWire = bytemuck::pod_read_unaligned(&p[..n]);
+                if w.reserved.get() != 0 {
+                    return Err(Error::Protocol("Fail: reserved field set".into()));
+                }
+                Message::Fail {
+                    code: w.code.get(),
+                    reason: peer_text(&String::from_utf8_lossy(&p[n..])),
+                }
+            }
         })
     }
 

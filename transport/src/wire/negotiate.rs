@@ -15,6 +15,8 @@ pub mod caps {
     pub const ZERO_PAGES: u32 = 1 << 3;
     /// The end accepts `Params` (parameters changed while the migration runs).
     pub const LIVE_PARAMS: u32 = 1 << 4;
+    /// The end understands `Fail` (an abort with a code).
+    pub const ABORT_CODES: u32 = 1 << 5;
 }
 
 /// Transport request (in `Hello`) or choice (in `HelloAck`).

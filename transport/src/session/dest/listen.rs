@@ -152,7 +152,7 @@ fn handshake(ctl: &mut Control, config: &MigrationConfig) -> Result<Handshake> {
         }
         Uffd::probe().map_err(|e| {
             Error::PostcopyUnavailable(format!(
-                "the destination cannot run --mode {}: {e}",
+                "the destination cannot run a {} migration: {e}",
                 mode.name()
             ))
         })?;
@@ -167,6 +167,10 @@ fn handshake(ctl: &mut Control, config: &MigrationConfig) -> Result<Handshake> {
         my_caps |= caps::POSTCOPY;
     }
     my_caps |= caps::LIVE_PARAMS;
+    if hello.caps & caps::ABORT_CODES != 0 {
+        my_caps |= caps::ABORT_CODES;
+        ctl.set_abort_codes(true);
+    }
     let zero_pages = config.zero_pages && hello.caps & caps::ZERO_PAGES != 0;
     if zero_pages {
         my_caps |= caps::ZERO_PAGES;

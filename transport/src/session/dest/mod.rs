@@ -41,7 +41,7 @@ use super::config::{MigrationConfig, MigrationMode};
 use super::handle::{MigrationControl, Phase as Status};
 use super::stats::DestReport;
 use crate::channel::ChannelListener;
-use crate::control::{pre_auth_reason, Control};
+use crate::control::Control;
 use crate::cpu::CpuMeter;
 use crate::data::DestDataPath;
 use crate::digest::PageHashes;
@@ -225,12 +225,7 @@ fn serve<'a>(
         Err(e) => {
             if !matches!(e, Error::PeerAborted(_)) {
                 // Before the source proved the key it learns nothing of this end's internals.
-                let reason = if d.ctl.authenticated() {
-                    e.to_string()
-                } else {
-                    pre_auth_reason(&e).to_string()
-                };
-                d.ctl.send_abort(&reason);
+                d.ctl.send_failure(&e);
             }
             d.ctl.shutdown();
             Err(e)

@@ -42,7 +42,7 @@ impl Source<'_> {
         if config.zero_pages {
             my_caps |= caps::ZERO_PAGES;
         }
-        my_caps |= caps::LIVE_PARAMS;
+        my_caps |= caps::LIVE_PARAMS | caps::ABORT_CODES;
         self.ctl.send(&Message::Hello(Hello {
             version: PROTOCOL_VERSION,
             transport: config.transport,
@@ -65,6 +65,7 @@ impl Source<'_> {
         self.ctl.set_authenticated();
         self.zero_pages = config.zero_pages && ack.caps & caps::ZERO_PAGES != 0;
         self.live_params = ack.caps & caps::LIVE_PARAMS != 0;
+        self.ctl.set_abort_codes(ack.caps & caps::ABORT_CODES != 0);
         if mode != MigrationMode::Precopy && ack.caps & caps::POSTCOPY == 0 {
             return Err(Error::PostcopyUnavailable(format!(
                 "the destination does not offer post-copy (needed for {} mode)",

@@ -339,7 +339,7 @@ impl Source<'_> {
             _ if self.control.is_cancelled() => Error::Cancelled,
             // A destination that aborted and closed while this end was sending: its reason.
             Error::PeerClosed { .. } | Error::Io { .. } => match self.ctl.pending_abort() {
-                Some(reason) => Error::PeerAborted(reason),
+                Some(abort) => Error::PeerAborted(abort),
                 None => e,
             },
             e => e,
@@ -349,16 +349,11 @@ impl Source<'_> {
             self.guest_moved || (self.switchover_sent && !matches!(e, Error::PeerAborted(_)));
         if !matches!(e, Error::PeerAborted(_)) {
             // A destination that has not proved the key learns nothing of this end.
-            let reason = if self.ctl.authenticated() {
-                e.to_string()
-            } else {
-                crate::control::pre_auth_reason(&e).to_string()
-            };
-            self.ctl.send_abort(&reason);
+            self.ctl.send_failure(&e);
         }
         self.teardown();
         if keep_paused {
-            return Error::SwitchoverUnknown(e.to_string());
+            return Error::SwitchoverUnknown(Box::new(e));
         }
         if self.paused {
             if let Err(re) = self.vm.resume() {

@@ -1,0 +1,172 @@
+//! Why a migration was aborted, as the peer tells it: a code a VMM can act on
+//! ([`AbortCode`]) beside the text a human reads ([`PeerAbort`]).
+//!
+//! After authentication, ends that both offer `caps::ABORT_CODES` abort with a `Fail` message
+//! (code and text); otherwise, and always before authentication, with `Abort` (text only,
+//! one of the fixed pre-authentication reasons), which arrives as [`AbortCode::Unspecified`].
+
+use crate::error::Error;
+
+/// The kind of failure that made the peer abort.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum AbortCode {
+    /// No code (an `Abort` without one, or a code this build does not know).
+    Unspecified,
+    /// The migration was cancelled through its control.
+    Cancelled,
+    /// A message broke the protocol.
+    Protocol,
+    /// Authentication failed.
+    Auth,
+    /// The protocol versions differ.
+    Version,
+    /// Something took longer than its timeout.
+    Timeout,
+    /// RDMA could not be used or failed.
+    Rdma,
+    /// Post-copy could not be run or failed.
+    Postcopy,
+    /// The guest is larger than the destination accepts or can hold.
+    GuestTooLarge,
+    /// The VMM failed (building the VM, device state, pause, resume).
+    Vmm,
+    /// The memory digests differ.
+    DigestMismatch,
+    /// Pre-copy did not converge under the abort policy.
+    NotConverged,
+    /// An I/O or system error, or the connection closed.
+    Io,
+    /// A configuration or resource limit (e.g. RLIMIT_MEMLOCK) stopped it.
+    Config,
+}
+
+impl AbortCode {
+    /// The wire encoding.
+    pub fn to_u16(self) -> u16 {
+        match self {
+            AbortCode::Unspecified => 0,
+            AbortCode::Cancelled => 1,
+            AbortCode::Protocol => 2,
+            AbortCode::Auth => 3,
+            AbortCode::Version => 4,
+            AbortCode::Timeout => 5,
+            AbortCode::Rdma => 6,
+            AbortCode::Postcopy => 7,
+            AbortCode::GuestTooLarge => 8,
+            AbortCode::Vmm => 9,
+            AbortCode::DigestMismatch => 10,
+            AbortCode::NotConverged => 11,
+            AbortCode::Io => 12,
+            AbortCode::Config => 13,
+        }
+    }
+
+    /// Decodes a code; one this build does not know is [`AbortCode::Unspecified`].
+    pub fn from_u16(v: u16) -> AbortCode {
+        use AbortCode::*;
+        [
+            Unspecified,
+            Cancelled,
+            Protocol,
+            Auth,
+            Version,
+            Timeout,
+            Rdma,
+            Postcopy,
+            GuestTooLarge,
+            Vmm,
+            DigestMismatch,
+            NotConverged,
+            Io,
+            Config,
+        ]
+        .get(usize::from(v))
+        .copied()
+        .unwrap_or(Unspecified)
+    }
+
+    /// The code this end sends for its own error `e`.
+    pub fn of(e: &Error) -> AbortCode {
+        match e {
+            Error::Cancelled | Error::TooLateToCancel => AbortCode::Cancelled,
+            Error::Protocol(_)
+            | Error::UnexpectedMessage { .. }
+            | Error::UnknownRegion(_)
+            | Error::RangeOutOfBounds { .. }
+            | Error::RegionMismatch(_) => AbortCode::Protocol,
+            Error::AuthFailed(_) => AbortCode::Auth,
+            Error::VersionMismatch { .. } => AbortCode::Version,
+            Error::Timeout(_) => AbortCode::Timeout,
+            Error::RdmaUnavailable(_) | Error::Rdma(_) => AbortCode::Rdma,
+            Error::PostcopyUnavailable(_)
+            | Error::PostcopyService(_)
+            | Error::PostcopyInterrupted { .. } => AbortCode::Postcopy,
+            Error::GuestTooLarge(_) => AbortCode::GuestTooLarge,
+            Error::Vmm { .. } => AbortCode::Vmm,
+            Error::DigestMismatch { .. } => AbortCode::DigestMismatch,
+            Error::NotConverged(_) => AbortCode::NotConverged,
+            Error::Os { .. } | Error::Io { .. } | Error::PeerClosed { .. } => AbortCode::Io,
+            Error::InvalidConfig(_) | Error::Memlock { .. } => AbortCode::Config,
+            Error::SwitchoverUnknown(cause) => AbortCode::of(cause),
+            Error::PeerAborted(p) => p.code,
+            Error::Aborted(_) => AbortCode::Unspecified,
+        }
+    }
+}
+
+/// What the peer said when it aborted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerAbort {
+    /// The kind of failure.
+    pub code: AbortCode,
+    /// Its text (escaped; before authentication one of the fixed reasons).
+    pub reason: String,
+}
+
+impl PeerAbort {
+    /// An abort without a code.
+    pub fn text(reason: impl Into<String>) -> PeerAbort {
+        PeerAbort {
+            code: AbortCode::Unspecified,
+            reason: reason.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for PeerAbort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
+impl std::ops::Deref for PeerAbort {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.reason
+    }
+}
+
+impl PartialEq<&str> for PeerAbort {
+    fn eq(&self, other: &&str) -> bool {
+        self.reason == *other
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_round_trip_and_unknown_ones_are_unspecified() {
+        for v in 0..14 {
+            assert_eq!(AbortCode::from_u16(v).to_u16(), v);
+        }
+        assert_eq!(AbortCode::from_u16(999), AbortCode::Unspecified);
+        assert_eq!(AbortCode::of(&Error::Cancelled), AbortCode::Cancelled);
+        let wrapped = Error::SwitchoverUnknown(Box::new(Error::Timeout("t".into())));
+        assert_eq!(AbortCode::of(&wrapped), AbortCode::Timeout);
+        let p = PeerAbort::text("protocol error");
+        assert!(p == "protocol error" && p.contains("error") && p.to_string() == "protocol error");
+    }
+}
