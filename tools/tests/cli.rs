@@ -178,6 +178,17 @@ fn bad_arguments_give_one_clear_line() {
             ],
             "I/O timeout of 0",
         ),
+        (
+            vec![
+                "migrate",
+                "--loopback",
+                "--vm",
+                "synthetic",
+                "--progress-timeout",
+                "0s",
+            ],
+            "progress timeout of 0",
+        ),
         // More memory than the host has: refused up front, not killed by the OOM killer.
         (
             vec![

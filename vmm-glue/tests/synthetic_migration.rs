@@ -1,6 +1,7 @@
 //! Loopback migrations of the synthetic VM over TCP, with writers active during the rounds:
 //! several sizes, stream counts, page sizes and region layouts; and failures (link lost
-//! mid-round, non-convergence with the abort policy) that must leave the source running intact.
+//! mid-round, non-convergence with the abort policy, a stall ended by the progress timeout) that
+//! must leave the source running intact.
 
 mod support;
 
@@ -215,6 +216,67 @@ fn non_convergence_with_the_abort_policy_keeps_the_source_running() {
     assert!(dest.is_none());
     assert!(source.running());
     assert!(source.verify().ok());
+}
+
+#[test]
+fn a_stall_ends_pre_copy_at_the_progress_timeout_well_before_the_round_limit() {
+    // 256 MiB/s into a 4 MiB working set over an 8 MiB/s link: each round after round 0 takes
+    // about 0.5 s and leaves the whole working set dirty again, so no round leaves a dirty set
+    // smaller than round 0's. The round limit is far away and the four-round rule needs five
+    // rounds; the 300 ms progress timeout ends pre-copy at the first round that does not
+    // shrink, and the abort policy applies.
+    let cfg = SyntheticConfig::new(8 * MIB).with_dirtying(4 * MIB, 256 * MIB);
+    let psk = Psk::random().unwrap();
+    let mut source = SyntheticVm::start(&cfg).unwrap();
+    let mcfg = config(&psk, 2)
+        .with_max_bandwidth(Some(8 * MIB))
+        .with_max_rounds(1000)
+        .with_progress_timeout(Some(Duration::from_millis(300)))
+        .with_policy(ConvergencePolicy::Abort);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dcfg = mcfg.clone();
+    let dest_cfg = cfg.clone();
+    let dest = std::thread::spawn(move || {
+        accept(
+            &listener,
+            &dcfg,
+            synthetic_destination_factory(dest_cfg, None),
+        )
+        .map(|_| ())
+    });
+    let t = std::time::Instant::now();
+    let mut rounds = Vec::new();
+    let e = migrate(&mut source, addr, &mcfg, &mut |s| {
+        rounds.push((s.ms, s.dirty_pages))
+    })
+    .expect_err("a pre-copy that makes no progress must not converge");
+    let took = t.elapsed();
+    eprintln!("stalled after {took:?}; rounds (ms, dirty pages): {rounds:?}");
+    assert!(matches!(e, Error::NotConverged(_)), "{e}");
+    assert!(
+        (2..=3).contains(&rounds.len()),
+        "the progress timeout should end pre-copy after two or three rounds, not {}: {rounds:?}",
+        rounds.len()
+    );
+    assert!(took < Duration::from_secs(8), "took {took:?}");
+    assert!(
+        dest.join().unwrap().is_err(),
+        "the destination must fail too"
+    );
+    // The source runs on, untouched.
+    assert!(source.running());
+    let before = source.pages_written();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        source.pages_written() > before,
+        "the source guest stopped writing"
+    );
+    let c = source.verify();
+    assert!(
+        c.ok() && c.pages_checked + c.pages_skipped == 8 * MIB / 4096,
+        "{c:?}"
+    );
 }
 
 #[test]

@@ -191,6 +191,10 @@ pub struct Args {
     /// Most pre-copy rounds (round 0 included) before --policy applies.
     #[arg(long = "max-rounds", default_value_t = 30)]
     pub max_rounds: u32,
+    /// Apply --policy when pre-copy makes no progress (no round leaves a dirty set smaller
+    /// than the smallest yet) for this long (default: no such limit).
+    #[arg(long = "progress-timeout", value_name = "DURATION", value_parser = parse_duration)]
+    pub progress_timeout: Option<Duration>,
     /// What to do when pre-copy does not converge.
     #[arg(long, value_enum, default_value = "stop")]
     pub policy: PolicyArg,
@@ -354,6 +358,7 @@ impl Args {
             .with_mode(self.migration_mode.mode())
             .with_downtime_limit(self.downtime_limit)
             .with_max_rounds(self.max_rounds)
+            .with_progress_timeout(self.progress_timeout)
             .with_policy(match self.policy {
                 PolicyArg::Stop => ConvergencePolicy::Stop,
                 PolicyArg::Abort => ConvergencePolicy::Abort,
