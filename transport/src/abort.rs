@@ -167,6 +167,6 @@ mod tests {
         let wrapped = Error::SwitchoverUnknown(Box::new(Error::Timeout("t".into())));
         assert_eq!(AbortCode::of(&wrapped), AbortCode::Timeout);
         let p = PeerAbort::text("protocol error");
-        assert!(p == "protocol error" && p.contains("error") && p.to_string() == "protocol error");
+        assert!(p == "protocol error" && p.contains("error") && format!("{p}") == "protocol error");
     }
 }

@@ -254,6 +254,7 @@ fn a_stall_ends_pre_copy_at_the_progress_timeout_well_before_the_round_limit() {
     let took = t.elapsed();
     eprintln!("stalled after {took:?}; rounds (ms, dirty pages): {rounds:?}");
     assert!(matches!(e, Error::NotConverged(_)), "{e}");
+    assert!(e.to_string().contains("progress timeout"), "{e}");
     assert!(
         (2..=3).contains(&rounds.len()),
         "the progress timeout should end pre-copy after two or three rounds, not {}: {rounds:?}",

@@ -84,7 +84,10 @@ pub struct TcpChannel(pub SocketAddr);
 impl MigrationChannel for TcpChannel {
     fn open(&mut self, purpose: Purpose, timeout: Duration) -> Result<Stream> {
         let s = TcpStream::connect_timeout(&self.0, timeout).map_err(|e| Error::Io {
-            context: format!("connecting {purpose} to {}", self.0),
+            context: match purpose {
+                Purpose::Control => format!("connecting to the destination at {}", self.0),
+                _ => format!("connecting {purpose} to {}", self.0),
+            },
             source: e,
         })?;
         Ok(Stream::Tcp(s))

@@ -38,6 +38,8 @@ pub struct Convergence {
     /// The smallest dirty set after a round so far, bytes, and when it was seen (the last
     /// progress).
     progress: Option<(u64, Instant)>,
+    /// The last round ended with the stall rule's timeout passed.
+    timed_out: bool,
 }
 
 /// Rounds without a better prediction before pre-copy counts as not converging.
@@ -54,6 +56,7 @@ impl Convergence {
             best_prediction: None,
             stalled: 0,
             progress_timeout: None,
+            timed_out: false,
             progress: None,
         }
     }
@@ -102,6 +105,7 @@ impl Convergence {
             }
         };
         let timed_out = self.progress_timeout.is_some_and(|t| no_progress_for >= t);
+        self.timed_out = timed_out;
         if bytes >= 4 << 20 || self.bandwidth == 0.0 {
             self.bandwidth = self
                 .bandwidth
@@ -155,6 +159,11 @@ impl Convergence {
     /// True once `rounds_done` reached the round limit.
     pub fn out_of_rounds(&self, rounds_done: u32) -> bool {
         rounds_done >= self.max_rounds
+    }
+
+    /// True if the last round's verdict came from the stall rule's timeout.
+    pub fn timed_out(&self) -> bool {
+        self.timed_out
     }
 
     /// The downtime limit in force.

@@ -86,6 +86,13 @@ impl Source<'_> {
                     p.forced = true;
                     self.pause_for_final_round(p)
                 }
+                ConvergencePolicy::Abort if p.conv.timed_out() => Err(Error::NotConverged(format!(
+                    "no round shrank the dirty set for the progress timeout ({:?}); after {} rounds the predicted downtime is {:.1} ms, over the {:?} limit",
+                    self.config.progress_timeout.unwrap_or_default(),
+                    round + 1,
+                    predicted.as_secs_f64() * 1e3,
+                    p.conv.downtime_limit()
+                ))),
                 ConvergencePolicy::Abort => Err(Error::NotConverged(format!(
                     "after {} rounds the predicted downtime is {:.1} ms, over the {:?} limit",
                     round + 1,
