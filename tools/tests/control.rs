@@ -196,7 +196,8 @@ fn sigterm_cancels(after: Duration) {
         assert!(v["bytes_transferred"].as_u64().is_some(), "{v}");
     } else {
         assert!(
-            err.contains("the source VM keeps running") || err.contains("no source VM had started"),
+            err.contains("the source VM keeps running")
+                || err.contains("before the source VM started"),
             "{err}"
         );
     }
