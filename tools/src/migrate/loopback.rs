@@ -196,6 +196,10 @@ pub fn run(args: &Args, params: &VmParams, ctl: &Ctl) -> Result<ExitCode> {
             while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
                 std::thread::sleep(Duration::from_millis(5));
             }
+            if !matches!(c.try_wait(), Ok(None)) {
+                // Reaped: its pid may name another process from now on.
+                ctl.signals.forward_to(0);
+            }
         }
     };
     // Cancelled: the child is told (it may not have heard from the source) and has a few
@@ -227,6 +231,7 @@ fn wait_for_port(port_file: &Path, child: &mut Child, ctl: &Ctl) -> Result<Optio
             }
         }
         if let Some(status) = child.try_wait()? {
+            ctl.signals.forward_to(0);
             bail!("the destination process exited before listening ({status})");
         }
         if Instant::now() > deadline {

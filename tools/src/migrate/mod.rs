@@ -459,12 +459,12 @@ fn source_cancelled(
 ) -> ExitCode {
     let p = ctl.control.progress();
     let state = match running {
-        Some(true) => "the source VM keeps running",
-        Some(false) => "the source VM is NOT running",
-        None => "no source VM had started",
+        Some(true) => "; the source VM keeps running",
+        Some(false) => "; the source VM is NOT running",
+        None => ", before the source VM started",
     };
     eprintln!(
-        "rdma-bench: migration cancelled after {:.1} s; {state}",
+        "rdma-bench: migration cancelled after {:.1} s{state}",
         p.elapsed.as_secs_f64()
     );
     if args.json {

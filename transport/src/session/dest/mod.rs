@@ -216,8 +216,11 @@ fn serve<'a>(
     drop(d.postcopy.take());
     drop(d.fetchers.take());
     if let Some(mut data) = d.data.take() {
-        if let Err(e) = data.close() {
-            tracing::warn!("closing the data path: {e}");
+        match data.close() {
+            Err(e) if result.is_ok() => tracing::warn!("closing the data path: {e}"),
+            // After a failure the path's own errors only echo it (a cancelled pacer).
+            Err(e) => tracing::debug!("closing the data path: {e}"),
+            Ok(()) => {}
         }
     }
     match result {

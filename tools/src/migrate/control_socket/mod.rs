@@ -27,13 +27,16 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use rdmig_transport::session::{MigrationControl, Phase};
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 
 use super::{signals, End};
+
+mod qmp;
+use qmp::Commands;
 
 /// How often the phase is polled (and the longest a request waits for its reply).
 const TICK_MS: i32 = 20;
@@ -41,8 +44,6 @@ const TICK_MS: i32 = 20;
 const MAX_LINE: usize = 64 << 10;
 /// A client with this much unread output is dropped.
 const MAX_PENDING: usize = 1 << 20;
-/// QEMU's largest `downtime-limit`, ms.
-const MAX_DOWNTIME_MS: u64 = 2_000_000;
 
 /// The running server; [`ControlSocket::finish`] (or drop) stops it and removes the socket.
 pub struct ControlSocket {
@@ -62,12 +63,10 @@ struct Client {
     closing: bool,
 }
 
-/// What the request handler needs.
+/// The serving thread's state.
 struct Server {
     control: MigrationControl,
-    end: End,
-    page_size: u64,
-    on_cancel: Box<dyn Fn() + Send>,
+    commands: Commands,
 }
 
 impl ControlSocket {
@@ -107,9 +106,12 @@ impl ControlSocket {
         let last = Arc::new(Mutex::new(None));
         let server = Server {
             control: control.clone(),
-            end,
-            page_size,
-            on_cancel,
+            commands: Commands {
+                control: control.clone(),
+                end,
+                page_size,
+                on_cancel,
+            },
         };
         let (s, l) = (stop.clone(), last.clone());
         let thread = std::thread::Builder::new()
@@ -158,25 +160,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn timestamp() -> Value {
-    let t = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    json!({"seconds": t.as_secs(), "microseconds": t.subsec_micros()})
-}
-
-fn error(class: &str, desc: impl Into<String>) -> Value {
-    json!({"error": {"class": class, "desc": desc.into()}})
-}
-
-fn generic(desc: impl Into<String>) -> Value {
-    error("GenericError", desc)
-}
-
-fn ok() -> Value {
-    json!({"return": {}})
-}
-
 impl Client {
     fn send(&mut self, v: &Value) {
         // Serialising a Value cannot fail.
@@ -210,11 +193,7 @@ impl Server {
             let phase = self.status(last, sent);
             if phase != sent {
                 sent = phase;
-                let event = json!({
-                    "event": "MIGRATION",
-                    "data": {"status": phase.name()},
-                    "timestamp": timestamp(),
-                });
+                let event = qmp::event(phase);
                 for c in clients.iter_mut().filter(|c| c.negotiated) {
                     c.send(&event);
                 }
@@ -240,7 +219,7 @@ impl Server {
                     negotiated: false,
                     closing: false,
                 };
-                c.send(&greeting());
+                c.send(&qmp::greeting());
                 clients.push(c);
             }
             for c in &mut clients {
@@ -298,7 +277,7 @@ impl Server {
                 Err(_) => c.closing = true,
             }
             if c.input.len() > MAX_LINE && !c.input[..MAX_LINE].contains(&b'\n') {
-                c.send(&generic(format!("QMP input longer than {MAX_LINE} bytes")));
+                c.send(&qmp::too_long(MAX_LINE));
                 c.closing = true;
                 return;
             }
@@ -308,197 +287,9 @@ impl Server {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            let reply = self.handle(&line, &mut c.negotiated, self.status(last, sent));
+            let status = self.status(last, sent);
+            let reply = self.commands.handle(&line, &mut c.negotiated, status);
             c.send(&reply);
         }
     }
-
-    /// One request to one reply.
-    fn handle(&self, line: &[u8], negotiated: &mut bool, status: Phase) -> Value {
-        let v: Value = match serde_json::from_slice(line) {
-            Ok(v) => v,
-            Err(e) => return generic(format!("JSON parse error, {e}")),
-        };
-        let Some(req) = v.as_object() else {
-            return generic("QMP input must be a JSON object");
-        };
-        let mut reply = self.execute(req, negotiated, status);
-        if let (Some(id), Some(r)) = (req.get("id"), reply.as_object_mut()) {
-            r.insert("id".into(), id.clone());
-        }
-        reply
-    }
-
-    fn execute(&self, req: &Map<String, Value>, negotiated: &mut bool, status: Phase) -> Value {
-        if let Some(k) = req
-            .keys()
-            .find(|k| !matches!(k.as_str(), "execute" | "arguments" | "id"))
-        {
-            return generic(format!("QMP input member '{k}' is unexpected"));
-        }
-        let cmd = match req.get("execute") {
-            Some(Value::String(s)) => s.as_str(),
-            Some(_) => return generic("QMP input member 'execute' must be a string"),
-            None => return generic("QMP input lacks member 'execute'"),
-        };
-        let empty = Map::new();
-        let args = match req.get("arguments") {
-            None => &empty,
-            Some(Value::Object(m)) => m,
-            Some(_) => return generic("QMP input member 'arguments' must be an object"),
-        };
-        if !*negotiated && cmd != "qmp_capabilities" {
-            return error(
-                "CommandNotFound",
-                "Expecting capabilities negotiation with 'qmp_capabilities'",
-            );
-        }
-        let no_args = |f: &dyn Fn() -> Value| match args.keys().next() {
-            Some(k) => generic(format!("Parameter '{k}' is unexpected")),
-            None => f(),
-        };
-        match cmd {
-            "qmp_capabilities" if *negotiated => error(
-                "CommandNotFound",
-                "Capabilities negotiation is already complete, command ignored",
-            ),
-            "qmp_capabilities" => match args.get("enable").and_then(Value::as_array) {
-                Some(caps) if !caps.is_empty() => generic(format!(
-                    "Capability '{}' not available",
-                    caps[0].as_str().unwrap_or("?")
-                )),
-                _ => {
-                    *negotiated = true;
-                    ok()
-                }
-            },
-            "query-migrate" => no_args(&|| self.query_migrate(status)),
-            "query-migrate-parameters" => no_args(&|| {
-                let p = self.control.progress();
-                json!({"return": {
-                    "downtime-limit": p.downtime_limit.as_millis() as u64,
-                    "max-bandwidth": p.max_bandwidth,
-                }})
-            }),
-            "migrate-set-parameters" => self.set_parameters(args),
-            "migrate_cancel" => no_args(&|| match self.control.cancel() {
-                Ok(()) => {
-                    (self.on_cancel)();
-                    ok()
-                }
-                Err(e) => generic(e.to_string()),
-            }),
-            "migrate-start-postcopy" => no_args(&|| {
-                if self.end == End::Destination {
-                    return generic("migrate-start-postcopy is for the source of the migration");
-                }
-                match self.control.start_postcopy() {
-                    Ok(()) => ok(),
-                    Err(e) => generic(e.to_string()),
-                }
-            }),
-            "query-commands" => no_args(&|| {
-                let names = [
-                    "qmp_capabilities",
-                    "query-commands",
-                    "query-migrate",
-                    "query-migrate-parameters",
-                    "migrate-set-parameters",
-                    "migrate_cancel",
-                    "migrate-start-postcopy",
-                ];
-                json!({"return": names.map(|n| json!({"name": n}))})
-            }),
-            other => error(
-                "CommandNotFound",
-                format!("The command {other} has not been found"),
-            ),
-        }
-    }
-
-    fn query_migrate(&self, status: Phase) -> Value {
-        let p = self.control.progress();
-        let page = self.page_size.max(1);
-        let mut r = json!({
-            "status": status.name(),
-            "total-time": p.elapsed.as_millis() as u64,
-            "expected-downtime": p.expected_downtime.as_millis() as u64,
-            "ram": {
-                "transferred": p.transferred_bytes,
-                "remaining": p.remaining_bytes,
-                "total": p.total_bytes,
-                "duplicate": p.zero_pages,
-                "normal": p.transferred_bytes / page,
-                "normal-bytes": p.transferred_bytes,
-                "dirty-pages-rate": p.dirty_bytes_per_sec / page,
-                "mbps": p.bandwidth_bytes_per_sec as f64 * 8.0 / 1e6,
-                "page-size": page,
-                "dirty-sync-count": p.round,
-            },
-        });
-        if p.throttle_percent > 0 {
-            r["cpu-throttle-percentage"] = json!(p.throttle_percent);
-        }
-        json!({ "return": r })
-    }
-
-    /// `migrate-set-parameters`: all checked before any is applied.
-    fn set_parameters(&self, args: &Map<String, Value>) -> Value {
-        if self.end == End::Destination {
-            return generic("migration parameters are set on the source of the migration");
-        }
-        let (mut downtime, mut bandwidth) = (None, None);
-        for (k, v) in args {
-            let n = v.as_u64();
-            match (k.as_str(), n) {
-                ("downtime-limit", Some(0)) => {
-                    return generic("Parameter 'downtime-limit' must be at least 1 ms")
-                }
-                ("downtime-limit", Some(ms)) if ms <= MAX_DOWNTIME_MS => downtime = Some(ms),
-                ("downtime-limit", _) => {
-                    return generic(
-                        "Parameter 'downtime-limit' expects an integer in the range of 1 to 2000000 ms",
-                    )
-                }
-                ("max-bandwidth", Some(b)) => bandwidth = Some(b),
-                ("max-bandwidth", None) => {
-                    return generic("Parameter 'max-bandwidth' expects an integer (bytes/s)")
-                }
-                (other, _) => {
-                    return generic(format!(
-                        "Parameter '{other}' is not supported here (downtime-limit and max-bandwidth are)"
-                    ))
-                }
-            }
-        }
-        if let Some(ms) = downtime {
-            if let Err(e) = self.control.set_downtime_limit(Duration::from_millis(ms)) {
-                return generic(e.to_string());
-            }
-        }
-        if let Some(b) = bandwidth {
-            // QMP has no "none": 0 lifts the cap.
-            if let Err(e) = self.control.set_max_bandwidth((b > 0).then_some(b)) {
-                return generic(e.to_string());
-            }
-        }
-        ok()
-    }
-}
-
-fn greeting() -> Value {
-    let v = env!("CARGO_PKG_VERSION");
-    let mut parts = v.split('.').map(|p| p.parse::<u64>().unwrap_or(0));
-    let (major, minor, micro) = (
-        parts.next().unwrap_or(0),
-        parts.next().unwrap_or(0),
-        parts.next().unwrap_or(0),
-    );
-    json!({"QMP": {
-        "version": {
-            "qemu": {"major": major, "minor": minor, "micro": micro},
-            "package": format!("rdmig rdma-bench {v}"),
-        },
-        "capabilities": [],
-    }})
 }
