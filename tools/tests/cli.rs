@@ -717,3 +717,39 @@ fn loopback_zero_copy_postcopy_of_a_kvm_guest_with_memfd_memory() {
         "the guest's own check after resume on the destination"
     );
 }
+
+#[test]
+fn a_destination_without_vm_builds_the_kind_the_source_announces() {
+    let d = scratch("announce");
+    let k = key_file(&d, "k", b"a shared key of thirty-two bytes");
+    let port_file = d.join("port");
+    // No --vm: on a host with /dev/kvm the default would be a KVM guest; the synthetic source
+    // says what it is before any memory moves, and the destination builds that.
+    let dest = bench()
+        .args([
+            "migrate",
+            "--listen",
+            "127.0.0.1:0",
+            "--mem",
+            "16MiB",
+            "--json",
+        ])
+        .arg("--port-file")
+        .arg(&port_file)
+        .arg("--psk-file")
+        .arg(&k)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let port = wait_port(&port_file);
+    let o = connect_cmd(&format!("127.0.0.1:{port}"), "16MiB", &k)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = dest.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["vm"], "synthetic", "{j}");
+    assert_eq!(j["outcome"], "completed", "{j}");
+}

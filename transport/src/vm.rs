@@ -52,6 +52,82 @@ pub trait SourceVm: Send {
     fn throttle(&mut self, percent: u8) -> Result<(), VmmError> {
         Err(format!("throttling not supported by this VMM (asked for {percent}%)").into())
     }
+
+    /// What kind of VM this is and which device-state version it saves, announced to the
+    /// destination before any memory moves, so that it builds the right kind of VM or refuses
+    /// at once. Default: [`VmDescriptor::unknown`].
+    fn descriptor(&self) -> VmDescriptor {
+        VmDescriptor::unknown()
+    }
+}
+
+/// The kind of a VM and its device-state version, as the source announces them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VmDescriptor {
+    /// The VMM's name for the kind (`synthetic`, `kvm`, `qemu`, or a VMM's own): at most
+    /// [`VmDescriptor::MAX_KIND`] bytes of `[a-z0-9._-]`; empty when unknown.
+    pub kind: String,
+    /// The version of the device-state format [`SourceVm::save_state`] writes.
+    pub state_version: u32,
+}
+
+impl VmDescriptor {
+    /// Longest kind name.
+    pub const MAX_KIND: usize = 32;
+
+    /// A descriptor of `kind` whose device state has format version `state_version`.
+    pub fn new(kind: &str, state_version: u32) -> VmDescriptor {
+        VmDescriptor {
+            kind: kind.to_string(),
+            state_version,
+        }
+    }
+
+    /// Nothing announced (a VMM that does not say, or a source that predates descriptors).
+    pub fn unknown() -> VmDescriptor {
+        VmDescriptor::default()
+    }
+
+    /// True if the kind is a valid name (see [`VmDescriptor::kind`]).
+    pub fn kind_is_valid(kind: &str) -> bool {
+        kind.len() <= Self::MAX_KIND
+            && kind
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+    }
+
+    /// For a factory that builds `kind` VMs reading device-state versions `versions`: an
+    /// error saying what the source runs when it announced another kind or version. A layout
+    /// without a descriptor passes (the source did not say).
+    pub fn check(
+        layout: &MemoryLayout,
+        kind: &str,
+        versions: std::ops::RangeInclusive<u32>,
+    ) -> Result<(), VmmError> {
+        let Some(d) = &layout.vm else {
+            return Ok(());
+        };
+        if d.kind.is_empty() {
+            return Ok(());
+        }
+        if d.kind != kind {
+            return Err(format!(
+                "the source migrates a {} VM and this destination builds {kind} VMs (start it for a {} VM)",
+                d.kind, d.kind
+            )
+            .into());
+        }
+        if !versions.contains(&d.state_version) {
+            return Err(format!(
+                "the source's {kind} device state is version {}, this destination reads versions {}..={}",
+                d.state_version,
+                versions.start(),
+                versions.end()
+            )
+            .into());
+        }
+        Ok(())
+    }
 }
 
 /// The largest throttle [`SourceVm::throttle`] accepts: at 100 % the guest would not run.
@@ -111,14 +187,27 @@ pub trait DestinationVm: Send {
     fn into_any(self: Box<Self>) -> Box<dyn std::any::Any + Send>;
 }
 
-/// The memory layout announced by the source.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// The memory layout announced by the source, and the VM it announced.
+///
+/// Two layouts are equal when they describe the same memory (page size and regions); the VM
+/// descriptor is not compared.
+#[derive(Clone, Debug)]
 pub struct MemoryLayout {
     /// Page size.
     pub page_size: PageSize,
     /// Regions in table order: guest physical address and length.
     pub regions: Vec<(GuestAddress, u64)>,
+    /// The VM the source announced (`None`: it did not, or this layout was not received).
+    pub vm: Option<VmDescriptor>,
 }
+
+impl PartialEq for MemoryLayout {
+    fn eq(&self, other: &Self) -> bool {
+        self.page_size == other.page_size && self.regions == other.regions
+    }
+}
+
+impl Eq for MemoryLayout {}
 
 impl MemoryLayout {
     /// The layout of an existing memory map.
@@ -126,6 +215,7 @@ impl MemoryLayout {
         MemoryLayout {
             page_size: map.page_size(),
             regions: map.regions().iter().map(|r| (r.gpa(), r.len())).collect(),
+            vm: None,
         }
     }
 
@@ -156,5 +246,50 @@ mod tests {
         assert_eq!(throttle_sleep(ms(10), 90), ms(90));
         assert_eq!(throttle_sleep(ms(10), 99), ms(990));
         assert_eq!(throttle_sleep(ms(10), 100), Duration::ZERO);
+    }
+
+    #[test]
+    fn descriptors_are_checked_by_kind_and_version() {
+        let mut l = MemoryLayout {
+            page_size: PageSize::KIB4,
+            regions: vec![(GuestAddress(0), 1 << 20)],
+            vm: None,
+        };
+        assert!(
+            VmDescriptor::check(&l, "kvm", 1..=2).is_ok(),
+            "no descriptor: passes"
+        );
+        l.vm = Some(VmDescriptor::unknown());
+        assert!(
+            VmDescriptor::check(&l, "kvm", 1..=2).is_ok(),
+            "unnamed: passes"
+        );
+        l.vm = Some(VmDescriptor::new("synthetic", 3));
+        let e = VmDescriptor::check(&l, "kvm", 1..=2)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("migrates a synthetic VM") && e.contains("builds kvm VMs"),
+            "{e}"
+        );
+        l.vm = Some(VmDescriptor::new("kvm", 9));
+        let e = VmDescriptor::check(&l, "kvm", 1..=2)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("version 9"), "{e}");
+        l.vm = Some(VmDescriptor::new("kvm", 2));
+        assert!(VmDescriptor::check(&l, "kvm", 1..=2).is_ok());
+        assert!(
+            l == MemoryLayout {
+                vm: None,
+                ..l.clone()
+            },
+            "equal memory, equal layouts"
+        );
+        assert!(VmDescriptor::kind_is_valid("cloud-hypervisor_1.0"));
+        assert!(
+            !VmDescriptor::kind_is_valid("Bad Kind")
+                && !VmDescriptor::kind_is_valid(&"x".repeat(33))
+        );
     }
 }

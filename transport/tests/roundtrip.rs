@@ -154,14 +154,18 @@ fn message(r: &mut Rng, kind: u64) -> Message {
         19 => Message::Params {
             max_bandwidth: r.num(),
         },
-        _ => Message::Fail {
+        20 => Message::Fail {
             code: r.u32() as u16,
             reason: r.text(),
         },
+        _ => Message::VmInfo(rdmig_transport::vm::VmDescriptor::new(
+            ["", "kvm", "synthetic", "qemu", "cloud-hypervisor"][r.u32() as usize % 5],
+            r.u32(),
+        )),
     }
 }
 
-const KINDS: u64 = 21;
+const KINDS: u64 = 22;
 
 #[test]
 fn every_encoded_message_decodes_to_itself() {

@@ -483,3 +483,41 @@ fn the_threaded_handle_runs_a_migration_and_hands_the_vm_back() {
     assert!(dvm.verify().ok());
     drop(vm);
 }
+
+#[test]
+fn a_destination_of_another_kind_refuses_before_any_memory_moves() {
+    // A synthetic source announces itself; a KVM destination refuses it before it builds
+    // anything (no /dev/kvm needed: the kind is checked first).
+    let psk = Psk::random().unwrap();
+    let cfg = config(&psk);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let dcfg = cfg.clone();
+    let dest = std::thread::spawn(move || {
+        rdmig_transport::session::accept(
+            &listener,
+            &dcfg,
+            rdmig_vmm::kvm::kvm_destination_factory(Default::default()),
+        )
+        .map(|_| ())
+    });
+    let mut source = guest(16 * MIB);
+    let control = MigrationControl::new();
+    let e = migrate_with(
+        &mut source,
+        &mut TcpChannel(addr),
+        &cfg,
+        &control,
+        &mut |_| {},
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&e, Error::PeerAborted(p) if p.code == AbortCode::Vmm
+            && p.contains("the source migrates a synthetic VM")),
+        "{e:?}"
+    );
+    assert_eq!(control.progress().transferred_bytes, 0, "no memory moved");
+    let de = dest.join().unwrap().unwrap_err();
+    assert!(de.to_string().contains("builds kvm VMs"), "{de}");
+    assert_intact(&source);
+}

@@ -411,14 +411,17 @@ fn destination_refuses_layouts_it_cannot_run() {
     let too_big = MemoryLayout {
         page_size: PageSize::KIB4,
         regions: vec![(GuestAddress(0), 4 << 30)],
+        vm: None,
     };
     let none = MemoryLayout {
         page_size: PageSize::KIB4,
         regions: vec![],
+        vm: None,
     };
     let many = MemoryLayout {
         page_size: PageSize::KIB4,
         regions: (0..9).map(|i| (GuestAddress(i << 20), 1 << 20)).collect(),
+        vm: None,
     };
     for layout in [too_big, none, many] {
         assert!(

@@ -475,11 +475,27 @@ fn source_cancelled(
 
 /// The destination end.
 fn listen(args: &Args, params: &VmParams, addr: SocketAddr, ctl: &Ctl) -> Result<ExitCode> {
-    let (kind, why) = VmKind::resolve(args.vm)?;
+    let (mut kind, mut why) = VmKind::resolve(args.vm)?;
     let psk = args.psk()?;
+    // Without --vm the destination builds what the source announces (the default kind if it
+    // does not say); with --vm it builds that kind, prepared now, and refuses another.
+    let built = std::sync::Arc::new(std::sync::Mutex::new(kind));
     // A QEMU is attached now and watched while the migration comes in (qemu::accept).
     let (factory, qemu_dest) = if kind == VmKind::Qemu {
         (None, Some(qemu::attach_destination(args, params)?))
+    } else if args.vm.is_none() {
+        why = format!(
+            "the kind the source announces; {} if it does not say ({why})",
+            kind.name()
+        );
+        (
+            Some(LocalVm::announced_destination_factory(
+                kind,
+                params,
+                built.clone(),
+            )),
+            None,
+        )
     } else {
         (Some(LocalVm::destination_factory(kind, params)?), None)
     };
@@ -498,7 +514,10 @@ fn listen(args: &Args, params: &VmParams, addr: SocketAddr, ctl: &Ctl) -> Result
     let result = match (factory, qemu_dest) {
         (Some(factory), _) => session::accept_controlled(&listener, &config, factory, &ctl.control)
             .map_err(anyhow::Error::new)
-            .and_then(|(vm, dest)| Ok((LocalVm::from_destination(kind, vm)?, dest))),
+            .and_then(|(vm, dest)| {
+                kind = *built.lock().unwrap_or_else(|e| e.into_inner());
+                Ok((LocalVm::from_destination(kind, vm)?, dest))
+            }),
         (None, Some(q)) => {
             rdmig_vmm::qemu::accept_into_controlled(q, &listener, &config, &ctl.control)
                 .map(|(vm, dest)| (LocalVm::QemuDest(vm), dest))

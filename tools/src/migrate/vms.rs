@@ -185,12 +185,14 @@ impl LocalVm {
                 let expected = MemoryLayout {
                     page_size: p.page,
                     regions: vec![(GuestAddress(0), p.mem)],
+                    vm: None,
                 };
                 let cfg = KvmDestConfig::default()
                     .with_memfd(p.memfd)
                     .with_prealloc(p.prealloc);
                 let prepared = KvmVm::destination(&expected, &cfg)?;
                 Ok(Box::new(move |layout: &MemoryLayout| {
+                    rdmig_vmm::kvm::check_descriptor(layout)?;
                     let vm = if *layout == expected {
                         prepared
                     } else {
@@ -204,6 +206,49 @@ impl LocalVm {
                 &QemuDestOptions::default(),
             )?),
         }
+    }
+
+    /// A factory for a destination started without `--vm`: it builds the kind of VM the source
+    /// announces (synthetic, or KVM where /dev/kvm works), or `fallback` when the source does
+    /// not say, and records the kind it built in `built`. A QEMU source is refused at once (this
+    /// end must attach to a QEMU with `--vm qemu --qemu-qmp`).
+    pub fn announced_destination_factory(
+        fallback: VmKind,
+        p: &VmParams,
+        built: std::sync::Arc<std::sync::Mutex<VmKind>>,
+    ) -> DestinationFactory<'static> {
+        let p = p.clone();
+        Box::new(move |layout: &MemoryLayout| {
+            let announced = layout.vm.as_ref().map(|d| d.kind.as_str()).unwrap_or("");
+            let kind = match announced {
+                rdmig_vmm::synthetic::KIND => VmKind::Synthetic,
+                rdmig_vmm::kvm::KIND => {
+                    kvm_available().map_err(|why| {
+                        format!("the source migrates a KVM guest and this host cannot run one: {why}")
+                    })?;
+                    VmKind::Kvm
+                }
+                rdmig_vmm::qemu::KIND => {
+                    return Err("the source migrates a QEMU guest: start this end with --vm qemu and --qemu-qmp".into())
+                }
+                "" => fallback,
+                other => {
+                    return Err(format!("the source migrates a {other} VM, which rdma-bench cannot build").into())
+                }
+            };
+            tracing::info!("building a {} VM, as the source announced", kind.name());
+            *built.lock().unwrap_or_else(|e| e.into_inner()) = kind;
+            match kind {
+                VmKind::Synthetic => synthetic_destination_factory(p.synthetic(), None)(layout),
+                VmKind::Kvm => {
+                    let cfg = KvmDestConfig::default()
+                        .with_memfd(p.memfd)
+                        .with_prealloc(p.prealloc);
+                    Ok(Box::new(KvmVm::destination(layout, &cfg)?) as Box<dyn DestinationVm>)
+                }
+                VmKind::Qemu => unreachable!("refused above"),
+            }
+        })
     }
 
     /// Recovers the VM that `accept` built.

@@ -204,6 +204,16 @@ pub struct FailWire {
     pub reserved: Le16,
 }
 
+/// `VmInfo` payload, before the kind's name.
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+#[repr(C)]
+pub struct VmInfoWire {
+    /// The device-state format version.
+    pub state_version: Le32,
+    /// Zero.
+    pub reserved: Le32,
+}
+
 /// `PostcopyComplete` payload.
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
 #[repr(C)]
@@ -230,6 +240,7 @@ const _: () = {
     assert!(size_of::<PostcopyResumedWire>() == 16);
     assert!(size_of::<ParamsWire>() == 16);
     assert!(size_of::<FailWire>() == 4);
+    assert!(size_of::<VmInfoWire>() == 8);
     assert!(size_of::<PostcopyCompleteWire>() == 104);
     assert!(size_of::<Header>() == 16);
     assert!(size_of::<HelloWire>() == 52);

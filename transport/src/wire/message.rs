@@ -77,6 +77,10 @@ pub enum Command {
     /// Either way, after authentication, between ends that offered `caps::ABORT_CODES`: the
     /// migration is aborted, with a code (`crate::abort::AbortCode`) and a reason.
     Fail = 21,
+    /// Source → destination, right after `AuthOk` to a destination that offered
+    /// `caps::VM_INFO`: the kind of VM and its device-state version, so that the destination
+    /// builds that kind or refuses before any memory moves.
+    VmInfo = 22,
 }
 
 impl Command {
@@ -105,6 +109,7 @@ impl Command {
             19 => PostcopyDropped,
             20 => Params,
             21 => Fail,
+            22 => VmInfo,
             _ => return Err(Error::Protocol(format!("unknown command {v}"))),
         })
     }
@@ -127,6 +132,7 @@ impl Command {
             Complete => size_of::<CompleteWire>(),
             Abort => MAX_TEXT,
             Fail => size_of::<FailWire>() + MAX_TEXT,
+            VmInfo => size_of::<VmInfoWire>() + crate::vm::VmDescriptor::MAX_KIND,
             PostcopyMissing => size_of::<RoundWire>() + MAX_RANGES_PER_MSG * size_of::<RangeWire>(),
             PostcopyResumed | PostcopyDropped => size_of::<PostcopyResumedWire>(),
             Params => size_of::<ParamsWire>(),
@@ -305,6 +311,8 @@ pub enum Message {
         /// Why.
         reason: String,
     },
+    /// See [`Command::VmInfo`].
+    VmInfo(crate::vm::VmDescriptor),
     /// See [`Command::Params`].
     Params {
         /// Bandwidth cap, bytes/s (0: none).
@@ -411,6 +419,7 @@ impl Message {
             Message::PostcopyDropped { .. } => Command::PostcopyDropped,
             Message::Params { .. } => Command::Params,
             Message::Fail { .. } => Command::Fail,
+            Message::VmInfo(_) => Command::VmInfo,
         }
     }
 
@@ -531,6 +540,20 @@ impl Message {
                 bytes: c.bytes.into(),
             })),
             Message::Abort(reason) => out.extend_from_slice(text(reason)),
+            Message::VmInfo(d) => {
+                if !crate::vm::VmDescriptor::kind_is_valid(&d.kind) {
+                    return Err(Error::InvalidConfig(format!(
+                        "VM kind {:?}: at most {} bytes of [a-z0-9._-]",
+                        d.kind,
+                        crate::vm::VmDescriptor::MAX_KIND
+                    )));
+                }
+                out.extend_from_slice(bytemuck::bytes_of(&VmInfoWire {
+                    state_version: d.state_version.into(),
+                    reserved: 0.into(),
+                }));
+                out.extend_from_slice(d.kind.as_bytes());
+            }
             Message::Fail { code, reason } => {
                 out.extend_from_slice(bytemuck::bytes_of(&FailWire {
                     code: (*code).into(),
@@ -792,6 +815,21 @@ impl Message {
                 })
             }
             Command::Abort => Message::Abort(peer_text(&String::from_utf8_lossy(p))),
+            Command::VmInfo => {
+                let n = size_of::<VmInfoWire>();
+                if p.len() < n {
+                    return Err(Error::Protocol(format!("VmInfo of {} bytes", p.len())));
+                }
+                let w: VmInfoWire = bytemuck::pod_read_unaligned(&p[..n]);
+                let kind = std::str::from_utf8(&p[n..]).unwrap_or("\u{fffd}");
+                if w.reserved.get() != 0 || !crate::vm::VmDescriptor::kind_is_valid(kind) {
+                    return Err(Error::Protocol(format!(
+                        "VmInfo: bad kind {:?} or reserved field",
+                        peer_text(kind)
+                    )));
+                }
+                Message::VmInfo(crate::vm::VmDescriptor::new(kind, w.state_version.get()))
+            }
             Command::Fail => {
                 let n = size_of::<FailWire>();
                 if p.len() < n {

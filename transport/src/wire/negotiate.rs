@@ -17,6 +17,8 @@ pub mod caps {
     pub const LIVE_PARAMS: u32 = 1 << 4;
     /// The end understands `Fail` (an abort with a code).
     pub const ABORT_CODES: u32 = 1 << 5;
+    /// The destination takes `VmInfo` before the region table.
+    pub const VM_INFO: u32 = 1 << 6;
 }
 
 /// Transport request (in `Hello`) or choice (in `HelloAck`).

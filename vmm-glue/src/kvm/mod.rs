@@ -119,8 +119,19 @@ pub fn kvm_available() -> std::result::Result<(), String> {
     Ok(())
 }
 
+/// The KVM guest's kind, as its source announces it.
+pub const KIND: &str = "kvm";
+
+/// Refuses a layout whose source announced another kind of VM or a device-state version this
+/// build cannot read (before any memory moves).
+pub fn check_descriptor(layout: &rdmig_transport::vm::MemoryLayout) -> Result<()> {
+    rdmig_transport::vm::VmDescriptor::check(layout, KIND, 1..=state::VERSION.into())
+        .map_err(|e| Error::InvalidConfig(e.to_string()))
+}
+
 /// A factory for [`rdmig_transport::session::accept`] that builds a [`KvmVm`] with the
-/// announced layout; the guest resumes where the source left it.
+/// announced layout; the guest resumes where the source left it. A source that announces
+/// another kind of VM is refused before any memory moves.
 pub fn kvm_destination_factory(cfg: KvmDestConfig) -> DestinationFactory<'static> {
     Box::new(move |layout| {
         let vm = KvmVm::destination(layout, &cfg)?;

@@ -141,6 +141,10 @@ impl SourceVm for KvmVm {
         &self.map
     }
 
+    fn descriptor(&self) -> rdmig_transport::vm::VmDescriptor {
+        rdmig_transport::vm::VmDescriptor::new(super::KIND, super::state::VERSION.into())
+    }
+
     fn start_dirty_log(&mut self) -> Result<(), VmmError> {
         // Logging is on from the slot's creation; start with a clean log.
         let mut scratch = PageSet::empty(&self.map);

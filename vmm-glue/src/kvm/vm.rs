@@ -55,6 +55,7 @@ impl KvmVm {
         let layout = MemoryLayout {
             page_size: cfg.page_size,
             regions: vec![(GuestAddress(0), cfg.mem_bytes)],
+            vm: None,
         };
         let mut vm = KvmVm::build(
             &layout,
@@ -72,6 +73,7 @@ impl KvmVm {
 
     /// Builds the destination VM for `layout`: empty memory, a parked vCPU.
     pub fn destination(layout: &MemoryLayout, cfg: &KvmDestConfig) -> Result<KvmVm> {
+        super::check_descriptor(layout)?;
         if layout.regions.is_empty() || layout.regions.len() > MAX_SLOTS {
             return Err(Error::InvalidConfig(format!(
                 "{} memory regions, this VMM takes 1..={MAX_SLOTS}",

@@ -32,6 +32,9 @@ pub mod relay;
 pub mod source;
 pub mod watch;
 
+/// A QEMU guest's kind, as its source announces it.
+pub const KIND: &str = "qemu";
+
 use std::path::{Path, PathBuf};
 
 pub use dest::{

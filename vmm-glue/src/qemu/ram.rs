@@ -311,6 +311,7 @@ impl SharedRam {
                 .iter()
                 .map(|b| (GuestAddress(b.offset), b.size))
                 .collect(),
+            vm: None,
         }
     }
 
@@ -353,6 +354,8 @@ impl Drop for SharedRam {
 
 /// Checks that the destination QEMU's blocks match the layout the source announced.
 pub fn check_layout(mine: &MemoryLayout, announced: &MemoryLayout) -> Result<()> {
+    rdmig_transport::vm::VmDescriptor::check(announced, super::KIND, 0..=u32::MAX)
+        .map_err(|e| Error::InvalidConfig(e.to_string()))?;
     if mine == announced {
         return Ok(());
     }

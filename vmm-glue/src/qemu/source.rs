@@ -215,6 +215,11 @@ impl SourceVm for QemuSource {
         &self.map
     }
 
+    fn descriptor(&self) -> rdmig_transport::vm::VmDescriptor {
+        // QEMU's device state is its own migration stream, versioned by QEMU.
+        rdmig_transport::vm::VmDescriptor::new(super::KIND, 0)
+    }
+
     fn start_dirty_log(&mut self) -> Result<(), VmmError> {
         match &mut self.tracker {
             Tracker::SoftDirty(t) => t.start()?,

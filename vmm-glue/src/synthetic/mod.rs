@@ -13,4 +13,4 @@ mod vm;
 mod writer;
 
 pub use content::{fill_page, page_matches};
-pub use vm::{synthetic_destination_factory, SyntheticConfig, SyntheticVm};
+pub use vm::{synthetic_destination_factory, SyntheticConfig, SyntheticVm, KIND};

@@ -15,7 +15,8 @@
 use crate::error::{Error, Result};
 
 const MAGIC: [u8; 4] = *b"SYNV";
-const VERSION: u32 = 3;
+/// The device-state format version this build writes and reads.
+pub const VERSION: u32 = 3;
 const HEADER: usize = 4 + 4 + 8 + 8 + 8 + 8 + 8 + 8;
 /// Longest LEB128 encoding of a u64.
 const MAX_VARINT: usize = 10;

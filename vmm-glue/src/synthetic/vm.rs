@@ -9,7 +9,7 @@ use rdmig_transport::mem::{
 };
 use rdmig_transport::pages::PageSet;
 use rdmig_transport::vm::{
-    check_throttle, DestinationFactory, DestinationVm, MemoryLayout, SourceVm,
+    check_throttle, DestinationFactory, DestinationVm, MemoryLayout, SourceVm, VmDescriptor,
 };
 use rdmig_transport::VmmError;
 
@@ -137,6 +137,7 @@ impl SyntheticConfig {
         Ok(MemoryLayout {
             page_size: self.page_size,
             regions,
+            vm: None,
         })
     }
 }
@@ -399,6 +400,10 @@ impl SourceVm for SyntheticVm {
         &self.map
     }
 
+    fn descriptor(&self) -> VmDescriptor {
+        VmDescriptor::new(KIND, super::state::VERSION)
+    }
+
     fn start_dirty_log(&mut self) -> Result<(), VmmError> {
         for w in self.shared.dirty.iter().flatten() {
             w.store(0, Ordering::Relaxed);
@@ -506,14 +511,19 @@ impl SyntheticVm {
     }
 }
 
+/// The synthetic VM's kind, as its source announces it.
+pub const KIND: &str = "synthetic";
+
 /// A factory that hands over `prepared` if its layout is the announced one, and otherwise
 /// builds a synthetic destination VM for the announced layout; its writers (rate and working
-/// set from `cfg`) start when the migration resumes it.
+/// set from `cfg`) start when the migration resumes it. A source that announces another kind
+/// of VM, or another device-state version, is refused before any memory moves.
 pub fn synthetic_destination_factory(
     cfg: SyntheticConfig,
     prepared: Option<SyntheticVm>,
 ) -> DestinationFactory<'static> {
     Box::new(move |layout: &MemoryLayout| {
+        VmDescriptor::check(layout, KIND, super::state::VERSION..=super::state::VERSION)?;
         if let Some(vm) = prepared {
             if MemoryLayout::of(&vm.map) == *layout {
                 return Ok(Box::new(vm) as Box<dyn DestinationVm>);

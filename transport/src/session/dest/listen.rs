@@ -166,7 +166,7 @@ fn handshake(ctl: &mut Control, config: &MigrationConfig) -> Result<Handshake> {
     if mode != MigrationMode::Precopy {
         my_caps |= caps::POSTCOPY;
     }
-    my_caps |= caps::LIVE_PARAMS;
+    my_caps |= caps::LIVE_PARAMS | caps::VM_INFO;
     if hello.caps & caps::ABORT_CODES != 0 {
         my_caps |= caps::ABORT_CODES;
         ctl.set_abort_codes(true);

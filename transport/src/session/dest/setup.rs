@@ -50,6 +50,7 @@ fn check_layout(page_size: u32, regions: &[(GuestAddress, u64)]) -> Result<Memor
     Ok(MemoryLayout {
         page_size: page,
         regions: regions.to_vec(),
+        vm: None,
     })
 }
 
@@ -76,10 +77,31 @@ impl Dest<'_> {
             transport.name()
         );
 
-        let Message::RegionTable { page_size, regions } = self.recv()? else {
-            unreachable!("state checked")
+        // The VM the source runs (once, if it says), then the region table.
+        let mut vm_info = None;
+        let (page_size, regions) = loop {
+            match self.recv()? {
+                Message::VmInfo(d) if vm_info.is_none() => {
+                    tracing::info!(
+                        "the source migrates a {} VM (device state version {})",
+                        if d.kind.is_empty() {
+                            "(unnamed)"
+                        } else {
+                            &d.kind
+                        },
+                        d.state_version
+                    );
+                    vm_info = Some(d);
+                }
+                Message::VmInfo(_) => {
+                    return Err(Error::Protocol("a second VmInfo".into()));
+                }
+                Message::RegionTable { page_size, regions } => break (page_size, regions),
+                _ => unreachable!("state checked"),
+            }
         };
-        let layout = check_layout(page_size, &regions)?;
+        let mut layout = check_layout(page_size, &regions)?;
+        layout.vm = vm_info;
         let total = layout.total_bytes();
         if total > self.config.max_guest_bytes {
             return Err(Error::GuestTooLarge(format!(

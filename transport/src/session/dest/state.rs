@@ -47,7 +47,7 @@ impl DestState {
     pub(super) fn may_receive(self, c: Command, postcopy: bool) -> bool {
         use Command as C;
         match self {
-            DestState::AwaitRegionTable => c == C::RegionTable,
+            DestState::AwaitRegionTable => matches!(c, C::RegionTable | C::VmInfo),
             DestState::AwaitDataSetup => c == C::DataSetup,
             DestState::Precopy { chunk: 0, .. } if postcopy => {
                 matches!(c, C::Round | C::DeviceState | C::PostcopyMissing)
@@ -95,7 +95,7 @@ impl DestState {
                     chunk: c, flags, ..
                 },
             ) => *c == chunk && flags & POSTCOPY_ZERO != 0,
-            (DestState::AwaitRegionTable, Message::RegionTable { .. })
+            (DestState::AwaitRegionTable, Message::RegionTable { .. } | Message::VmInfo(_))
             | (DestState::AwaitDataSetup, Message::DataSetup(_))
             | (DestState::AwaitDeviceState, Message::DeviceState(_))
             | (DestState::AwaitSwitchover, Message::Switchover { .. })

@@ -82,6 +82,9 @@ impl Source<'_> {
             ack.transport.name(),
             ack.reason
         );
+        if ack.caps & caps::VM_INFO != 0 {
+            self.ctl.send(&Message::VmInfo(self.vm.descriptor()))?;
+        }
         Ok(Negotiated {
             transport: ack.transport,
             reason: ack.reason,
