@@ -164,3 +164,66 @@ pub(crate) fn mib_s(bytes: u64, secs: f64) -> f64 {
         0.0
     }
 }
+
+fn ms(v: f64) -> std::time::Duration {
+    std::time::Duration::try_from_secs_f64(v / 1e3).unwrap_or_default()
+}
+
+fn transport_of(name: &str) -> crate::wire::TransportKind {
+    match name {
+        "rdma" => crate::wire::TransportKind::Rdma,
+        _ => crate::wire::TransportKind::Tcp,
+    }
+}
+
+fn mode_of(name: &str) -> super::MigrationMode {
+    name.parse().unwrap_or_default()
+}
+
+/// Typed views of the figures (the fields keep the units of the JSON reports: ms, strings).
+impl MigrationReport {
+    /// The transport that moved the pages.
+    pub fn transport_kind(&self) -> crate::wire::TransportKind {
+        transport_of(&self.transport)
+    }
+    /// The migration mode.
+    pub fn migration_mode(&self) -> super::MigrationMode {
+        mode_of(&self.mode)
+    }
+    /// From connect to completion.
+    pub fn total(&self) -> std::time::Duration {
+        ms(self.total_ms)
+    }
+    /// From the source's pause to the destination's acknowledged resume.
+    pub fn downtime(&self) -> std::time::Duration {
+        ms(self.downtime_ms)
+    }
+    /// CPU time of the source's migration threads.
+    pub fn source_cpu(&self) -> std::time::Duration {
+        ms(self.source_cpu_ms)
+    }
+    /// CPU time of the destination's migration threads.
+    pub fn dest_cpu(&self) -> std::time::Duration {
+        ms(self.dest_cpu_ms)
+    }
+}
+
+/// Typed views of the figures (the fields keep the units of the JSON reports: ms, strings).
+impl DestReport {
+    /// The transport that moved the pages.
+    pub fn transport_kind(&self) -> crate::wire::TransportKind {
+        transport_of(&self.transport)
+    }
+    /// The migration mode.
+    pub fn migration_mode(&self) -> super::MigrationMode {
+        mode_of(&self.mode)
+    }
+    /// CPU time of this end's migration threads.
+    pub fn cpu(&self) -> std::time::Duration {
+        ms(self.cpu_ms)
+    }
+    /// From the switchover message to the guest resumed.
+    pub fn resume(&self) -> std::time::Duration {
+        ms(self.resume_ms)
+    }
+}
