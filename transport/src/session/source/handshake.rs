@@ -12,27 +12,15 @@ use crate::pages::PageSet;
 use crate::session::config::MigrationMode;
 use crate::session::handle::Phase as Status;
 use crate::session::policy::Convergence;
-use crate::wire::{caps, Hello, Message, TransportKind, PROTOCOL_VERSION};
+use crate::wire::{caps, Hello, Message, PROTOCOL_VERSION};
 
 impl Source<'_> {
     /// Hello, HelloAck (the destination proves the key), AuthProof, AuthOk.
     pub(super) fn handshake(&mut self) -> Result<Negotiated> {
         let config = self.config;
-        // RDMA is offered only when this end has a usable device.
-        let rdma_probe = match config.transport {
-            TransportKind::Tcp => Err("TCP was requested".to_string()),
-            _ => crate::rdma::probe(&config.rdma),
-        };
-        if config.transport == TransportKind::Rdma {
-            if let Err(why) = &rdma_probe {
-                return Err(Error::RdmaUnavailable(format!(
-                    "RDMA was requested and no RDMA device is usable here: {why}"
-                )));
-            }
-        }
         let nonce_s = random_bytes()?;
         let mut my_caps = caps::TCP;
-        if rdma_probe.is_ok() {
+        if self.rdma_here {
             my_caps |= caps::RDMA;
         }
         let mode = config.mode;

@@ -154,6 +154,8 @@ struct Source<'a> {
     reason: String,
     /// Page data moved so far, bytes (for the progress).
     moved: u64,
+    /// This end has a usable RDMA device (offered in Hello).
+    rdma_here: bool,
 }
 
 /// Migrates `vm` to the destination listening at `dest`. Calls `progress` after each round.
@@ -214,6 +216,19 @@ fn run(
     let started = Instant::now();
     let cpu0 = thread_cpu_time();
     let map = vm.memory().clone();
+    // RDMA is offered only when this end has a usable device; asked for, it must be there
+    // before anything is opened.
+    let rdma_probe = match config.transport {
+        crate::wire::TransportKind::Tcp => Err("TCP was requested".to_string()),
+        _ => crate::rdma::probe(&config.rdma),
+    };
+    if config.transport == crate::wire::TransportKind::Rdma {
+        if let Err(why) = &rdma_probe {
+            return Err(Error::RdmaUnavailable(format!(
+                "RDMA was requested and no RDMA device is usable here: {why}"
+            )));
+        }
+    }
     let stream = channel.open(
         crate::channel::Purpose::Control,
         config.io_timeout.min(Duration::from_secs(10)),
@@ -249,6 +264,7 @@ fn run(
         transport: "",
         reason: String::new(),
         moved: 0,
+        rdma_here: rdma_probe.is_ok(),
     };
     let result = s.run();
     let result = match result {
