@@ -29,7 +29,7 @@ use crate::postcopy::{AliasMap, Fetchers};
 use crate::rdma::RdmaOptions;
 use crate::wire::MAC_LEN;
 
-pub use select::{dest_transport, source_transport};
+pub use select::{dest_transport, local_rdma, source_transport};
 
 /// What the session needs of a migration's transport on the source.
 #[derive(Clone)]

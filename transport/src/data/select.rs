@@ -2,7 +2,7 @@
 //! its implementation.
 
 use super::{DestParams, DestTransport, SourceParams, SourceTransport};
-use crate::rdma::{RdmaDest, RdmaSource};
+use crate::rdma::{DeviceSummary, RdmaDest, RdmaOptions, RdmaSource};
 use crate::tcp::{TcpDest, TcpSource};
 use crate::wire::TransportKind;
 
@@ -20,4 +20,10 @@ pub fn dest_transport(kind: TransportKind, params: DestParams) -> Box<dyn DestTr
         TransportKind::Rdma => Box::new(RdmaDest::new(params)),
         TransportKind::Tcp | TransportKind::Auto => Box::new(TcpDest::new(params)),
     }
+}
+
+/// This host's usable RDMA device for `opts`, or why there is none (what the handshake offers
+/// and chooses by).
+pub fn local_rdma(opts: &RdmaOptions) -> Result<DeviceSummary, String> {
+    crate::rdma::probe(opts)
 }

@@ -20,10 +20,11 @@ use super::super::config::{MigrationConfig, MigrationMode};
 use crate::auth::random_bytes;
 use crate::channel::{ChannelListener, Stream};
 use crate::control::{pre_auth_reason, Control};
+use crate::data::local_rdma;
 use crate::error::{Error, Result};
 use crate::pending::{self, Pending};
 use crate::postcopy::Uffd;
-use crate::rdma::{self, RdmaOptions};
+use crate::rdma::RdmaOptions;
 use crate::session::MigrationControl;
 use crate::wire::{
     caps, Command, Hello, HelloAck, Message, TransportKind, NONCE_LEN, PROTOCOL_VERSION,
@@ -214,7 +215,7 @@ fn choose_transport(
     let opts = config.rdma.clone();
     let local = match config.transport {
         TransportKind::Tcp => Err("the destination is configured for TCP only".to_string()),
-        _ => rdma::probe(&opts),
+        _ => local_rdma(&opts),
     };
     let source_rdma = hello.caps & caps::RDMA != 0;
     Ok(match hello.transport {

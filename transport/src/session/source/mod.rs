@@ -220,7 +220,7 @@ fn run(
     // before anything is opened.
     let rdma_probe = match config.transport {
         crate::wire::TransportKind::Tcp => Err("TCP was requested".to_string()),
-        _ => crate::rdma::probe(&config.rdma),
+        _ => crate::data::local_rdma(&config.rdma),
     };
     if config.transport == crate::wire::TransportKind::Rdma {
         if let Err(why) = &rdma_probe {
