@@ -369,6 +369,10 @@ fn start_postcopy_switches_a_hybrid_migration_after_the_round() {
         &control,
         MigrationControl::new(),
         &mut |s, c| {
+            if s.round == 0 {
+                // A live parameter in a post-copy session reaches the destination too.
+                c.set_max_bandwidth(Some(1 << 30)).unwrap();
+            }
             if s.round == 1 {
                 c.start_postcopy().unwrap();
             }

@@ -50,7 +50,10 @@ impl DestState {
             DestState::AwaitRegionTable => matches!(c, C::RegionTable | C::VmInfo),
             DestState::AwaitDataSetup => c == C::DataSetup,
             DestState::Precopy { chunk: 0, .. } if postcopy => {
-                matches!(c, C::Round | C::DeviceState | C::PostcopyMissing)
+                matches!(
+                    c,
+                    C::Round | C::Params | C::DeviceState | C::PostcopyMissing
+                )
             }
             DestState::Precopy { chunk: 0, .. } => matches!(c, C::Round | C::Params),
             DestState::Precopy { .. } => c == C::Round,
