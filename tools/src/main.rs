@@ -1,6 +1,7 @@
 //! `rdma-bench`: rdmig's command line — live migrations (`migrate`), and the RDMA read
 //! bandwidth, read latency and fault latency tests in perftest's manner.
 
+mod errors;
 mod fault_lat;
 mod migrate;
 mod perf;
@@ -53,7 +54,7 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("rdma-bench: error: {e:#}");
+            eprintln!("rdma-bench: error: {}", errors::describe(&e));
             ExitCode::FAILURE
         }
     }

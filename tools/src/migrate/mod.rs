@@ -550,7 +550,7 @@ fn listen(args: &Args, params: &VmParams, addr: SocketAddr, ctl: &Ctl) -> Result
         Err(e) => DestOutcome {
             ok: false,
             outcome: phase.name().into(),
-            error: Some(format!("{e:#}")),
+            error: Some(crate::errors::describe(&e)),
             vm: kind.name().into(),
             dest: None,
             guest_check: None,
