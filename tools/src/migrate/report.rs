@@ -195,7 +195,9 @@ pub fn print_migration(
             "mem_bytes": rep.mem_bytes,
             "page_size": rep.page_size,
             "total_ms": rep.total_ms,
+            "setup_ms": rep.setup_ms,
             "downtime_ms": rep.downtime_ms,
+            "switchover_ms": rep.switchover_ms,
             "rounds": rep.rounds,
             "bytes_transferred": rep.bytes_transferred,
             "zero_pages": rep.zero_pages,
@@ -263,7 +265,10 @@ pub fn print_migration(
     if rep.per_round.iter().any(|r| r.final_round) {
         println!("  (* = stop-and-copy round, source paused)");
     }
-    println!("{:<18} {:.1} ms", "total time", rep.total_ms);
+    println!(
+        "{:<18} {:.1} ms (setup {:.1} ms)",
+        "total time", rep.total_ms, rep.setup_ms
+    );
     println!(
         "{:<18} {}{}",
         "mode",

@@ -43,6 +43,12 @@ pub struct MigrationReport {
     pub page_size: u64,
     /// From connect to completion, ms.
     pub total_ms: f64,
+    /// Of that, from connect to the destination's `Ready` (handshake, the VM built on the
+    /// destination, memory registered, streams open), ms.
+    pub setup_ms: f64,
+    /// Of the downtime, from the final round's end to the destination's resume acknowledged
+    /// (device state saved and moved, digest checked, restore, resume), ms; 0 for post-copy.
+    pub switchover_ms: f64,
     /// From the source's pause to the destination's acknowledged resume, ms.
     pub downtime_ms: f64,
     /// Pre-copy rounds, the final one included.

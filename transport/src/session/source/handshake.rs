@@ -129,6 +129,7 @@ impl Source<'_> {
         self.data = Some(transport.connect(&ack, &mut watched)?.precopy);
         self.state = SourceState::AwaitReady;
         self.recv()?;
+        self.setup_time = self.started.elapsed();
 
         // Post-copy mode runs no round that moves pages: every page is in the post-copy set,
         // except (with zero pages) those a metadata-only round found zero while the guest

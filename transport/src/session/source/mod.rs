@@ -156,6 +156,8 @@ struct Source<'a> {
     moved: u64,
     /// This end has a usable RDMA device (offered in Hello).
     rdma_here: bool,
+    /// From connect to `Ready`.
+    setup_time: Duration,
 }
 
 /// Migrates `vm` to the destination listening at `dest`. Calls `progress` after each round.
@@ -265,6 +267,7 @@ fn run(
         reason: String::new(),
         moved: 0,
         rdma_here: rdma_probe.is_ok(),
+        setup_time: Duration::ZERO,
     };
     let result = s.run();
     let result = match result {
@@ -273,6 +276,7 @@ fn run(
             s.cpu.add(thread_cpu_time().saturating_sub(cpu0));
             report.source_cpu_ms = s.cpu.total().as_secs_f64() * 1e3;
             report.total_ms = started.elapsed().as_secs_f64() * 1e3;
+            report.setup_ms = s.setup_time.as_secs_f64() * 1e3;
             Ok(report)
         }
         Err(e) => Err(s.fail(e)),

@@ -206,6 +206,7 @@ impl Source<'_> {
             postcopy_fault_pages: fault_pages,
             postcopy_ms: postcopy_micros as f64 / 1e3,
             fault_latency_us: FaultLatency::from_ns(latency_ns),
+            ..MigrationReport::default()
         })
     }
 

@@ -41,6 +41,7 @@ impl Source<'_> {
             pr.remaining_bytes = 0;
         });
         tracing::debug!("final round landed {:?} after pause", paused_at.elapsed());
+        let final_landed = Instant::now();
 
         let blob = self
             .vm
@@ -67,6 +68,7 @@ impl Source<'_> {
             unreachable!("state checked")
         };
         let downtime = paused_at.elapsed();
+        let switchover = final_landed.elapsed();
         if done.digest != digest {
             // An honest destination compares the digests itself and aborts on a mismatch; one
             // that claims success with another digest is broken or hostile. No Finish: the
@@ -97,6 +99,7 @@ impl Source<'_> {
             dest_cpu_ms: done.cpu_micros as f64 / 1e3,
             forced_switchover: p.forced,
             device_state_bytes: state_bytes,
+            switchover_ms: switchover.as_secs_f64() * 1e3,
             per_round: p.per_round,
             mode: self.config.mode.name().into(),
             ..MigrationReport::default()
