@@ -46,12 +46,14 @@
 //! ignored, so adding a capability is compatible. Command numbers are never reused, and `0`
 //! is `Invalid` so a zeroed buffer means nothing.
 
+mod command;
 mod layout;
 mod le;
 mod message;
 mod negotiate;
 mod stream;
 
+pub use command::Command;
 pub use layout::*;
 pub use le::{Le128, Le16, Le32, Le64};
 pub use message::*;
