@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::session::config::{ConvergencePolicy, MigrationMode};
 use crate::session::handle::Phase as Status;
 use crate::session::policy::{Convergence, Decision};
-use crate::session::stats::{mib_s, RoundStats};
+use crate::session::stats::mib_s;
 use crate::wire::Message;
 
 impl Source<'_> {
@@ -20,12 +20,11 @@ impl Source<'_> {
         let page = self.map.page_size().bytes();
         let round = p.round;
         let t = Instant::now();
-        let sent = self.send_round(round, &p.set, false, false)?;
-        let elapsed = t.elapsed();
-        self.zero_total += sent.zero_pages;
-        let bytes = sent.data_pages * page;
-        p.bytes += bytes;
-        p.round_time += elapsed;
+        let mut stats = self.run_round(&mut p, false)?;
+        let (elapsed, bytes) = (
+            std::time::Duration::from_secs_f64(stats.ms / 1e3),
+            stats.bytes,
+        );
         p.set.clear();
         self.vm
             .fetch_and_clear_dirty(&mut p.set)
@@ -35,19 +34,10 @@ impl Source<'_> {
         if self.config.auto_converge && decision != Decision::Switchover {
             decision = self.auto_converge(&mut p.conv, round + 1, bytes, dirty * page, decision);
         }
-        let stats = RoundStats {
-            round,
-            final_round: false,
-            pages: sent.data_pages,
-            zero_pages: sent.zero_pages,
-            bytes,
-            ms: elapsed.as_secs_f64() * 1e3,
-            mib_s: mib_s(bytes, elapsed.as_secs_f64()),
-            dirty_rate_mib_s: mib_s(dirty * page, t.elapsed().as_secs_f64()),
-            dirty_pages: dirty,
-            predicted_downtime_ms: predicted.as_secs_f64() * 1e3,
-            throttle_percent: self.auto.percent(),
-        };
+        stats.dirty_rate_mib_s = mib_s(dirty * page, t.elapsed().as_secs_f64());
+        stats.dirty_pages = dirty;
+        stats.predicted_downtime_ms = predicted.as_secs_f64() * 1e3;
+        stats.throttle_percent = self.auto.percent();
         self.control.update(|pr| {
             pr.round = round + 1;
             pr.remaining_bytes = dirty * page;

@@ -55,6 +55,35 @@ fn pieces(ranges: &[PageRange]) -> Vec<Vec<PageRange>> {
 }
 
 impl Source<'_> {
+    /// Sends round `p.round` of `p.set` and adds it to the totals; the figures of the round,
+    /// without what only the next dirty-log fetch knows (dirty pages and rate, prediction).
+    pub(super) fn run_round(
+        &mut self,
+        p: &mut super::Precopy,
+        final_round: bool,
+    ) -> Result<crate::session::stats::RoundStats> {
+        let t = std::time::Instant::now();
+        let sent = self.send_round(p.round, &p.set, final_round, false)?;
+        let elapsed = t.elapsed();
+        self.zero_total += sent.zero_pages;
+        let bytes = sent.data_pages * self.map.page_size().bytes();
+        p.bytes += bytes;
+        p.round_time += elapsed;
+        Ok(crate::session::stats::RoundStats {
+            round: p.round,
+            final_round,
+            pages: sent.data_pages,
+            zero_pages: sent.zero_pages,
+            bytes,
+            ms: elapsed.as_secs_f64() * 1e3,
+            mib_s: crate::session::stats::mib_s(bytes, elapsed.as_secs_f64()),
+            dirty_rate_mib_s: 0.0,
+            dirty_pages: 0,
+            predicted_downtime_ms: 0.0,
+            throttle_percent: self.auto.percent(),
+        })
+    }
+
     /// Sends round `round` of `set`: every page hashed into the digest table, zero pages
     /// announced as ranges, the rest moved by the data path. `metadata_only` moves no page
     /// bytes at all (post-copy mode's scan: the data pages go to the post-copy set, returned in

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use super::{Phase, Precopy, Source, SourceState};
 use crate::error::{Error, Result};
-use crate::session::stats::{mib_s, MigrationReport, RoundStats};
+use crate::session::stats::{mib_s, MigrationReport};
 use crate::wire::Message;
 
 impl Source<'_> {
@@ -14,26 +14,7 @@ impl Source<'_> {
     pub(super) fn stop_and_copy(&mut self, mut p: Precopy, paused_at: Instant) -> Result<Phase> {
         let page = self.map.page_size().bytes();
         let round = p.round;
-        let t = Instant::now();
-        let sent = self.send_round(round, &p.set, true, false)?;
-        let elapsed = t.elapsed();
-        self.zero_total += sent.zero_pages;
-        let bytes = sent.data_pages * page;
-        p.bytes += bytes;
-        p.round_time += elapsed;
-        let stats = RoundStats {
-            round,
-            final_round: true,
-            pages: sent.data_pages,
-            zero_pages: sent.zero_pages,
-            bytes,
-            ms: elapsed.as_secs_f64() * 1e3,
-            mib_s: mib_s(bytes, elapsed.as_secs_f64()),
-            dirty_rate_mib_s: 0.0,
-            dirty_pages: 0,
-            predicted_downtime_ms: 0.0,
-            throttle_percent: self.auto.percent(),
-        };
+        let stats = self.run_round(&mut p, true)?;
         (self.progress)(&stats);
         p.per_round.push(stats);
         self.control.update(|pr| {
