@@ -84,8 +84,9 @@ impl PageHashes {
                 continue;
             }
             // As in `update`: a page torn by a racing write is dirty and moves again.
-            // SAFETY: `span` checked that ptr..ptr+len lies inside a region the VMM vouched
-            // for (mapped while the migration runs), and off + page.min(len - off) <= len.
+            // `span` checked that ptr..ptr+len lies inside a region the VMM vouched for
+            // (mapped while the migration runs).
+            // SAFETY: so does ptr+off..+page.min(len - off), as off + page.min(len - off) <= len.
             let (h, all_zero) = unsafe { hash_guest(ptr.add(off), page.min(len - off), &mut buf) };
             self.hashes[base + i].store(h, Ordering::Relaxed);
             let out = if all_zero {
@@ -116,8 +117,9 @@ impl PageHashes {
         for (i, off) in (0..len).step_by(page).enumerate() {
             // The guest may write the page meanwhile: a hash computed over a page being written
             // is replaced when the (now dirty) page moves again.
-            // SAFETY: `span` checked that ptr..ptr+len lies inside a region the VMM vouched
-            // for (mapped while the migration runs), and off + page.min(len - off) <= len.
+            // `span` checked that ptr..ptr+len lies inside a region the VMM vouched for
+            // (mapped while the migration runs).
+            // SAFETY: so does ptr+off..+page.min(len - off), as off + page.min(len - off) <= len.
             let (h, _) = unsafe { hash_guest(ptr.add(off), page.min(len - off), &mut buf) };
             self.hashes[base + i].store(h, Ordering::Relaxed);
         }
@@ -175,8 +177,8 @@ pub fn full_digest(map: &GuestMemoryMap) -> u128 {
         let (ptr, len) = (r.host_ptr(), r.len() as usize);
         for off in (0..len).step_by(CHUNK) {
             let n = CHUNK.min(len - off);
-            // SAFETY: the region is mapped for its whole length (GuestRegion::new's contract)
-            // and off + n <= len; `buf` is ours.
+            // The region is mapped for its whole length (GuestRegion::new's contract).
+            // SAFETY: so ptr+off..+n is mapped, as off + n <= len; `buf` is ours.
             unsafe { copy_volatile(ptr.add(off), &mut buf.0[..n]) };
             h.update(&buf.0[..n]);
         }

@@ -54,12 +54,13 @@ extern "C" fn on_signal(sig: libc::c_int) {
     if fd < 0 {
         return;
     }
-    // SAFETY: __errno_location returns this thread's errno; the handler restores it so the
-    // interrupted code does not see write's errno.
+    // The handler restores errno so that the interrupted code does not see write's.
+    // SAFETY: __errno_location returns this thread's errno, valid for the thread's life.
     let saved = unsafe { *libc::__errno_location() };
     let byte = sig as u8;
-    // SAFETY: write(2) is async-signal-safe; `byte` outlives the call. A full pipe (signals
-    // nobody reads yet) drops this one, which is fine: one pending is enough.
+    // A full pipe (signals nobody reads yet) drops this one, which is fine: one pending is
+    // enough.
+    // SAFETY: write(2) is async-signal-safe, and `byte` outlives the call.
     unsafe { libc::write(fd, (&byte as *const u8).cast(), 1) };
     // SAFETY: as above.
     unsafe { *libc::__errno_location() = saved };

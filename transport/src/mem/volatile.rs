@@ -30,8 +30,8 @@ pub unsafe fn copy_volatile(src: *const u8, dst: &mut [u8]) -> u64 {
     // SAFETY: head <= len, so the pointer stays inside (or one past) the caller's range.
     let w = unsafe { src.add(head) }.cast::<u64>();
     for (i, d) in dst[head..body].chunks_exact_mut(8).enumerate() {
-        // SAFETY: word i lies inside the range (head + 8 * i + 8 <= body <= len) and is
-        // 8-aligned (head brings src to a multiple of 8).
+        // head + 8 * i + 8 <= body <= len, and head brings src to a multiple of 8.
+        // SAFETY: so word i lies inside the range and is 8-aligned.
         let v = unsafe { w.add(i).read_volatile() };
         d.copy_from_slice(&v.to_ne_bytes());
         acc |= v;
@@ -69,8 +69,8 @@ pub unsafe fn is_zero_volatile(src: *const u8, len: usize) -> bool {
         let n = (words - i).min(8);
         let mut acc = 0u64;
         for k in i..i + n {
-            // SAFETY: word k < words lies inside the range and is 8-aligned (as in
-            // `copy_volatile`).
+            // As in `copy_volatile`:
+            // SAFETY: word k < words lies inside the range and is 8-aligned.
             acc |= unsafe { w.add(k).read_volatile() };
         }
         if acc != 0 {

@@ -167,8 +167,8 @@ impl MissingPages {
             // into it, and the guest cannot reach it, as its entries stay absent until the
             // UFFDIO_CONTINUE below (a claimed page is missing, and missing pages were
             // dropped or never mapped). The slice ends before that.
-            // SAFETY: the range in the second mapping (checked by `alias_span`), written by the
-            // completed fetch and by nothing while the slice lives.
+            // The range lies in the second mapping (checked by `alias_span`).
+            // SAFETY: written by the completed fetch, and by nothing while the slice lives.
             let fetched = unsafe { std::slice::from_raw_parts(src, len) };
             match aside.as_deref_mut() {
                 Some(buf) => {

@@ -104,8 +104,8 @@ impl MigrationControl {
             l.cancel();
         }
         for (fd, how) in &w.fds {
-            // SAFETY: `fd` is an open socket we own a duplicate of; shutdown only ends
-            // reads (and, for data streams, writes) of the connection.
+            // Shutdown only ends reads (and, for data streams, writes) of the connection.
+            // SAFETY: `fd` is an open socket we own a duplicate of.
             unsafe { libc::shutdown(fd.as_raw_fd(), *how) };
         }
         Ok(())
