@@ -10,60 +10,41 @@ use crate::error::Error;
 /// The kind of failure that made the peer abort.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
+#[repr(u16)]
 pub enum AbortCode {
     /// No code (an `Abort` without one, or a code this build does not know).
-    Unspecified,
+    Unspecified = 0,
     /// The migration was cancelled through its control.
-    Cancelled,
+    Cancelled = 1,
     /// A message broke the protocol.
-    Protocol,
+    Protocol = 2,
     /// Authentication failed.
-    Auth,
+    Auth = 3,
     /// The protocol versions differ.
-    Version,
+    Version = 4,
     /// Something took longer than its timeout.
-    Timeout,
+    Timeout = 5,
     /// RDMA could not be used or failed.
-    Rdma,
+    Rdma = 6,
     /// Post-copy could not be run or failed.
-    Postcopy,
+    Postcopy = 7,
     /// The guest is larger than the destination accepts or can hold.
-    GuestTooLarge,
+    GuestTooLarge = 8,
     /// The VMM failed (building the VM, device state, pause, resume).
-    Vmm,
+    Vmm = 9,
     /// The memory digests differ.
-    DigestMismatch,
+    DigestMismatch = 10,
     /// Pre-copy did not converge under the abort policy.
-    NotConverged,
+    NotConverged = 11,
     /// An I/O or system error, or the connection closed.
-    Io,
+    Io = 12,
     /// A configuration or resource limit (e.g. RLIMIT_MEMLOCK) stopped it.
-    Config,
+    Config = 13,
 }
 
 impl AbortCode {
-    /// The wire encoding.
-    pub fn to_u16(self) -> u16 {
-        match self {
-            AbortCode::Unspecified => 0,
-            AbortCode::Cancelled => 1,
-            AbortCode::Protocol => 2,
-            AbortCode::Auth => 3,
-            AbortCode::Version => 4,
-            AbortCode::Timeout => 5,
-            AbortCode::Rdma => 6,
-            AbortCode::Postcopy => 7,
-            AbortCode::GuestTooLarge => 8,
-            AbortCode::Vmm => 9,
-            AbortCode::DigestMismatch => 10,
-            AbortCode::NotConverged => 11,
-            AbortCode::Io => 12,
-            AbortCode::Config => 13,
-        }
-    }
-
-    /// Decodes a code; one this build does not know is [`AbortCode::Unspecified`].
-    pub fn from_u16(v: u16) -> AbortCode {
+    /// Every code, in wire order.
+    const ALL: [AbortCode; 14] = {
         use AbortCode::*;
         [
             Unspecified,
@@ -81,9 +62,19 @@ impl AbortCode {
             Io,
             Config,
         ]
-        .get(usize::from(v))
-        .copied()
-        .unwrap_or(Unspecified)
+    };
+
+    /// The wire encoding.
+    pub fn to_u16(self) -> u16 {
+        self as u16
+    }
+
+    /// Decodes a code; one this build does not know is [`AbortCode::Unspecified`].
+    pub fn from_u16(v: u16) -> AbortCode {
+        Self::ALL
+            .get(usize::from(v))
+            .copied()
+            .unwrap_or(AbortCode::Unspecified)
     }
 
     /// The code this end sends for its own error `e`.
