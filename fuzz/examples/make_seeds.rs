@@ -57,6 +57,7 @@ fn main() {
             reason: "no RDMA device".into(),
         }),
         Message::AuthProof([6; MAC_LEN]),
+        Message::Recover([5; MAC_LEN]),
         Message::AuthOk,
         Message::RegionTable {
             page_size: 4096,

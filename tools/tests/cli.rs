@@ -3,6 +3,9 @@
 //! mid-round (after which the source VM must still be running and intact). Signals and the
 //! control socket of a running migration are in `control.rs`.
 
+mod mini_qmp;
+
+use mini_qmp::MiniQmp;
 use rdmig_transport::require::{skip, Capability};
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
@@ -525,20 +528,24 @@ fn fault_lat_prints_percentiles_and_rdma_without_a_device_fails_clearly() {
 }
 
 #[test]
-fn source_killed_during_postcopy_leaves_the_destination_paused_with_the_missing_count() {
+fn source_killed_during_postcopy_leaves_the_destination_paused_after_the_recover_timeout() {
     if uffd_skip() {
         return;
     }
     let d = scratch("pckill");
     let k = key_file(&d, "k", b"a shared key of thirty-two bytes");
     let port_file = d.join("port");
+    let sock = d.join("qmp.sock");
     let dest = listen_cmd("128MiB", &port_file, &k)
+        .args(["--recover-timeout", "2s"])
+        .arg("--control-socket")
+        .arg(&sock)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let port = wait_port(&port_file);
-    // Post-copy prefetch capped at 16 MiB/s: 128 MiB take about 8 s; kill the source 1.5 s in.
+    // Post-copy prefetch capped at 16 MiB/s: 128 MiB take about 8 s.
     let mut src = connect_cmd(&format!("127.0.0.1:{port}"), "128MiB", &k)
         .args([
             "--mode",
@@ -554,17 +561,30 @@ fn source_killed_during_postcopy_leaves_the_destination_paused_with_the_missing_
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    // Kill the source once the guest runs on the destination in post-copy; the destination
+    // then pauses post-copy (QMP status postcopy-paused) and waits for the source.
+    let mut qmp = MiniQmp::connect(&sock);
+    qmp.wait_status("postcopy-active", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(300));
     src.kill().unwrap();
     src.wait().unwrap();
+    let killed = std::time::Instant::now();
+    qmp.wait_status("postcopy-paused", Duration::from_secs(5));
     let o = dest.wait_with_output().unwrap();
     assert!(!o.status.success());
     let e = stderr(&o) + &String::from_utf8_lossy(&o.stdout);
+    // The destination paused post-copy and waited the recover timeout for the source.
+    assert!(
+        killed.elapsed() >= Duration::from_millis(1900),
+        "{:?}: {e}",
+        killed.elapsed()
+    );
     assert!(
         e.contains("post-copy interrupted with")
             && e.contains("of 32768 pages still on the source"),
         "{e}"
     );
+    assert!(e.contains("the source did not reconnect within"), "{e}");
     assert!(e.contains("the destination guest is paused"), "{e}");
 }
 

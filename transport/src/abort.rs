@@ -92,6 +92,7 @@ impl AbortCode {
             Error::RdmaUnavailable(_) | Error::Rdma(_) => AbortCode::Rdma,
             Error::PostcopyUnavailable(_)
             | Error::PostcopyService(_)
+            | Error::PostcopyLink(_)
             | Error::PostcopyInterrupted { .. } => AbortCode::Postcopy,
             Error::GuestTooLarge(_) => AbortCode::GuestTooLarge,
             Error::Vmm { .. } => AbortCode::Vmm,

@@ -181,6 +181,37 @@ impl Psk {
     ) -> [u8; MAC_LEN] {
         self.mac(&[b"rdmig/1/postcopy-stream", nonce_s, nonce_d])
     }
+
+    /// The migration's id, bound to its first handshake's nonces: a reconnection after a
+    /// post-copy link failure proves it continues this migration with it.
+    pub fn migration_id(
+        &self,
+        nonce_s: &[u8; NONCE_LEN],
+        nonce_d: &[u8; NONCE_LEN],
+    ) -> [u8; MAC_LEN] {
+        self.mac(&[b"rdmig/1/migration-id", nonce_s, nonce_d])
+    }
+
+    /// A reconnection's `Recover` proof: the migration id under this connection's nonces.
+    pub fn recover_proof(
+        &self,
+        id: &[u8; MAC_LEN],
+        nonce_s: &[u8; NONCE_LEN],
+        nonce_d: &[u8; NONCE_LEN],
+    ) -> [u8; MAC_LEN] {
+        self.mac(&[b"rdmig/1/recover", id, nonce_s, nonce_d])
+    }
+
+    /// Checks a `Recover` proof (constant time).
+    pub fn check_recover_proof(
+        &self,
+        id: &[u8; MAC_LEN],
+        nonce_s: &[u8; NONCE_LEN],
+        nonce_d: &[u8; NONCE_LEN],
+        tag: &[u8; MAC_LEN],
+    ) -> bool {
+        self.verify(&[b"rdmig/1/recover", id, nonce_s, nonce_d], tag)
+    }
 }
 
 /// Constant-time comparison of two tags.

@@ -52,7 +52,12 @@ pub fn pre_auth_reason(e: &Error) -> &'static str {
 fn pre_auth(cmd: Command) -> bool {
     matches!(
         cmd,
-        Command::Hello | Command::HelloAck | Command::AuthProof | Command::AuthOk | Command::Abort
+        Command::Hello
+            | Command::HelloAck
+            | Command::AuthProof
+            | Command::Recover
+            | Command::AuthOk
+            | Command::Abort
     )
 }
 
@@ -312,6 +317,29 @@ impl Control {
     pub fn send_abort(&mut self, reason: &str) {
         if let Err(e) = self.send(&Message::Abort(reason.to_string())) {
             tracing::debug!("could not deliver abort notice: {e}");
+        }
+    }
+
+    /// True if the peer closed the connection or it failed (checked without blocking or
+    /// consuming anything: data waiting to be read is not a close).
+    pub fn peer_gone(&self) -> bool {
+        let mut b = 0u8;
+        // SAFETY: a one-byte peek into a local on our own socket.
+        let n = unsafe {
+            libc::recv(
+                std::os::fd::AsRawFd::as_raw_fd(&self.stream),
+                (&mut b as *mut u8).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        match n {
+            0 => true,
+            n if n > 0 => false,
+            _ => !matches!(
+                std::io::Error::last_os_error().kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+            ),
         }
     }
 

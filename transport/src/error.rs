@@ -174,6 +174,11 @@ pub enum Error {
         guest: PausedGuest,
     },
 
+    /// Post-copy's link to the source failed (a fetch failed or no page arrived for the I/O
+    /// timeout); with recovery on, post-copy pauses until the source reconnects.
+    #[error("post-copy link failed: {0}")]
+    PostcopyLink(String),
+
     /// The guest does not fit what this end accepts or what the host can give.
     #[error("guest too large: {0}")]
     GuestTooLarge(String),
@@ -198,6 +203,20 @@ pub enum Error {
 }
 
 impl Error {
+    /// A failure of the connection to the peer (a socket error or close, a timeout, an RDMA
+    /// transfer or queue-pair error), which post-copy recovery can outlast; not a refusal, a
+    /// protocol violation or a local failure.
+    pub fn is_link(&self) -> bool {
+        matches!(
+            self,
+            Error::Io { .. }
+                | Error::PeerClosed { .. }
+                | Error::Timeout(_)
+                | Error::Rdma(_)
+                | Error::PostcopyLink(_)
+        )
+    }
+
     /// An `Os` error from `errno`.
     pub fn os(op: &'static str) -> Error {
         Error::Os {

@@ -158,6 +158,7 @@ fn message(r: &mut Rng, kind: u64) -> Message {
             code: r.u32() as u16,
             reason: r.text(),
         },
+        21 => Message::Recover(r.bytes::<MAC_LEN>()),
         _ => Message::VmInfo(rdmig_transport::vm::VmDescriptor::new(
             ["", "kvm", "synthetic", "qemu", "cloud-hypervisor"][r.u32() as usize % 5],
             r.u32(),
@@ -165,7 +166,7 @@ fn message(r: &mut Rng, kind: u64) -> Message {
     }
 }
 
-const KINDS: u64 = 22;
+const KINDS: u64 = 23;
 
 #[test]
 fn every_encoded_message_decodes_to_itself() {

@@ -195,6 +195,10 @@ pub struct Args {
     /// than the smallest yet) for this long (default: no such limit).
     #[arg(long = "progress-timeout", value_name = "DURATION", value_parser = parse_duration)]
     pub progress_timeout: Option<Duration>,
+    /// Post-copy recovery: how long a link failure after the switchover may last (the source
+    /// reconnects, the destination waits); 0 turns recovery off.
+    #[arg(long = "recover-timeout", value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    pub recover_timeout: Duration,
     /// What to do when pre-copy does not converge.
     #[arg(long, value_enum, default_value = "stop")]
     pub policy: PolicyArg,
@@ -359,6 +363,7 @@ impl Args {
             .with_downtime_limit(self.downtime_limit)
             .with_max_rounds(self.max_rounds)
             .with_progress_timeout(self.progress_timeout)
+            .with_recover_timeout((!self.recover_timeout.is_zero()).then_some(self.recover_timeout))
             .with_policy(match self.policy {
                 PolicyArg::Stop => ConvergencePolicy::Stop,
                 PolicyArg::Abort => ConvergencePolicy::Abort,

@@ -223,6 +223,8 @@ pub fn print_migration(
             "postcopy_faults": rep.postcopy_faults,
             "postcopy_fault_pages": rep.postcopy_fault_pages,
             "postcopy_ms": rep.postcopy_ms,
+            "recoveries": rep.recoveries,
+            "recovery_pauses_ms": rep.recovery_pauses_ms,
             "fault_latency_us": rep.fault_latency_us,
             "postcopy_zero_copy": dest.and_then(|d| d.dest.as_ref()).map(|d| d.postcopy_zero_copy),
         });
@@ -289,6 +291,19 @@ pub fn print_migration(
             "{:<18} p50 {:.1} µs, p90 {:.1}, p99 {:.1}, p99.9 {:.1}, max {:.1}",
             "fault latency", l.p50, l.p90, l.p99, l.p999, l.max
         );
+        if rep.recoveries > 0 {
+            let pauses: Vec<String> = rep
+                .recovery_pauses_ms
+                .iter()
+                .map(|p| format!("{p:.1} ms"))
+                .collect();
+            println!(
+                "{:<18} {} link failures recovered; paused {}",
+                "recovery",
+                rep.recoveries,
+                pauses.join(", ")
+            );
+        }
     }
     println!(
         "{:<18} {:.2} ms{}",
@@ -431,6 +446,12 @@ pub fn print_destination(o: &DestOutcome, json: bool) {
                 println!(
                     "post-copy: {} pages after resume in {:.1} ms, {} faults, fault latency p50 {:.1} µs, p99 {:.1}, max {:.1}",
                     d.postcopy_pages, d.postcopy_ms, d.postcopy_faults, l.p50, l.p99, l.max
+                );
+            }
+            if d.recoveries > 0 {
+                println!(
+                    "post-copy recovered from {} link failures (paused {:?} ms)",
+                    d.recoveries, d.recovery_pauses_ms
                 );
             }
         }

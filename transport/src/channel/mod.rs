@@ -59,6 +59,12 @@ pub trait MigrationChannel: Send {
 
     /// The destination, for logs and errors.
     fn describe(&self) -> String;
+
+    /// The channel can open new connections for as long as the migration runs (a post-copy
+    /// link failure can then be recovered). Default: yes.
+    fn reconnects(&self) -> bool {
+        true
+    }
 }
 
 /// The destination's side of a channel: yields incoming connections.
@@ -151,6 +157,10 @@ impl MigrationChannel for FdChannel {
 
     fn describe(&self) -> String {
         format!("{} pre-opened connections", self.given)
+    }
+
+    fn reconnects(&self) -> bool {
+        false
     }
 }
 

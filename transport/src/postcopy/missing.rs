@@ -23,6 +23,22 @@ use crate::error::{Error, Result};
 use crate::mem::{GuestMemoryMap, PageIndex, RegionId};
 use crate::pages::{PageRange, PageSet};
 
+/// Why the service stopped before the last page.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Failure {
+    /// What failed.
+    pub why: String,
+    /// The link to the source failed (a fetch's transport, or no page for the timeout):
+    /// recovery can outlast it. Otherwise a local failure (userfaultfd, memory).
+    pub link: bool,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.why)
+    }
+}
+
 /// A page numbered across all regions (region 0's pages first).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct GlobalPage(pub u64);
@@ -45,7 +61,7 @@ pub struct MissingPages {
     initial: u64,
     fault_pages: AtomicU64,
     stop: AtomicBool,
-    state: Mutex<Option<String>>,
+    state: Mutex<Option<Failure>>,
     cv: Condvar,
     alias: Option<Arc<AliasMap>>,
 }
@@ -246,18 +262,59 @@ impl MissingPages {
 
     /// Records the first failure of a service thread and wakes the waiter.
     pub fn fail(&self, why: String) {
+        self.record(Failure { why, link: false });
+    }
+
+    /// Records a failure of the link to the source (see [`Failure::link`]).
+    pub fn fail_link(&self, why: String) {
+        self.record(Failure { why, link: true });
+    }
+
+    fn record(&self, f: Failure) {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        s.get_or_insert(why);
+        s.get_or_insert(f);
         self.cv.notify_all();
     }
 
+    /// After the service threads were stopped and joined on a link failure: forgets the
+    /// failure and the stop, and makes every page still missing pickable again (no fetch is
+    /// in flight, so none can land twice), with prefetching resuming at the latest fault.
+    pub fn reset_after_pause(&self) {
+        let mut p = self.picker.lock().unwrap_or_else(|p| p.into_inner());
+        p.requested.iter_mut().for_each(|w| *w = 0);
+        p.seen_fault = u64::MAX;
+        p.cursor = match self.last_fault.load(Ordering::Relaxed) {
+            u64::MAX => 0,
+            f => f,
+        };
+        drop(p);
+        *self.state.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.stop.store(false, Ordering::Release);
+    }
+
+    /// The pages still missing, as a set over `map`.
+    pub fn missing_set(&self) -> PageSet {
+        let mut set = PageSet::empty(&self.map);
+        for (w, word) in self.missing.iter().enumerate() {
+            let mut bits = word.load(Ordering::Acquire);
+            while bits != 0 {
+                let g = w as u64 * 64 + u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                let region = self.base.partition_point(|&b| b <= g) - 1;
+                set.insert(RegionId(region as u32), PageIndex(g - self.base[region]));
+            }
+        }
+        set
+    }
+
     /// Waits until every page is installed (Ok), a service thread failed, or no page arrived
-    /// for `timeout` (the reason); tells `progress` the pages still missing every 50 ms or so.
+    /// for `timeout` (the reason); tells `progress` the pages still missing every 50 ms or so,
+    /// and fails with a link failure when it answers why the link is gone.
     pub fn wait(
         &self,
         timeout: Duration,
-        progress: &dyn Fn(u64),
-    ) -> std::result::Result<(), String> {
+        progress: &dyn Fn(u64) -> Option<String>,
+    ) -> std::result::Result<(), Failure> {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let mut deadline = std::time::Instant::now() + timeout;
         let mut last = self.remaining();
@@ -266,9 +323,12 @@ impl MissingPages {
                 return Err(why.clone());
             }
             let remaining = self.remaining();
-            progress(remaining);
             if remaining == 0 {
+                progress(0);
                 return Ok(());
+            }
+            if let Some(why) = progress(remaining) {
+                return Err(Failure { why, link: true });
             }
             let now = std::time::Instant::now();
             if remaining != last {
@@ -277,9 +337,10 @@ impl MissingPages {
                 deadline = now + timeout;
             }
             if now >= deadline {
-                return Err(format!(
-                    "no page arrived for {timeout:?} ({remaining} missing)"
-                ));
+                return Err(Failure {
+                    why: format!("no page arrived for {timeout:?} ({remaining} missing)"),
+                    link: true,
+                });
             }
             s = self
                 .cv
@@ -579,5 +640,22 @@ mod tests {
             n, 300,
             "every page picked exactly once, never across a region end"
         );
+        assert_eq!(m.pick(1), None);
+        // A pause stopped the fetchers: every page still missing is picked again, from the
+        // latest fault on.
+        m.fail_link("link cut".into());
+        m.request_stop();
+        m.reset_after_pause();
+        assert!(!m.stopping());
+        assert_eq!(m.missing_set().count(), 300);
+        let r = m.pick(8).unwrap();
+        assert_eq!((r.region, r.first), (RegionId(1), PageIndex(50)));
+        assert!(
+            m.wait(Duration::from_millis(1), &|_| None)
+                .unwrap_err()
+                .link
+        );
+        let f = m.wait(Duration::from_secs(60), &|_| Some("gone".into()));
+        assert_eq!(f.unwrap_err().why, "gone");
     }
 }

@@ -35,7 +35,7 @@ pub mod uffd;
 
 pub use alias::AliasMap;
 pub use fetch::PageFetcher;
-pub use missing::MissingPages;
+pub use missing::{Failure, MissingPages};
 pub use remnant::{PausedGuest, PostcopyRemnant};
 pub use service::{drop_pages, lower_priority, Fetchers, PostcopyService, PostcopyStats};
 pub use uffd::Uffd;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use super::alias::AliasMap;
 use super::fault::{fault_loop, FaultStats};
 use super::fetch::PageFetcher;
-use super::missing::MissingPages;
+use super::missing::{Failure, MissingPages};
 use super::prefetch::prefetch_loop;
 use super::uffd::Uffd;
 use crate::cpu::{CpuMeter, ThreadCpu};
@@ -63,6 +63,15 @@ pub struct Fetchers {
     pub aborts: Vec<Arc<AtomicBool>>,
 }
 
+/// Records a service thread's failure: a link failure (recoverable) or a local one.
+fn report(pages: &MissingPages, why: String, e: &Error) {
+    if e.is_link() {
+        pages.fail_link(why);
+    } else {
+        pages.fail(why);
+    }
+}
+
 /// Lowers the calling thread's priority (nice 10), so that bulk prefetching yields the CPU to
 /// the fault path and the guest. Best effort.
 pub fn lower_priority() {
@@ -90,6 +99,9 @@ pub struct PostcopyService {
     pending_prefetch: Vec<Box<dyn PageFetcher>>,
     started: Instant,
     finished: Option<Duration>,
+    /// What the fault threads of earlier links measured (a recovery replaces them).
+    past_faults: FaultStats,
+    past_prefetched: u64,
 }
 
 impl std::fmt::Debug for PostcopyService {
@@ -117,7 +129,7 @@ impl PostcopyService {
         alias: Option<Arc<AliasMap>>,
     ) -> Result<PostcopyService> {
         let Fetchers {
-            mut fault,
+            fault,
             prefetch,
             streams,
             aborts,
@@ -168,6 +180,8 @@ impl PostcopyService {
             pending_prefetch: Vec::new(),
             started: Instant::now(),
             finished: None,
+            past_faults: FaultStats::new(),
+            past_prefetched: 0,
         };
         for r in map.regions() {
             // In zero-copy mode it is a shared memfd mapping whose pages AliasMap allocated.
@@ -186,19 +200,7 @@ impl PostcopyService {
             "post-copy: memory registered {:?} after the drop",
             t.elapsed()
         );
-        let (u, p, h, c) = (uffd.clone(), pages.clone(), hashes.clone(), cpu.clone());
-        svc.fault = Some(
-            crate::threads::spawn("rdmig-pcfault", move || {
-                let _cpu = ThreadCpu::start(&c);
-                let mut stats = FaultStats::new();
-                if let Err(e) = fault_loop(&u, &p, &h, fault.as_mut(), &mut stats) {
-                    p.fail(format!("fault service: {e}"));
-                }
-                fault.close();
-                stats
-            })
-            .map_err(|e| Error::io("spawning the fault thread", e, "post-copy stream"))?,
-        );
+        svc.spawn_fault(fault, hashes, cpu)?;
         svc.pending_prefetch = prefetch;
         svc.started = Instant::now();
         tracing::debug!(
@@ -206,6 +208,65 @@ impl PostcopyService {
             t.elapsed()
         );
         Ok(svc)
+    }
+
+    /// Starts the fault thread over `fault`.
+    fn spawn_fault(
+        &mut self,
+        mut fault: Box<dyn PageFetcher>,
+        hashes: Arc<PageHashes>,
+        cpu: Arc<CpuMeter>,
+    ) -> Result<()> {
+        let (u, p) = (self.uffd.clone(), self.pages.clone());
+        self.fault = Some(
+            crate::threads::spawn("rdmig-pcfault", move || {
+                let _cpu = ThreadCpu::start(&cpu);
+                let mut stats = FaultStats::new();
+                if let Err(e) = fault_loop(&u, &p, &hashes, fault.as_mut(), &mut stats) {
+                    report(&p, format!("fault service: {e}"), &e);
+                }
+                fault.close();
+                stats
+            })
+            .map_err(|e| Error::io("spawning the fault thread", e, "post-copy stream"))?,
+        );
+        Ok(())
+    }
+
+    /// Pauses after a link failure: stops the fault thread and the prefetchers (their
+    /// streams shut down), keeps memory registered, so threads of the guest that touch a
+    /// missing page wait for it, and keeps what they measured. Returns the pages still
+    /// missing; [`PostcopyService::resume_with`] goes on over new fetchers.
+    pub fn pause(&mut self) -> u64 {
+        let missing = self.interrupt();
+        self.pages.reset_after_pause();
+        missing
+    }
+
+    /// The pages still missing, as a set.
+    pub fn missing_set(&self) -> PageSet {
+        self.pages.missing_set()
+    }
+
+    /// Goes on after [`PostcopyService::pause`] with the fetchers of a new link: a new fault
+    /// thread and new prefetchers.
+    pub fn resume_with(
+        &mut self,
+        fetchers: Fetchers,
+        hashes: Arc<PageHashes>,
+        cpu: Arc<CpuMeter>,
+    ) -> Result<()> {
+        let Fetchers {
+            fault,
+            prefetch,
+            streams,
+            aborts,
+        } = fetchers;
+        self.streams = streams;
+        self.aborts = aborts;
+        self.spawn_fault(fault, hashes.clone(), cpu.clone())?;
+        self.pending_prefetch = prefetch;
+        self.start_prefetch(hashes, cpu)
     }
 
     /// Restarts the post-copy clock (call at resume).
@@ -231,7 +292,7 @@ impl PostcopyService {
                     let _cpu = ThreadCpu::start(&c);
                     lower_priority();
                     let n = prefetch_loop(&u, &p, &h, f.as_mut()).unwrap_or_else(|e| {
-                        p.fail(format!("prefetcher {i}: {e}"));
+                        report(&p, format!("prefetcher {i}: {e}"), &e);
                         0
                     });
                     f.close();
@@ -268,8 +329,8 @@ impl PostcopyService {
     pub fn wait(
         &mut self,
         stall_timeout: Duration,
-        progress: &dyn Fn(u64),
-    ) -> std::result::Result<(), String> {
+        progress: &dyn Fn(u64) -> Option<String>,
+    ) -> std::result::Result<(), Failure> {
         self.pages.wait(stall_timeout, progress)?;
         self.finished.get_or_insert_with(|| self.started.elapsed());
         Ok(())
@@ -277,20 +338,26 @@ impl PostcopyService {
 
     fn stop_threads(&mut self) -> (FaultStats, u64) {
         self.pages.request_stop();
-        let mut prefetched = 0;
+        let mut prefetched = std::mem::take(&mut self.past_prefetched);
         for h in self.prefetch.drain(..) {
             match h.join() {
                 Ok(n) => prefetched += n,
                 Err(_) => tracing::warn!("a prefetch thread panicked"),
             }
         }
-        let stats = self.fault.take().map(|h| {
-            h.join().unwrap_or_else(|_| {
-                tracing::warn!("the fault thread panicked");
-                FaultStats::new()
-            })
-        });
-        (stats.unwrap_or_default(), prefetched)
+        let mut stats = std::mem::take(&mut self.past_faults);
+        if let Some(h) = self.fault.take() {
+            match h.join() {
+                Ok(s) => {
+                    stats.faults += s.faults;
+                    if let Err(e) = stats.latency.add(&s.latency) {
+                        tracing::warn!("merging fault latencies: {e}");
+                    }
+                }
+                Err(_) => tracing::warn!("the fault thread panicked"),
+            }
+        }
+        (stats, prefetched)
     }
 
     /// Stops the threads after the last page arrived, unregisters memory and returns the figures.
@@ -317,7 +384,9 @@ impl PostcopyService {
         for a in &self.aborts {
             a.store(true, std::sync::atomic::Ordering::Relaxed);
         }
-        self.stop_threads();
+        let (faults, prefetched) = self.stop_threads();
+        self.past_faults = faults;
+        self.past_prefetched = prefetched;
         self.pages.remaining()
     }
 

@@ -107,6 +107,11 @@ pub struct MigrationConfig {
     /// for ever). When it passes, `accept` returns the last refused handshake's error, or a
     /// timeout if none was refused.
     pub listen_timeout: Option<Duration>,
+    /// Post-copy recovery: when the link fails after the guest resumed on the destination,
+    /// both ends pause post-copy and the source reconnects (with backoff) for up to this long;
+    /// the destination waits as long for it. `None`: no recovery (the failure ends the
+    /// migration, as before). Default: 5 minutes.
+    pub recover_timeout: Option<Duration>,
     /// Auto-converge: throttle a source guest whose rounds do not shrink (through
     /// [`crate::vm::SourceVm::throttle`]: 20 % after two rounds that dirtied more than half of
     /// what they moved, then 10 % more after each such round, up to 99 %) before the
@@ -137,6 +142,7 @@ impl MigrationConfig {
             mode: MigrationMode::Precopy,
             max_guest_bytes: super::MAX_GUEST_BYTES,
             listen_timeout: None,
+            recover_timeout: Some(Duration::from_secs(300)),
             zero_pages: true,
             auto_converge: false,
         }
@@ -187,6 +193,13 @@ impl MigrationConfig {
     /// Sets the round limit.
     pub fn with_max_rounds(mut self, n: u32) -> Self {
         self.max_rounds = n;
+        self
+    }
+
+    /// Sets how long a post-copy link failure may last (see
+    /// [`MigrationConfig::recover_timeout`]; `None`: no recovery).
+    pub fn with_recover_timeout(mut self, t: Option<Duration>) -> Self {
+        self.recover_timeout = t;
         self
     }
 

@@ -19,6 +19,11 @@ pub enum Phase {
     Device,
     /// The guest runs on the destination; missing pages are fetched on demand.
     PostcopyActive,
+    /// Post-copy's link failed: the guest runs on the destination with what it has (threads
+    /// that touch a missing page wait), the source keeps the paused VM and reconnects.
+    PostcopyPaused,
+    /// Post-copy's link is being rebuilt (reconnected, authenticating, new data path).
+    PostcopyRecover,
     /// The guest runs on the destination with all of its memory.
     Completed,
     /// The migration failed; the source guest runs on (or stays paused if the outcome is
@@ -37,6 +42,8 @@ impl Phase {
             Phase::Active => "active",
             Phase::Device => "device",
             Phase::PostcopyActive => "postcopy-active",
+            Phase::PostcopyPaused => "postcopy-paused",
+            Phase::PostcopyRecover => "postcopy-recover",
             Phase::Completed => "completed",
             Phase::Failed => "failed",
             Phase::Cancelled => "cancelled",
@@ -80,4 +87,6 @@ pub struct Progress {
     pub max_bandwidth: u64,
     /// The downtime limit in force.
     pub downtime_limit: Duration,
+    /// Post-copy link failures recovered so far.
+    pub recoveries: u32,
 }

@@ -88,6 +88,11 @@ pub struct MigrationReport {
     pub postcopy_ms: f64,
     /// Fault latency on the destination, from fault read to `UFFDIO_COPY` done.
     pub fault_latency_us: FaultLatency,
+    /// Post-copy link failures recovered (the source reconnected and post-copy went on).
+    pub recoveries: u32,
+    /// How long post-copy was paused for each recovery: from the failure seen here to the
+    /// data path rebuilt, ms.
+    pub recovery_pauses_ms: Vec<f64>,
 }
 
 /// Fault latency percentiles, µs.
@@ -161,6 +166,13 @@ pub struct DestReport {
     /// Missing pages resolved as zero without a fetch (`UFFDIO_ZEROPAGE`, or zeroed in place).
     #[serde(default)]
     pub postcopy_zero_pages: u64,
+    /// Post-copy link failures recovered.
+    #[serde(default)]
+    pub recoveries: u32,
+    /// How long post-copy was paused for each recovery, ms (from the failure seen here to
+    /// the fetchers running again).
+    #[serde(default)]
+    pub recovery_pauses_ms: Vec<f64>,
 }
 
 pub(crate) fn mib_s(bytes: u64, secs: f64) -> f64 {

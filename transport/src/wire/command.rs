@@ -61,6 +61,11 @@ pub enum Command {
     /// `caps::VM_INFO`: the kind of VM and its device-state version, so that the destination
     /// builds that kind or refuses before any memory moves.
     VmInfo = 22,
+    /// Source → destination, right after `AuthProof` on a reconnection (`Hello` with
+    /// `caps::RECOVER`): proves which migration it continues (an HMAC over the migration id
+    /// both ends derived in the first handshake and this connection's nonces). Answered by
+    /// `AuthOk` and the destination's missing set (`PostcopyMissing` with `POSTCOPY_RECOVER`).
+    Recover = 23,
 }
 
 impl Command {
@@ -90,6 +95,7 @@ impl Command {
             20 => Params,
             21 => Fail,
             22 => VmInfo,
+            23 => Recover,
             _ => return Err(Error::Protocol(format!("unknown command {v}"))),
         })
     }
@@ -101,7 +107,7 @@ impl Command {
             Invalid => 0,
             Hello => size_of::<HelloWire>(),
             HelloAck => size_of::<HelloAckWire>() + MAX_TEXT,
-            AuthProof => MAC_LEN,
+            AuthProof | Recover => MAC_LEN,
             AuthOk | Ready | Finish => 0,
             RegionTable => size_of::<RegionTableWire>() + MAX_REGIONS * size_of::<RegionWire>(),
             DataSetup | DataSetupAck => MAX_SETUP,

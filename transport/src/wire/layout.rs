@@ -173,6 +173,9 @@ pub const POSTCOPY_EARLY: u32 = 2;
 /// the source: resolve them without a fetch (`UFFDIO_ZEROPAGE`, or zeroed in place for memfd
 /// memory). Chunks are numbered from 0 and precede the source's digest (`Switchover`).
 pub const POSTCOPY_ZERO: u32 = 4;
+/// `PostcopyMissing` flag: destination → source after a recovery's `AuthOk`: the pages the
+/// destination still lacks (chunks numbered from 0, the last with `POSTCOPY_LAST_CHUNK`).
+pub const POSTCOPY_RECOVER: u32 = 8;
 
 /// `PostcopyResumed` payload (also `PostcopyDropped`: µs to drop, pages dropped).
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]

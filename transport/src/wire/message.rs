@@ -199,6 +199,8 @@ pub enum Message {
     },
     /// See [`Command::VmInfo`].
     VmInfo(crate::vm::VmDescriptor),
+    /// See [`Command::Recover`].
+    Recover([u8; MAC_LEN]),
     /// See [`Command::Params`].
     Params {
         /// Bandwidth cap, bytes/s (0: none).
@@ -306,6 +308,7 @@ impl Message {
             Message::Params { .. } => Command::Params,
             Message::Fail { .. } => Command::Fail,
             Message::VmInfo(_) => Command::VmInfo,
+            Message::Recover(_) => Command::Recover,
         }
     }
 
@@ -336,7 +339,7 @@ impl Message {
                 }));
                 out.extend_from_slice(text(&h.reason));
             }
-            Message::AuthProof(mac) => out.extend_from_slice(mac),
+            Message::AuthProof(mac) | Message::Recover(mac) => out.extend_from_slice(mac),
             Message::AuthOk | Message::Ready | Message::Finish => {}
             Message::RegionTable { page_size, regions } => {
                 if regions.len() > MAX_REGIONS {
@@ -587,6 +590,7 @@ impl Message {
                 })
             }
             Command::AuthProof => Message::AuthProof(fixed(cmd, p)?),
+            Command::Recover => Message::Recover(fixed(cmd, p)?),
             Command::AuthOk => empty(cmd, p, Message::AuthOk)?,
             Command::Ready => empty(cmd, p, Message::Ready)?,
             Command::Finish => empty(cmd, p, Message::Finish)?,

@@ -19,6 +19,12 @@ pub mod caps {
     pub const ABORT_CODES: u32 = 1 << 5;
     /// The destination takes `VmInfo` before the region table.
     pub const VM_INFO: u32 = 1 << 6;
+    /// Post-copy recovery: the end can pause post-copy when its link fails and continue over
+    /// a reconnection ([`RECONNECT`]).
+    pub const RECOVER: u32 = 1 << 7;
+    /// In `Hello` only: this connection continues a migration paused in post-copy (a
+    /// `Recover` follows `AuthProof`), it does not start one.
+    pub const RECONNECT: u32 = 1 << 8;
 }
 
 /// Transport request (in `Hello`) or choice (in `HelloAck`).

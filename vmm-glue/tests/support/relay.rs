@@ -1,6 +1,7 @@
 //! A TCP relay in front of a destination: it forwards every connection to its target, can pace
 //! each direction of each connection, freeze them (stop forwarding, sockets open, like a peer
-//! that hangs without closing) and cut them all at once (a lost link).
+//! that hangs without closing), cut them all at once (a lost link) and refuse new ones for a
+//! while (a link that stays down).
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -15,6 +16,7 @@ pub struct Relay {
     target: Arc<Mutex<Option<SocketAddr>>>,
     conns: Arc<Mutex<Vec<TcpStream>>>,
     frozen: Arc<AtomicBool>,
+    down: Arc<AtomicBool>,
 }
 
 impl Relay {
@@ -26,10 +28,16 @@ impl Relay {
         let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
         let target: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
         let frozen = Arc::new(AtomicBool::new(false));
-        let (c2, t2, f2) = (conns.clone(), target.clone(), frozen.clone());
+        let down = Arc::new(AtomicBool::new(false));
+        let (c2, t2, f2, d2) = (conns.clone(), target.clone(), frozen.clone(), down.clone());
         std::thread::spawn(move || {
             for inbound in l.incoming() {
                 let Ok(a) = inbound else { return };
+                if d2.load(Ordering::Relaxed) {
+                    // The link is down: the connection goes nowhere.
+                    let _ = a.shutdown(Shutdown::Both);
+                    continue;
+                }
                 let Some(t) = *t2.lock().unwrap() else { return };
                 let Ok(b) = TcpStream::connect(t) else { return };
                 let _ = (a.set_nodelay(true), b.set_nodelay(true));
@@ -47,7 +55,13 @@ impl Relay {
             target,
             conns,
             frozen,
+            down,
         }
+    }
+
+    /// While down, new connections are closed at once (the link has not come back).
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::Relaxed);
     }
 
     /// A relay to `target`.

@@ -182,6 +182,7 @@ impl Commands {
             "status": status.name(),
             "total-time": p.elapsed.as_millis() as u64,
             "expected-downtime": p.expected_downtime.as_millis() as u64,
+            "x-postcopy-recoveries": p.recoveries,
             "ram": {
                 "transferred": p.transferred_bytes,
                 "remaining": p.remaining_bytes,

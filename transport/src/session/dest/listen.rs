@@ -27,7 +27,7 @@ use crate::postcopy::Uffd;
 use crate::rdma::RdmaOptions;
 use crate::session::MigrationControl;
 use crate::wire::{
-    caps, Command, Hello, HelloAck, Message, TransportKind, NONCE_LEN, PROTOCOL_VERSION,
+    caps, Command, Hello, HelloAck, Message, TransportKind, MAC_LEN, NONCE_LEN, PROTOCOL_VERSION,
 };
 
 /// Longest any one handshake message may take (shorter when the I/O timeout is).
@@ -35,6 +35,15 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Most handshakes in progress at once.
 pub const MAX_PENDING: usize = 64;
+
+/// What a reconnection must prove to continue a migration paused in post-copy.
+#[derive(Clone)]
+pub(super) struct Rejoin {
+    /// The migration id both ends derived in the first handshake.
+    pub id: [u8; MAC_LEN],
+    /// The transport the migration runs on (the reconnection must choose it again).
+    pub transport: TransportKind,
+}
 
 /// What an authenticated handshake settled.
 pub(super) struct Handshake {
@@ -50,13 +59,20 @@ pub(super) struct Handshake {
 }
 
 /// Serves `listener` until a source proves the key; returns its control connection (AuthOk
-/// not yet sent) and what the handshake settled.
+/// not yet sent) and what the handshake settled. With `rejoin`, only a reconnection that
+/// proves it continues that migration is taken (until `until`, else the listen timeout).
 pub(super) fn authenticate(
     listener: &dyn ChannelListener,
     config: &MigrationConfig,
     control: &MigrationControl,
+    rejoin: Option<(&Rejoin, Instant)>,
 ) -> Result<(Control, Handshake)> {
-    let until = config.listen_timeout.map(|t| Instant::now() + t);
+    let until = match rejoin {
+        Some((_, t)) => Some(t),
+        None => config.listen_timeout.map(|t| Instant::now() + t),
+    };
+    let waited = until.map(|t| t.saturating_duration_since(Instant::now()));
+    let rejoin = Arc::new(rejoin.map(|(r, _)| r.clone()));
     let config = Arc::new(config.clone());
     let (tx, rx) = mpsc::channel::<Result<(Control, Handshake)>>();
     let mut pending = Pending::new(MAX_PENDING);
@@ -76,9 +92,9 @@ pub(super) fn authenticate(
                     tracing::warn!("refused a connection from {peer}: cannot track its socket");
                     continue;
                 };
-                let (tx, config) = (tx.clone(), config.clone());
+                let (tx, config, rejoin) = (tx.clone(), config.clone(), rejoin.clone());
                 let spawned = crate::threads::spawn("rdmig-handshake", move || {
-                    let r = serve_handshake(stream, &config);
+                    let r = serve_handshake(stream, &config, rejoin.as_ref().as_ref());
                     if let Err(e) = &r {
                         tracing::warn!("refused a migration from {peer}: {e}");
                     }
@@ -91,10 +107,19 @@ pub(super) fn authenticate(
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if until.is_some_and(|t| Instant::now() >= t) {
-                    let t = config.listen_timeout.unwrap_or_default();
-                    return Err(last_refusal.unwrap_or_else(|| {
-                        Error::Timeout(format!("no migration arrived within {t:?}"))
-                    }));
+                    let t = waited.unwrap_or_default();
+                    let what = if rejoin.is_some() {
+                        "the source did not reconnect"
+                    } else {
+                        "no migration arrived"
+                    };
+                    return Err(match last_refusal {
+                        Some(e) if rejoin.is_some() => Error::Timeout(format!(
+                            "{what} within {t:?} (last refused reconnection: {e})"
+                        )),
+                        Some(e) => e,
+                        None => Error::Timeout(format!("{what} within {t:?}")),
+                    });
                 }
                 std::thread::sleep(Duration::from_millis(1));
             }
@@ -104,12 +129,16 @@ pub(super) fn authenticate(
 }
 
 /// One connection's handshake; on failure the peer is told only the kind of failure.
-fn serve_handshake(stream: Stream, config: &MigrationConfig) -> Result<(Control, Handshake)> {
+fn serve_handshake(
+    stream: Stream,
+    config: &MigrationConfig,
+    rejoin: Option<&Rejoin>,
+) -> Result<(Control, Handshake)> {
     stream
         .set_nonblocking(false)
         .map_err(|e| Error::io("control blocking mode", e, "control"))?;
     let mut ctl = Control::new(stream, Some(config.io_timeout.min(HANDSHAKE_TIMEOUT)))?;
-    match handshake(&mut ctl, config) {
+    match handshake(&mut ctl, config, rejoin) {
         Ok(h) => {
             ctl.set_timeout(Some(config.io_timeout));
             Ok((ctl, h))
@@ -124,8 +153,13 @@ fn serve_handshake(stream: Stream, config: &MigrationConfig) -> Result<(Control,
     }
 }
 
-/// Hello, HelloAck, AuthProof: checks the source's request and its proof of the key.
-fn handshake(ctl: &mut Control, config: &MigrationConfig) -> Result<Handshake> {
+/// Hello, HelloAck, AuthProof (and for a reconnection `Recover`): checks the source's request
+/// and its proof of the key (and of the migration it continues).
+fn handshake(
+    ctl: &mut Control,
+    config: &MigrationConfig,
+    rejoin: Option<&Rejoin>,
+) -> Result<Handshake> {
     let Message::Hello(hello) = ctl.recv_filtered("awaiting Hello", &|c| c == Command::Hello)?
     else {
         unreachable!("filtered")
@@ -142,7 +176,30 @@ fn handshake(ctl: &mut Control, config: &MigrationConfig) -> Result<Handshake> {
             hello.streams
         )));
     }
+    let reconnect = hello.caps & caps::RECONNECT != 0;
+    match (reconnect, rejoin) {
+        (true, None) => {
+            return Err(Error::Protocol(
+                "a reconnection, but no migration is paused here".into(),
+            ))
+        }
+        (false, Some(_)) => {
+            return Err(Error::Protocol(
+                "a new migration, while one is paused in post-copy here".into(),
+            ))
+        }
+        _ => {}
+    }
     let (transport, public, detail, rdma_opts) = choose_transport(config, &hello)?;
+    if let Some(r) = rejoin {
+        if transport != r.transport {
+            return Err(Error::Protocol(format!(
+                "the reconnection chose {}, the migration runs on {}",
+                transport.name(),
+                r.transport.name()
+            )));
+        }
+    }
     let mode = MigrationMode::from_u8(hello.mode)?;
     if mode != MigrationMode::Precopy {
         if hello.caps & caps::POSTCOPY == 0 {
@@ -168,6 +225,9 @@ fn handshake(ctl: &mut Control, config: &MigrationConfig) -> Result<Handshake> {
         my_caps |= caps::POSTCOPY;
     }
     my_caps |= caps::LIVE_PARAMS | caps::VM_INFO;
+    if hello.caps & caps::RECOVER != 0 && config.recover_timeout.is_some() {
+        my_caps |= caps::RECOVER;
+    }
     if hello.caps & caps::ABORT_CODES != 0 {
         my_caps |= caps::ABORT_CODES;
         ctl.set_abort_codes(true);
@@ -193,6 +253,20 @@ fn handshake(ctl: &mut Control, config: &MigrationConfig) -> Result<Handshake> {
         return Err(Error::AuthFailed(
             "the source did not prove the pre-shared key (not the same key?)".into(),
         ));
+    }
+    if let Some(r) = rejoin {
+        let Message::Recover(proof) =
+            ctl.recv_filtered("awaiting Recover", &|c| c == Command::Recover)?
+        else {
+            unreachable!("filtered")
+        };
+        if !psk.check_recover_proof(&r.id, &hello.nonce, &nonce_d, &proof) {
+            return Err(Error::AuthFailed(
+                "the reconnection does not continue the migration paused here (another \
+                 migration's id)"
+                    .into(),
+            ));
+        }
     }
     Ok(Handshake {
         hello,

@@ -57,6 +57,7 @@ use crate::zero::DestZero;
 mod listen;
 mod postcopy;
 mod precopy;
+mod recover;
 mod setup;
 mod state;
 
@@ -114,6 +115,9 @@ struct Dest<'a> {
     zero_pages: bool,
     /// Which pages may hold data, for installing announced zero pages.
     zero: Option<DestZero>,
+    /// Both ends recover post-copy link failures: what a reconnection must prove and the
+    /// link it rebuilds.
+    recovery: Option<recover::Recovery>,
 }
 
 /// Accepts one incoming migration on `listener` and returns the running guest.
@@ -168,7 +172,7 @@ fn serve<'a>(
     factory: DestinationFactory<'a>,
     control: &'a MigrationControl,
 ) -> Result<(Box<dyn DestinationVm>, DestReport)> {
-    let (ctl, hs) = authenticate(listener, config, control)?;
+    let (ctl, hs) = authenticate(listener, config, control, None)?;
     control.watch_control(ctl.stream());
     tracing::info!("incoming migration from {}", ctl.peer());
     let limiter = Arc::new(RateLimiter::new(hs.hello.max_bandwidth));
@@ -192,6 +196,7 @@ fn serve<'a>(
         resumed_in_postcopy: false,
         zero_pages: false,
         zero: None,
+        recovery: None,
     };
     let result = match d.run(hs) {
         // A cancel ends the waits with whatever error they see: what happened is the cancel.

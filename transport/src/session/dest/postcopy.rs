@@ -2,13 +2,16 @@
 //! the fault and prefetch service until the last page, and what a failure after the resume
 //! leaves (the paused guest and the count of missing pages).
 
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::{Dest, DestState, Landed, Phase};
 use crate::cpu::thread_cpu_time;
+use crate::digest::PageHashes;
 use crate::error::{Error, Result};
+use crate::mem::GuestMemoryMap;
 use crate::pages::PageSet;
-use crate::postcopy::{PausedGuest, PostcopyRemnant, PostcopyService};
+use crate::postcopy::{PausedGuest, PostcopyRemnant, PostcopyService, PostcopyStats};
 use crate::session::handle::Phase as Status;
 use crate::session::stats::{DestReport, FaultLatency};
 use crate::vm::DestinationVm;
@@ -99,43 +102,101 @@ impl Dest<'_> {
                 tracing::warn!("closing the pre-copy data path: {e}");
             }
         }
-        // Zero pages of the missing set, as the source finds them re-hashing it, then its digest.
-        self.state = DestState::Postcopy { chunk: 0 };
-        let (mut zero_installed, mut announced) = (0, 0);
-        let (digest, total) = loop {
-            match self.recv()? {
-                Message::PostcopyMissing { chunk, ranges, .. } => {
-                    if !self.zero_pages {
-                        return Err(Error::Protocol(
-                            "zero pages announced without the zero-page capability".into(),
-                        ));
-                    }
-                    for r in &ranges {
-                        map.span(r.region, r.first, r.npages)?;
-                    }
-                    let svc = self.postcopy.as_ref().expect("set above");
-                    zero_installed += svc.install_zero(&hashes, &ranges)?;
-                    announced += crate::pages::total_pages(&ranges);
-                    self.state = DestState::Postcopy { chunk: chunk + 1 };
+        // The rest of post-copy, over the link of the switchover or, after a link failure,
+        // over the one a recovery rebuilt (the source then sends its digest again).
+        let mut rest = Rest {
+            pages,
+            bytes,
+            ..Rest::default()
+        };
+        let (mine, cpu, stats) = loop {
+            match self.postcopy_rest(map, &hashes, cpu0, &mut rest) {
+                Ok(done) => break done,
+                Err(e) if self.recoverable(&e) => {
+                    self.recover(&e, map, &hashes)?;
+                    rest.digest = None;
                 }
-                Message::Switchover { digest, pages } => break (digest, pages),
-                _ => unreachable!("state checked"),
+                Err(e) => return Err(e),
             }
         };
         tracing::debug!(
-            "post-copy: {announced} zero pages announced, {zero_installed} resolved without a fetch"
+            "post-copy: {} zero pages announced, {} resolved without a fetch",
+            rest.announced,
+            rest.zero_installed
         );
-        let svc = self.postcopy.as_mut().expect("set above");
-        let control = self.control;
-        svc.wait(self.config.io_timeout, &|left| {
-            control.update(|p| p.remaining_bytes = left * page)
-        })
-        .map_err(Error::PostcopyService)?;
-        let stats = self.postcopy.take().expect("set above").finish()?;
-        let mine = hashes.check(digest, total)?;
-        self.cpu.add(thread_cpu_time().saturating_sub(cpu0));
-        let cpu = self.cpu.total();
         let (pages, bytes) = (pages + stats.missing, bytes + stats.missing * page);
+        self.await_finish();
+        let landed = Landed {
+            rounds,
+            pages,
+            bytes,
+            ..l
+        };
+        let base = self.report(&landed, mine, cpu, resume);
+        let pauses = self.recovery.as_ref().map_or(&[][..], |r| &r.pauses[..]);
+        Ok(Phase::Done(Box::new(DestReport {
+            zero_pages: base.zero_pages + rest.announced,
+            recoveries: pauses.len() as u32,
+            recovery_pauses_ms: pauses.iter().map(|d| d.as_secs_f64() * 1e3).collect(),
+            postcopy_pages: stats.missing,
+            postcopy_faults: stats.faults,
+            postcopy_ms: stats.duration.as_secs_f64() * 1e3,
+            fault_latency_us: FaultLatency::from_ns(stats.latency_ns),
+            postcopy_zero_copy: self.pc_alias.is_some(),
+            postcopy_zero_pages: rest.zero_installed,
+            ..base
+        })))
+    }
+
+    /// From the guest's resume (or a recovery) to `PostcopyComplete` sent: the zero pages the
+    /// source announces and its digest (unless they came over an earlier link), the last
+    /// page, the digest check. Returns the digest, the CPU time and post-copy's figures.
+    fn postcopy_rest(
+        &mut self,
+        map: &GuestMemoryMap,
+        hashes: &Arc<PageHashes>,
+        cpu0: Duration,
+        rest: &mut Rest,
+    ) -> Result<(u128, Duration, PostcopyStats)> {
+        let (digest, total) = match rest.digest {
+            Some(d) => d,
+            None => {
+                let d = self.await_digest(map, hashes, rest)?;
+                rest.digest = Some(d);
+                d
+            }
+        };
+        let page = map.page_size().bytes();
+        if rest.stats.is_none() {
+            let svc = self.postcopy.as_mut().expect("set up at the switchover");
+            let (control, ctl) = (self.control, &self.ctl);
+            // The source sends nothing until the last page is in; a closed control connection
+            // means it lost the link (or paused post-copy): do not wait for the fetchers to see it.
+            svc.wait(self.config.io_timeout, &|left| {
+                control.update(|p| p.remaining_bytes = left * page);
+                ctl.peer_gone()
+                    .then(|| "the source closed the control connection".to_string())
+            })
+            .map_err(|f| {
+                if f.link {
+                    Error::PostcopyLink(f.why)
+                } else {
+                    Error::PostcopyService(f.why)
+                }
+            })?;
+            rest.stats = Some(self.postcopy.take().expect("set above").finish()?);
+        }
+        let stats = rest.stats.clone().expect("set above");
+        let mine = hashes.check(digest, total)?;
+        if rest.cpu.is_none() {
+            self.cpu.add(thread_cpu_time().saturating_sub(cpu0));
+            rest.cpu = Some(self.cpu.total());
+        }
+        let cpu = rest.cpu.expect("set above");
+        let (pages, bytes) = (
+            rest.pages + stats.missing,
+            rest.bytes + stats.missing * page,
+        );
         self.ctl.send(&Message::PostcopyComplete(PostcopyComplete {
             complete: Complete {
                 digest: mine,
@@ -149,24 +210,38 @@ impl Dest<'_> {
             postcopy_micros: stats.duration.as_micros() as u64,
             latency_ns: stats.latency_ns,
         }))?;
-        self.await_finish();
-        let landed = Landed {
-            rounds,
-            pages,
-            bytes,
-            ..l
-        };
-        let base = self.report(&landed, mine, cpu, resume);
-        Ok(Phase::Done(Box::new(DestReport {
-            zero_pages: base.zero_pages + announced,
-            postcopy_pages: stats.missing,
-            postcopy_faults: stats.faults,
-            postcopy_ms: stats.duration.as_secs_f64() * 1e3,
-            fault_latency_us: FaultLatency::from_ns(stats.latency_ns),
-            postcopy_zero_copy: self.pc_alias.is_some(),
-            postcopy_zero_pages: zero_installed,
-            ..base
-        })))
+        Ok((mine, cpu, stats))
+    }
+
+    /// Zero pages of the missing set, as the source finds them re-hashing it, then its digest.
+    fn await_digest(
+        &mut self,
+        map: &GuestMemoryMap,
+        hashes: &Arc<PageHashes>,
+        rest: &mut Rest,
+    ) -> Result<(u128, u64)> {
+        self.state = DestState::Postcopy { chunk: 0 };
+        loop {
+            match self.recv()? {
+                Message::PostcopyMissing { chunk, ranges, .. } => {
+                    if !self.zero_pages {
+                        return Err(Error::Protocol(
+                            "zero pages announced without the zero-page capability".into(),
+                        ));
+                    }
+                    for r in &ranges {
+                        map.span(r.region, r.first, r.npages)?;
+                    }
+                    if let Some(svc) = self.postcopy.as_ref() {
+                        rest.zero_installed += svc.install_zero(hashes, &ranges)?;
+                    }
+                    rest.announced += crate::pages::total_pages(&ranges);
+                    self.state = DestState::Postcopy { chunk: chunk + 1 };
+                }
+                Message::Switchover { digest, pages } => return Ok((digest, pages)),
+                _ => unreachable!("state checked"),
+            }
+        }
     }
 
     /// After a failure once the guest runs here in post-copy: stop fetching, pause the guest,
@@ -200,4 +275,20 @@ impl Dest<'_> {
             guest,
         }
     }
+}
+
+/// What post-copy has done so far, kept across recoveries.
+#[derive(Default)]
+struct Rest {
+    /// The source's digest and page count, once received over the current link.
+    digest: Option<(u128, u64)>,
+    /// Post-copy's figures, once the last page is in.
+    stats: Option<PostcopyStats>,
+    /// The session's CPU time, once the last page is in.
+    cpu: Option<Duration>,
+    /// Pages and bytes received before post-copy.
+    pages: u64,
+    bytes: u64,
+    zero_installed: u64,
+    announced: u64,
 }

@@ -5,7 +5,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::listen::Handshake;
+use super::listen::{Handshake, Rejoin};
+use super::recover::Recovery;
 use super::{Dest, DestState, Landed, Phase};
 use crate::cpu::thread_cpu_time;
 use crate::data::{self, DestParams};
@@ -17,7 +18,7 @@ use crate::postcopy;
 use crate::session::config::MigrationMode;
 use crate::session::handle::Phase as Status;
 use crate::vm::MemoryLayout;
-use crate::wire::{Message, MAX_REGIONS};
+use crate::wire::{caps, Message, MAX_REGIONS, NONCE_LEN};
 use crate::zero::DestZero;
 
 /// Largest guest the destination accepts by default (a malicious table cannot make it map more).
@@ -169,34 +170,31 @@ impl Dest<'_> {
         let Message::DataSetup(setup) = self.recv()? else {
             unreachable!("state checked")
         };
-        let psk = &self.config.psk;
-        let mut transport = data::dest_transport(
-            transport,
-            DestParams {
-                map: map.clone(),
-                streams: hello.streams,
-                rdma: crate::rdma::RdmaOptions {
-                    qps: hello.qps,
-                    ..rdma_opts
+        let rdma = crate::rdma::RdmaOptions {
+            qps: hello.qps,
+            ..rdma_opts
+        };
+        if self.mode != MigrationMode::Precopy
+            && hello.caps & caps::RECOVER != 0
+            && self.config.recover_timeout.is_some()
+        {
+            self.recovery = Some(Recovery::new(
+                Rejoin {
+                    id: self.config.psk.migration_id(&hello.nonce, &nonce_d),
+                    transport,
                 },
-                precopy: self.mode != MigrationMode::Postcopy,
-                postcopy: self.mode != MigrationMode::Precopy,
-                alias: self.pc_alias.clone(),
-                hashes: hashes.clone(),
-                limiter: self.limiter.clone(),
-                cpu: self.cpu.clone(),
-                io_timeout: self.config.io_timeout,
-                tokens: (
-                    psk.stream_token(&hello.nonce, &nonce_d),
-                    psk.postcopy_token(&hello.nonce, &nonce_d),
-                ),
-                local_ip: self.ctl.local_ip(),
-                watch: {
-                    let control = self.control.clone();
-                    Arc::new(move |s: &crate::channel::Stream| control.watch_fd(s))
-                },
-            },
+                hello.streams,
+                rdma.clone(),
+            ));
+        }
+        let params = self.dest_params(
+            &map,
+            &hashes,
+            (hello.streams, rdma),
+            self.mode != MigrationMode::Postcopy,
+            (&hello.nonce, &nonce_d),
         );
+        let mut transport = data::dest_transport(transport, params);
         self.transport = transport.name();
         let ack = transport.setup(&setup)?;
         self.ctl.send(&Message::DataSetupAck(ack))?;
@@ -221,10 +219,47 @@ impl Dest<'_> {
     }
 }
 
+impl Dest<'_> {
+    /// The transport's parameters for this session: its memory and digest table, the
+    /// source's streams and RDMA options, whether pre-copy rounds move pages, and the nonces
+    /// its streams' tokens are bound to (the first handshake's, or a reconnection's).
+    pub(super) fn dest_params(
+        &self,
+        map: &GuestMemoryMap,
+        hashes: &Arc<PageHashes>,
+        (streams, rdma): (u16, crate::rdma::RdmaOptions),
+        precopy: bool,
+        (nonce_s, nonce_d): (&[u8; NONCE_LEN], &[u8; NONCE_LEN]),
+    ) -> DestParams {
+        let psk = &self.config.psk;
+        DestParams {
+            map: map.clone(),
+            streams,
+            rdma,
+            precopy,
+            postcopy: self.mode != MigrationMode::Precopy,
+            alias: self.pc_alias.clone(),
+            hashes: hashes.clone(),
+            limiter: self.limiter.clone(),
+            cpu: self.cpu.clone(),
+            io_timeout: self.config.io_timeout,
+            tokens: (
+                psk.stream_token(nonce_s, nonce_d),
+                psk.postcopy_token(nonce_s, nonce_d),
+            ),
+            local_ip: self.ctl.local_ip(),
+            watch: {
+                let control = self.control.clone();
+                Arc::new(move |s: &crate::channel::Stream| control.watch_fd(s))
+            },
+        }
+    }
+}
+
 /// Accepts on the session's listener until the migration is cancelled.
-struct Watching<'c> {
-    inner: &'c dyn crate::channel::ChannelListener,
-    control: &'c crate::session::MigrationControl,
+pub(super) struct Watching<'c> {
+    pub inner: &'c dyn crate::channel::ChannelListener,
+    pub control: &'c crate::session::MigrationControl,
 }
 
 impl crate::channel::ChannelListener for Watching<'_> {

@@ -12,7 +12,7 @@ use crate::pages::PageSet;
 use crate::session::config::MigrationMode;
 use crate::session::handle::Phase as Status;
 use crate::session::policy::Convergence;
-use crate::wire::{caps, Hello, Message, PROTOCOL_VERSION};
+use crate::wire::{caps, Hello, Message, NONCE_LEN, PROTOCOL_VERSION};
 
 impl Source<'_> {
     /// Hello, HelloAck (the destination proves the key), AuthProof, AuthOk.
@@ -31,6 +31,9 @@ impl Source<'_> {
             my_caps |= caps::ZERO_PAGES;
         }
         my_caps |= caps::LIVE_PARAMS | caps::ABORT_CODES;
+        if mode != MigrationMode::Precopy && config.recover_timeout.is_some() {
+            my_caps |= caps::RECOVER;
+        }
         self.ctl.send(&Message::Hello(Hello {
             version: PROTOCOL_VERSION,
             transport: config.transport,
@@ -77,6 +80,7 @@ impl Source<'_> {
             transport: ack.transport,
             reason: ack.reason,
             nonces: (nonce_s, ack.nonce),
+            recover: my_caps & ack.caps & caps::RECOVER != 0,
         })
     }
 
@@ -95,24 +99,11 @@ impl Source<'_> {
                 .collect(),
         })?;
         let (ns, nd) = (&n.nonces.0, &n.nonces.1);
-        let mut transport = data::source_transport(
-            n.transport,
-            SourceParams {
-                map: self.map.clone(),
-                streams: config.streams,
-                rdma: config.rdma.clone(),
-                precopy: mode != MigrationMode::Postcopy,
-                postcopy: mode != MigrationMode::Precopy,
-                limiter: self.limiter.clone(),
-                cpu: self.cpu.clone(),
-                io_timeout: config.io_timeout,
-                tokens: (
-                    config.psk.stream_token(ns, nd),
-                    config.psk.postcopy_token(ns, nd),
-                ),
-                local_ip: self.ctl.local_ip(),
-            },
-        );
+        self.kind = n.transport;
+        self.migration_id = config.psk.migration_id(ns, nd);
+        self.recover = n.recover && self.channel.reconnects();
+        let params = self.source_params(mode != MigrationMode::Postcopy, (ns, nd));
+        let mut transport = data::source_transport(n.transport, params);
         self.transport = transport.name();
         self.reason = n.reason;
         let payload = transport.setup()?;
@@ -176,10 +167,38 @@ impl Source<'_> {
     }
 }
 
+impl Source<'_> {
+    /// The transport's parameters for this session: whether pre-copy rounds move pages, and
+    /// the nonces its streams' tokens are bound to (the first handshake's, or a
+    /// reconnection's).
+    pub(super) fn source_params(
+        &self,
+        precopy: bool,
+        (ns, nd): (&[u8; NONCE_LEN], &[u8; NONCE_LEN]),
+    ) -> SourceParams {
+        let config = self.config;
+        SourceParams {
+            map: self.map.clone(),
+            streams: config.streams,
+            rdma: config.rdma.clone(),
+            precopy,
+            postcopy: config.mode != MigrationMode::Precopy,
+            limiter: self.limiter.clone(),
+            cpu: self.cpu.clone(),
+            io_timeout: config.io_timeout,
+            tokens: (
+                config.psk.stream_token(ns, nd),
+                config.psk.postcopy_token(ns, nd),
+            ),
+            local_ip: self.ctl.local_ip(),
+        }
+    }
+}
+
 /// Opens through the session's channel, watching each new connection for a cancel.
-struct WatchingChannel<'c> {
-    inner: &'c mut dyn crate::channel::MigrationChannel,
-    control: &'c crate::session::MigrationControl,
+pub(super) struct WatchingChannel<'c> {
+    pub inner: &'c mut dyn crate::channel::MigrationChannel,
+    pub control: &'c crate::session::MigrationControl,
 }
 
 impl crate::channel::MigrationChannel for WatchingChannel<'_> {

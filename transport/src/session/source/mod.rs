@@ -20,6 +20,11 @@
 //! | `AwaitPostcopyDropped` | `PostcopyDropped` |
 //! | `AwaitPostcopyResumed` | `PostcopyResumed` |
 //! | `AwaitPostcopyComplete` | `PostcopyComplete` |
+//! | `AwaitRecoverMissing(n)` | `PostcopyMissing{n}` with `POSTCOPY_RECOVER` (a recovery) |
+//!
+//! A post-copy link failure after `PostcopyResumed` (both ends offered `caps::RECOVER`)
+//! pauses instead of ending: `recover.rs` reconnects through the channel and rebuilds the
+//! link, then the digest goes again and `AwaitPostcopyComplete` resumes.
 //!
 //! Post-copy (mode `postcopy`, or `hybrid` once the convergence policy reports
 //! [`Decision::NotConverging`]): pause, device state, the post-copy set (every page for
@@ -60,9 +65,11 @@ use crate::pages::{PageRange, PageSet};
 use crate::vm::SourceVm;
 use crate::wire::{Message, NONCE_LEN};
 
+mod end;
 mod handshake;
 mod postcopy;
 mod precopy;
+mod recover;
 mod round;
 mod state;
 mod switchover;
@@ -88,6 +95,8 @@ struct Negotiated {
     transport: crate::wire::TransportKind,
     reason: String,
     nonces: ([u8; NONCE_LEN], [u8; NONCE_LEN]),
+    /// Both ends recover post-copy link failures.
+    recover: bool,
 }
 
 /// The pre-copy rounds' state, carried from round to round.
@@ -158,6 +167,18 @@ struct Source<'a> {
     rdma_here: bool,
     /// From connect to `Ready`.
     setup_time: Duration,
+    /// The transport the handshake chose.
+    kind: crate::wire::TransportKind,
+    /// The migration's id (bound to the first handshake), which a reconnection proves.
+    migration_id: [u8; crate::wire::MAC_LEN],
+    /// Both ends recover post-copy link failures (and the channel can reconnect).
+    recover: bool,
+    /// A post-copy link failure not recovered yet.
+    link_down: Option<Error>,
+    /// Each recovery's pause, from the failure seen here to the new link ready.
+    pauses: Vec<Duration>,
+    /// Pages served over post-copy links closed by a recovery.
+    served_before: u64,
 }
 
 /// Migrates `vm` to the destination listening at `dest`. Calls `progress` after each round.
@@ -268,6 +289,12 @@ fn run(
         moved: 0,
         rdma_here: rdma_probe.is_ok(),
         setup_time: Duration::ZERO,
+        kind: crate::wire::TransportKind::Tcp,
+        migration_id: [0; crate::wire::MAC_LEN],
+        recover: false,
+        link_down: None,
+        pauses: Vec::new(),
+        served_before: 0,
     };
     let result = s.run();
     let result = match result {
@@ -319,6 +346,15 @@ impl Source<'_> {
         let m = self
             .ctl
             .recv_filtered(state.describe(), &|c| Some(c) == want)?;
+        if let (SourceState::AwaitRecoverMissing(want), Message::PostcopyMissing { chunk, .. }) =
+            (state, &m)
+        {
+            if *chunk != want {
+                return Err(Error::Protocol(format!(
+                    "missing-set chunk {chunk} while awaiting chunk {want}"
+                )));
+            }
+        }
         if let (SourceState::AwaitRoundDone(want), Message::RoundDone(d)) = (state, &m) {
             if d.round != want {
                 return Err(Error::Protocol(format!(
@@ -328,60 +364,5 @@ impl Source<'_> {
             }
         }
         Ok(m)
-    }
-
-    fn teardown(&mut self) {
-        if self.auto.percent() > 0 {
-            self.auto.applied(0);
-            if let Err(e) = self.vm.throttle(0) {
-                tracing::warn!("lifting auto-converge's throttle: {e}");
-            }
-        }
-        if let Some(mut d) = self.data.take() {
-            if let Err(e) = d.close() {
-                tracing::warn!("closing the data path: {e}");
-            }
-        }
-        if self.logging {
-            self.logging = false;
-            if let Err(e) = self.vm.stop_dirty_log() {
-                tracing::warn!("stopping the dirty log: {e}");
-            }
-        }
-    }
-
-    /// Cleans up after an error and returns the error to report.
-    fn fail(&mut self, e: Error) -> Error {
-        // A cancel ends the migration's waits with whatever error they see (a closed socket,
-        // a cancelled pacer): what happened is the cancel.
-        let e = match e {
-            Error::PeerAborted(_) | Error::SwitchoverUnknown(_) => e,
-            _ if self.control.is_cancelled() => Error::Cancelled,
-            // A destination that aborted and closed while this end was sending: its reason.
-            Error::PeerClosed { .. } | Error::Io { .. } => match self.ctl.pending_abort() {
-                Some(abort) => Error::PeerAborted(abort),
-                None => e,
-            },
-            e => e,
-        };
-        self.limiter.cancel();
-        let keep_paused =
-            self.guest_moved || (self.switchover_sent && !matches!(e, Error::PeerAborted(_)));
-        if !matches!(e, Error::PeerAborted(_)) {
-            // A destination that has not proved the key learns nothing of this end.
-            self.ctl.send_failure(&e);
-        }
-        self.teardown();
-        if keep_paused {
-            return Error::SwitchoverUnknown(Box::new(e));
-        }
-        if self.paused {
-            if let Err(re) = self.vm.resume() {
-                tracing::error!("could not resume the source VM after a failed migration: {re}");
-            } else {
-                self.paused = false;
-            }
-        }
-        e
     }
 }

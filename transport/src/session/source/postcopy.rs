@@ -124,30 +124,17 @@ impl Source<'_> {
         } else {
             ranges
         };
+        // A link failure from here on pauses post-copy (when both ends recover): the source
+        // finishes hashing, reconnects, and sends its digest over the new link.
         self.hash_postcopy_set(&rehash)?;
         let digest = self.hashes.digest();
-        self.ctl.send(&Message::Switchover {
-            digest,
-            pages: self.hashes.pages(),
-        })?;
-        self.state = SourceState::AwaitPostcopyComplete;
-        // Post-copy may take longer than one I/O timeout: keep waiting while pages are served.
-        let mut served = self.data.as_ref().and_then(|d| d.pages_served());
         let done = loop {
-            match self.recv() {
-                Ok(Message::PostcopyComplete(done)) => break done,
-                Ok(_) => unreachable!("state checked"),
-                Err(Error::Timeout(why)) => {
-                    let now = self.data.as_ref().and_then(|d| d.pages_served());
-                    // Over RDMA the destination READs without this end seeing it: it bounds
-                    // its own stalls (the READ engine's timeout) and reports or aborts.
-                    if now.is_some() && now == served {
-                        return Err(Error::Timeout(format!(
-                            "{why}; no page requested meanwhile"
-                        )));
-                    }
-                    served = now;
-                }
+            if let Some(e) = self.link_down.take() {
+                self.recover(&e)?;
+            }
+            match self.await_postcopy_complete(digest) {
+                Ok(done) => break done,
+                Err(e) if self.recoverable(&e) => self.link_down = Some(e),
                 Err(e) => return Err(e),
             }
         };
@@ -170,7 +157,7 @@ impl Source<'_> {
             tracing::warn!("the destination runs the guest, but Finish was not delivered: {e}");
         }
         let data = self.data.as_mut().expect("set up before post-copy");
-        let served = data.pages_served();
+        let served = data.pages_served().map(|n| n + self.served_before);
         if let Err(e) = data.stop_serving() {
             tracing::warn!("post-copy page server: {e}");
         }
@@ -206,8 +193,39 @@ impl Source<'_> {
             postcopy_fault_pages: fault_pages,
             postcopy_ms: postcopy_micros as f64 / 1e3,
             fault_latency_us: FaultLatency::from_ns(latency_ns),
+            recoveries: self.pauses.len() as u32,
+            recovery_pauses_ms: self.pauses.iter().map(|d| d.as_secs_f64() * 1e3).collect(),
             ..MigrationReport::default()
         })
+    }
+
+    /// Sends the digest of the paused memory and waits for the destination's last page.
+    fn await_postcopy_complete(&mut self, digest: u128) -> Result<PostcopyComplete> {
+        self.ctl.send(&Message::Switchover {
+            digest,
+            pages: self.hashes.pages(),
+        })?;
+        self.state = SourceState::AwaitPostcopyComplete;
+        // Post-copy may take longer than one I/O timeout: keep waiting while pages are served.
+        let mut served = self.data.as_ref().and_then(|d| d.pages_served());
+        loop {
+            match self.recv() {
+                Ok(Message::PostcopyComplete(done)) => return Ok(done),
+                Ok(_) => unreachable!("state checked"),
+                Err(Error::Timeout(why)) => {
+                    let now = self.data.as_ref().and_then(|d| d.pages_served());
+                    // Over RDMA the destination READs without this end seeing it: it bounds
+                    // its own stalls (the READ engine's timeout) and reports or aborts.
+                    if now.is_some() && now == served {
+                        return Err(Error::Timeout(format!(
+                            "{why}; no page requested meanwhile"
+                        )));
+                    }
+                    served = now;
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Hashes the post-copy pages of `ranges` into the digest table while the destination
@@ -253,14 +271,28 @@ impl Source<'_> {
         if zero.is_empty() {
             return Ok(());
         }
-        self.zero_total += crate::pages::total_pages(zero);
-        self.ctl.send(&Message::PostcopyMissing {
+        if self.link_down.is_some() {
+            // The link is down: the destination fetches these pages instead.
+            zero.clear();
+            return Ok(());
+        }
+        let n = crate::pages::total_pages(zero);
+        match self.ctl.send(&Message::PostcopyMissing {
             chunk: *chunk,
             flags: POSTCOPY_ZERO,
             ranges: std::mem::take(zero),
-        })?;
-        *chunk += 1;
-        Ok(())
+        }) {
+            Ok(()) => {
+                self.zero_total += n;
+                *chunk += 1;
+                Ok(())
+            }
+            Err(e) if self.recoverable(&e) => {
+                self.link_down = Some(e);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Sends a post-copy set in chunks (`flags` added to each; the last also carries

@@ -15,6 +15,7 @@ pub(super) enum SourceState {
     AwaitPostcopyDropped,
     AwaitPostcopyResumed,
     AwaitPostcopyComplete,
+    AwaitRecoverMissing(u32),
     Done,
 }
 
@@ -30,6 +31,7 @@ impl SourceState {
             SourceState::AwaitPostcopyDropped => "awaiting PostcopyDropped",
             SourceState::AwaitPostcopyResumed => "awaiting PostcopyResumed",
             SourceState::AwaitPostcopyComplete => "awaiting PostcopyComplete",
+            SourceState::AwaitRecoverMissing(_) => "awaiting the missing set of a recovery",
             SourceState::Done => "done",
         }
     }
@@ -47,6 +49,7 @@ impl SourceState {
             SourceState::AwaitPostcopyDropped => C::PostcopyDropped,
             SourceState::AwaitPostcopyResumed => C::PostcopyResumed,
             SourceState::AwaitPostcopyComplete => C::PostcopyComplete,
+            SourceState::AwaitRecoverMissing(_) => C::PostcopyMissing,
             SourceState::Done => return None,
         })
     }
