@@ -78,6 +78,18 @@ fn run(
     relay: &Arc<Relay>,
     script: impl FnOnce(&MigrationControl, SocketAddr) + Send + 'static,
 ) -> (Result<MigrationReport, Error>, DestOutcome) {
+    run_with(source, cfg, ip, relay, &MigrationControl::new(), script)
+}
+
+/// [`run`] with the source driven by `control`.
+fn run_with(
+    source: &mut SyntheticVm,
+    cfg: MigrationConfig,
+    ip: IpAddr,
+    relay: &Arc<Relay>,
+    control: &MigrationControl,
+    script: impl FnOnce(&MigrationControl, SocketAddr) + Send + 'static,
+) -> (Result<MigrationReport, Error>, DestOutcome) {
     let listener = TcpListener::bind((ip, 0)).unwrap();
     let direct = listener.local_addr().unwrap();
     relay.target(direct);
@@ -93,13 +105,7 @@ fn run(
         .map(|(vm, rep)| (*vm.into_any().downcast::<SyntheticVm>().unwrap(), rep))
     });
     let script = std::thread::spawn(move || script(&dest_control, direct));
-    let r = migrate_controlled(
-        source,
-        relay.addr,
-        &cfg,
-        &MigrationControl::new(),
-        &mut |_| {},
-    );
+    let r = migrate_controlled(source, relay.addr, &cfg, control, &mut |_| {});
     let d = dest.join().unwrap();
     script.join().unwrap();
     (r, d)
@@ -385,6 +391,41 @@ fn a_source_that_never_returns_leaves_the_destination_paused_after_the_recover_t
         .downcast::<SyntheticVm>()
         .unwrap();
     assert!(!vm.running(), "the destination guest is paused");
+}
+
+#[test]
+fn the_source_recovers_to_a_new_address_it_is_given() {
+    if !uffd_ok() {
+        return;
+    }
+    let psk = Psk::random().unwrap();
+    let relay = Arc::new(Relay::new(0));
+    let (r2, source_control) = (relay.clone(), MigrationControl::new());
+    let sc = source_control.clone();
+    let script = move |c: &MigrationControl, direct: SocketAddr| {
+        await_postcopy(c, 0);
+        std::thread::sleep(Duration::from_millis(300));
+        // The old path stays down for good; the destination is reachable through another.
+        r2.set_down(true);
+        r2.cut();
+        let other = Relay::to(direct, 0);
+        sc.recover_to(other.addr.to_string());
+        await_postcopy(c, 1);
+        // The new path carries the rest of post-copy (the relay lives until it is done).
+        while !c.progress().phase.is_final() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let mut source = SyntheticVm::start(&guest()).unwrap();
+    let (r, d) = run_with(
+        &mut source,
+        config(&psk, MigrationMode::Postcopy),
+        [127, 0, 0, 1].into(),
+        &relay,
+        &source_control,
+        script,
+    );
+    expect_recovered(r, d, 1, Duration::ZERO);
 }
 
 /// The source stays paused (the guest moved); the destination reports the missing pages and

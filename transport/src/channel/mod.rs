@@ -65,6 +65,15 @@ pub trait MigrationChannel: Send {
     fn reconnects(&self) -> bool {
         true
     }
+
+    /// Points the channel's next connections at `target` (a post-copy recovery to a new
+    /// address). Default: refused.
+    fn retarget(&mut self, target: &str) -> Result<()> {
+        Err(Error::InvalidConfig(format!(
+            "{} cannot change its destination (to {target:?})",
+            self.describe()
+        )))
+    }
 }
 
 /// The destination's side of a channel: yields incoming connections.
@@ -102,6 +111,18 @@ impl MigrationChannel for TcpChannel {
     fn describe(&self) -> String {
         self.0.to_string()
     }
+
+    fn retarget(&mut self, target: &str) -> Result<()> {
+        use std::net::ToSocketAddrs;
+        self.0 = target
+            .to_socket_addrs()
+            .map_err(|e| Error::InvalidConfig(format!("recovery target {target:?}: {e}")))?
+            .next()
+            .ok_or_else(|| {
+                Error::InvalidConfig(format!("recovery target {target:?} has no address"))
+            })?;
+        Ok(())
+    }
 }
 
 /// A Unix stream socket at a path (each connection a new connection to it).
@@ -120,6 +141,11 @@ impl MigrationChannel for UnixChannel {
 
     fn describe(&self) -> String {
         format!("unix:{}", self.0.display())
+    }
+
+    fn retarget(&mut self, target: &str) -> Result<()> {
+        self.0 = PathBuf::from(target);
+        Ok(())
     }
 }
 

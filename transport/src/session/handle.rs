@@ -45,6 +45,8 @@ struct Shared {
     new_downtime_us: AtomicU64,
     start_postcopy: AtomicBool,
     postcopy_allowed: AtomicBool,
+    /// Where a post-copy recovery reconnects to, when not the address migrated to.
+    recover_to: Mutex<Option<String>>,
     /// Sockets to shut down on cancel (duplicates, dropped when the migration ends), and
     /// the pacer to cancel.
     wake: Mutex<Wakers>,
@@ -81,6 +83,7 @@ impl MigrationControl {
             new_bandwidth: AtomicU64::new(u64::MAX),
             new_downtime_us: AtomicU64::new(u64::MAX),
             start_postcopy: AtomicBool::new(false),
+            recover_to: Mutex::new(None),
             postcopy_allowed: AtomicBool::new(false),
             wake: Mutex::new(Wakers::default()),
         }))
@@ -169,7 +172,21 @@ impl MigrationControl {
         Ok(())
     }
 
+    /// Source: the next post-copy recovery reconnects to `target` (in the channel's terms:
+    /// `host:port` for TCP, a path for a Unix socket) instead of the address migrated to; the
+    /// destination may have moved to a new listener (QEMU's `migrate … resume=true` with a
+    /// new URI). Checked before each reconnection attempt; refused by channels that cannot
+    /// change their destination.
+    pub fn recover_to(&self, target: impl Into<String>) {
+        *lock(&self.0.recover_to) = Some(target.into());
+    }
+
     // ---- for the migration itself ----
+
+    /// A new target set with [`MigrationControl::recover_to`] (taken once).
+    pub(crate) fn take_recover_target(&self) -> Option<String> {
+        lock(&self.0.recover_to).take()
+    }
 
     /// Resets the control for a new migration (a control can drive one migration at a time).
     pub(crate) fn begin(&self, postcopy_allowed: bool, total_bytes: u64) -> Result<()> {

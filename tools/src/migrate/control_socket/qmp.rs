@@ -156,6 +156,7 @@ impl Commands {
                     Err(e) => generic(e.to_string()),
                 }
             }),
+            "migrate" => self.migrate_resume(args, status),
             "query-commands" => no_args(&|| {
                 let names = [
                     "qmp_capabilities",
@@ -165,6 +166,7 @@ impl Commands {
                     "migrate-set-parameters",
                     "migrate_cancel",
                     "migrate-start-postcopy",
+                    "migrate",
                 ];
                 json!({"return": names.map(|n| json!({"name": n}))})
             }),
@@ -173,6 +175,45 @@ impl Commands {
                 format!("The command {other} has not been found"),
             ),
         }
+    }
+
+    /// `migrate` with `resume: true` and a `tcp:HOST:PORT` (or `unix:PATH`) URI, as QEMU's
+    /// post-copy recovery: the next reconnection goes to that address. Anything else is
+    /// refused: the migration this socket drives is already running.
+    fn migrate_resume(&self, args: &Map<String, Value>, status: Phase) -> Value {
+        if self.end == End::Destination {
+            return generic("migrate is for the source of the migration");
+        }
+        if let Some(k) = args
+            .keys()
+            .find(|k| !matches!(k.as_str(), "uri" | "resume"))
+        {
+            return generic(format!("Parameter '{k}' is unexpected"));
+        }
+        if args.get("resume") != Some(&Value::Bool(true)) {
+            return generic(
+                "a migration is already running; only migrate with resume=true (a post-copy \
+                 recovery to a new address) is accepted",
+            );
+        }
+        let Some(uri) = args.get("uri").and_then(Value::as_str) else {
+            return generic("Parameter 'uri' is missing");
+        };
+        let target = match uri.split_once(':') {
+            Some(("tcp", t)) | Some(("unix", t)) if !t.is_empty() => t,
+            _ => return generic(format!("URI '{uri}' is not tcp:HOST:PORT or unix:PATH")),
+        };
+        if !matches!(
+            status,
+            Phase::PostcopyActive | Phase::PostcopyPaused | Phase::PostcopyRecover
+        ) {
+            return generic(format!(
+                "migrate with resume=true is for a migration in post-copy, not '{}'",
+                status.name()
+            ));
+        }
+        self.control.recover_to(target);
+        ok()
     }
 
     fn query_migrate(&self, status: Phase) -> Value {
@@ -275,6 +316,23 @@ mod tests {
     }
 
     #[test]
+    fn migrate_resume_points_a_post_copy_recovery_at_a_new_address() {
+        let (c, _) = commands(End::Source);
+        let mut n = true;
+        let line =
+            r#"{"execute": "migrate", "arguments": {"uri": "tcp:127.0.0.1:4444", "resume": true}}"#;
+        for status in [Phase::PostcopyActive, Phase::PostcopyPaused] {
+            assert_eq!(
+                c.handle(line.as_bytes(), &mut n, status),
+                json!({"return": {}})
+            );
+        }
+        let (d, _) = commands(End::Destination);
+        let r = d.handle(line.as_bytes(), &mut n, Phase::PostcopyPaused);
+        assert_eq!(class(&r), "GenericError", "{r}");
+    }
+
+    #[test]
     fn negotiation_comes_first_and_ids_are_echoed() {
         let (c, _) = commands(End::Source);
         let mut n = false;
@@ -313,6 +371,9 @@ mod tests {
             r#"{"execute": "migrate-set-parameters", "arguments": {"max-bandwidth": 1.5}}"#,
             r#"{"execute": "migrate-set-parameters", "arguments": {"xbzrle-cache-size": 1}}"#,
             r#"{"execute": "migrate-start-postcopy"}"#,
+            r#"{"execute": "migrate", "arguments": {"uri": "tcp:127.0.0.1:1"}}"#,
+            r#"{"execute": "migrate", "arguments": {"uri": "rdma:x", "resume": true}}"#,
+            r#"{"execute": "migrate", "arguments": {"uri": "tcp:127.0.0.1:1", "resume": true}}"#,
         ] {
             let r = call(&c, &mut n, line);
             assert_eq!(class(&r), "GenericError", "{line} -> {r}");

@@ -216,4 +216,12 @@ impl crate::channel::MigrationChannel for WatchingChannel<'_> {
     fn describe(&self) -> String {
         self.inner.describe()
     }
+
+    fn reconnects(&self) -> bool {
+        self.inner.reconnects()
+    }
+
+    fn retarget(&mut self, target: &str) -> Result<()> {
+        self.inner.retarget(target)
+    }
 }

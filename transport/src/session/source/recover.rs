@@ -99,6 +99,12 @@ impl Source<'_> {
     /// link. Returns the pages the destination lacks.
     fn rejoin(&mut self, deadline: Instant) -> Result<u64> {
         let config = self.config;
+        if let Some(t) = self.control.take_recover_target() {
+            match self.channel.retarget(&t) {
+                Ok(()) => tracing::info!("post-copy recovery: reconnecting to {t} from now on"),
+                Err(e) => tracing::error!("post-copy recovery: {e}; reconnecting as before"),
+            }
+        }
         let left = deadline.saturating_duration_since(Instant::now());
         let stream = self.channel.open(
             Purpose::Control,
