@@ -2,8 +2,10 @@
 //! `--loopback` migration (exit 130, one line, the JSON outcome, and the destination child
 //! gone with it), and `--control-socket` speaks QMP: the greeting, `qmp_capabilities`,
 //! `query-migrate` while it runs, `migrate-set-parameters` lifting the bandwidth cap,
-//! `MIGRATION` events, `migrate_cancel`, and QMP errors for bad requests. Every test bounds
-//! its own time and kills what it started if a bound passes.
+//! `MIGRATION` events, `migrate_cancel`, QMP errors for bad requests, and a post-copy link
+//! cut that `--connect`/`--listen` live through (`postcopy-paused`, then `migrate` with
+//! `resume: true` to a new path). Every test bounds its own time and kills what it started if
+//! a bound passes.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
@@ -573,4 +575,146 @@ fn control_socket_answers_bad_requests_with_qmp_errors() {
         "{statuses:?}"
     );
     assert!(!sock.exists(), "the control socket must be removed at exit");
+}
+
+/// A TCP relay for one test: forwards each connection to `target` until [`CutRelay::cut`],
+/// which closes every connection and every later one (the path is gone for good).
+struct CutRelay {
+    addr: std::net::SocketAddr,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl CutRelay {
+    fn to(target: std::net::SocketAddr) -> CutRelay {
+        use std::net::{Shutdown, TcpStream};
+        use std::sync::atomic::Ordering;
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let relay = CutRelay {
+            addr,
+            conns: Default::default(),
+            down: Default::default(),
+        };
+        let (conns, down) = (relay.conns.clone(), relay.down.clone());
+        std::thread::spawn(move || {
+            for a in l.incoming() {
+                let Ok(a) = a else { return };
+                if down.load(Ordering::Relaxed) {
+                    let _ = a.shutdown(Shutdown::Both);
+                    continue;
+                }
+                let Ok(b) = TcpStream::connect(target) else {
+                    return;
+                };
+                conns
+                    .lock()
+                    .unwrap()
+                    .extend([a.try_clone().unwrap(), b.try_clone().unwrap()]);
+                for (mut from, mut to) in [(a.try_clone().unwrap(), b.try_clone().unwrap()), (b, a)]
+                {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(Shutdown::Both);
+                    });
+                }
+            }
+        });
+        relay
+    }
+
+    fn cut(&self) {
+        self.down.store(true, std::sync::atomic::Ordering::Relaxed);
+        for c in self.conns.lock().unwrap().iter() {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+#[test]
+fn a_postcopy_link_cut_is_recovered_over_a_new_path_given_on_the_control_socket() {
+    if let Err(e) = rdmig_transport::postcopy::Uffd::probe() {
+        let test = std::thread::current()
+            .name()
+            .unwrap_or("control")
+            .to_string();
+        rdmig_transport::require::skip(
+            rdmig_transport::require::Capability::Uffd,
+            &test,
+            format!("userfaultfd unavailable: {e}"),
+        );
+        return;
+    }
+    let d = scratch("recover");
+    let key = d.join("key");
+    std::fs::write(&key, b"a shared key of thirty-two bytes").unwrap();
+    let (port_file, dsock, ssock) = (d.join("port"), d.join("dest.sock"), d.join("src.sock"));
+    let synthetic = ["--vm", "synthetic", "--mem", "64MiB", "--json"];
+    let dest = Run::start(
+        bench()
+            .args(["migrate", "--listen", "127.0.0.1:0"])
+            .args(synthetic)
+            .arg("--port-file")
+            .arg(&port_file)
+            .arg("--psk-file")
+            .arg(&key)
+            .arg("--control-socket")
+            .arg(&dsock),
+    );
+    let t = Instant::now();
+    let port: u16 = loop {
+        if let Some(p) = std::fs::read_to_string(&port_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            break p;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "no port file");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let direct: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    let relay = CutRelay::to(direct);
+    // Post-copy prefetch capped at 16 MiB/s: the 64 MiB take about 4 s.
+    let source = Run::start(
+        bench()
+            .args(["migrate", "--connect", &relay.addr.to_string()])
+            .args(synthetic)
+            .args([
+                "--mode",
+                "postcopy",
+                "--working-set",
+                "8MiB",
+                "--dirty-rate",
+                "32MiB/s",
+            ])
+            .args(["--max-bandwidth", "16MiB/s", "--transport", "tcp"])
+            .arg("--psk-file")
+            .arg(&key)
+            .arg("--control-socket")
+            .arg(&ssock),
+    );
+    let (mut dq, _) = Qmp::connect(&dsock);
+    negotiate(&mut dq);
+    let (mut sq, _) = Qmp::connect(&ssock);
+    negotiate(&mut sq);
+    dq.wait_status("postcopy-active", Duration::from_secs(60));
+    std::thread::sleep(Duration::from_millis(300));
+    relay.cut();
+    dq.wait_status("postcopy-paused", Duration::from_secs(10));
+    // The old path stays down: the operator gives the source the destination's own address.
+    let r = sq.call(json!({"execute": "migrate", "arguments": {"uri": format!("tcp:{direct}"), "resume": true}}));
+    assert_eq!(r, json!({"return": {}}));
+    let (status, out, err) = source.wait(Duration::from_secs(60));
+    assert!(status.success(), "source: {err}");
+    let v = json_of(&out);
+    assert_eq!(v["verified"], true, "{v}");
+    assert_eq!(v["recoveries"], 1, "{v}");
+    assert_eq!(
+        v["recovery_pauses_ms"].as_array().map(Vec::len),
+        Some(1),
+        "{v}"
+    );
+    let (status, _, err) = dest.wait(Duration::from_secs(30));
+    assert!(status.success(), "destination: {err}");
+    let _ = std::fs::remove_dir_all(&d);
 }
