@@ -15,7 +15,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::listen::{authenticate, Rejoin};
+use super::listen::{authenticate, Handshake, Rejoin};
 use super::setup::Watching;
 use super::{Dest, DestState};
 use crate::data;
@@ -54,46 +54,15 @@ impl Dest<'_> {
         self.recovery.is_some() && e.is_link()
     }
 
-    /// Pauses post-copy after the link failure `why`, waits for the source to reconnect (up
-    /// to the recover timeout) and goes on over a new link. Fails with the timeout (or a
-    /// local failure); the caller then reports what is missing as for any post-copy failure.
-    pub(super) fn recover(
+    /// Over an authenticated reconnection: `AuthOk`, the missing set, the new link, the
+    /// fetchers started over it, `Ready`.
+    fn rejoin(
         &mut self,
-        why: &Error,
+        rejoin: &Rejoin,
+        hs: &Handshake,
         map: &GuestMemoryMap,
         hashes: &Arc<PageHashes>,
     ) -> Result<()> {
-        let t0 = Instant::now();
-        let missing = self.postcopy.as_mut().map_or(0, |s| s.pause());
-        // The source learns at once (if it has not seen the failure itself).
-        self.ctl.shutdown();
-        self.control.update(|p| p.phase = Status::PostcopyPaused);
-        let timeout = self.config.recover_timeout.unwrap_or_default();
-        tracing::warn!(
-            "post-copy paused with {missing} pages missing ({why}); waiting up to {timeout:?} \
-             for the source to reconnect"
-        );
-        let rejoin = self
-            .recovery
-            .as_ref()
-            .expect("recoverable() checked")
-            .rejoin
-            .clone();
-        let (ctl, hs) = authenticate(
-            self.listener,
-            self.config,
-            self.control,
-            Some((&rejoin, t0 + timeout)),
-        )
-        .map_err(|e| Error::PostcopyLink(format!("{why}; not recovered: {e}")))?;
-        self.ctl = ctl;
-        self.control.watch_control(self.ctl.stream());
-        self.control.update(|p| p.phase = Status::PostcopyRecover);
-        tracing::info!(
-            "the source reconnected from {} after {:?}",
-            self.ctl.peer(),
-            t0.elapsed()
-        );
         self.ctl.set_authenticated();
         self.ctl.send(&Message::AuthOk)?;
         let set = self
@@ -120,7 +89,7 @@ impl Dest<'_> {
         let Message::DataSetup(setup) = self.recv()? else {
             unreachable!("state checked")
         };
-        let r = self.recovery.as_ref().expect("checked above");
+        let r = self.recovery.as_ref().expect("checked by the caller");
         let params = self.dest_params(
             map,
             hashes,
@@ -146,7 +115,64 @@ impl Dest<'_> {
             })?;
             svc.resume_with(fetchers, hashes.clone(), self.cpu.clone())?;
         }
-        self.ctl.send(&Message::Ready)?;
+        self.ctl.send(&Message::Ready)
+    }
+
+    /// Pauses post-copy after the link failure `why`, waits for the source to reconnect (up
+    /// to the recover timeout) and goes on over a new link. Fails with the timeout (or a
+    /// local failure); the caller then reports what is missing as for any post-copy failure.
+    pub(super) fn recover(
+        &mut self,
+        why: &Error,
+        map: &GuestMemoryMap,
+        hashes: &Arc<PageHashes>,
+    ) -> Result<()> {
+        let t0 = Instant::now();
+        let missing = self.postcopy.as_mut().map_or(0, |s| s.pause());
+        // The source learns at once (if it has not seen the failure itself).
+        self.ctl.shutdown();
+        self.control.update(|p| p.phase = Status::PostcopyPaused);
+        let timeout = self.config.recover_timeout.unwrap_or_default();
+        tracing::warn!(
+            "post-copy paused with {missing} pages missing ({why}); waiting up to {timeout:?} \
+             for the source to reconnect"
+        );
+        let rejoin = self
+            .recovery
+            .as_ref()
+            .expect("recoverable() checked")
+            .rejoin
+            .clone();
+        loop {
+            let (ctl, hs) = authenticate(
+                self.listener,
+                self.config,
+                self.control,
+                Some((&rejoin, t0 + timeout)),
+            )
+            .map_err(|e| Error::PostcopyLink(format!("{why}; not recovered: {e}")))?;
+            self.ctl = ctl;
+            self.control.watch_control(self.ctl.stream());
+            self.control.update(|p| p.phase = Status::PostcopyRecover);
+            tracing::info!(
+                "the source reconnected from {} after {:?}",
+                self.ctl.peer(),
+                t0.elapsed()
+            );
+            match self.rejoin(&rejoin, &hs, map, hashes) {
+                Ok(()) => break,
+                // The new link failed too: pause again and wait for the next reconnection.
+                Err(e) if e.is_link() => {
+                    tracing::warn!("the reconnection failed ({e}); waiting for another");
+                    if let Some(s) = self.postcopy.as_mut() {
+                        s.pause();
+                    }
+                    self.ctl.shutdown();
+                    self.control.update(|p| p.phase = Status::PostcopyPaused);
+                }
+                Err(e) => return Err(e),
+            }
+        }
         let paused = t0.elapsed();
         let rec = self.recovery.as_mut().expect("checked above");
         rec.pauses.push(paused);

@@ -31,7 +31,11 @@ impl Source<'_> {
             my_caps |= caps::ZERO_PAGES;
         }
         my_caps |= caps::LIVE_PARAMS | caps::ABORT_CODES;
-        if mode != MigrationMode::Precopy && config.recover_timeout.is_some() {
+        // Recovery needs a channel that can open new connections later.
+        if mode != MigrationMode::Precopy
+            && config.recover_timeout.is_some()
+            && self.channel.reconnects()
+        {
             my_caps |= caps::RECOVER;
         }
         self.ctl.send(&Message::Hello(Hello {
@@ -101,7 +105,7 @@ impl Source<'_> {
         let (ns, nd) = (&n.nonces.0, &n.nonces.1);
         self.kind = n.transport;
         self.migration_id = config.psk.migration_id(ns, nd);
-        self.recover = n.recover && self.channel.reconnects();
+        self.recover = n.recover;
         let params = self.source_params(mode != MigrationMode::Postcopy, (ns, nd));
         let mut transport = data::source_transport(n.transport, params);
         self.transport = transport.name();
