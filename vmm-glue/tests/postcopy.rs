@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use rdmig_transport::auth::Psk;
 use rdmig_transport::digest::full_digest;
-use rdmig_transport::postcopy::Uffd;
 use rdmig_transport::session::{MigrationConfig, MigrationMode, MigrationReport};
 use rdmig_transport::wire::TransportKind;
 use rdmig_transport::Error;
@@ -24,26 +23,9 @@ use support::interrupted::expect_remnant;
 use support::relay::Relay;
 use support::rxe::rxe;
 use support::synthetic::{run_at, DestOutcome};
+use support::uffd::uffd_ok;
 
 const MIB: u64 = 1 << 20;
-
-fn uffd_ok() -> bool {
-    match Uffd::probe() {
-        Ok(()) => true,
-        Err(e) => {
-            let test = std::thread::current()
-                .name()
-                .unwrap_or("post-copy")
-                .to_string();
-            skip(
-                Capability::Uffd,
-                &test,
-                format!("userfaultfd unavailable: {e}"),
-            );
-            false
-        }
-    }
-}
 
 fn config(psk: &Psk, mode: MigrationMode) -> MigrationConfig {
     MigrationConfig::new(psk.clone())

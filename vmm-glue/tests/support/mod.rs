@@ -7,3 +7,4 @@ pub mod interrupted;
 pub mod relay;
 pub mod rxe;
 pub mod synthetic;
+pub mod uffd;
