@@ -18,6 +18,7 @@ impl Source<'_> {
     /// Hello, HelloAck (the destination proves the key), AuthProof, AuthOk.
     pub(super) fn handshake(&mut self) -> Result<Negotiated> {
         let config = self.config;
+        config.psk.check_connection(self.ctl.stream().tls())?;
         let nonce_s = random_bytes()?;
         let mut my_caps = caps::TCP;
         if self.rdma_here {
