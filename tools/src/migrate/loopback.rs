@@ -155,6 +155,7 @@ pub fn run(args: &Args, params: &VmParams, ctl: &Ctl) -> Result<ExitCode> {
     }
     if let Some(d) = &args.tls_creds {
         cmd.arg("--tls-creds").arg(d);
+        cmd.args(args.no_ktls.then_some("--no-ktls"));
     }
     if let Some(d) = &args.ib_dev {
         cmd.args(["--ib-dev", d]);

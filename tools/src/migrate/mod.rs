@@ -234,6 +234,10 @@ pub struct Args {
     /// IP, as QEMU does).
     #[arg(long = "tls-hostname", value_name = "NAME", requires = "tls_creds")]
     pub tls_hostname: Option<String>,
+    /// With --tls-creds: stay with user-space rustls even where the kernel has kernel TLS
+    /// (the `tls` module), e.g. to compare the two.
+    #[arg(long = "no-ktls", requires = "tls_creds")]
+    pub no_ktls: bool,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -407,7 +411,8 @@ impl Args {
         if self.vm == Some(VmKind::Qemu) {
             bail!("--tls-creds is not supported with --vm qemu yet");
         }
-        let creds = TlsCreds::from_dir(dir).context("--tls-creds")?;
+        let mut creds = TlsCreds::from_dir(dir).context("--tls-creds")?;
+        creds.ktls = !self.no_ktls;
         if self.listen.is_some() || self.loopback {
             creds.server_config().context("--tls-creds")?;
         }

@@ -149,3 +149,30 @@ fn a_peer_not_speaking_tls_is_named() {
     s.set_read_timeout(Some(T)).unwrap();
     assert_eq!(s.read(&mut b).unwrap_or(0), 0, "the destination hangs up");
 }
+
+#[test]
+fn kernel_tls_takes_over_where_the_kernel_has_it() {
+    if !ktls::available() {
+        crate::require::skip(
+            crate::require::Capability::Ktls,
+            "kernel_tls_takes_over_where_the_kernel_has_it",
+            "this kernel has no tls ULP (/proc/sys/net/ipv4/tcp_available_ulp; modprobe tls): \
+             user-space rustls is used",
+        );
+        return;
+    }
+    let c = creds("");
+    let (l, addr) = listener(&c);
+    let mut ch = TlsChannel::tcp(addr, &c, None).unwrap();
+    let client = std::thread::spawn(move || ch.open(Purpose::Data(0), T).unwrap());
+    let server = accept(&l, T).expect("the handshake completes");
+    let client = client.join().unwrap();
+    assert_eq!((client.tls(), server.tls()), ("ktls", "ktls"));
+    let data: Vec<u8> = (0..1usize << 20).map(|i| (i % 253) as u8).collect();
+    let d = data.clone();
+    let t = std::thread::spawn(move || (&client).write_all(&d).unwrap());
+    let mut got = vec![0u8; data.len()];
+    (&server).read_exact(&mut got).unwrap();
+    t.join().unwrap();
+    assert!(got == data);
+}
