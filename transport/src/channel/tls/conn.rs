@@ -1,49 +1,31 @@
-//! An established TLS connection: user-space rustls, or kernel TLS (the socket itself then
-//! encrypts, and raw `writev`/`recv` on it stay zero-copy).
+//! An established TLS connection: the kernel's TLS (the socket itself then encrypts, and raw
+//! `writev`/`recv` on it stay zero-copy) or the user-space record layer of [`super::record`].
 //!
-//! With rustls, reads and writes go on at once from different threads (a sender and the
-//! cancel watcher, a fault thread and its reader): the session's state is locked only to hand
-//! bytes to and from rustls, never across socket I/O. Writes hold the write side's lock from
-//! encryption to the socket, so records go out in order. Guest memory is copied through a
-//! bounded bounce buffer with raw pointers (no `&[u8]` over memory a guest may be writing).
+//! In user space, reads and writes go on at once from different threads (a sender and the
+//! cancel watcher, a fault thread and its reader): each direction has its own state and lock.
+//! A write holds its direction's lock from sealing to the socket, so records go out in order.
+//! Guest memory is copied with raw pointers (no `&[u8]` over memory a guest may be writing)
+//! into one bounded buffer per direction ([`BOUNCE`]).
 
 use std::io::{self, Read, Write};
 use std::sync::{Mutex, MutexGuard};
 
-use rustls::Connection;
-
-use super::handshake::{explain, Side};
+use super::record::{Opener, Sealer};
 use crate::channel::Stream;
 
-/// The bounce buffer between guest memory and rustls, each way.
-pub const BOUNCE: usize = 256 << 10;
-/// Ciphertext read from the socket at once.
-const RAW: usize = 64 << 10;
+/// The buffer between guest memory and the socket, each way (user-space TLS only).
+pub const BOUNCE: usize = super::record::BUFFER;
 
 /// A TLS connection over a TCP or Unix stream.
 pub struct TlsStream {
     sock: Stream,
     /// `None`: kernel TLS.
     user: Option<User>,
-    side: Side,
 }
 
 struct User {
-    conn: Mutex<Connection>,
-    rx: Mutex<Rx>,
-    tx: Mutex<Tx>,
-}
-
-struct Rx {
-    raw: Vec<u8>,
-    start: usize,
-    end: usize,
-    bounce: Vec<u8>,
-}
-
-struct Tx {
-    out: Vec<u8>,
-    bounce: Vec<u8>,
+    tx: Mutex<Sealer>,
+    rx: Mutex<Opener>,
 }
 
 impl std::fmt::Debug for TlsStream {
@@ -57,32 +39,18 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl TlsStream {
-    pub(super) fn user(sock: Stream, conn: Connection, side: Side) -> TlsStream {
+    pub(super) fn user(sock: Stream, tx: Sealer, rx: Opener) -> TlsStream {
         TlsStream {
             sock,
             user: Some(User {
-                conn: Mutex::new(conn),
-                rx: Mutex::new(Rx {
-                    raw: vec![0; RAW],
-                    start: 0,
-                    end: 0,
-                    bounce: Vec::new(),
-                }),
-                tx: Mutex::new(Tx {
-                    out: Vec::new(),
-                    bounce: Vec::new(),
-                }),
+                tx: Mutex::new(tx),
+                rx: Mutex::new(rx),
             }),
-            side,
         }
     }
 
-    pub(super) fn kernel(sock: Stream, side: Side) -> TlsStream {
-        TlsStream {
-            sock,
-            user: None,
-            side,
-        }
+    pub(super) fn kernel(sock: Stream) -> TlsStream {
+        TlsStream { sock, user: None }
     }
 
     /// The socket underneath (options, shutdown, addresses; with kernel TLS, all I/O).
@@ -90,7 +58,7 @@ impl TlsStream {
         &self.sock
     }
 
-    /// `"ktls"` or `"rustls"`: who encrypts.
+    /// `"ktls"` or `"rustls"` (the handshake and keys are rustls's either way): who encrypts.
     pub fn kind(&self) -> &'static str {
         if self.user.is_some() {
             "rustls"
@@ -104,8 +72,8 @@ impl TlsStream {
         let Some(u) = &self.user else {
             return (&self.sock).read(buf);
         };
-        let mut rx = lock(&u.rx);
-        read_into(u, &mut rx, &self.sock, self.side, buf)
+        // SAFETY: `buf` is writable for its length.
+        unsafe { lock(&u.rx).take(&self.sock, buf.as_mut_ptr(), buf.len()) }
     }
 
     /// Writes all of `data`.
@@ -114,11 +82,13 @@ impl TlsStream {
             return (&self.sock).write_all(data);
         };
         let mut tx = lock(&u.tx);
-        encrypt_and_send(u, &mut tx.out, &self.sock, data)
+        // SAFETY: `data` is readable for its length.
+        unsafe { tx.push(&self.sock, data.as_ptr(), data.len()) }?;
+        tx.flush(&self.sock)
     }
 
-    /// Writes every byte `iov` describes (through the bounce buffer with rustls; `writev`
-    /// straight from the memory with kernel TLS).
+    /// Writes every byte `iov` describes (sealed into records with the user-space layer;
+    /// `writev` straight from the memory with kernel TLS).
     ///
     /// # Safety
     /// Every iovec must describe memory readable for its length for the duration of the call.
@@ -128,36 +98,11 @@ impl TlsStream {
             return unsafe { self.sock.writev_all(iov) };
         };
         let mut tx = lock(&u.tx);
-        let Tx { out, bounce } = &mut *tx;
-        bounce.clear();
-        bounce.reserve(BOUNCE);
         for v in iov.iter() {
-            let mut done = 0usize;
-            while done < v.iov_len {
-                let n = (v.iov_len - done).min(BOUNCE - bounce.len());
-                let at = bounce.len();
-                bounce.resize(at + n, 0);
-                // Copied with a raw pointer: the source may be guest memory being written.
-                // SAFETY: `v` is readable for its length (the caller's guarantee) and
-                // `bounce[at..at + n]` was just sized; the two do not overlap.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(
-                        v.iov_base.cast::<u8>().add(done),
-                        bounce.as_mut_ptr().add(at),
-                        n,
-                    )
-                };
-                done += n;
-                if bounce.len() == BOUNCE {
-                    encrypt_and_send(u, out, &self.sock, bounce)?;
-                    bounce.clear();
-                }
-            }
+            // SAFETY: the caller guarantees each iovec is readable for its length.
+            unsafe { tx.push(&self.sock, v.iov_base.cast(), v.iov_len) }?;
         }
-        if !bounce.is_empty() {
-            encrypt_and_send(u, out, &self.sock, bounce)?;
-        }
-        Ok(())
+        tx.flush(&self.sock)
     }
 
     /// Reads exactly `len` bytes into `ptr`.
@@ -170,110 +115,26 @@ impl TlsStream {
             return unsafe { self.sock.recv_exact(ptr, len) };
         };
         let mut rx = lock(&u.rx);
-        let mut bounce = std::mem::take(&mut rx.bounce);
-        bounce.resize(BOUNCE.min(len.max(1)), 0);
         let mut done = 0usize;
-        let r = (|| {
-            while done < len {
-                let want = (len - done).min(bounce.len());
-                let n = read_into(u, &mut rx, &self.sock, self.side, &mut bounce[..want])?;
-                if n == 0 {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!("stream closed after {done} of {len} bytes"),
-                    ));
-                }
-                // SAFETY: `ptr + done .. ptr + done + n` is inside the caller's writable
-                // `len` bytes; `bounce` is our own buffer and does not overlap it.
-                unsafe { std::ptr::copy_nonoverlapping(bounce.as_ptr(), ptr.add(done), n) };
-                done += n;
+        while done < len {
+            // SAFETY: `ptr + done .. ptr + len` is inside the caller's writable range.
+            let n = unsafe { rx.take(&self.sock, ptr.add(done), len - done) }?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("stream closed after {done} of {len} bytes"),
+                ));
             }
-            Ok(())
-        })();
-        rx.bounce = bounce;
-        r
+            done += n;
+        }
+        Ok(())
     }
 
     /// Tells the peer no more data follows (TLS `close_notify`), unless a writer is busy.
     pub(crate) fn close_notify(&self) {
         let Some(u) = &self.user else { return };
-        let Ok(mut tx) = u.tx.try_lock() else { return };
-        let mut c = lock(&u.conn);
-        c.send_close_notify();
-        tx.out.clear();
-        while c.wants_write() {
-            if c.write_tls(&mut tx.out).is_err() {
-                return;
-            }
+        if let Ok(mut tx) = u.tx.try_lock() {
+            let _ = tx.close_notify(&self.sock);
         }
-        drop(c);
-        let _ = (&self.sock).write_all(&tx.out);
-    }
-}
-
-/// Encrypts `data` (the caller holds the write side) and writes it to the socket.
-fn encrypt_and_send(u: &User, out: &mut Vec<u8>, mut sock: &Stream, data: &[u8]) -> io::Result<()> {
-    out.clear();
-    {
-        let mut c = lock(&u.conn);
-        c.writer().write_all(data)?;
-        while c.wants_write() {
-            c.write_tls(out)?;
-        }
-    }
-    sock.write_all(out)
-}
-
-/// Plaintext into `buf`: what rustls holds, else ciphertext from the socket (read without
-/// holding the session, so writers go on meanwhile).
-fn read_into(
-    u: &User,
-    rx: &mut Rx,
-    mut sock: &Stream,
-    side: Side,
-    buf: &mut [u8],
-) -> io::Result<usize> {
-    if buf.is_empty() {
-        return Ok(0);
-    }
-    loop {
-        {
-            let mut c = lock(&u.conn);
-            match c.reader().read(buf) {
-                Ok(n) => return Ok(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
-            }
-            if rx.start < rx.end {
-                let mut r = &rx.raw[rx.start..rx.end];
-                let before = r.len();
-                c.read_tls(&mut r)?;
-                rx.start += before - r.len();
-                c.process_new_packets().map_err(|e| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("TLS: {}", explain(&e, side)),
-                    )
-                })?;
-                continue;
-            }
-        }
-        let n = loop {
-            match sock.read(&mut rx.raw) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                r => break r?,
-            }
-        };
-        if n == 0 {
-            // The end of the stream: rustls tells a clean close (close_notify) from a cut one.
-            let mut c = lock(&u.conn);
-            c.read_tls(&mut &[][..])?;
-            return match c.reader().read(buf) {
-                Ok(n) => Ok(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
-                Err(e) => Err(e),
-            };
-        }
-        (rx.start, rx.end) = (0, n);
     }
 }

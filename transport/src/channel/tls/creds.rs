@@ -131,7 +131,8 @@ impl TlsCreds {
                     ))
                 })?
         };
-        c.enable_secret_extraction = self.ktls;
+        // The keys go to the kernel or to the user-space record layer after the handshake.
+        c.enable_secret_extraction = true;
         c.resumption = rustls::client::Resumption::disabled();
         Ok(Arc::new(c))
     }
@@ -154,7 +155,7 @@ impl TlsCreds {
                     self.dir.display()
                 ))
             })?;
-        c.enable_secret_extraction = self.ktls;
+        c.enable_secret_extraction = true;
         // No session tickets: nothing follows the handshake that kernel TLS would have to
         // take over mid-stream, and each connection authenticates in full.
         c.send_tls13_tickets = 0;

@@ -5,7 +5,8 @@
 //! over. A first byte that is no TLS record type means the peer is not speaking TLS. After
 //! the handshake the server sends one confirmation byte (encrypted) and the client waits for
 //! it: in TLS 1.3 the client finishes before the server has checked the client's
-//! certificate, and this is where a refusal reaches it, as a clear error at open.
+//! certificate, and this is where a refusal reaches it, as a clear error at open. rustls then
+//! hands the keys over: to the kernel (kernel TLS) or to the user-space record layer.
 
 use std::io::{Read, Write};
 use std::time::Duration;
@@ -13,6 +14,7 @@ use std::time::Duration;
 use rustls::{AlertDescription, CertificateError, Connection};
 
 use super::conn::TlsStream;
+use super::record::{Keys, Opener, Sealer};
 use crate::channel::Stream;
 use crate::error::{Error, Result};
 
@@ -86,13 +88,29 @@ pub(super) fn handshake(
     }
     sock.set_read_timeout(None).map_err(io)?;
     sock.set_write_timeout(None).map_err(io)?;
-    if ktls {
-        match super::ktls::attach(&sock) {
-            Ok(()) => return super::ktls::install(sock, conn, side),
-            Err(why) => tracing::debug!("kernel TLS not used: {why}"),
-        }
+    let in_kernel = ktls
+        && match super::ktls::attach(&sock) {
+            Ok(()) => true,
+            Err(why) => {
+                tracing::debug!("kernel TLS not used: {why}");
+                false
+            }
+        };
+    // Nothing follows the confirmation unread (records were read one at a time), so the keys
+    // and sequence numbers are all the connection's state from here on.
+    let secrets = conn
+        .dangerous_extract_secrets()
+        .map_err(|e| Error::Tls(format!("exporting the TLS keys: {e}")))?;
+    if in_kernel {
+        return super::ktls::install(sock, secrets);
     }
-    Ok(TlsStream::user(sock, conn, side))
+    let keys = |(seq, secret)| {
+        Keys::new(seq, secret)
+            .map_err(|e| Error::Tls(format!("handshake with {}: {e}", side.peer())))
+    };
+    let tx = Sealer::new(keys(secrets.tx)?);
+    let rx = Opener::new(keys(secrets.rx)?);
+    Ok(TlsStream::user(sock, tx, rx))
 }
 
 /// Writes out whatever rustls has queued.

@@ -8,10 +8,9 @@
 
 use std::os::fd::AsRawFd;
 
-use rustls::{Connection, ConnectionTrafficSecrets};
+use rustls::{ConnectionTrafficSecrets, ExtractedSecrets};
 
 use super::conn::TlsStream;
-use super::handshake::Side;
 use crate::channel::Stream;
 use crate::error::{Error, Result};
 
@@ -72,12 +71,8 @@ pub(super) fn attach(sock: &Stream) -> std::result::Result<(), String> {
         .map_err(|e| format!("the kernel has no `tls` ULP ({e}); modprobe tls"))
 }
 
-/// Hands the keys to the kernel (the ULP is attached). The connection is consumed: a failure
-/// here ends it.
-pub(super) fn install(sock: Stream, conn: Connection, side: Side) -> Result<TlsStream> {
-    let secrets = conn
-        .dangerous_extract_secrets()
-        .map_err(|e| Error::Tls(format!("exporting the TLS keys for kernel TLS: {e}")))?;
+/// Hands the keys to the kernel (the ULP is attached). A failure here ends the connection.
+pub(super) fn install(sock: Stream, secrets: ExtractedSecrets) -> Result<TlsStream> {
     let fd = sock.as_raw_fd();
     for (opt, (seq, secret)) in [(TLS_TX, secrets.tx), (TLS_RX, secrets.rx)] {
         let r = match secret {
@@ -103,7 +98,7 @@ pub(super) fn install(sock: Stream, conn: Connection, side: Side) -> Result<TlsS
         })?;
     }
     tracing::debug!("kernel TLS on {}", sock.peer());
-    Ok(TlsStream::kernel(sock, side))
+    Ok(TlsStream::kernel(sock))
 }
 
 /// The kernel's record of one direction's keys. rustls's 12-byte IV is the 4-byte salt

@@ -9,9 +9,10 @@
 //! not hold the others up; the oldest pending ones are evicted beyond a bound) and comes out
 //! of `poll_accept` only once the client's certificate checked out.
 //!
-//! After the handshake the connection switches to kernel TLS where the kernel has it
-//! ([`ktls`]), else stays with user-space rustls ([`TlsStream`]). [`Stream::tls`] tells
-//! which, and the reports carry it.
+//! After the handshake rustls exports the keys and the connection switches to kernel TLS
+//! where the kernel has it ([`ktls`]), else to a user-space TLS 1.3 record layer (ring's
+//! AES-GCM, one copy each way: see `record.rs`). [`Stream::tls`] tells which (`"ktls"` or
+//! `"rustls"`), and the reports carry it.
 //!
 //! Over RDMA only the control connection exists, so only it is encrypted: RDMA READs of guest
 //! memory are not (that needs IPsec or MACsec on the NIC).
@@ -20,6 +21,7 @@ mod conn;
 mod creds;
 mod handshake;
 pub mod ktls;
+mod record;
 
 use std::io;
 use std::net::SocketAddr;

@@ -176,3 +176,45 @@ fn kernel_tls_takes_over_where_the_kernel_has_it() {
     t.join().unwrap();
     assert!(got == data);
 }
+
+#[test]
+fn the_user_space_record_layer_speaks_standard_tls_with_rustls() {
+    // The destination's end is ours (rustls for the handshake, the record layer after it);
+    // the client is plain rustls all through, records and close_notify included.
+    let c = creds("");
+    let (l, addr) = listener(&c);
+    let client = std::thread::spawn(move || {
+        let mut sock = std::net::TcpStream::connect(addr).unwrap();
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+        let mut conn = ClientConnection::new(c.client_config().unwrap(), name).unwrap();
+        let mut tls = rustls::Stream::new(&mut conn, &mut sock);
+        let mut confirm = [0u8; 1];
+        tls.read_exact(&mut confirm).unwrap();
+        let up: Vec<u8> = (0..300_001usize).map(|i| (i % 241) as u8).collect();
+        tls.write_all(&up).unwrap();
+        tls.flush().unwrap();
+        let mut down = Vec::new();
+        tls.read_to_end(&mut down).unwrap();
+        down
+    });
+    let server = accept(&l, T).expect("the handshake completes");
+    if ktls::available() {
+        return; // the kernel speaks for itself
+    }
+    assert_eq!(server.tls(), "rustls");
+    let mut up = vec![0u8; 300_001];
+    (&server).read_exact(&mut up).unwrap();
+    assert!(up.iter().enumerate().all(|(i, &b)| b == (i % 241) as u8));
+    let down: Vec<u8> = (0..500_000usize).map(|i| (i % 239) as u8).collect();
+    let mut iov = [libc::iovec {
+        iov_base: down.as_ptr().cast_mut().cast(),
+        iov_len: down.len(),
+    }];
+    // SAFETY: the iovec points at `down`, alive for the call.
+    unsafe { server.writev_all(&mut iov) }.unwrap();
+    server.shutdown(std::net::Shutdown::Write).unwrap();
+    assert!(
+        client.join().unwrap() == down,
+        "rustls reads our records and close_notify"
+    );
+}
