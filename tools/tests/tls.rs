@@ -182,7 +182,7 @@ fn bad_tls_arguments_give_one_clear_line() {
     let _ = std::fs::remove_dir_all(&d);
 
     let e = run(&["--connect", "127.0.0.1:1"]);
-    assert!(e.contains("--psk-file or --tls-creds"), "{e}");
+    assert!(e.contains("unless --tls-creds is given"), "{e}");
     let e = run(&["--connect", "127.0.0.1:1", "--tls-hostname", "localhost"]);
     assert!(e.contains("--tls-creds"), "{e}");
 }

@@ -398,7 +398,7 @@ impl Args {
             if self.tls_creds.is_some() {
                 return Ok(Psk::tls_only());
             }
-            bail!("--psk-file or --tls-creds is required with --listen/--connect: both ends need the same key of at least 16 bytes (e.g. head -c 32 /dev/urandom > key), or TLS credentials (see docs/tls.md), or both");
+            bail!("--psk-file is required with --listen/--connect unless --tls-creds is given: both ends need the same key of at least 16 bytes (e.g. head -c 32 /dev/urandom > key), or TLS credentials (see docs/tls.md), or both");
         };
         Psk::from_file(path).context("--psk-file")
     }

@@ -42,19 +42,10 @@ fn setsockopt<T>(
     level: libc::c_int,
     opt: libc::c_int,
     v: &T,
-    len: usize,
 ) -> std::io::Result<()> {
-    // SAFETY: `v` points at `len` readable bytes (callers pass a value and its size, or a
-    // byte string and its length).
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            level,
-            opt,
-            (v as *const T).cast(),
-            len as libc::socklen_t,
-        )
-    };
+    let len = size_of::<T>() as libc::socklen_t;
+    // SAFETY: `v` points at a live `T` of `len` readable bytes.
+    let r = unsafe { libc::setsockopt(fd, level, opt, (v as *const T).cast(), len) };
     if r == 0 {
         Ok(())
     } else {
@@ -67,7 +58,7 @@ pub(super) fn attach(sock: &Stream) -> std::result::Result<(), String> {
     let Stream::Tcp(s) = sock else {
         return Err("not a TCP connection".into());
     };
-    setsockopt(s.as_raw_fd(), libc::SOL_TCP, TCP_ULP, b"tls", 3)
+    setsockopt(s.as_raw_fd(), libc::SOL_TCP, TCP_ULP, b"tls")
         .map_err(|e| format!("the kernel has no `tls` ULP ({e}); modprobe tls"))
 }
 
@@ -78,11 +69,11 @@ pub(super) fn install(sock: Stream, secrets: ExtractedSecrets) -> Result<TlsStre
         let r = match secret {
             ConnectionTrafficSecrets::Aes128Gcm { key, iv } => {
                 let c = info::<16>(TLS_CIPHER_AES_GCM_128, key.as_ref(), iv.as_ref(), seq);
-                setsockopt(fd, SOL_TLS, opt, &c, size_of_val(&c))
+                setsockopt(fd, SOL_TLS, opt, &c)
             }
             ConnectionTrafficSecrets::Aes256Gcm { key, iv } => {
                 let c = info::<32>(TLS_CIPHER_AES_GCM_256, key.as_ref(), iv.as_ref(), seq);
-                setsockopt(fd, SOL_TLS, opt, &c, size_of_val(&c))
+                setsockopt(fd, SOL_TLS, opt, &c)
             }
             _ => {
                 return Err(Error::Tls(

@@ -112,8 +112,9 @@ impl Sealer {
             let at = self.out.len();
             self.out.reserve(n);
             // Copied with a raw pointer: the source may be guest memory being written.
-            // SAFETY: `ptr + done .. ptr + done + n` is inside the caller's readable range;
-            // `out` has room for `n` more bytes (reserved), which `set_len` then covers.
+            // `ptr + done .. ptr + done + n` is inside the caller's readable range; `out` has
+            // room for `n` more bytes (reserved), which `set_len` then covers.
+            // SAFETY: both ranges valid as said, and they do not overlap.
             unsafe {
                 std::ptr::copy_nonoverlapping(ptr.add(done), self.out.as_mut_ptr().add(at), n);
                 self.out.set_len(at + n);
@@ -213,8 +214,9 @@ impl Opener {
             }
         }
         let n = len.min(self.plain.1 - self.plain.0);
-        // SAFETY: `dst` is writable for `len >= n` bytes (the caller's guarantee); the
-        // plaintext range is inside `buf`, which does not overlap it.
+        // `dst` is writable for `len >= n` bytes (the caller's guarantee); the plaintext
+        // range is inside `buf`, which does not overlap it.
+        // SAFETY: both ranges valid as said.
         unsafe { std::ptr::copy_nonoverlapping(self.buf.as_ptr().add(self.plain.0), dst, n) };
         self.plain.0 += n;
         Ok(n)

@@ -42,7 +42,19 @@ impl Source<'_> {
             max_bandwidth: config.max_bandwidth.unwrap_or(0),
             nonce: nonce_s,
         }))?;
-        let Message::HelloAck(ack) = self.recv()? else {
+        let ack = match self.recv() {
+            // A TLS destination hangs up on a plain Hello at once: say what that may mean.
+            Err(Error::PeerClosed { channel, detail }) if self.ctl.stream().tls().is_empty() => {
+                return Err(Error::PeerClosed {
+                    channel,
+                    detail: format!(
+                        "{detail} before answering the Hello (does the destination require TLS?)"
+                    ),
+                })
+            }
+            r => r?,
+        };
+        let Message::HelloAck(ack) = ack else {
             unreachable!("state checked")
         };
         if !config.psk.check_dest_proof(&nonce_s, &ack.nonce, &ack.mac) {
