@@ -208,6 +208,9 @@ impl Opener {
         dst: *mut u8,
         len: usize,
     ) -> io::Result<usize> {
+        if len == 0 {
+            return Ok(0);
+        }
         while self.plain.0 == self.plain.1 {
             if self.closed || !self.open_next(sock)? {
                 return Ok(0);

@@ -218,3 +218,26 @@ fn the_user_space_record_layer_speaks_standard_tls_with_rustls() {
         "rustls reads our records and close_notify"
     );
 }
+
+#[test]
+fn a_forged_record_is_refused() {
+    if ktls::available() {
+        return; // the kernel checks its own records
+    }
+    let c = creds("");
+    let (l, addr) = listener(&c);
+    let mut ch = TlsChannel::tcp(addr, &c, None).unwrap();
+    let client = std::thread::spawn(move || ch.open(Purpose::Control, T).unwrap());
+    let server = accept(&l, T).expect("the handshake completes");
+    let client = client.join().unwrap();
+    let Stream::Tls(t) = &client else {
+        panic!("a TLS stream")
+    };
+    // A well-formed record header with 32 bytes that no key sealed.
+    let mut forged = vec![0x17, 3, 3, 0, 32];
+    forged.extend([0x5a; 32]);
+    (&*t.socket()).write_all(&forged).unwrap();
+    let mut b = [0u8; 1];
+    let e = (&server).read(&mut b).unwrap_err().to_string();
+    assert!(e.contains("failed authentication"), "{e}");
+}
