@@ -236,7 +236,8 @@ fn a_forged_record_is_refused() {
     // A well-formed record header with 32 bytes that no key sealed.
     let mut forged = vec![0x17, 3, 3, 0, 32];
     forged.extend([0x5a; 32]);
-    (&*t.socket()).write_all(&forged).unwrap();
+    let mut raw = t.socket();
+    raw.write_all(&forged).unwrap();
     let mut b = [0u8; 1];
     let e = (&server).read(&mut b).unwrap_err().to_string();
     assert!(e.contains("failed authentication"), "{e}");
