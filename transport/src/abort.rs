@@ -86,7 +86,7 @@ impl AbortCode {
             | Error::UnknownRegion(_)
             | Error::RangeOutOfBounds { .. }
             | Error::RegionMismatch(_) => AbortCode::Protocol,
-            Error::AuthFailed(_) => AbortCode::Auth,
+            Error::AuthFailed(_) | Error::Tls(_) => AbortCode::Auth,
             Error::VersionMismatch { .. } => AbortCode::Version,
             Error::Timeout(_) => AbortCode::Timeout,
             Error::RdmaUnavailable(_) | Error::Rdma(_) => AbortCode::Rdma,

@@ -4,6 +4,11 @@
 //! over both nonces and its role, so a proof cannot be replayed or reflected. Nothing about
 //! guest memory (layout, keys, pages) is sent before both proofs check out. The data-stream
 //! token is derived from the same key and nonces.
+//!
+//! With TLS on, the key is optional ([`Psk::tls_only`]): the certificates then authenticate
+//! both ends, the exchange runs with a fixed public key (its proofs prove nothing, and the
+//! nonces, which the stream tokens bind to, travel only inside TLS), and a connection that is
+//! not TLS is refused before anything else is sent.
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -13,13 +18,17 @@ use crate::wire::{MAC_LEN, NONCE_LEN};
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// A pre-shared key.
+/// A pre-shared key (or none: [`Psk::tls_only`]).
 #[derive(Clone)]
-pub struct Psk(Vec<u8>);
+pub struct Psk(Vec<u8>, bool);
 
 impl std::fmt::Debug for Psk {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Psk(<{} bytes>)", self.0.len())
+        if self.1 {
+            write!(f, "Psk(none: TLS only)")
+        } else {
+            write!(f, "Psk(<{} bytes>)", self.0.len())
+        }
     }
 }
 
@@ -37,7 +46,34 @@ impl Psk {
                 Self::MIN_LEN
             )));
         }
-        Ok(Psk(bytes))
+        Ok(Psk(bytes, false))
+    }
+
+    /// No pre-shared key: TLS alone authenticates (a migration with it over a connection
+    /// that is not TLS is refused, on either end).
+    pub fn tls_only() -> Psk {
+        Psk(
+            b"rdmig: no pre-shared key, TLS authenticates".to_vec(),
+            true,
+        )
+    }
+
+    /// Whether this is [`Psk::tls_only`].
+    pub fn is_tls_only(&self) -> bool {
+        self.1
+    }
+
+    /// Refuses [`Psk::tls_only`] on a connection that is not TLS (`tls`: what
+    /// [`crate::Stream::tls`] says of it).
+    pub fn check_connection(&self, tls: &str) -> Result<()> {
+        if self.1 && tls.is_empty() {
+            return Err(Error::InvalidConfig(
+                "no pre-shared key was given and the control connection is not TLS: give a \
+                 key, TLS credentials, or both"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 
     /// Largest key file [`Psk::from_file`] reads.
@@ -97,7 +133,7 @@ impl Psk {
 
     /// A fresh random 32-byte key.
     pub fn random() -> Result<Psk> {
-        Ok(Psk(random_bytes::<32>()?.to_vec()))
+        Ok(Psk(random_bytes::<32>()?.to_vec(), false))
     }
 
     /// The key bytes.

@@ -75,6 +75,11 @@ pub enum Error {
     #[error("authentication failed: {0}")]
     AuthFailed(String),
 
+    /// TLS failed: credentials that cannot be loaded, or a handshake the peer or we refused
+    /// (unknown CA, expired certificate, no client certificate, a peer not speaking TLS).
+    #[error("TLS: {0}")]
+    Tls(String),
+
     /// A range names a region that does not exist.
     #[error("region {0} is not in the region table")]
     UnknownRegion(u32),

@@ -31,17 +31,20 @@ pub enum Capability {
     Qemu,
     /// Soft-dirty page tracking (`CONFIG_MEM_SOFT_DIRTY`).
     SoftDirty,
+    /// Kernel TLS (the `tls` TCP ULP).
+    Ktls,
 }
 
 impl Capability {
     /// Every capability, in the order `RDMIG_REQUIRE=all` lists them.
-    pub const ALL: [Capability; 6] = [
+    pub const ALL: [Capability; 7] = [
         Capability::Kvm,
         Capability::Uffd,
         Capability::UffdMinor,
         Capability::Rdma,
         Capability::Qemu,
         Capability::SoftDirty,
+        Capability::Ktls,
     ];
 
     /// The name used in `RDMIG_REQUIRE`.
@@ -53,6 +56,7 @@ impl Capability {
             Capability::Rdma => "rdma",
             Capability::Qemu => "qemu",
             Capability::SoftDirty => "soft-dirty",
+            Capability::Ktls => "ktls",
         }
     }
 

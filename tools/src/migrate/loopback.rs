@@ -106,7 +106,11 @@ pub fn run(args: &Args, params: &VmParams, ctl: &Ctl) -> Result<ExitCode> {
         scratch.path("port"),
         scratch.path("result.json"),
     );
-    write_key(&key, &Psk::random()?)?;
+    // With TLS and no key given, TLS alone authenticates (no key is made).
+    let keyed = args.tls_creds.is_none() || args.psk_file.is_some();
+    if keyed {
+        write_key(&key, &Psk::random()?)?;
+    }
     let exe = std::env::current_exe().context("finding this executable")?;
     let mut cmd = Command::new(exe);
     cmd.arg("migrate")
@@ -116,8 +120,8 @@ pub fn run(args: &Args, params: &VmParams, ctl: &Ctl) -> Result<ExitCode> {
         .arg(&port_file)
         .arg("--result-file")
         .arg(&result_file)
-        .arg("--psk-file")
-        .arg(&key)
+        .args(keyed.then_some("--psk-file"))
+        .args(keyed.then_some(&key))
         .args(["--mem", &args.mem.to_string()])
         .args(["--working-set", &params.working_set.to_string()])
         .args(["--dirty-rate", &args.dirty_rate.to_string()])
@@ -148,6 +152,10 @@ pub fn run(args: &Args, params: &VmParams, ctl: &Ctl) -> Result<ExitCode> {
     }
     if let Some(c) = &args.qemu_dest_console {
         cmd.arg("--qemu-console").arg(c);
+    }
+    if let Some(d) = &args.tls_creds {
+        cmd.arg("--tls-creds").arg(d);
+        cmd.args(args.no_ktls.then_some("--no-ktls"));
     }
     if let Some(d) = &args.ib_dev {
         cmd.args(["--ib-dev", d]);
@@ -186,7 +194,7 @@ pub fn run(args: &Args, params: &VmParams, ctl: &Ctl) -> Result<ExitCode> {
     let addr = std::net::SocketAddr::new(args.bind, port);
 
     let mut src_args = args.clone();
-    src_args.psk_file = Some(key.clone());
+    src_args.psk_file = keyed.then(|| key.clone());
     // After the source is done, the destination lets the guest run, checks it, writes its
     // outcome and exits: wait for that (bounded), then read the outcome.
     let wait_child = |limit: Duration| {

@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use rdmig_transport::auth::Psk;
+use rdmig_transport::channel::tls::{TlsChannel, TlsCreds, TlsListener};
 use rdmig_transport::mem::PageSize;
 use rdmig_transport::rdma::RdmaOptions;
 use rdmig_transport::session::{
@@ -224,9 +225,23 @@ pub struct Args {
     /// RDMA port number.
     #[arg(short = 'i', long = "ib-port")]
     pub ib_port: Option<u8>,
-    /// File holding the pre-shared key (at least 16 bytes; required with --listen/--connect).
+    /// File holding the pre-shared key (at least 16 bytes; required with --listen/--connect
+    /// unless --tls-creds is given: then TLS alone authenticates, or both do).
     #[arg(long = "psk-file")]
     pub psk_file: Option<PathBuf>,
+    /// Run every connection in mutual TLS with the x509 credentials in DIR (QEMU's layout:
+    /// ca-cert.pem, server-cert.pem, server-key.pem, client-cert.pem, client-key.pem; see
+    /// docs/tls.md). Give it to both ends. With RDMA only the control connection is in TLS.
+    #[arg(long = "tls-creds", value_name = "DIR")]
+    pub tls_creds: Option<PathBuf>,
+    /// The name the destination's certificate must carry (default: the --connect address's
+    /// IP, as QEMU does).
+    #[arg(long = "tls-hostname", value_name = "NAME", requires = "tls_creds")]
+    pub tls_hostname: Option<String>,
+    /// With --tls-creds: stay with user-space rustls even where the kernel has kernel TLS
+    /// (the `tls` module), e.g. to compare the two.
+    #[arg(long = "no-ktls", requires = "tls_creds")]
+    pub no_ktls: bool,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -385,9 +400,31 @@ impl Args {
 
     fn psk(&self) -> Result<Psk> {
         let Some(path) = &self.psk_file else {
-            bail!("--psk-file is required with --listen/--connect: both ends need the same key of at least 16 bytes (e.g. head -c 32 /dev/urandom > key)");
+            if self.tls_creds.is_some() {
+                return Ok(Psk::tls_only());
+            }
+            bail!("--psk-file is required with --listen/--connect unless --tls-creds is given: both ends need the same key of at least 16 bytes (e.g. head -c 32 /dev/urandom > key), or TLS credentials (see docs/tls.md), or both");
         };
         Psk::from_file(path).context("--psk-file")
+    }
+
+    /// The TLS credentials, checked for what this end needs (`None`: no TLS).
+    fn tls(&self) -> Result<Option<TlsCreds>> {
+        let Some(dir) = &self.tls_creds else {
+            return Ok(None);
+        };
+        if self.vm == Some(VmKind::Qemu) {
+            bail!("--tls-creds is not supported with --vm qemu yet");
+        }
+        let mut creds = TlsCreds::from_dir(dir).context("--tls-creds")?;
+        creds.ktls = !self.no_ktls;
+        if self.listen.is_some() || self.loopback {
+            creds.server_config().context("--tls-creds")?;
+        }
+        if self.connect.is_some() || self.loopback {
+            creds.client_config().context("--tls-creds")?;
+        }
+        Ok(Some(creds))
     }
 }
 
@@ -403,6 +440,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     // Every value is checked before any VM is built or memory is touched.
     let checked = args.config(Psk::random()?, None);
     checked.validate().context("invalid arguments")?;
+    args.tls()?;
     if matches!(args.transport, TransportArg::Rdma) {
         if let Err(why) = rdmig_transport::rdma::probe(&checked.rdma) {
             bail!("RDMA unavailable: --transport rdma needs a usable RDMA device here: {why}");
@@ -516,8 +554,19 @@ fn listen(args: &Args, params: &VmParams, addr: SocketAddr, ctl: &Ctl) -> Result
         );
     }
     let config = args.config(psk, Some(local.ip()));
+    let tls = match args.tls()? {
+        Some(creds) => Some(TlsListener::new(
+            listener.try_clone().context("the listening socket")?,
+            &creds,
+        )?),
+        None => None,
+    };
+    let channel: &dyn rdmig_transport::ChannelListener = match &tls {
+        Some(t) => t,
+        None => &listener,
+    };
     let result = match (factory, qemu_dest) {
-        (Some(factory), _) => session::accept_controlled(&listener, &config, factory, &ctl.control)
+        (Some(factory), _) => session::accept_with(channel, &config, factory, &ctl.control)
             .map_err(anyhow::Error::new)
             .and_then(|(vm, dest)| {
                 kind = *built.lock().unwrap_or_else(|e| e.into_inner());
@@ -594,18 +643,23 @@ fn connect(
     dest_result: Option<&dyn Fn(bool) -> Option<DestOutcome>>,
 ) -> Result<ExitCode> {
     let (kind, why) = VmKind::resolve(args.vm)?;
-    let psk = match (&args.psk_file, args.loopback) {
-        (None, true) => unreachable!("loopback always passes a key"),
-        _ => args.psk()?,
-    };
+    let psk = args.psk()?;
     let config = args.config(psk, None);
+    let mut channel: Box<dyn rdmig_transport::MigrationChannel> = match args.tls()? {
+        Some(creds) => Box::new(TlsChannel::tcp(addr, &creds, args.tls_hostname.as_deref())?),
+        None => Box::new(rdmig_transport::channel::TcpChannel(addr)),
+    };
     let mut vm =
         LocalVm::start(kind, params).with_context(|| format!("starting the {} VM", kind.name()))?;
     let mut progress = report::Progress::new(!args.json);
     progress.start(kind, &why, params);
-    let result = session::migrate_controlled(vm.source(), addr, &config, &ctl.control, &mut |r| {
-        progress.round(r)
-    });
+    let result = session::migrate_with(
+        vm.source(),
+        &mut *channel,
+        &config,
+        &ctl.control,
+        &mut |r| progress.round(r),
+    );
     progress.finish();
     let result = result.map_err(anyhow::Error::new);
     let phase = ctl.outcome(result.as_ref().err());

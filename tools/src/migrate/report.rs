@@ -191,6 +191,8 @@ pub fn print_migration(
             "outcome": "completed",
             "transport": rep.transport,
             "transport_reason": rep.transport_reason,
+            "tls": rep.tls,
+            "dest_tls": dest.and_then(|d| d.dest.as_ref()).map(|d| d.tls.clone()),
             "vm": kind.name(),
             "mem_bytes": rep.mem_bytes,
             "page_size": rep.page_size,
@@ -232,11 +234,18 @@ pub fn print_migration(
         return;
     }
     println!(
-        "\nrdmig live migration of a {} {} VM over {} ({})",
+        "\nrdmig live migration of a {} {} VM over {} ({}){}",
         human_bytes(rep.mem_bytes),
         kind.name(),
         rep.transport,
-        rep.transport_reason
+        rep.transport_reason,
+        match rep.tls.as_str() {
+            "" => String::new(),
+            t if rep.transport == "rdma" => {
+                format!("; control connection in TLS ({t}), RDMA READs not encrypted")
+            }
+            t => format!("; in TLS ({t})"),
+        }
     );
     if rep.per_round.is_empty() {
         println!("  (no pre-copy round: every page moved after the switchover)");

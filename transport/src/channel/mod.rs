@@ -12,10 +12,13 @@
 //! | Unix sockets | [`UnixChannel`] | `std::os::unix::net::UnixListener` |
 //! | pre-opened descriptors | [`FdChannel`] (connected sockets, in order) | [`FdListener`] (connected sockets) or [`listener_from_fd`] (a listening socket) |
 //!
+//! | TLS over any of them | [`tls::TlsChannel`] | [`tls::TlsListener`] |
+//!
 //! A VMM with connections of its own (a TLS tunnel's socketpair, a socket a management layer
 //! passed in) implements [`MigrationChannel`] or [`ChannelListener`] itself.
 
 mod stream;
+pub mod tls;
 
 use std::collections::VecDeque;
 use std::io;

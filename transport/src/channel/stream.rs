@@ -1,14 +1,18 @@
-//! One connection of a migration channel: a TCP or Unix stream socket.
+//! One connection of a migration channel: a TCP or Unix stream socket, or TLS over one.
 //!
-//! The data paths send and receive with `writev`/`recv(MSG_WAITALL)` on the raw fd, which
-//! work the same on both kinds; what differs (Nagle, addresses) is handled here.
+//! The data paths send and receive through [`Stream::writev_all`] and [`Stream::recv_exact`]:
+//! `writev`/`recv(MSG_WAITALL)` on the raw fd for TCP, Unix and kernel TLS (zero-copy from and
+//! into guest memory), through the rustls session and a bounded bounce buffer for user-space
+//! TLS. What differs between the kinds (Nagle, addresses) is handled here.
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Shutdown, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 use std::time::Duration;
 
+use super::tls::TlsStream;
 use crate::error::{Error, Result};
 
 /// A connected stream socket.
@@ -18,13 +22,21 @@ pub enum Stream {
     Tcp(TcpStream),
     /// A Unix stream socket.
     Unix(UnixStream),
+    /// TLS over a TCP or Unix stream (shared by the clones of the connection).
+    Tls(Arc<TlsStream>),
 }
 
+/// Applies `$e` to the socket (under TLS, the one the session runs over).
 macro_rules! both {
     ($s:expr, $x:ident => $e:expr) => {
         match $s {
             Stream::Tcp($x) => $e,
             Stream::Unix($x) => $e,
+            Stream::Tls(t) => match t.socket() {
+                Stream::Tcp($x) => $e,
+                Stream::Unix($x) => $e,
+                Stream::Tls(_) => unreachable!("TLS runs over a socket"),
+            },
         }
     };
 }
@@ -50,12 +62,52 @@ impl Stream {
         Ok(match self {
             Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
             Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tls(t) => Stream::Tls(t.clone()),
         })
     }
 
-    /// Shuts the connection down.
+    /// Shuts the connection down (under TLS, telling the peer first when writes end).
     pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        if let (Stream::Tls(t), Shutdown::Write | Shutdown::Both) = (self, how) {
+            t.close_notify();
+        }
         both!(self, s => s.shutdown(how))
+    }
+
+    /// Who encrypts the connection: `""` (nobody), `"rustls"` or `"ktls"`.
+    pub fn tls(&self) -> &'static str {
+        match self {
+            Stream::Tls(t) => t.kind(),
+            _ => "",
+        }
+    }
+
+    /// Writes every byte `iov` describes, advancing through partial writes: one `writev`
+    /// straight from the memory, or (user-space TLS) through the session. `iov` is consumed.
+    ///
+    /// # Safety
+    /// Every iovec must describe memory readable for its length for the duration of the call.
+    pub unsafe fn writev_all(&self, iov: &mut [libc::iovec]) -> io::Result<()> {
+        match self {
+            // SAFETY: the caller's guarantee, passed on.
+            Stream::Tls(t) => unsafe { t.writev_all(iov) },
+            // SAFETY: the caller's guarantee, passed on.
+            _ => unsafe { crate::tcp::writev_all(self.as_raw_fd(), iov) },
+        }
+    }
+
+    /// Reads exactly `len` bytes into `ptr` (`recv(MSG_WAITALL)` straight into it, or through
+    /// the TLS session).
+    ///
+    /// # Safety
+    /// `ptr` must be writable for `len` bytes for the duration of the call.
+    pub unsafe fn recv_exact(&self, ptr: *mut u8, len: usize) -> io::Result<()> {
+        match self {
+            // SAFETY: the caller's guarantee, passed on.
+            Stream::Tls(t) => unsafe { t.recv_exact(ptr, len) },
+            // SAFETY: the caller's guarantee, passed on.
+            _ => unsafe { crate::tcp::recv_exact(self.as_raw_fd(), ptr, len) },
+        }
     }
 
     /// Bounds each read (`None`: for ever).
@@ -78,6 +130,7 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.set_nodelay(on),
             Stream::Unix(_) => Ok(()),
+            Stream::Tls(t) => t.socket().set_nodelay(on),
         }
     }
 
@@ -92,6 +145,7 @@ impl Stream {
                 ),
                 Err(_) => "unix:?".into(),
             },
+            Stream::Tls(t) => t.socket().peer(),
         }
     }
 
@@ -100,13 +154,14 @@ impl Stream {
         match self {
             Stream::Tcp(s) => s.local_addr().ok().map(|a| a.ip()),
             Stream::Unix(_) => None,
+            Stream::Tls(t) => t.socket().local_ip(),
         }
     }
 }
 
 impl Read for Stream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        both!(self, s => s.read(buf))
+        (&*self).read(buf)
     }
 }
 
@@ -115,16 +170,17 @@ impl Read for &Stream {
         match *self {
             Stream::Tcp(s) => (&*s).read(buf),
             Stream::Unix(s) => (&*s).read(buf),
+            Stream::Tls(t) => t.read_plain(buf),
         }
     }
 }
 
 impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        both!(self, s => s.write(buf))
+        (&*self).write(buf)
     }
     fn flush(&mut self) -> io::Result<()> {
-        both!(self, s => s.flush())
+        Ok(())
     }
 }
 
@@ -133,6 +189,8 @@ impl Write for &Stream {
         match *self {
             Stream::Tcp(s) => (&*s).write(buf),
             Stream::Unix(s) => (&*s).write(buf),
+            // Whole writes: a record once encrypted must go out in full.
+            Stream::Tls(t) => t.write_plain(buf).map(|()| buf.len()),
         }
     }
     fn flush(&mut self) -> io::Result<()> {

@@ -37,6 +37,9 @@ pub struct MigrationReport {
     pub transport: String,
     /// Why that transport.
     pub transport_reason: String,
+    /// Who encrypted the connections: `""` (no TLS), `"rustls"` or `"ktls"` (the control
+    /// connection's; over RDMA only it is encrypted).
+    pub tls: String,
     /// Guest memory size.
     pub mem_bytes: u64,
     /// Page size.
@@ -129,6 +132,9 @@ impl FaultLatency {
 pub struct DestReport {
     /// Transport used.
     pub transport: String,
+    /// Who encrypted the connections: `""` (no TLS), `"rustls"` or `"ktls"`.
+    #[serde(default)]
+    pub tls: String,
     /// Guest memory size.
     pub mem_bytes: u64,
     /// Rounds received.

@@ -5,7 +5,6 @@ use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 
-use super::recv_exact;
 use crate::channel::Stream;
 use crate::error::{Error, Result};
 use crate::mem::GuestMemoryMap;
@@ -133,7 +132,7 @@ impl PageFetcher for TcpPageFetcher {
         }
         let len = (range.npages << self.map.page_size().shift()) as usize;
         // SAFETY: `start`'s contract: dst is writable for the range's bytes and ours until now.
-        unsafe { recv_exact(self.stream.as_raw_fd(), dst, len) }.map_err(|e| {
+        unsafe { self.stream.recv_exact(dst, len) }.map_err(|e| {
             Error::io(
                 format!("receiving pages on the {} stream", self.label),
                 e,

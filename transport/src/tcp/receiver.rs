@@ -3,14 +3,12 @@
 
 use crate::channel::Stream;
 use std::io::Read;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use super::io::recv_exact;
 use crate::cpu::{CpuMeter, ThreadCpu};
 use crate::data::{DestDataPath, Landed};
 use crate::digest::PageHashes;
@@ -132,7 +130,7 @@ fn receive_loop(
                 crate::mem::prefault(ptr, len);
                 // The memory is mapped for the session and nothing else writes it before resume.
                 // SAFETY: `span` checked the range against the destination's region table.
-                unsafe { recv_exact(s.as_raw_fd(), ptr, len) }.map_err(|e| {
+                unsafe { s.recv_exact(ptr, len) }.map_err(|e| {
                     Error::io(
                         format!("receiving pages on data stream {i}"),
                         e,

@@ -2,12 +2,10 @@
 //! memory (`writev` of header + guest pages), pieces spread round-robin over the streams.
 
 use crate::channel::Stream;
-use std::os::fd::AsRawFd;
 use std::sync::mpsc::{channel, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use super::io::writev_all;
 use super::MAX_PIECE_BYTES;
 use crate::cpu::{CpuMeter, ThreadCpu};
 use crate::data::SourceDataPath;
@@ -74,7 +72,7 @@ impl TcpSourcePath {
                                 iov_len: size_of::<DataHeader>(),
                             }];
                             // SAFETY: the iovec points at `h`, alive for the call.
-                            unsafe { writev_all(fd_stream.as_raw_fd(), &mut iov) }.map_err(|e| {
+                            unsafe { fd_stream.writev_all(&mut iov) }.map_err(|e| {
                                 Error::io(
                                     format!("end of round {round} on data stream {i}"),
                                     e,
@@ -165,7 +163,7 @@ fn send_pieces(
         }
         // Page spans were checked against the region table by `span`.
         // SAFETY: headers live in `headers` for the call; guest memory stays mapped.
-        unsafe { writev_all(stream.as_raw_fd(), &mut iov) }
+        unsafe { stream.writev_all(&mut iov) }
             .map_err(|e| Error::io(format!("sending round {round} pages"), e, "data stream"))?;
     }
     Ok(())

@@ -4,12 +4,10 @@
 
 use crate::channel::Stream;
 use std::io::Read;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use super::writev_all;
 use crate::cpu::{CpuMeter, ThreadCpu};
 use crate::error::{Error, FirstError, Result};
 use crate::mem::GuestMemoryMap;
@@ -153,7 +151,7 @@ fn serve(
         ];
         // ptr..ptr+len was checked against the region table by `span`.
         // SAFETY: the header lives on our stack for the call; guest memory stays mapped.
-        unsafe { writev_all(s.as_raw_fd(), &mut iov) }.map_err(|e| {
+        unsafe { s.writev_all(&mut iov) }.map_err(|e| {
             Error::io(
                 format!("answering a page request on post-copy stream {i}"),
                 e,

@@ -217,6 +217,7 @@ fn handshake(
     }
     let nonce_d = random_bytes()?;
     let psk = &config.psk;
+    psk.check_connection(ctl.stream().tls())?;
     let mut my_caps = caps::TCP;
     if transport == TransportKind::Rdma {
         my_caps |= caps::RDMA;

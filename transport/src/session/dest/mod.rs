@@ -292,6 +292,7 @@ impl Dest<'_> {
     fn report(&self, l: &Landed, digest: u128, cpu: Duration, resume: Duration) -> DestReport {
         DestReport {
             transport: self.transport.into(),
+            tls: self.ctl.stream().tls().into(),
             mem_bytes: l.map.total_bytes(),
             rounds: l.rounds,
             pages: l.pages,

@@ -18,6 +18,7 @@ impl Source<'_> {
     /// Hello, HelloAck (the destination proves the key), AuthProof, AuthOk.
     pub(super) fn handshake(&mut self) -> Result<Negotiated> {
         let config = self.config;
+        config.psk.check_connection(self.ctl.stream().tls())?;
         let nonce_s = random_bytes()?;
         let mut my_caps = caps::TCP;
         if self.rdma_here {
@@ -48,7 +49,19 @@ impl Source<'_> {
             max_bandwidth: config.max_bandwidth.unwrap_or(0),
             nonce: nonce_s,
         }))?;
-        let Message::HelloAck(ack) = self.recv()? else {
+        let ack = match self.recv() {
+            // A TLS destination hangs up on a plain Hello at once: say what that may mean.
+            Err(Error::PeerClosed { channel, detail }) if self.ctl.stream().tls().is_empty() => {
+                return Err(Error::PeerClosed {
+                    channel,
+                    detail: format!(
+                        "{detail} before answering the Hello (does the destination require TLS?)"
+                    ),
+                })
+            }
+            r => r?,
+        };
+        let Message::HelloAck(ack) = ack else {
             unreachable!("state checked")
         };
         if !config.psk.check_dest_proof(&nonce_s, &ack.nonce, &ack.mac) {

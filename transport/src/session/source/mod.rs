@@ -304,6 +304,7 @@ fn run(
             report.source_cpu_ms = s.cpu.total().as_secs_f64() * 1e3;
             report.total_ms = started.elapsed().as_secs_f64() * 1e3;
             report.setup_ms = s.setup_time.as_secs_f64() * 1e3;
+            report.tls = s.ctl.stream().tls().into();
             Ok(report)
         }
         Err(e) => Err(s.fail(e)),
