@@ -14,10 +14,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdmig_transport::auth::{random_bytes, Psk};
+use rdmig_transport::channel::tls::{TlsChannel, TlsCreds, TlsListener};
+use rdmig_transport::channel::{self, ChannelListener, MigrationChannel, TcpChannel};
 use rdmig_transport::control::Control;
 use rdmig_transport::session::{
-    accept_controlled, migrate_controlled, DestReport, MigrationConfig, MigrationControl,
-    MigrationMode, MigrationReport, Phase,
+    accept_with, migrate_with, DestReport, MigrationConfig, MigrationControl, MigrationMode,
+    MigrationReport, Phase,
 };
 use rdmig_transport::wire::{caps, Command, Hello, Message, TransportKind, PROTOCOL_VERSION};
 use rdmig_transport::Error;
@@ -59,16 +61,26 @@ fn run(
     relay: &Arc<Relay>,
     script: impl FnOnce(&MigrationControl, SocketAddr) + Send + 'static,
 ) -> (Result<MigrationReport, Error>, DestOutcome) {
-    run_with(source, cfg, ip, relay, &MigrationControl::new(), script)
+    run_with(
+        source,
+        cfg,
+        ip,
+        relay,
+        &MigrationControl::new(),
+        false,
+        script,
+    )
 }
 
-/// [`run`] with the source driven by `control`.
+/// [`run`] with the source driven by `control`, and with `tls` every connection in mutual TLS
+/// (the test credentials).
 fn run_with(
     source: &mut SyntheticVm,
     cfg: MigrationConfig,
     ip: IpAddr,
     relay: &Arc<Relay>,
     control: &MigrationControl,
+    tls: bool,
     script: impl FnOnce(&MigrationControl, SocketAddr) + Send + 'static,
 ) -> (Result<MigrationReport, Error>, DestOutcome) {
     let listener = TcpListener::bind((ip, 0)).unwrap();
@@ -76,9 +88,15 @@ fn run_with(
     relay.target(direct);
     let dest_control = MigrationControl::new();
     let (dcfg, dc) = (cfg.clone(), dest_control.clone());
+    let creds = tls.then(|| TlsCreds::from_dir(channel::tls::test_creds_dir()).unwrap());
+    let dest_creds = creds.clone();
     let dest = std::thread::spawn(move || {
-        accept_controlled(
-            &listener,
+        let l: Box<dyn ChannelListener> = match dest_creds {
+            Some(c) => Box::new(TlsListener::new(listener, &c).unwrap()),
+            None => Box::new(listener),
+        };
+        accept_with(
+            &*l,
             &dcfg,
             synthetic_destination_factory(guest(), None),
             &dc,
@@ -86,7 +104,11 @@ fn run_with(
         .map(|(vm, rep)| (*vm.into_any().downcast::<SyntheticVm>().unwrap(), rep))
     });
     let script = std::thread::spawn(move || script(&dest_control, direct));
-    let r = migrate_controlled(source, relay.addr, &cfg, control, &mut |_| {});
+    let mut ch: Box<dyn MigrationChannel> = match &creds {
+        Some(c) => Box::new(TlsChannel::tcp(relay.addr, c, None).unwrap()),
+        None => Box::new(TcpChannel(relay.addr)),
+    };
+    let r = migrate_with(source, &mut *ch, &cfg, control, &mut |_| {});
     let d = dest.join().unwrap();
     script.join().unwrap();
     (r, d)
@@ -214,6 +236,28 @@ fn recovery_time() {
         cut_during_postcopy(relay.clone(), 5, down),
     );
     expect_recovered(r, d, 5, down);
+}
+
+#[test]
+fn postcopy_over_tls_alone_recovers_with_a_new_tls_handshake() {
+    if !uffd_ok() {
+        return;
+    }
+    let down = Duration::from_millis(100);
+    let mut source = SyntheticVm::start(&guest()).unwrap();
+    let relay = Arc::new(Relay::new(0));
+    // No pre-shared key: TLS alone authenticates, the first time and the reconnection.
+    let (r, d) = run_with(
+        &mut source,
+        config(&Psk::tls_only(), MigrationMode::Postcopy),
+        [127, 0, 0, 1].into(),
+        &relay,
+        &MigrationControl::new(),
+        true,
+        cut_during_postcopy(relay.clone(), 1, down),
+    );
+    assert!(!r.as_ref().map_or(true, |r| r.tls.is_empty()), "{r:?}");
+    expect_recovered(r, d, 1, down);
 }
 
 #[test]
@@ -400,6 +444,7 @@ fn the_source_recovers_to_a_new_address_it_is_given() {
         [127, 0, 0, 1].into(),
         &relay,
         &source_control,
+        false,
         script,
     );
     expect_recovered(r, d, 1, Duration::ZERO);

@@ -111,6 +111,7 @@ impl Source<'_> {
             CONNECT_TIMEOUT.min(left).max(Duration::from_millis(1)),
         )?;
         self.ctl = Control::new(stream, Some(config.io_timeout.min(REJOIN_TIMEOUT)))?;
+        config.psk.check_connection(self.ctl.stream().tls())?;
         let nonce_s = random_bytes()?;
         let mut my_caps = caps::TCP | caps::POSTCOPY | caps::RECOVER | caps::RECONNECT;
         if self.kind == crate::wire::TransportKind::Rdma {
