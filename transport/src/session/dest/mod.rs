@@ -30,9 +30,12 @@
 //! the source's digest (`Switchover`) and for the last page, then compares the digests.
 //!
 //! `Abort` ends the migration in any state. Until the guest is resumed any failure discards
-//! the destination VM; the source keeps running. A failure after a post-copy resume (source
-//! or link lost) pauses the guest and reports how many pages are still missing
-//! ([`Error::PostcopyInterrupted`]).
+//! the destination VM; the source keeps running. A link failure after a post-copy resume
+//! pauses post-copy when both ends recover (`recover.rs`: the listener takes the source's
+//! reconnection, `AuthOk`, this end's missing set, `AwaitDataSetup` for the new link, then
+//! `Postcopy{0}` again); any other failure after the resume, or a source that does not come
+//! back within the recover timeout, pauses the guest and reports how many pages are still
+//! missing ([`Error::PostcopyInterrupted`]).
 
 use std::sync::Arc;
 use std::time::Duration;
