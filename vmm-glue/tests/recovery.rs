@@ -40,7 +40,7 @@ fn config(psk: &Psk, mode: MigrationMode) -> MigrationConfig {
         .with_mode(mode)
         .with_downtime_limit(Duration::from_millis(50))
         .with_max_bandwidth(Some(16 * MIB))
-        .with_io_timeout(Duration::from_secs(20))
+        .with_io_timeout(Duration::from_secs(60))
         .with_recover_timeout(Some(Duration::from_secs(20)))
 }
 
@@ -110,11 +110,18 @@ fn run_with(
     };
     let r = migrate_with(source, &mut *ch, &cfg, control, &mut |_| {});
     let d = dest.join().unwrap();
-    script.join().unwrap();
+    if script.join().is_err() {
+        panic!(
+            "the test's script failed (see above); the source: {:?}; the destination: {:?}",
+            r.as_ref().err(),
+            d.as_ref().err()
+        );
+    }
     (r, d)
 }
 
-/// Waits until the destination runs the guest in post-copy after `recoveries` recoveries.
+/// Waits until the destination runs the guest in post-copy after `recoveries` recoveries
+/// (bounded generously: a debug build in the emulated SoftRoCE guest is slow to get there).
 fn await_postcopy(c: &MigrationControl, recoveries: u32) {
     let t = Instant::now();
     loop {
@@ -123,7 +130,7 @@ fn await_postcopy(c: &MigrationControl, recoveries: u32) {
             return;
         }
         assert!(
-            t.elapsed() < Duration::from_secs(30) && !p.phase.is_final(),
+            t.elapsed() < Duration::from_secs(120) && !p.phase.is_final(),
             "post-copy never ran after {recoveries} recoveries: {p:?}"
         );
         std::thread::sleep(Duration::from_millis(2));
@@ -290,7 +297,7 @@ fn hybrid_postcopy_recovers_from_a_link_cut() {
 
 /// A reconnection's handshake as a stranger would run it: `psk` and migration `id` of its
 /// own. Returns how the destination refused it.
-fn reconnect_as(addr: SocketAddr, psk: &Psk, id: &[u8; 32]) -> Error {
+fn reconnect_as(addr: SocketAddr, transport: TransportKind, psk: &Psk, id: &[u8; 32]) -> Error {
     let mut ctl = Control::new(
         TcpStream::connect(addr).unwrap(),
         Some(Duration::from_secs(10)),
@@ -299,7 +306,7 @@ fn reconnect_as(addr: SocketAddr, psk: &Psk, id: &[u8; 32]) -> Error {
     let nonce = random_bytes().unwrap();
     ctl.send(&Message::Hello(Hello {
         version: PROTOCOL_VERSION,
-        transport: TransportKind::Tcp,
+        transport,
         mode: MigrationMode::Postcopy.to_u8(),
         caps: caps::TCP | caps::POSTCOPY | caps::RECOVER | caps::RECONNECT | caps::ZERO_PAGES,
         streams: 2,
@@ -323,18 +330,15 @@ fn reconnect_as(addr: SocketAddr, psk: &Psk, id: &[u8; 32]) -> Error {
     }
 }
 
-#[test]
-fn reconnections_with_the_wrong_key_or_another_migration_id_are_refused_and_the_source_recovers() {
-    if !uffd_ok() {
-        return;
-    }
-    let psk = Psk::random().unwrap();
+/// While the link is down, strangers reach the destination at `ip` directly: one with
+/// another key, one with the key but another migration's id. Both are refused and the real
+/// source still recovers.
+fn strangers_are_refused_and_the_source_recovers(cfg: MigrationConfig, ip: IpAddr) {
     let relay = Arc::new(Relay::new(0));
-    let (key, r2) = (psk.clone(), relay.clone());
+    let (key, r2, transport) = (cfg.psk.clone(), relay.clone(), cfg.transport);
     let script = move |c: &MigrationControl, direct: SocketAddr| {
         await_postcopy(c, 0);
         std::thread::sleep(Duration::from_millis(300));
-        // The link goes down; while it is, strangers reach the destination directly.
         r2.set_down(true);
         r2.cut();
         let t = Instant::now();
@@ -343,12 +347,12 @@ fn reconnections_with_the_wrong_key_or_another_migration_id_are_refused_and_the_
             std::thread::sleep(Duration::from_millis(2));
         }
         let other = Psk::random().unwrap();
-        let e = reconnect_as(direct, &other, &[0; 32]);
+        let e = reconnect_as(direct, transport, &other, &[0; 32]);
         assert!(
             matches!(&e, Error::PeerAborted(a) if a.reason == "authentication failed"),
             "wrong key: {e}"
         );
-        let e = reconnect_as(direct, &key, &random_bytes().unwrap());
+        let e = reconnect_as(direct, transport, &key, &random_bytes().unwrap());
         assert!(
             matches!(&e, Error::PeerAborted(a) if a.reason == "authentication failed"),
             "another migration's id: {e}"
@@ -357,14 +361,69 @@ fn reconnections_with_the_wrong_key_or_another_migration_id_are_refused_and_the_
         r2.set_down(false);
     };
     let mut source = SyntheticVm::start(&guest()).unwrap();
-    let (r, d) = run(
-        &mut source,
-        config(&psk, MigrationMode::Postcopy),
-        [127, 0, 0, 1].into(),
-        &relay,
-        script,
-    );
+    let (r, d) = run(&mut source, cfg, ip, &relay, script);
     expect_recovered(r, d, 1, Duration::ZERO);
+}
+
+#[test]
+fn reconnections_with_the_wrong_key_or_another_migration_id_are_refused_and_the_source_recovers() {
+    if !uffd_ok() {
+        return;
+    }
+    let cfg = config(&Psk::random().unwrap(), MigrationMode::Postcopy);
+    strangers_are_refused_and_the_source_recovers(cfg, [127, 0, 0, 1].into());
+}
+
+#[test]
+fn rdma_reconnections_with_the_wrong_key_or_another_migration_id_are_refused() {
+    let Some((opts, addr)) =
+        rxe("rdma_reconnections_with_the_wrong_key_or_another_migration_id_are_refused")
+    else {
+        return;
+    };
+    if !uffd_ok() {
+        return;
+    }
+    let cfg = config(&Psk::random().unwrap(), MigrationMode::Postcopy)
+        .with_transport(TransportKind::Rdma)
+        .with_rdma(opts)
+        .with_max_bandwidth(Some(8 * MIB));
+    strangers_are_refused_and_the_source_recovers(cfg, addr);
+}
+
+#[test]
+fn rdma_postcopy_with_its_control_connection_in_tls_recovers() {
+    let Some((opts, addr)) = rxe("rdma_postcopy_with_its_control_connection_in_tls_recovers")
+    else {
+        return;
+    };
+    if !uffd_ok() {
+        return;
+    }
+    let down = Duration::from_millis(100);
+    let mut source = SyntheticVm::start(&guest()).unwrap();
+    let relay = Arc::new(Relay::new(0));
+    // TLS alone authenticates; over RDMA only the control connection is TLS.
+    let cfg = config(&Psk::tls_only(), MigrationMode::Postcopy)
+        .with_transport(TransportKind::Rdma)
+        .with_rdma(opts)
+        .with_max_bandwidth(Some(8 * MIB));
+    let (r, d) = run_with(
+        &mut source,
+        cfg,
+        addr,
+        &relay,
+        &MigrationControl::new(),
+        true,
+        cut_during_postcopy(relay.clone(), 1, down),
+    );
+    let rep = r.as_ref().expect("completes");
+    assert_eq!(rep.transport, "rdma", "{rep:?}");
+    assert!(
+        !rep.tls.is_empty(),
+        "the control connection is TLS: {rep:?}"
+    );
+    expect_recovered(r, d, 1, down);
 }
 
 #[test]
