@@ -265,6 +265,12 @@ impl PostcopyService {
         self.streams = streams;
         self.aborts = aborts;
         self.spawn_fault(fault, hashes.clone(), cpu.clone())?;
+        // Guest threads blocked on a missing page when the link failed had their fault read
+        // by the old fault thread: wake them all, so that each touches its page again and the
+        // new fault thread gets the fault (a thread on a page that arrived meanwhile just runs).
+        for r in self.map.regions() {
+            self.uffd.wake(r.host_ptr(), r.len() as usize)?;
+        }
         self.pending_prefetch = prefetch;
         self.start_prefetch(hashes, cpu)
     }
