@@ -47,4 +47,4 @@ pub use session::{
     MigrationControl, MigrationHandle, MigrationMode, MigrationReport, Phase, Progress,
 };
 pub use threads::{set_thread_hook, ThreadHook};
-pub use vm::{DestinationFactory, DestinationVm, MemoryLayout, SourceVm, VmDescriptor};
+pub use vm::{DestinationFactory, DestinationVm, DirtyLog, MemoryLayout, SourceVm, VmDescriptor};

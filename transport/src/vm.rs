@@ -10,6 +10,13 @@
 //! fetches-and-clears *before* it announces a round, so a write racing a transfer of the same
 //! page is always carried again later.
 //!
+//! A VMM without a dirty log (QEMU seen from outside, on a kernel without soft-dirty) says so
+//! with [`SourceVm::dirty_log`] = [`DirtyLog::Content`]: the transport then finds the written
+//! pages itself, by hashing every page of guest memory after each round and comparing the
+//! hashes with the ones the destination reports for what it holds (`Landed` messages). The
+//! comparison is against what landed, not what was read, so a page the guest changed while the
+//! transport moved it is caught however it changed (even back to what it was).
+//!
 //! Throttling ([`SourceVm::throttle`]) is how a VMM helps a migration converge: the guest runs
 //! only part of each time slice, so it dirties less per round.
 
@@ -59,6 +66,24 @@ pub trait SourceVm: Send {
     fn descriptor(&self) -> VmDescriptor {
         VmDescriptor::unknown()
     }
+
+    /// How the transport learns which pages the guest wrote. Default: [`DirtyLog::Vm`].
+    fn dirty_log(&self) -> DirtyLog {
+        DirtyLog::Vm
+    }
+}
+
+/// Who finds the pages a running guest wrote between rounds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DirtyLog {
+    /// The VM's own dirty log: [`SourceVm::fetch_and_clear_dirty`] reports every page written.
+    #[default]
+    Vm,
+    /// The VM has none: the transport compares a hash of every page with what the destination
+    /// reports it holds (it needs a destination that offers it, and pre-copy mode).
+    /// `start_dirty_log` and `fetch_and_clear_dirty` are still called, the fetch right after
+    /// the comparison, and may add pages of their own.
+    Content,
 }
 
 /// The kind of a VM and its device-state version, as the source announces them.

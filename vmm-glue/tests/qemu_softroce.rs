@@ -5,11 +5,12 @@
 //!   let the guest run a second, stop, fetch, copy again: every page that differs must be in the
 //!   fetched set (`Capability::SoftDirty`);
 //! - a running guest migrated over TCP with soft-dirty tracking (`SoftDirty`): digest verified,
-//!   destination running;
+//!   destination running; and over RDMA with content comparison (the destination reports the
+//!   hashes of what its READs landed);
 //! - a **paused** guest (`-S`) whose RAM holds known content written by the test, migrated over
 //!   TCP (host) and over RDMA (`Capability::Rdma`, `RDMIG_RXE_DEV`/`RDMIG_RXE_ADDR`): the source
 //!   RAM still holds the pattern and the digest (per-page hashes of what the destination received,
-//!   compared before it resumed) matches.
+//!   compared before it resumed) matches; over RDMA with either tracking.
 //!
 //! Needs `RDMIG_QEMU`, `RDMIG_QEMU_KERNEL`, `RDMIG_QEMU_INITRD` (`Capability::Qemu`).
 
@@ -200,12 +201,12 @@ fn running_guest_migrates_with_soft_dirty_tracking() {
 
 /// Writes a pattern into the paused source's RAM (through rdmig's mapping), migrates it, and
 /// checks the source still holds exactly the pattern the verified digest covered.
-fn paused_with_known_content(cfg: MigrationConfig, ip: IpAddr) {
+fn paused_with_known_content(cfg: MigrationConfig, ip: IpAddr, tracking: TrackingChoice) {
     let img = GuestImage::from_env().unwrap();
     let dir = RunDir::new("qemu-known").unwrap();
     let src = QemuProcess::launch(&img, &spec(false, true), dir.path(), "src").unwrap();
     let dst = QemuProcess::launch(&img, &spec(true, false), dir.path(), "dst").unwrap();
-    let mut vm = source(&src, TrackingChoice::Auto);
+    let mut vm = source(&src, tracking);
     assert_eq!(vm.qmp().run_state().unwrap(), "prelaunch");
     let r = vm.live_memory().regions()[0];
     let words = r.len() as usize / 8;
@@ -232,7 +233,7 @@ fn paused_guest_with_known_content_over_tcp() {
     let Some((_img, _one)) = image_or_skip("paused_guest_with_known_content_over_tcp") else {
         return;
     };
-    paused_with_known_content(tcp(), IpAddr::from([127, 0, 0, 1]));
+    paused_with_known_content(tcp(), IpAddr::from([127, 0, 0, 1]), TrackingChoice::Auto);
 }
 
 #[test]
@@ -245,5 +246,29 @@ fn paused_guest_with_known_content_over_rdma() {
         return;
     };
     let cfg = tcp().with_transport(TransportKind::Rdma).with_rdma(rdma);
-    paused_with_known_content(cfg, ip);
+    paused_with_known_content(cfg.clone(), ip, TrackingChoice::Auto);
+    // And by content: the destination reports the hashes of what its READs landed.
+    paused_with_known_content(cfg, ip, TrackingChoice::Content);
+}
+
+#[test]
+fn running_guest_migrates_by_content_over_rdma() {
+    let test = "running_guest_migrates_by_content_over_rdma";
+    let Some((img, _one)) = image_or_skip(test) else {
+        return;
+    };
+    let Some((rdma, ip)) = rxe(test) else {
+        return;
+    };
+    let dir = RunDir::new("qemu-content").unwrap();
+    let src = QemuProcess::launch(&img, &spec(false, false), dir.path(), "src").unwrap();
+    let dst = QemuProcess::launch(&img, &spec(true, false), dir.path(), "dst").unwrap();
+    thread::sleep(Duration::from_secs(2));
+    let mut vm = source(&src, TrackingChoice::Content);
+    assert_eq!(vm.dirty_tracking(), DirtyTracking::Content);
+    let cfg = tcp().with_transport(TransportKind::Rdma).with_rdma(rdma);
+    let (report, state) = migrate_pair(&src, &dst, &mut vm, cfg, ip);
+    assert_eq!(report.transport, "rdma");
+    assert_eq!(state, "running");
+    assert_eq!(vm.qmp().run_state().unwrap(), "postmigrate");
 }

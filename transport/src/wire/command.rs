@@ -66,6 +66,11 @@ pub enum Command {
     /// both ends derived in the first handshake and this connection's nonces). Answered by
     /// `AuthOk` and the destination's missing set (`PostcopyMissing` with `POSTCOPY_RECOVER`).
     Recover = 23,
+    /// Destination → source, after a pre-copy round's data landed and before its `RoundDone`,
+    /// between ends that offered `caps::LANDED`: the hash of every page the round landed (in
+    /// chunks), so that a source whose VM has no dirty log finds the pages written since by
+    /// comparing its memory with what the destination holds.
+    Landed = 24,
 }
 
 impl Command {
@@ -96,6 +101,7 @@ impl Command {
             21 => Fail,
             22 => VmInfo,
             23 => Recover,
+            24 => Landed,
             _ => return Err(Error::Protocol(format!("unknown command {v}"))),
         })
     }
@@ -123,6 +129,7 @@ impl Command {
             PostcopyResumed | PostcopyDropped => size_of::<PostcopyResumedWire>(),
             Params => size_of::<ParamsWire>(),
             PostcopyComplete => size_of::<PostcopyCompleteWire>(),
+            Landed => super::landed::MAX_PAYLOAD,
         }
     }
 }

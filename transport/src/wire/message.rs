@@ -206,6 +206,8 @@ pub enum Message {
         /// Bandwidth cap, bytes/s (0: none).
         max_bandwidth: u64,
     },
+    /// See [`Command::Landed`].
+    Landed(super::landed::Landed),
 }
 
 /// Encodes a `RoundWire` and its ranges (a `Round` or a `PostcopyMissing` chunk).
@@ -306,6 +308,7 @@ impl Message {
             Message::PostcopyComplete(_) => Command::PostcopyComplete,
             Message::PostcopyDropped { .. } => Command::PostcopyDropped,
             Message::Params { .. } => Command::Params,
+            Message::Landed(_) => Command::Landed,
             Message::Fail { .. } => Command::Fail,
             Message::VmInfo(_) => Command::VmInfo,
             Message::Recover(_) => Command::Recover,
@@ -371,6 +374,7 @@ impl Message {
                 out.extend_from_slice(b);
             }
             Message::Round(r) => encode_ranges(out, r.round, r.chunk, r.flags, &r.ranges)?,
+            Message::Landed(l) => super::landed::encode(out, l)?,
             Message::PostcopyMissing {
                 chunk,
                 flags,
@@ -653,6 +657,7 @@ impl Message {
                     pages: w.missing.get(),
                 }
             }
+            Command::Landed => Message::Landed(super::landed::decode(p)?),
             Command::Params => {
                 let w: ParamsWire = fixed(cmd, p)?;
                 if w.reserved.get() != 0 {

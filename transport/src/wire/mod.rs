@@ -13,6 +13,7 @@
 //!    │   (TCP: N data streams connect, each StreamHello{token, index})
 //!    │ ◄───────────────────────────────────────────── Ready │
 //!    │ Round{n, chunk, last, final, ranges} … ───────────► │   RDMA: READ ranges; TCP: receive them
+//!    │ ◄─────── Landed{n, ranges, hashes} … (caps::LANDED) │   what the round landed, per page
 //!    │ ◄──────────────────── RoundDone{n, pages, bytes, µs} │
 //!    │   … more rounds; then pause, final round …          │
 //!    │ DeviceState{blob} ────────────────────────────────► │
@@ -47,6 +48,7 @@
 //! is `Invalid` so a zeroed buffer means nothing.
 
 mod command;
+mod landed;
 mod layout;
 mod le;
 mod message;
@@ -54,6 +56,7 @@ mod negotiate;
 mod stream;
 
 pub use command::Command;
+pub use landed::{landed_chunks, Landed, MAX_LANDED_PAGES};
 pub use layout::*;
 pub use le::{Le128, Le16, Le32, Le64};
 pub use message::*;

@@ -25,6 +25,10 @@ pub mod caps {
     /// In `Hello` only: this connection continues a migration paused in post-copy (a
     /// `Recover` follows `AuthProof`), it does not start one.
     pub const RECONNECT: u32 = 1 << 8;
+    /// Dirty tracking by content: the destination sends `Landed` (its hash of every page a
+    /// round landed) before each `RoundDone`. A source offers it only for a VM without a dirty
+    /// log ([`crate::vm::DirtyLog::Content`]), and refuses a destination that does not.
+    pub const LANDED: u32 = 1 << 9;
 }
 
 /// Transport request (in `Hello`) or choice (in `HelloAck`).

@@ -7,16 +7,13 @@
 //!   steps with no atomic pair, so a fetch stops QEMU (`SIGSTOP`, waiting until every thread is
 //!   stopped) for the read and the clear and continues it right after: no write can fall between
 //!   them. rdmig moves the pages straight from its own mapping of QEMU's RAM.
-//! - **Content comparison** ([`ContentShadow`]): for kernels without `CONFIG_MEM_SOFT_DIRTY`.
-//!   A per-page hash taken at fetch time cannot be trusted here: the transport reads a page
-//!   *after* the fetch, and a page that changes X → Y → X between the fetch and the next one
-//!   (a lock word, a counter put back) would have been sent as Y but compare equal to X. So the
-//!   tracker keeps a shadow copy of guest RAM and hands the *shadow* to the transport: a fetch
-//!   compares every live page with its shadow copy (what the destination holds after the round),
-//!   copies the pages that differ into the shadow and reports them. The shadow only changes during
-//!   a fetch, never while the transport reads it, so what was compared is what was sent. The
-//!   cost: one extra copy of guest memory, and the final fetch after `stop` compares all of it,
-//!   inside the downtime.
+//! - **Content comparison**: for kernels without `CONFIG_MEM_SOFT_DIRTY`. The source says it
+//!   has no dirty log ([`rdmig_transport::vm::DirtyLog::Content`]) and the transport compares a
+//!   hash of every page of guest RAM with the destination's hash of what it holds (reported after
+//!   every round). Comparing with what *landed*, not with what was read, catches a page that
+//!   changed X → Y → X while it moved (a lock word, a counter put back). No copy of guest RAM is
+//!   kept; the cost is a hash pass over the RAM that holds data per round, and the final one
+//!   after `stop` lies inside the downtime.
 //!
 //! [`probe_soft_dirty`] checks with a real write (in this process) that the kernel sets the bit:
 //! kernels without soft-dirty accept the `clear_refs` write and never set it.
@@ -26,12 +23,8 @@ use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
-use rdmig_transport::digest::is_zero;
-use rdmig_transport::mem::holes::Holes;
-use rdmig_transport::mem::{
-    GuestMemoryMap, GuestRegion, MmapBacking, MmapRegion, PageIndex, RegionId,
-};
-use rdmig_transport::pages::{PageRange, PageSet};
+use rdmig_transport::mem::{MmapBacking, MmapRegion, PageIndex, RegionId};
+use rdmig_transport::pages::PageSet;
 
 use super::qmp::Pid;
 use super::ram::SharedRam;
@@ -219,141 +212,5 @@ fn wait_stopped(pid: Pid) -> Result<()> {
             )));
         }
         std::thread::sleep(Duration::from_micros(50));
-    }
-}
-
-/// The shadow copy of guest RAM for content comparison; the transport reads the shadow.
-#[derive(Debug)]
-pub struct ContentShadow {
-    shadow: Vec<MmapRegion>,
-    map: GuestMemoryMap,
-    /// Finds the holes of the live RAM and of the shadow (keeps pagemap open across rounds).
-    holes: Holes,
-    /// Per 4 KiB page of the region being compared: a hole in the live RAM, in the shadow.
-    live_holes: Vec<bool>,
-    shadow_holes: Vec<bool>,
-}
-
-impl ContentShadow {
-    /// A shadow of `live`, nothing allocated yet (filled by [`ContentShadow::start`]).
-    pub fn new(live: &GuestMemoryMap) -> Result<ContentShadow> {
-        let mut shadow = Vec::new();
-        let mut regions = Vec::new();
-        for r in live.regions() {
-            let m =
-                MmapRegion::new(r.len(), MmapBacking::Anonymous, false).map_err(Error::Memory)?;
-            // SAFETY: `m` is kept in `self.shadow` as long as the map built from it.
-            regions.push(unsafe { m.guest_region(r.gpa()) });
-            shadow.push(m);
-        }
-        let map = GuestMemoryMap::new(regions, live.page_size()).map_err(Error::Memory)?;
-        Ok(ContentShadow {
-            shadow,
-            map,
-            holes: Holes::new(),
-            live_holes: Vec::new(),
-            shadow_holes: Vec::new(),
-        })
-    }
-
-    /// The memory the transport reads (the shadow).
-    pub fn map(&self) -> &GuestMemoryMap {
-        &self.map
-    }
-
-    /// Copies `live` into the shadow (round 0 sends it all), except the holes of its backing
-    /// files: they read zero, and a read would allocate them in QEMU's RAM file. The shadow's
-    /// pages stay untouched there, so the transport finds them zero without reading either.
-    pub fn start(&mut self, live: &GuestMemoryMap) {
-        let lh = &mut self.live_holes;
-        for (i, (l, s)) in live.regions().iter().zip(&self.shadow).enumerate() {
-            let known = page_holes(&mut self.holes, live, i, lh);
-            let mut off = 0usize;
-            let len = l.len() as usize;
-            while off < len {
-                let n = PAGE.min(len - off);
-                if !(known && lh[off / PAGE]) {
-                    // The guest may write the source concurrently: bytes have no invalid
-                    // values and a torn copy differs from the live page, so the next fetch
-                    // carries it.
-                    // SAFETY: off + n <= len, inside both mappings (the shadow made for it).
-                    unsafe {
-                        libc::memcpy(s.as_ptr().add(off).cast(), l.host_ptr().add(off).cast(), n)
-                    };
-                }
-                off += n;
-            }
-        }
-    }
-
-    /// Compares every live page with its shadow, updates the shadow and reports the pages
-    /// that differed. Pages that are holes on both sides are equal without a read.
-    pub fn fetch(&mut self, live: &GuestMemoryMap, into: &mut PageSet) {
-        let (lh, sh) = (&mut self.live_holes, &mut self.shadow_holes);
-        for (i, (l, s)) in live.regions().iter().zip(&self.shadow).enumerate() {
-            let live_known = page_holes(&mut self.holes, live, i, lh);
-            let shadow_known = page_holes(&mut self.holes, &self.map, i, sh);
-            let holes = (live_known && shadow_known).then_some((&lh[..], &sh[..]));
-            compare_region(l, s, RegionId(i as u32), into, holes);
-        }
-    }
-}
-
-/// Fills `out` with the holes of region `i` of `map` (one entry per 4 KiB page); false when
-/// they cannot be known (then every page is read).
-fn page_holes(holes: &mut Holes, map: &GuestMemoryMap, i: usize, out: &mut Vec<bool>) -> bool {
-    if map.page_size().bytes() != PAGE as u64 {
-        return false;
-    }
-    let r = &map.regions()[i];
-    let range = PageRange {
-        region: RegionId(i as u32),
-        first: PageIndex(0),
-        npages: r.pages(map.page_size()),
-    };
-    holes.find(map, &range, out)
-}
-
-fn compare_region(
-    live: &GuestRegion,
-    shadow: &MmapRegion,
-    id: RegionId,
-    into: &mut PageSet,
-    holes: Option<(&[bool], &[bool])>,
-) {
-    let len = live.len() as usize;
-    let (lp, sp) = (live.host_ptr(), shadow.as_ptr());
-    let mut off = 0usize;
-    while off < len {
-        let n = PAGE.min(len - off);
-        let page = off / PAGE;
-        if let Some((lh, sh)) = holes {
-            if lh[page] {
-                // The live page reads zero (a hole in QEMU's file: not read, not allocated).
-                if !sh[page] {
-                    // SAFETY: off + n <= len, inside the shadow mapping.
-                    let was = unsafe { std::slice::from_raw_parts(sp.add(off), n) };
-                    if !is_zero(was) {
-                        into.insert(id, PageIndex(page as u64));
-                    }
-                    // The shadow page becomes a hole again (private anonymous: reads zero).
-                    // SAFETY: a page of our own shadow mapping, which only this tracker uses.
-                    unsafe { libc::madvise(sp.add(off).cast(), n, libc::MADV_DONTNEED) };
-                }
-                off += n;
-                continue;
-            }
-        }
-        // memcmp and memcpy go through raw pointers only (no reference to memory the guest
-        // writes concurrently). A page the guest writes during the copy differs from the torn
-        // shadow and is carried again next fetch.
-        // SAFETY: off + n <= len, inside both live mappings.
-        unsafe {
-            if libc::memcmp(lp.add(off).cast(), sp.add(off).cast(), n) != 0 {
-                libc::memcpy(sp.add(off).cast(), lp.add(off).cast(), n);
-                into.insert(id, PageIndex(page as u64));
-            }
-        }
-        off += n;
     }
 }

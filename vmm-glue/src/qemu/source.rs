@@ -1,6 +1,8 @@
 //! A running QEMU as a migration source: [`QemuSource`] implements [`SourceVm`] over rdmig's
-//! mapping of QEMU's shared RAM, with soft-dirty or content-comparison tracking, `stop`/`cont`
-//! as pause/resume, and QEMU's own device state (migrated with `x-ignore-shared`) as the blob.
+//! mapping of QEMU's shared RAM, with soft-dirty tracking or (a kernel without soft-dirty) none
+//! of its own, so that the transport compares pages by content ([`DirtyLog::Content`]);
+//! `stop`/`cont` as pause/resume, and QEMU's own device state (migrated with
+//! `x-ignore-shared`) as the blob.
 //!
 //! Failure contract: rdmig `cont`s QEMU again whenever the transport resumes the source after a
 //! failed migration, but only if rdmig was the one that stopped it.
@@ -10,10 +12,10 @@ use std::time::{Duration, Instant};
 
 use rdmig_transport::mem::GuestMemoryMap;
 use rdmig_transport::pages::PageSet;
-use rdmig_transport::vm::SourceVm;
+use rdmig_transport::vm::{DirtyLog, SourceVm};
 use rdmig_transport::VmmError;
 
-use super::dirty::{probe_soft_dirty, ContentShadow, DirtyTracking, SoftDirty};
+use super::dirty::{probe_soft_dirty, DirtyTracking, SoftDirty};
 use super::qmp::Qmp;
 use super::ram::{discover, SharedRam};
 use super::{default_run_dir, relay, TrackingChoice};
@@ -42,15 +44,15 @@ impl Default for QemuSourceOptions {
 
 enum Tracker {
     SoftDirty(SoftDirty),
-    Content(ContentShadow),
+    /// None here: the transport compares pages by content.
+    Content,
 }
 
 /// A QEMU rdmig migrates away.
 pub struct QemuSource {
     qmp: Qmp,
     tracker: Tracker,
-    /// What the transport reads: the live RAM (soft-dirty) or the shadow (content).
-    map: GuestMemoryMap,
+    /// QEMU's RAM as rdmig maps it: what the transport reads.
     live: GuestMemoryMap,
     // Declared after the maps that point into it, so it unmaps last.
     ram: SharedRam,
@@ -89,10 +91,7 @@ impl QemuSource {
         let ram = SharedRam::map(qmp.pid(), discover(&mut qmp)?)?;
         let live = ram.memory_map()?;
         let (tracker, reason) = match (opts.tracking, probe_soft_dirty()) {
-            (TrackingChoice::Content, _) => (
-                Tracker::Content(ContentShadow::new(&live)?),
-                "requested".to_string(),
-            ),
+            (TrackingChoice::Content, _) => (Tracker::Content, "requested".to_string()),
             (TrackingChoice::SoftDirty, Err(why)) => {
                 return Err(Error::QemuSetup(format!(
                     "soft-dirty tracking was requested but does not work here: {why}"
@@ -102,14 +101,7 @@ impl QemuSource {
                 Tracker::SoftDirty(SoftDirty::new(qmp.pid(), &ram)?),
                 "the kernel sets soft-dirty bits".to_string(),
             ),
-            (TrackingChoice::Auto, Err(why)) => (
-                Tracker::Content(ContentShadow::new(&live)?),
-                format!("no soft-dirty: {why}"),
-            ),
-        };
-        let map = match &tracker {
-            Tracker::SoftDirty(_) => live.clone(),
-            Tracker::Content(s) => s.map().clone(),
+            (TrackingChoice::Auto, Err(why)) => (Tracker::Content, format!("no soft-dirty: {why}")),
         };
         tracing::info!(
             "attached to QEMU {} (pid {}), {} RAM block(s), {} MiB, dirty tracking {} ({reason})",
@@ -119,7 +111,7 @@ impl QemuSource {
             live.total_bytes() >> 20,
             match tracker {
                 Tracker::SoftDirty(_) => "soft-dirty",
-                Tracker::Content(_) => "content",
+                Tracker::Content => "content",
             }
         );
         Ok(QemuSource {
@@ -129,7 +121,6 @@ impl QemuSource {
                 .unwrap_or_else(|| default_run_dir(qmp_path)),
             qmp,
             tracker,
-            map,
             live,
             ram,
             timeout: opts.timeout,
@@ -145,7 +136,7 @@ impl QemuSource {
     pub fn dirty_tracking(&self) -> DirtyTracking {
         match self.tracker {
             Tracker::SoftDirty(_) => DirtyTracking::SoftDirty,
-            Tracker::Content(_) => DirtyTracking::Content,
+            Tracker::Content => DirtyTracking::Content,
         }
     }
 
@@ -160,7 +151,8 @@ impl QemuSource {
         self.state_bytes
     }
 
-    /// How long the fetch after `stop` took (content comparison scans all memory there).
+    /// How long the fetch after `stop` took (with content comparison, the transport's hash pass
+    /// over all RAM, which runs right before this end's fetch).
     pub fn final_fetch_time(&self) -> Option<Duration> {
         self.final_fetch
     }
@@ -181,9 +173,8 @@ impl QemuSource {
     }
 
     fn fetch(&mut self, into: &mut PageSet) -> Result<()> {
-        match &mut self.tracker {
-            Tracker::SoftDirty(t) => t.fetch(into)?,
-            Tracker::Content(s) => s.fetch(&self.live, into),
+        if let Tracker::SoftDirty(t) = &mut self.tracker {
+            t.fetch(into)?;
         }
         if let Some(t) = self.stopped_at.take() {
             self.final_fetch = Some(t.elapsed());
@@ -212,7 +203,7 @@ impl QemuSource {
 
 impl SourceVm for QemuSource {
     fn memory(&self) -> &GuestMemoryMap {
-        &self.map
+        &self.live
     }
 
     fn descriptor(&self) -> rdmig_transport::vm::VmDescriptor {
@@ -221,11 +212,17 @@ impl SourceVm for QemuSource {
     }
 
     fn start_dirty_log(&mut self) -> Result<(), VmmError> {
-        match &mut self.tracker {
-            Tracker::SoftDirty(t) => t.start()?,
-            Tracker::Content(s) => s.start(&self.live),
+        if let Tracker::SoftDirty(t) = &mut self.tracker {
+            t.start()?;
         }
         Ok(())
+    }
+
+    fn dirty_log(&self) -> DirtyLog {
+        match self.tracker {
+            Tracker::SoftDirty(_) => DirtyLog::Vm,
+            Tracker::Content => DirtyLog::Content,
+        }
     }
 
     fn fetch_and_clear_dirty(&mut self, into: &mut PageSet) -> Result<(), VmmError> {

@@ -56,6 +56,8 @@ pub(super) struct Handshake {
     pub nonce_d: [u8; NONCE_LEN],
     /// Both ends send zero pages as ranges.
     pub zero_pages: bool,
+    /// The source tracks dirty pages by content: `Landed` goes before every `RoundDone`.
+    pub landed: bool,
 }
 
 /// Serves `listener` until a source proves the key; returns its control connection (AuthOk
@@ -237,6 +239,11 @@ fn handshake(
     if zero_pages {
         my_caps |= caps::ZERO_PAGES;
     }
+    // Dirty tracking by content compares pre-copy rounds only.
+    let landed = mode == MigrationMode::Precopy && hello.caps & caps::LANDED != 0;
+    if landed {
+        my_caps |= caps::LANDED;
+    }
     ctl.send(&Message::HelloAck(HelloAck {
         version: PROTOCOL_VERSION,
         transport,
@@ -277,6 +284,7 @@ fn handshake(
         mode,
         nonce_d,
         zero_pages,
+        landed,
     })
 }
 

@@ -116,6 +116,8 @@ struct Dest<'a> {
     resumed_in_postcopy: bool,
     /// Both ends send zero pages as ranges.
     zero_pages: bool,
+    /// The source tracks dirty pages by content: it gets `Landed` before every `RoundDone`.
+    landed: bool,
     /// Which pages may hold data, for installing announced zero pages.
     zero: Option<DestZero>,
     /// Both ends recover post-copy link failures: what a reconnection must prove and the
@@ -198,6 +200,7 @@ fn serve<'a>(
         limiter,
         resumed_in_postcopy: false,
         zero_pages: false,
+        landed: false,
         zero: None,
         recovery: None,
     };

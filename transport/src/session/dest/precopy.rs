@@ -13,7 +13,8 @@ use crate::postcopy;
 use crate::session::config::MigrationMode;
 use crate::session::handle::Phase as Status;
 use crate::wire::{
-    Complete, Message, RoundDone, POSTCOPY_LAST_CHUNK, ROUND_FINAL, ROUND_LAST_CHUNK, ROUND_ZERO,
+    landed_chunks, Complete, Message, RoundDone, POSTCOPY_LAST_CHUNK, ROUND_FINAL,
+    ROUND_LAST_CHUNK, ROUND_ZERO,
 };
 
 impl Dest<'_> {
@@ -24,6 +25,8 @@ impl Dest<'_> {
         let mut final_flag = None;
         let (mut early_pages, mut early_micros) = (0u64, 0u64);
         let (mut round_zero, mut round_data) = (0u64, false);
+        // The data ranges of the round being received (for `Landed`).
+        let mut round_ranges = Vec::new();
         loop {
             let r = match self.recv()? {
                 Message::Round(r) => r,
@@ -96,6 +99,9 @@ impl Dest<'_> {
                 zero.landed(&r.ranges);
                 data.receive_chunk(r.round, &r.ranges)?;
                 round_data = true;
+                if self.landed {
+                    round_ranges.extend_from_slice(&r.ranges);
+                }
             }
             if r.flags & ROUND_LAST_CHUNK == 0 {
                 self.state = DestState::Precopy {
@@ -120,6 +126,20 @@ impl Dest<'_> {
                 p.round = rounds;
                 p.transferred_bytes = bytes;
             });
+            if self.landed {
+                // What landed, page by page: the source compares its memory with it.
+                let ranges = std::mem::take(&mut round_ranges);
+                let mut hashes = Vec::with_capacity(crate::pages::total_pages(&ranges) as usize);
+                for g in &ranges {
+                    hashes.extend(
+                        (g.first.0..g.first.0 + g.npages)
+                            .map(|p| l.hashes.get(g.region, crate::mem::PageIndex(p))),
+                    );
+                }
+                for chunk in landed_chunks(r.round, &ranges, &hashes) {
+                    self.ctl.send(&Message::Landed(chunk))?;
+                }
+            }
             self.ctl.send(&Message::RoundDone(RoundDone {
                 round: r.round,
                 pages: landed.pages + std::mem::take(&mut round_zero),

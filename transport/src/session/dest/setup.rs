@@ -66,9 +66,11 @@ impl Dest<'_> {
             mode,
             nonce_d,
             zero_pages,
+            landed,
         } = hs;
         self.mode = mode;
         self.zero_pages = zero_pages;
+        self.landed = landed;
         self.control.allow_postcopy(false);
         self.ctl.set_authenticated();
         self.ctl.send(&Message::AuthOk)?;

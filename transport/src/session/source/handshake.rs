@@ -4,6 +4,7 @@
 
 use std::time::Instant;
 
+use super::content::ContentLog;
 use super::{Negotiated, Phase, Precopy, Source, SourceState};
 use crate::auth::random_bytes;
 use crate::data::{self, SourceParams};
@@ -12,6 +13,7 @@ use crate::pages::PageSet;
 use crate::session::config::MigrationMode;
 use crate::session::handle::Phase as Status;
 use crate::session::policy::Convergence;
+use crate::vm::DirtyLog;
 use crate::wire::{caps, Hello, Message, NONCE_LEN, PROTOCOL_VERSION};
 
 impl Source<'_> {
@@ -32,6 +34,10 @@ impl Source<'_> {
             my_caps |= caps::ZERO_PAGES;
         }
         my_caps |= caps::LIVE_PARAMS | caps::ABORT_CODES;
+        let content = self.vm.dirty_log() == DirtyLog::Content;
+        if content {
+            my_caps |= caps::LANDED;
+        }
         // Recovery needs a channel that can open new connections later.
         if mode != MigrationMode::Precopy
             && config.recover_timeout.is_some()
@@ -79,6 +85,14 @@ impl Source<'_> {
                 "the destination does not offer post-copy (needed for {} mode)",
                 mode.name()
             )));
+        }
+        if content && ack.caps & caps::LANDED == 0 {
+            return Err(Error::InvalidConfig(
+                "this VM has no dirty log, and the destination cannot report what it holds (caps::LANDED: an older rdmig?)".into(),
+            ));
+        }
+        if content {
+            self.content = Some(ContentLog::new(&self.map));
         }
         self.ctl.send(&Message::AuthProof(
             config.psk.source_proof(&nonce_s, &ack.nonce),

@@ -15,6 +15,7 @@
 //! | `AwaitAuthOk` | `AuthOk` |
 //! | `AwaitSetupAck` | `DataSetupAck` |
 //! | `AwaitReady` | `Ready` |
+//! | `AwaitLanded(n, c)` | `Landed{n, c}` (dirty tracking by content) |
 //! | `AwaitRoundDone(n)` | `RoundDone{n}` |
 //! | `AwaitComplete` | `Complete` |
 //! | `AwaitPostcopyDropped` | `PostcopyDropped` |
@@ -65,6 +66,7 @@ use crate::pages::{PageRange, PageSet};
 use crate::vm::SourceVm;
 use crate::wire::{Message, NONCE_LEN};
 
+mod content;
 mod end;
 mod handshake;
 mod postcopy;
@@ -179,6 +181,8 @@ struct Source<'a> {
     pauses: Vec<Duration>,
     /// Pages served over post-copy links closed by a recovery.
     served_before: u64,
+    /// Dirty tracking by content (a VM without a dirty log), once negotiated.
+    content: Option<content::ContentLog>,
 }
 
 /// Migrates `vm` to the destination listening at `dest`. Calls `progress` after each round.
@@ -239,6 +243,12 @@ fn run(
     let started = Instant::now();
     let cpu0 = thread_cpu_time();
     let map = vm.memory().clone();
+    if vm.dirty_log() == crate::vm::DirtyLog::Content && config.mode != MigrationMode::Precopy {
+        return Err(Error::InvalidConfig(format!(
+            "{} mode is not possible for this VM: it has no dirty log (the transport compares its pages by content), so it migrates in pre-copy only",
+            config.mode.name()
+        )));
+    }
     // RDMA is offered only when this end has a usable device; asked for, it must be there
     // before anything is opened.
     let rdma_probe = match config.transport {
@@ -295,6 +305,7 @@ fn run(
         link_down: None,
         pauses: Vec::new(),
         served_before: 0,
+        content: None,
     };
     let result = s.run();
     let result = match result {
@@ -353,6 +364,14 @@ impl Source<'_> {
             if *chunk != want {
                 return Err(Error::Protocol(format!(
                     "missing-set chunk {chunk} while awaiting chunk {want}"
+                )));
+            }
+        }
+        if let (SourceState::AwaitLanded(round, chunk), Message::Landed(l)) = (state, &m) {
+            if (l.round, l.chunk) != (round, chunk) {
+                return Err(Error::Protocol(format!(
+                    "Landed chunk {} of round {} while awaiting chunk {chunk} of round {round}",
+                    l.chunk, l.round
                 )));
             }
         }

@@ -26,9 +26,7 @@ impl Source<'_> {
             stats.bytes,
         );
         p.set.clear();
-        self.vm
-            .fetch_and_clear_dirty(&mut p.set)
-            .map_err(|e| Error::vmm("fetch dirty log", e))?;
+        self.fetch_dirty(&mut p.set)?;
         let dirty = p.set.count();
         let (mut decision, predicted) = p.conv.after_round(round + 1, bytes, elapsed, dirty * page);
         if self.config.auto_converge && decision != Decision::Switchover {
@@ -99,14 +97,23 @@ impl Source<'_> {
         self.paused = true;
         let paused_at = Instant::now();
         self.control.update(|pr| pr.phase = Status::Device);
-        self.vm
-            .fetch_and_clear_dirty(&mut p.set)
-            .map_err(|e| Error::vmm("fetch dirty log", e))?;
+        self.fetch_dirty(&mut p.set)?;
         tracing::debug!(
             "paused; final dirty set fetched in {:?}",
             paused_at.elapsed()
         );
         Ok(Phase::StopAndCopy(p, paused_at))
+    }
+
+    /// Adds the pages written since the last fetch to `set`: the content comparison first
+    /// (a VM without a dirty log), then the VM's own fetch.
+    fn fetch_dirty(&mut self, set: &mut crate::pages::PageSet) -> Result<()> {
+        if let Some(c) = self.content.as_mut() {
+            c.fetch(&self.map, &self.hashes, set)?;
+        }
+        self.vm
+            .fetch_and_clear_dirty(set)
+            .map_err(|e| Error::vmm("fetch dirty log", e))
     }
 
     /// New parameters from the control: the downtime limit goes to the policy, a new

@@ -141,6 +141,9 @@ impl Source<'_> {
                 p.zero_pages += crate::pages::total_pages(&zero);
             });
             sent.zero_pages += crate::pages::total_pages(&zero);
+            if let Some(c) = &self.content {
+                c.zeroed(&zero);
+            }
             if let Some(s) = sent.data_set.as_mut() {
                 data.iter().for_each(|r| s.insert_range(r));
                 data.clear();
@@ -187,6 +190,9 @@ impl Source<'_> {
                 .as_mut()
                 .expect("data path is set up before rounds")
                 .finish_round(round)?;
+        }
+        if self.content.is_some() {
+            self.receive_landed(round, sent.data_pages)?;
         }
         self.state = SourceState::AwaitRoundDone(round);
         let Message::RoundDone(done) = self.recv()? else {
