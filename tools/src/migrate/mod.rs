@@ -122,7 +122,8 @@ pub enum TrackingArg {
     Auto,
     /// Soft-dirty bits of QEMU's page tables (needs CONFIG_MEM_SOFT_DIRTY).
     SoftDirty,
-    /// Compare every page with a shadow copy (any kernel; the final pass scans all memory).
+    /// Compare every page's hash with what the destination holds (any kernel; the final pass
+    /// hashes all RAM that holds data).
     Content,
 }
 
@@ -286,7 +287,7 @@ pub struct Args {
     #[arg(long = "qemu-qmp", value_name = "PATH")]
     pub qemu_qmp: Option<PathBuf>,
     /// Dirty tracking of a QEMU source: soft-dirty when a probe write shows it works, else
-    /// content comparison against a shadow copy.
+    /// content comparison (each page's hash against the destination's hash of what it holds).
     #[arg(long = "dirty-tracking", value_enum, default_value = "auto")]
     pub dirty_tracking: TrackingArg,
     /// The file the destination QEMU's serial console goes to (-serial file:PATH; --vm qemu

@@ -41,7 +41,7 @@ const STOP_WAIT: Duration = Duration::from_secs(2);
 pub enum DirtyTracking {
     /// Soft-dirty bits of QEMU's page tables.
     SoftDirty,
-    /// A shadow copy compared page by page.
+    /// Each page's hash compared with the destination's (by the transport).
     Content,
 }
 

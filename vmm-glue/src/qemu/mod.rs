@@ -52,7 +52,7 @@ pub enum TrackingChoice {
     Auto,
     /// Soft-dirty, or an error.
     SoftDirty,
-    /// Content comparison against a shadow copy.
+    /// No tracking here: the transport compares pages by content ([`rdmig_transport::vm::DirtyLog::Content`]).
     Content,
 }
 
