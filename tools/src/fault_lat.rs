@@ -105,7 +105,7 @@ fn connect(
                 None => Staging::new(fault::staging_bytes(page.bytes() as usize), page)?,
             };
             let (_, mut engines, ack) =
-                ReadEngine::new_split(dst_map, &opts, &setup, vec![staging.map().clone()])?;
+                ReadEngine::new_split(dst_map, &opts, &setup, vec![staging.map().clone()], None)?;
             source.connect(&ack)?;
             let engine = engines.pop().context("no fault engine")?;
             let what = format!(

@@ -418,7 +418,8 @@ fn child_shared_registration() {
         shared_map.clone(),
         own_map.clone(),
     ];
-    let (bulk, mut engines, ack) = ReadEngine::new_split(&dst_map, &opts, &setup, staging).unwrap();
+    let (bulk, mut engines, ack) =
+        ReadEngine::new_split(&dst_map, &opts, &setup, staging, None).unwrap();
     source.connect(&ack).unwrap();
     let pinned = pinned_bytes() - before;
     eprintln!("pinned by the split: {pinned} bytes");

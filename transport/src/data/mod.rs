@@ -127,6 +127,11 @@ pub trait DestTransport: Send {
     /// The transport's name for reports.
     fn name(&self) -> &'static str;
 
+    /// Called once the VM is built, before the source's `DataSetup` arrives: work that needs
+    /// nothing from the source may start now, in the background (RDMA registers guest memory
+    /// while the source registers its own). Default: nothing.
+    fn prepare(&mut self) {}
+
     /// Answers the source's `DataSetup` payload with the `DataSetupAck` payload.
     fn setup(&mut self, setup: &[u8]) -> Result<Vec<u8>>;
 

@@ -12,7 +12,7 @@ use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use super::engine::{backoff, Read, ReadEngine};
+use super::engine::{backoff, Prepared, Read, ReadEngine};
 use super::fetch::{RdmaPageFetcher, Staging};
 use super::RdmaOptions;
 use crate::cpu::{thread_cpu_time, CpuMeter};
@@ -70,9 +70,10 @@ impl RdmaDestPath {
         cpu: Arc<CpuMeter>,
         limiter: Option<Arc<RateLimiter>>,
         buffers: Vec<Staging>,
+        prepared: Option<Prepared>,
     ) -> Result<(Option<Self>, Vec<RdmaPageFetcher>, Vec<u8>)> {
         let maps = buffers.iter().map(|b| b.map().clone()).collect();
-        let (bulk, engines, ack) = ReadEngine::new_split(map, opts, setup, maps)?;
+        let (bulk, engines, ack) = ReadEngine::new_split(map, opts, setup, maps, prepared)?;
         let fetchers = engines
             .into_iter()
             .zip(buffers)

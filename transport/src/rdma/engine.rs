@@ -111,6 +111,33 @@ pub fn wc_status_name(status: u32) -> String {
     format!("{words} ({variant}, ibv_wc_status {status})")
 }
 
+/// The destination's device, protection domain and LOCAL_WRITE registration of guest memory,
+/// made before the source's `DataSetup` arrives: registering pins every page and is the
+/// longest part of the setup, so it runs while the source registers its own memory.
+pub struct Prepared {
+    dev: Device,
+    pd: Arc<sideway::ibverbs::protection_domain::ProtectionDomain>,
+    reg: Arc<Registration>,
+}
+
+impl Prepared {
+    /// Opens the device `opts` selects and registers `map` on it.
+    pub fn new(map: &GuestMemoryMap, opts: &RdmaOptions) -> Result<Prepared> {
+        let dev = device::open(opts).map_err(Error::RdmaUnavailable)?;
+        Prepared::register(&dev, map)
+    }
+
+    fn register(dev: &Device, map: &GuestMemoryMap) -> Result<Prepared> {
+        let pd = alloc_pd(dev)?;
+        let reg = Registration::register(&pd, map, Access::LocalWrite, dev.limits.max_mr_size)?;
+        Ok(Prepared {
+            dev: dev.clone(),
+            pd,
+            reg: Arc::new(reg),
+        })
+    }
+}
+
 impl ReadEngine {
     /// Opens the device, registers `map` LOCAL_WRITE, checks the source's `DataSetup`
     /// against `map`'s region table, creates and connects one QP per source QP. Returns the
@@ -120,7 +147,7 @@ impl ReadEngine {
         opts: &RdmaOptions,
         setup: &[u8],
     ) -> Result<(ReadEngine, Vec<u8>)> {
-        let (bulk, _, ack) = ReadEngine::new_split(map, opts, setup, Vec::new())?;
+        let (bulk, _, ack) = ReadEngine::new_split(map, opts, setup, Vec::new(), None)?;
         let bulk = bulk.ok_or_else(|| Error::Protocol("the source offers no queue pair".into()))?;
         Ok((bulk, ack))
     }
@@ -131,15 +158,23 @@ impl ReadEngine {
     /// [`ReadEngine::post_to`]). The bulk engine, into `map`, gets the source's other QPs, or
     /// is `None` when none are left. Post-copy uses this: a fault fetcher and prefetchers on
     /// QPs of their own, so a fault never queues behind bulk READs.
+    ///
+    /// `prepared` is the device and the registration of `map` made beforehand (with the same
+    /// `opts`), while the source registered its memory.
     pub fn new_split(
         map: &GuestMemoryMap,
         opts: &RdmaOptions,
         setup: &[u8],
         staging: Vec<GuestMemoryMap>,
+        prepared: Option<Prepared>,
     ) -> Result<(Option<ReadEngine>, Vec<ReadEngine>, Vec<u8>)> {
         let peer = Setup::decode(KIND_SETUP, setup)?;
         check_regions(map, &peer.regions)?;
-        let dev = device::open(opts).map_err(Error::RdmaUnavailable)?;
+        let mut prepared = prepared;
+        let dev = match &prepared {
+            Some(p) => p.dev.clone(),
+            None => device::open(opts).map_err(Error::RdmaUnavailable)?,
+        };
         let nbulk = peer.qps.len().checked_sub(staging.len()).ok_or_else(|| {
             Error::Protocol(format!(
                 "the source offers {} queue pairs, fewer than the {} post-copy needs",
@@ -160,10 +195,11 @@ impl ReadEngine {
             .clamp(1, 255);
         let bulk = (nbulk > 0)
             .then(|| -> Result<ReadEngine> {
-                let pd = alloc_pd(&dev)?;
-                let reg =
-                    Registration::register(&pd, map, Access::LocalWrite, dev.limits.max_mr_size)?;
-                ReadEngine::connect(&dev, pd, Arc::new(reg), &peer, 0..nbulk, rd_atomic)
+                let Prepared { pd, reg, .. } = match prepared.take() {
+                    Some(p) => p,
+                    None => Prepared::register(&dev, map)?,
+                };
+                ReadEngine::connect(&dev, pd, reg, &peer, 0..nbulk, rd_atomic)
             })
             .transpose()?;
         // The post-copy engines share one protection domain, and engines landing in the same

@@ -4,7 +4,8 @@
 //! prefetchers, after the pre-copy ones (none in post-copy mode), each READing into staging
 //! memory of its own (or the second mapping of memfd guest memory).
 
-use super::{RdmaDestPath, RdmaPageFetcher, RdmaSourcePath, Staging};
+use super::engine::Prepared;
+use super::{RdmaDestPath, RdmaOptions, RdmaPageFetcher, RdmaSourcePath, Staging};
 use crate::channel::{ChannelListener, MigrationChannel};
 use crate::data::{
     DestDataPath, DestLinks, DestParams, DestTransport, SourceLinks, SourceParams, SourceTransport,
@@ -65,6 +66,8 @@ impl SourceTransport for RdmaSource {
 pub struct RdmaDest {
     params: DestParams,
     links: Option<DestLinks>,
+    /// The registration of guest memory started by [`DestTransport::prepare`].
+    prepared: Option<std::thread::JoinHandle<Result<Prepared>>>,
 }
 
 impl RdmaDest {
@@ -73,7 +76,39 @@ impl RdmaDest {
         RdmaDest {
             params,
             links: None,
+            prepared: None,
         }
+    }
+
+    /// The RDMA options of this end: the source's QP count, and the GID of the control
+    /// channel's address unless one is configured.
+    fn options(&self) -> RdmaOptions {
+        let p = &self.params;
+        let mut opts = p.rdma.clone();
+        opts.qps = p.rdma.qps.max(1);
+        if opts.local_addr.is_none() {
+            opts.local_addr = p.local_ip;
+        }
+        opts
+    }
+
+    /// The early registration's result, once it ended (`None` if none was started).
+    fn take_prepared(&mut self) -> Result<Option<Prepared>> {
+        let Some(h) = self.prepared.take() else {
+            return Ok(None);
+        };
+        let r = h
+            .join()
+            .map_err(|_| Error::Rdma("the registration thread panicked".into()))?;
+        r.map(Some)
+    }
+}
+
+impl Drop for RdmaDest {
+    /// A setup that never came: the registration ends (and is undone) before guest memory
+    /// may go away.
+    fn drop(&mut self) {
+        let _ = self.take_prepared();
     }
 }
 
@@ -82,13 +117,32 @@ impl DestTransport for RdmaDest {
         "rdma"
     }
 
-    fn setup(&mut self, setup: &[u8]) -> Result<Vec<u8>> {
-        let p = &self.params;
-        let mut opts = p.rdma.clone();
-        opts.qps = p.rdma.qps.max(1);
-        if opts.local_addr.is_none() {
-            opts.local_addr = p.local_ip;
+    fn prepare(&mut self) {
+        // Only pre-copy rounds READ into guest memory itself (post-copy mode: staging).
+        if !self.params.precopy || self.prepared.is_some() {
+            return;
         }
+        let (map, opts, cpu) = (
+            self.params.map.clone(),
+            self.options(),
+            self.params.cpu.clone(),
+        );
+        match crate::threads::spawn("rdmig-rdma-register", move || {
+            let t = crate::cpu::ThreadCpu::start(&cpu);
+            let r = Prepared::new(&map, &opts);
+            drop(t);
+            r
+        }) {
+            Ok(h) => self.prepared = Some(h),
+            // Registered in `setup` then, as without it.
+            Err(e) => tracing::warn!("no thread to register guest memory early: {e}"),
+        }
+    }
+
+    fn setup(&mut self, setup: &[u8]) -> Result<Vec<u8>> {
+        let prepared = self.take_prepared()?;
+        let opts = self.options();
+        let p = &self.params;
         let page = p.map.page_size().bytes() as usize;
         let mut staging = Vec::new();
         if p.postcopy {
@@ -112,6 +166,7 @@ impl DestTransport for RdmaDest {
             p.cpu.clone(),
             Some(p.limiter.clone()),
             staging,
+            prepared,
         )?;
         if path.is_none() == p.precopy {
             return Err(Error::Protocol(if path.is_none() {
@@ -148,8 +203,9 @@ impl DestTransport for RdmaDest {
         Ok(ack)
     }
 
-    fn connect(self: Box<Self>, _listener: &dyn ChannelListener) -> Result<DestLinks> {
+    fn connect(mut self: Box<Self>, _listener: &dyn ChannelListener) -> Result<DestLinks> {
         self.links
+            .take()
             .ok_or_else(|| Error::Rdma("connect before setup".into()))
     }
 }

@@ -168,10 +168,6 @@ impl Dest<'_> {
         let cpu0 = thread_cpu_time();
         let hashes = Arc::new(PageHashes::new(&map));
 
-        self.state = DestState::AwaitDataSetup;
-        let Message::DataSetup(setup) = self.recv()? else {
-            unreachable!("state checked")
-        };
         let rdma = crate::rdma::RdmaOptions {
             qps: hello.qps,
             ..rdma_opts
@@ -198,6 +194,12 @@ impl Dest<'_> {
         );
         let mut transport = data::dest_transport(transport, params);
         self.transport = transport.name();
+        // While the source sets up its end (RDMA: registers its memory), this end may too.
+        transport.prepare();
+        self.state = DestState::AwaitDataSetup;
+        let Message::DataSetup(setup) = self.recv()? else {
+            unreachable!("state checked")
+        };
         let ack = transport.setup(&setup)?;
         self.ctl.send(&Message::DataSetupAck(ack))?;
         let links = transport.connect(&Watching {
